@@ -1,0 +1,164 @@
+"""Command line: ``secure-fedvlp run | report``.
+
+``main(argv) -> int`` so tests call it directly (STYLE.md item 8).  Configuration is read
+here, once, and handed to the Flower apps as typed objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from secure_fedvlp.errors import SecureFedVLPError
+
+logger = logging.getLogger("secure_fedvlp.cli")
+
+__all__ = ["main", "entrypoint", "run_experiment"]
+
+
+def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    progress = logging.getLogger("secure_fedvlp.progress")
+    progress.handlers.clear()
+    ph = logging.StreamHandler(sys.stdout)
+    ph.setFormatter(logging.Formatter("[secure-fedvlp %(asctime)s] %(message)s", "%H:%M:%S"))
+    progress.addHandler(ph)
+    progress.setLevel(logging.INFO)
+    progress.propagate = log_file is not None
+    err = logging.StreamHandler(sys.stderr)
+    err.setFormatter(fmt)
+    err.setLevel(logging.INFO if verbose else logging.WARNING)
+    root.addHandler(err)
+    root.setLevel(logging.INFO)
+    if log_file is not None:
+        fh = logging.FileHandler(log_file, encoding="utf-8")
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    # Flower and Ray are chatty; their INFO lines go to the log file only.
+    for name in ("flwr", "ray"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _new_run_dir(output_dir: str, name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(output_dir) / f"{name}-{stamp}"
+    path, i = base, 1
+    while path.exists():
+        i += 1
+        path = Path(f"{base}-{i}")
+    path.mkdir(parents=True)
+    return path
+
+
+def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = (), run_dir: str | None = None,
+                   verbose: bool = False) -> Path:
+    """Run one federated experiment on Flower's Simulation Engine; return the run directory."""
+    from secure_fedvlp.config import config_to_dict, dump_toml, load_config
+
+    cfg = load_config(config_path, list(overrides))
+    rdir = Path(run_dir) if run_dir else _new_run_dir(cfg.run.output_dir, cfg.run.name)
+    rdir.mkdir(parents=True, exist_ok=True)
+    (rdir / "config.toml").write_text(dump_toml(config_to_dict(cfg)), encoding="utf-8")
+    _setup_logging(verbose, rdir / "log.txt")
+    progress = logging.getLogger("secure_fedvlp.progress")
+    progress.info("run directory: %s", rdir)
+
+    # Flower keeps its state under FLWR_HOME; keep it inside the run, never in ~/.flwr.
+    os.environ.setdefault("FLWR_HOME", str(rdir / ".flwr"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+    from flwr.simulation import run_simulation
+
+    from secure_fedvlp.flower.client_app import make_client_app
+    from secure_fedvlp.flower.runtime import RunSetup, build_federation, expected_num_nodes, resolve_device
+    from secure_fedvlp.flower.server_app import make_server_app
+
+    t0 = time.perf_counter()
+    fed = build_federation(cfg)  # generate / load once, so client processes only read the cache
+    progress.info("data ready in %.1fs: %d training sites + %s held-out (%s)", time.perf_counter() - t0,
+                  len(fed.sites), 1 if fed.heldout else 0,
+                  ", ".join(f"{s.name}: {len(s.train)} train / {len(s.test)} test" for s in fed.all_sites()))
+    setup = RunSetup(cfg, rdir)
+
+    def provider(_context):  # noqa: ANN001 - Flower Context
+        return setup
+
+    n_nodes = expected_num_nodes(cfg)
+    device = resolve_device(cfg.run.device)
+    cpus = cfg.run.num_cpus or (os.cpu_count() or 1)
+    backend_config = {
+        "client_resources": {"num_cpus": cfg.run.threads_per_client,
+                             "num_gpus": (1.0 / max(1, n_nodes)) if device.type == "cuda" else 0.0},
+        "init_args": {"num_cpus": cpus, "logging_level": "warning", "log_to_driver": verbose,
+                      "include_dashboard": False},
+    }
+    run_simulation(server_app=make_server_app(provider), client_app=make_client_app(provider),
+                   num_supernodes=n_nodes, backend_config=backend_config, verbose_logging=verbose)
+    report = rdir / "report.md"
+    if not report.exists():
+        raise SecureFedVLPError(f"the run ended without writing {report}; see {rdir / 'log.txt'}.")
+    progress.info("finished in %.0fs", time.perf_counter() - t0)
+    return rdir
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    rdir = run_experiment(args.config, args.set or [], args.run_dir, args.verbose)
+    print(f"Report: {rdir / 'report.md'}")
+    print(f"        {rdir / 'report.json'}, plots in {rdir / 'plots'}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from secure_fedvlp.evaluation.report import write_report
+
+    rdir = Path(args.run_dir)
+    if not (rdir / "metrics.jsonl").exists():
+        raise SecureFedVLPError(f"{rdir} holds no metrics.jsonl; is it a run directory?")
+    md = write_report(rdir)
+    print(md.read_text(encoding="utf-8"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="secure-fedvlp", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run one federated experiment from a TOML config")
+    r.add_argument("config", help="experiment config (TOML), e.g. configs/demo.toml")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set federation.num_rounds=5 (repeatable)")
+    r.add_argument("--run-dir", help="write the run here instead of run.output_dir/<name>-<time>")
+    r.add_argument("-v", "--verbose", action="store_true", help="show Flower/Ray logs")
+    r.set_defaults(func=_cmd_run)
+    rep = sub.add_parser("report", help="(re)build report.md/json and plots of a run directory")
+    rep.add_argument("run_dir")
+    rep.set_defaults(func=_cmd_report)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SecureFedVLPError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def entrypoint() -> None:
+    """Console-script wrapper."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entrypoint()

@@ -1,0 +1,362 @@
+"""Experiment configuration: frozen dataclasses, read once at the edge.
+
+A TOML file (``configs/*.toml``) plus ``--set key=value`` overrides is parsed into an
+:class:`ExperimentConfig`.  Unknown keys and values of the wrong type are rejected with
+a message naming the dotted key; every problem is collected before raising, so a user
+fixes them in one pass (STYLE.md items 7, 10, 11).  Nothing below the CLI / app entry
+points reads raw dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from secure_fedvlp.data.synthetic import SyntheticSpec
+from secure_fedvlp.errors import ConfigError
+
+__all__ = [
+    "RunConfig",
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "FederationConfig",
+    "EvalConfig",
+    "ExperimentConfig",
+    "load_config",
+    "parse_config",
+    "apply_overrides",
+    "config_to_dict",
+    "config_hash",
+]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where and how a run executes."""
+
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Threads per simulated client process (torch intra-op threads).
+    threads_per_client: int = 1
+    # CPUs Ray may use in total; 0 = all cores of the machine.
+    num_cpus: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.threads_per_client >= 1, "run.threads_per_client", self.threads_per_client, "must be >= 1")
+        _check(self.num_cpus >= 0, "run.num_cpus", self.num_cpus, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data each site holds.
+
+    ``source = "synthetic"`` uses the embedded generator (``[data.synthetic]``);
+    ``source = "manifest"`` reads a CSV/JSONL manifest of real images and reports.
+    """
+
+    source: Literal["synthetic", "manifest"] = "synthetic"
+    cache_dir: str = ".cache/secure_fedvlp"
+    synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
+    manifest_path: str = ""
+    image_root: str = ""
+    heldout_site: str = ""
+
+    def __post_init__(self) -> None:
+        if self.source == "manifest":
+            _check(bool(self.manifest_path), "data.manifest_path", self.manifest_path,
+                   "is required when data.source = 'manifest'")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture: a registered model config name (``secure_fedvlp/models/model_configs``)."""
+
+    name: str = "demo"
+    # Optional directory of a transformers text encoder; "" = the model config's default.
+    text_weights_dir: str = ""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training at each client."""
+
+    local_steps: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    text_lr: float = 5e-5
+    weight_decay: float = 0.05
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    objective: Literal["infonce"] = "infonce"
+    grad_clip: float = 0.0  # plain gradient-norm clipping without DP; 0 = off
+
+    def __post_init__(self) -> None:
+        _check(self.local_steps >= 1, "train.local_steps", self.local_steps, "must be >= 1")
+        _check(self.batch_size >= 2, "train.batch_size", self.batch_size, "must be >= 2")
+        _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _check(self.text_lr >= 0, "train.text_lr", self.text_lr, "must be >= 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """The federated protocol."""
+
+    method: str = "fedavg"
+    num_rounds: int = 3
+    fraction_train: float = 1.0
+    min_train_clients: int = 1
+    round_timeout_s: float = 3600.0
+    # FedProx proximal coefficient (used by method = "fedprox").
+    proximal_mu: float = 0.01
+
+    def __post_init__(self) -> None:
+        _check(self.num_rounds >= 1, "federation.num_rounds", self.num_rounds, "must be >= 1")
+        _check(0.0 < self.fraction_train <= 1.0, "federation.fraction_train", self.fraction_train,
+               "must be in (0, 1]")
+        _check(self.min_train_clients >= 1, "federation.min_train_clients", self.min_train_clients, "must be >= 1")
+        _check(self.round_timeout_s > 0, "federation.round_timeout_s", self.round_timeout_s, "must be > 0")
+        _check(self.proximal_mu >= 0, "federation.proximal_mu", self.proximal_mu, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Federated evaluation on each site's test split."""
+
+    batch_size: int = 64
+    recall_ks: tuple[int, ...] = (1, 5, 10)
+    every_round: bool = True
+    split: Literal["test", "val"] = "test"
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
+        _check(len(self.recall_ks) > 0 and all(k >= 1 for k in self.recall_ks), "eval.recall_ks",
+               self.recall_ks, "must be a non-empty list of integers >= 1")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: everything a run needs, resolved and immutable."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _FieldError(ValueError):
+    """A single-field validation failure raised from ``__post_init__``."""
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise _FieldError(f"'{key}' {why}. Found {value!r}.")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (tuple, list):
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        return f"list of {_type_name(inner)}"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Check ``value`` against annotation ``tp``; return the (lightly coerced) value."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"'{key}' must be a table, found {type(value).__name__} {value!r}.")
+            return None
+        return _build(tp, value, key, problems)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            problems.append(f"'{key}' must be one of {_type_name(tp)}; found {value!r}.")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            sub: list[str] = []
+            out = _coerce(value, arg, key, sub)
+            if not sub:
+                return out
+        problems.append(f"'{key}' must be {_type_name(tp)}; found {type(value).__name__} {value!r}.")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"'{key}' must be a list; found {type(value).__name__} {value!r}.")
+            return value
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        return tuple(_coerce(v, inner, f"{key}[{i}]", problems) for i, v in enumerate(value))
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"'{key}' must be true or false; found {type(value).__name__} {value!r}.")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"'{key}' must be an integer; found {type(value).__name__} {value!r}.")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"'{key}' must be a number; found {type(value).__name__} {value!r}.")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"'{key}' must be a string; found {type(value).__name__} {value!r}.")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"'{key}' must be a table; found {type(value).__name__} {value!r}.")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs: dict[str, Any] = {}
+    n_before = len(problems)
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            valid = ", ".join(sorted(names))
+            problems.append(f"unknown key '{dotted}' (valid keys here: {valid}).")
+            continue
+        kwargs[key] = _coerce(value, hints[key], dotted, problems)
+    if len(problems) > n_before:
+        return None
+    try:
+        return cls(**kwargs)
+    except _FieldError as exc:
+        problems.append(str(exc))
+    except ConfigError as exc:  # nested specs (e.g. SyntheticSpec) validate themselves
+        problems.extend(f"{prefix}: {p}" if prefix else p for p in exc.problems)
+    except (TypeError, ValueError) as exc:
+        problems.append(f"'{prefix or cls.__name__}': {exc}")
+    return None
+
+
+def parse_config(data: dict[str, Any], source: str | None = None) -> ExperimentConfig:
+    """Build an :class:`ExperimentConfig` from a nested dict, collecting all problems."""
+    problems: list[str] = []
+    cfg = _build(ExperimentConfig, data, "", problems)
+    if problems or cfg is None:
+        raise ConfigError(problems or ["could not build the configuration"], source=source)
+    return cfg
+
+
+def _parse_value(text: str) -> Any:
+    """Parse the right-hand side of ``--set key=value`` as a TOML value, else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Return a copy of ``data`` with dotted ``key=value`` overrides applied."""
+    out = json.loads(json.dumps(data))
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override {item!r} must look like section.key=value.")
+            continue
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            problems.append(f"override {item!r} has an empty key.")
+            continue
+        node = out
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                problems.append(f"override {item!r}: '{p}' is not a table.")
+                break
+            node = nxt
+        else:
+            node[parts[-1]] = _parse_value(raw.strip())
+    if problems:
+        raise ConfigError(problems, source="--set")
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a TOML experiment config and apply ``key=value`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist.")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    data = apply_overrides(data, list(overrides))
+    return parse_config(data, source=str(path))
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain, JSON/TOML-serialisable nested dict of a config."""
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        return v
+    return conv(cfg)
+
+
+def config_hash(cfg: Any) -> str:
+    """Stable short hash of a config (identifies runs and caches)."""
+    blob = json.dumps(config_to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """Serialise a nested dict of scalars/lists/tables as TOML (enough for resolved configs)."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+    lines: list[str] = []
+
+    def table(prefix: str, d: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
+        subs = {k: v for k, v in d.items() if isinstance(v, dict)}
+        if prefix:
+            lines.append(f"[{prefix}]")
+        for k, v in scalars.items():
+            lines.append(f"{k} = {fmt(v)}")
+        if prefix or scalars:
+            lines.append("")
+        for k, v in subs.items():
+            table(f"{prefix}.{k}" if prefix else k, v)
+
+    table("", data)
+    return "\n".join(lines)

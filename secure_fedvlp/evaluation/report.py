@@ -1,0 +1,236 @@
+"""Run records and reports.
+
+The server-side :class:`RunRecorder` appends one JSON record per (round, phase, site) to
+``metrics.jsonl`` as the run goes (flushed and fsynced, so a crash loses nothing already
+measured).  :func:`write_report` turns that file into ``report.json``, ``report.md`` and
+PNG plots: final metrics beside the untrained (round-0) reference, per site, the worst
+training site, and the held-out site.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from secure_fedvlp.evaluation.metrics import MACRO_AUROC
+from secure_fedvlp.methods.base import RoundRecorder
+
+logger = logging.getLogger(__name__)
+progress_logger = logging.getLogger("secure_fedvlp.progress")
+
+__all__ = ["RunRecorder", "read_metrics", "build_report", "write_report", "HEADLINE"]
+
+#: Metrics shown in the report tables, with their labels.
+HEADLINE: tuple[tuple[str, str], ...] = (
+    (MACRO_AUROC, "zero-shot AUROC (macro)"),
+    ("i2t_R@5", "image->text R@5"),
+    ("t2i_R@5", "text->image R@5"),
+)
+
+
+class RunRecorder(RoundRecorder):
+    """Appends records to ``run_dir/metrics.jsonl`` and shows progress."""
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / "metrics.jsonl"
+        self._lock = threading.Lock()
+
+    def record(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, sort_keys=True, allow_nan=False, default=float)
+        with self._lock, open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def progress(self, message: str) -> None:
+        progress_logger.info(message)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of a run's ``metrics.jsonl`` (a torn last line is ignored with a warning)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines):
+                logger.warning("%s: ignoring a torn last line %d", path, i)
+            else:
+                raise
+    return out
+
+
+def _eval_by_round(records: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
+    """site -> round -> evaluation record."""
+    out: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for r in records:
+        if r.get("phase") == "evaluate" and r.get("status") == "ok":
+            out[r["site"]][int(r["round"])] = r
+    return out
+
+
+def build_report(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Summarise a run: per-site final vs untrained, worst training site, held-out site."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    evals = _eval_by_round(records)
+    roles = {site: next(iter(rs.values())).get("role", "train") for site, rs in evals.items() if rs}
+    keys = [k for k, _ in HEADLINE] + ["mean_R@5"]
+    sites: dict[str, Any] = {}
+    final_round = max((rnd for rs in evals.values() for rnd in rs), default=0)
+    for site, rs in sorted(evals.items()):
+        last = max(rs)
+        sites[site] = {
+            "role": roles[site],
+            "final_round": last,
+            "untrained": {k: rs[0][k] for k in keys if 0 in rs and k in rs[0]},
+            "final": {k: rs[last][k] for k in keys if k in rs[last]},
+            "final_per_finding": {k.split("/", 1)[1]: v for k, v in rs[last].items() if k.startswith("zs_auroc/")},
+        }
+    train_sites = [s for s, v in sites.items() if v["role"] == "train"]
+    summary: dict[str, Any] = {}
+    for k in keys:
+        fin = {s: sites[s]["final"].get(k) for s in train_sites if k in sites[s]["final"]}
+        unt = {s: sites[s]["untrained"].get(k) for s in train_sites if k in sites[s]["untrained"]}
+        if fin:
+            worst = min(fin, key=fin.get)
+            summary[k] = {
+                "mean_final": sum(fin.values()) / len(fin),
+                "mean_untrained": (sum(unt.values()) / len(unt)) if unt else None,
+                "worst_site": worst,
+                "worst_final": fin[worst],
+                "worst_untrained": min(unt.values()) if unt else None,
+            }
+    heldout = {s: v for s, v in sites.items() if v["role"] == "heldout"}
+    dropped = [r for r in records if r.get("status") in ("dropped", "error")]
+    train_loss: dict[str, dict[int, float]] = defaultdict(dict)
+    for r in records:
+        if r.get("phase") == "train" and r.get("status") == "ok" and "train_loss" in r:
+            train_loss[r["site"]][int(r["round"])] = r["train_loss"]
+    config_path = run_dir / "config.toml"
+    return {
+        "run_dir": str(run_dir),
+        "config": config_path.read_text(encoding="utf-8") if config_path.exists() else None,
+        "final_round": final_round,
+        "sites": sites,
+        "summary_train_sites": summary,
+        "heldout": heldout,
+        "failures": dropped,
+        "train_loss": {s: dict(sorted(v.items())) for s, v in train_loss.items()},
+    }
+
+
+def _f(x: Any) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.3f}"
+
+
+def _markdown(rep: dict[str, Any]) -> str:
+    lines = [f"# Run report: `{rep['run_dir']}`", "", f"Rounds completed: {rep['final_round']}.", ""]
+    lines += ["## Final model vs untrained reference (test split of each site)", ""]
+    header = "| site | role | " + " | ".join(f"{lab} (untrained -> final)" for _, lab in HEADLINE) + " |"
+    lines += [header, "|" + "---|" * (2 + len(HEADLINE))]
+    for site, v in rep["sites"].items():
+        cells = [f"{_f(v['untrained'].get(k))} -> **{_f(v['final'].get(k))}**" for k, _ in HEADLINE]
+        lines.append(f"| {site} | {v['role']} | " + " | ".join(cells) + " |")
+    lines += ["", "## Training sites: mean and worst site", "",
+              "| metric | mean untrained | mean final | worst site | worst untrained | worst final |",
+              "|---|---|---|---|---|---|"]
+    for k, lab in HEADLINE:
+        s = rep["summary_train_sites"].get(k)
+        if s:
+            lines.append(f"| {lab} | {_f(s['mean_untrained'])} | {_f(s['mean_final'])} | {s['worst_site']} | "
+                         f"{_f(s['worst_untrained'])} | {_f(s['worst_final'])} |")
+    if rep["heldout"]:
+        lines += ["", "## Held-out site (never trains: out-of-distribution)", ""]
+        for site, v in rep["heldout"].items():
+            lines.append(f"- **{site}**: " + ", ".join(
+                f"{lab} {_f(v['untrained'].get(k))} -> {_f(v['final'].get(k))}" for k, lab in HEADLINE))
+    lines += ["", "## Zero-shot AUROC per finding (final)", ""]
+    findings = sorted({f for v in rep["sites"].values() for f in v["final_per_finding"]})
+    if findings:
+        lines += ["| site | " + " | ".join(findings) + " |", "|---|" + "---|" * len(findings)]
+        for site, v in rep["sites"].items():
+            lines.append(f"| {site} | " + " | ".join(_f(v["final_per_finding"].get(f)) for f in findings) + " |")
+    if rep["failures"]:
+        lines += ["", "## Dropped or failed client replies", ""]
+        for r in rep["failures"]:
+            lines.append(f"- round {r.get('round')} {r.get('phase')} at {r.get('site')}: {r.get('reason')}")
+    lines += ["", "Plots: `plots/metrics_over_rounds.png`, `plots/train_loss.png`.", ""]
+    return "\n".join(lines)
+
+
+def _plots(run_dir: Path, rep: dict[str, Any], records: list[dict[str, Any]]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = run_dir / "plots"
+    out_dir.mkdir(exist_ok=True)
+    evals = _eval_by_round(records)
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (key, label) in zip(axes, ((MACRO_AUROC, "zero-shot AUROC (macro)"), ("mean_R@5", "Recall@5 (mean i2t, t2i)")),
+                                strict=True):
+        for site, rs in sorted(evals.items()):
+            rounds = sorted(r for r in rs if key in rs[r])
+            if not rounds:
+                continue
+            held = rep["sites"].get(site, {}).get("role") == "heldout"
+            ax.plot(rounds, [rs[r][key] for r in rounds], marker="o", linestyle="--" if held else "-",
+                    label=f"{site} (held-out)" if held else site)
+        ax.set_xlabel("round (0 = untrained)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+    axes[1].legend(fontsize=8)
+    fig.suptitle("Federated evaluation per site")
+    fig.tight_layout()
+    p = out_dir / "metrics_over_rounds.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    if rep["train_loss"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for site, series in sorted(rep["train_loss"].items()):
+            ax.plot(list(series), list(series.values()), marker="o", label=site)
+        ax.set_xlabel("round")
+        ax.set_ylabel("mean local training loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = out_dir / "train_loss.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def write_report(run_dir: str | os.PathLike) -> Path:
+    """Write ``report.json``, ``report.md`` and plots for a run; return the path of report.md."""
+    run_dir = Path(run_dir)
+    rep = build_report(run_dir)
+    (run_dir / "report.json").write_text(json.dumps(rep, indent=2, sort_keys=True, allow_nan=True), encoding="utf-8")
+    md = run_dir / "report.md"
+    md.write_text(_markdown(rep), encoding="utf-8")
+    try:
+        _plots(run_dir, rep, read_metrics(run_dir))
+    except Exception:  # a plotting failure must not lose the report
+        logger.exception("could not draw plots for %s", run_dir)
+    return md

@@ -1,0 +1,134 @@
+"""The Flower ClientApp: one client per site, running the configured method's trainer.
+
+``app`` (module level) is the entry point for ``flwr run .``; the CLI builds its own with
+:func:`make_client_app` and a closure over the config it parsed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from secure_fedvlp.config import config_hash
+from secure_fedvlp.data import SiteData
+from secure_fedvlp.evaluation.metrics import evaluate_split
+from secure_fedvlp.flower.runtime import (
+    ConfigProvider,
+    RunSetup,
+    build_federation,
+    build_model,
+    config_from_run_config,
+    configure_threads,
+    resolve_device,
+    resolve_site,
+)
+from secure_fedvlp.methods import get_method
+from secure_fedvlp.methods.base import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    INFO_KEY,
+    METRICS_KEY,
+    LocalTrainer,
+    TrainTask,
+    arrays_to_numpy,
+    federated_state,
+    load_federated_state,
+    numpy_to_arrays,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ClientRuntime", "make_client_app", "app"]
+
+
+@dataclass
+class ClientRuntime:
+    """Per-process state of one site's client: its data, model and trainer, built once."""
+
+    setup: RunSetup
+    site: SiteData
+    model: torch.nn.Module
+    trainer: LocalTrainer
+    device: torch.device
+
+    @classmethod
+    def create(cls, setup: RunSetup, context: Context) -> ClientRuntime:
+        cfg = setup.cfg
+        configure_threads(cfg.run.threads_per_client)
+        federation = build_federation(cfg)
+        site = resolve_site(context, federation)
+        device = resolve_device(cfg.run.device)
+        model = build_model(cfg).to(device)
+        trainer = get_method(cfg.federation.method).trainer(cfg, device)
+        logger.info("Client for site %s (%s) ready on %s", site.name, site.role, device)
+        return cls(setup, site, model, trainer, device)
+
+    # -- handlers ------------------------------------------------------------------
+    def info(self) -> ConfigRecord:
+        return ConfigRecord({"site": self.site.name, "role": self.site.role, "num-train": len(self.site.train)})
+
+    def train(self, msg: Message) -> RecordDict:
+        if self.site.role != "train":
+            raise RuntimeError(f"site {self.site.name!r} is a held-out site and never trains.")
+        cfg = msg.content[CONFIG_KEY]
+        task = TrainTask(server_round=int(cfg["server-round"]), stage=str(cfg.get("stage", "full")),
+                         steps=int(cfg.get("local-steps", self.setup.cfg.train.local_steps)))
+        global_state = arrays_to_numpy(msg.content[ARRAYS_KEY])
+        load_federated_state(self.model, global_state)
+        gen = torch.Generator().manual_seed(_job_seed(self.setup.cfg.run.seed, self.site.name, task))
+        metrics = self.trainer.fit(self.model, self.site.train, task, gen, global_state)
+        return RecordDict({ARRAYS_KEY: numpy_to_arrays(federated_state(self.model)),
+                           METRICS_KEY: MetricRecord(metrics), INFO_KEY: self.info()})
+
+    def evaluate(self, msg: Message) -> RecordDict:
+        load_federated_state(self.model, arrays_to_numpy(msg.content[ARRAYS_KEY]))
+        ev = self.setup.cfg.eval
+        split = self.site.test if ev.split == "test" else self.site.val
+        metrics = evaluate_split(self.model, split, ks=ev.recall_ks, batch_size=ev.batch_size, device=self.device)
+        return RecordDict({METRICS_KEY: MetricRecord(metrics), INFO_KEY: self.info()})
+
+
+def _job_seed(seed: int, site: str, task: TrainTask) -> int:
+    """Deterministic, distinct seed per (run seed, site, round, stage)."""
+    digest = hashlib.sha256(f"{seed}/{site}/{task.server_round}/{task.stage}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+_RUNTIMES: dict[tuple[str, str, int], ClientRuntime] = {}
+_RUNTIMES_LOCK = threading.Lock()
+
+
+def make_client_app(provider: ConfigProvider = config_from_run_config) -> ClientApp:
+    """A ClientApp whose config comes from ``provider(context)``."""
+    client_app = ClientApp()
+
+    def runtime(context: Context) -> ClientRuntime:
+        setup = provider(context)
+        key = (config_hash(setup.cfg), str(setup.run_dir), context.node_id)
+        with _RUNTIMES_LOCK:
+            if key not in _RUNTIMES:
+                _RUNTIMES[key] = ClientRuntime.create(setup, context)
+            return _RUNTIMES[key]
+
+    @client_app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return Message(RecordDict({INFO_KEY: runtime(context).info()}), reply_to=msg)
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return Message(runtime(context).train(msg), reply_to=msg)
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return Message(runtime(context).evaluate(msg), reply_to=msg)
+
+    return client_app
+
+
+app = make_client_app()

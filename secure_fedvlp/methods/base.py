@@ -1,0 +1,493 @@
+"""Shared bases of every method: the client trainer and the server strategy.
+
+A method is a pair (strategy, trainer) registered under a name
+(:mod:`secure_fedvlp.methods.registry`).  Variants override only what differs
+(STYLE.md item 1): FedProx overrides :meth:`LocalTrainer.extra_terms`; FedDRA overrides
+:meth:`VLPStrategy.train_round` and :meth:`VLPStrategy.aggregation_weights`.
+
+Privacy and encryption wrap these classes (client mods, strategy wrappers, trainer
+wrappers); nothing here knows about them.
+
+Wire format
+-----------
+* Only the *federated* parameters travel: those with ``requires_grad`` in the model
+  (frozen pretrained layers and seeded frozen init are identical at every party).
+* ``train`` messages carry ``arrays`` (global federated parameters) and ``config``
+  (``server-round``, ``stage``, ``local-steps``); replies carry ``arrays`` (the new local
+  parameters), ``metrics`` (``num-examples``, loss terms) and ``info`` (site name).
+* ``query`` messages ask a node which site it serves and its role (train / heldout).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.result import Result
+from torch import nn
+from torch.utils.data import DataLoader
+
+from secure_fedvlp.config import ExperimentConfig
+from secure_fedvlp.objectives import InfoNCELoss
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SiteInfo",
+    "TrainTask",
+    "LocalTrainer",
+    "VLPStrategy",
+    "federated_state",
+    "load_federated_state",
+    "make_collate",
+    "RoundRecorder",
+]
+
+ARRAYS_KEY = "arrays"
+CONFIG_KEY = "config"
+METRICS_KEY = "metrics"
+INFO_KEY = "info"
+NUM_EXAMPLES = "num-examples"
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def federated_state(model: nn.Module) -> dict[str, np.ndarray]:
+    """The parameters that travel: every parameter with ``requires_grad``, as float32 numpy."""
+    return {n: p.detach().cpu().float().numpy().copy() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_federated_state(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Load federated parameters into ``model`` in place; names and shapes must match exactly."""
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    got = set(arrays)
+    if got != expected:
+        missing, extra = sorted(expected - got), sorted(got - expected)
+        raise ValueError(f"federated state mismatch: missing {missing[:5]}, unexpected {extra[:5]}.")
+    with torch.no_grad():
+        for name, value in arrays.items():
+            p = params[name]
+            t = torch.as_tensor(np.asarray(value))
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"parameter {name!r}: shape {tuple(t.shape)} != model shape {tuple(p.shape)}.")
+            p.copy_(t.to(dtype=p.dtype, device=p.device))
+
+
+def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """ArrayRecord -> ordered dict of numpy arrays."""
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def numpy_to_arrays(state: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Ordered dict of numpy arrays -> ArrayRecord."""
+    return ArrayRecord({k: np.ascontiguousarray(v) for k, v in state.items()})
+
+
+# --------------------------------------------------------------------------- client side
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    """One local training job, as sent by the server."""
+
+    server_round: int
+    stage: str  # "full": every federated parameter; "align": alignment layers and heads only
+    steps: int
+
+
+def make_collate(model: nn.Module) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    """Collate dataset items into a batch, tokenising reports with the model's tokenizer."""
+
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        reports = [it["report"] for it in items]
+        tok = model.tokenize(reports)
+        return {
+            "images": torch.stack([it["image"] for it in items]),
+            "input_ids": tok["input_ids"],
+            "attention_mask": tok["attention_mask"],
+            "labels": torch.stack([it["labels"] for it in items]),
+            "index": torch.as_tensor([it["index"] for it in items]),
+        }
+
+    return collate
+
+
+class LocalTrainer:
+    """Local training at one client: the FedAvg trainer, and the base of every method's trainer.
+
+    The loop is split into hooks so that methods and privacy wrappers override one piece:
+    :meth:`trainable_names` (which parameters a stage trains), :meth:`make_optimizer`,
+    :meth:`make_loader`, :meth:`compute_loss` and :meth:`extra_terms`.
+    """
+
+    name = "fedavg"
+
+    def __init__(self, cfg: ExperimentConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.objective = self.make_objective()
+
+    # -- hooks ---------------------------------------------------------------------
+    def make_objective(self) -> nn.Module:
+        """The local contrastive objective (in-batch InfoNCE without DP)."""
+        return InfoNCELoss()
+
+    def trainable_names(self, model: nn.Module, stage: str) -> list[str]:
+        """Federated parameters trained in ``stage``."""
+        fed = [n for n, p in model.named_parameters() if p.requires_grad]
+        if stage == "full":
+            return fed
+        if stage == "align":
+            align = set(model.parameter_groups()["alignment"])
+            return [n for n in fed if n in align]
+        raise ValueError(f"unknown training stage {stage!r}; expected 'full' or 'align'.")
+
+    def make_optimizer(self, model: nn.Module, names: list[str]) -> torch.optim.Optimizer:
+        """AdamW (or SGD) with a smaller learning rate for the pretrained text tower."""
+        params = dict(model.named_parameters())
+        text = [params[n] for n in names if n.startswith("text_encoder.")]
+        other = [params[n] for n in names if not n.startswith("text_encoder.")]
+        t = self.cfg.train
+        groups = [g for g in ({"params": other, "lr": t.lr}, {"params": text, "lr": t.text_lr or t.lr}) if g["params"]]
+        if t.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+
+    def make_loader(self, dataset, model: nn.Module, generator: torch.Generator) -> DataLoader:
+        """Shuffled mini-batches of paired records."""
+        bs = min(self.cfg.train.batch_size, len(dataset))
+        return DataLoader(dataset, batch_size=bs, shuffle=True, drop_last=len(dataset) > bs,
+                          generator=generator, collate_fn=make_collate(model))
+
+    def training_subset(self, dataset):
+        """Records usable by the objective (paired image and report)."""
+        keep = np.flatnonzero(np.asarray(dataset.has_image, bool) & np.asarray(dataset.has_text, bool))
+        return dataset if keep.size == len(dataset) else dataset.subset(keep)
+
+    def compute_loss(self, model: nn.Module, batch: dict[str, Any], state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Named loss terms for one batch; ``loss`` is the total that is minimised."""
+        out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
+        terms = dict(self.objective(out["image_emb"], out["text_emb"], model.logit_scale))
+        for name, value in self.extra_terms(model, batch, out, state).items():
+            terms[name] = value
+            terms["loss"] = terms["loss"] + value
+        return terms
+
+    def extra_terms(self, model: nn.Module, batch: dict[str, Any], out: dict[str, torch.Tensor],
+                    state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Additional loss terms (FedProx proximal term, anchor guidance, ...). None by default."""
+        return {}
+
+    def begin(self, model: nn.Module, task: TrainTask, global_state: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Per-job state handed to :meth:`extra_terms` (e.g. a copy of the global parameters)."""
+        return {}
+
+    # -- loop ----------------------------------------------------------------------
+    def fit(self, model: nn.Module, dataset, task: TrainTask, generator: torch.Generator,
+            global_state: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """Run ``task.steps`` optimisation steps; return mean loss terms and ``num-examples``."""
+        dataset = self.training_subset(dataset)
+        if len(dataset) < 2:
+            raise ValueError(f"site has {len(dataset)} paired training records; at least 2 are needed.")
+        federated = {n for n, p in model.named_parameters() if p.requires_grad}
+        names = set(self.trainable_names(model, task.stage))
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in names)
+        try:
+            model.train()
+            optimizer = self.make_optimizer(model, [n for n, _ in model.named_parameters() if n in names])
+            loader = self.make_loader(dataset, model, generator)
+            state = self.begin(model, task, global_state)
+            sums: dict[str, float] = {}
+            steps = 0
+            t0 = time.perf_counter()
+            while steps < task.steps:
+                for batch in loader:
+                    batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                    optimizer.zero_grad(set_to_none=True)
+                    terms = self.compute_loss(model, batch, state)
+                    terms["loss"].backward()
+                    if self.cfg.train.grad_clip > 0:
+                        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                 self.cfg.train.grad_clip)
+                    optimizer.step()
+                    for k, v in terms.items():
+                        sums[k] = sums.get(k, 0.0) + float(v.detach())
+                    steps += 1
+                    if steps >= task.steps:
+                        break
+            metrics = {f"train_{k}": v / max(steps, 1) for k, v in sums.items()}
+            metrics["steps"] = float(steps)
+            metrics["train_seconds"] = time.perf_counter() - t0
+            metrics[NUM_EXAMPLES] = float(len(dataset))
+            return metrics
+        finally:
+            for n, p in model.named_parameters():
+                p.requires_grad_(n in federated)
+
+
+# --------------------------------------------------------------------------- server side
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """What a node said about itself in discovery."""
+
+    node_id: int
+    site: str
+    role: str  # "train" or "heldout"
+    num_train: int
+
+
+class RoundRecorder:
+    """Receives per-round, per-site records from a strategy (no-op base)."""
+
+    def record(self, record: dict[str, Any]) -> None:  # noqa: D401
+        """Store one record."""
+
+    def progress(self, message: str) -> None:
+        """Show progress to the user."""
+        logger.info(message)
+
+
+def _finite(x: np.ndarray) -> bool:
+    return bool(np.isfinite(x).all())
+
+
+class VLPStrategy(FedAvg):
+    """Base server strategy: FedAvg over train sites, federated evaluation on every site.
+
+    Extends :class:`flwr.serverapp.strategy.FedAvg` with what a federated medical VLP run
+    needs and plain FedAvg lacks:
+
+    * **discovery**: a ``query`` message asks each node which site it serves; held-out
+      sites are evaluated but never trained;
+    * **round-0 evaluation** of the untrained model, as the reference;
+    * **robust aggregation**: each reply is validated on its own (keys, shapes, finite
+      values, positive weight) and a bad one is dropped with its reason, never the round;
+    * per-site records of every train and evaluate reply to a :class:`RoundRecorder`.
+    """
+
+    method_name = "fedavg"
+
+    def __init__(self, cfg: ExperimentConfig, recorder: RoundRecorder | None = None) -> None:
+        fed = cfg.federation
+        super().__init__(fraction_train=fed.fraction_train, fraction_evaluate=1.0,
+                         min_train_nodes=fed.min_train_clients, min_evaluate_nodes=1, min_available_nodes=1,
+                         weighted_by_key=NUM_EXAMPLES, arrayrecord_key=ARRAYS_KEY, configrecord_key=CONFIG_KEY)
+        self.cfg = cfg
+        self.recorder = recorder or RoundRecorder()
+        self.sites: dict[int, SiteInfo] = {}
+        self._rng = random.Random(cfg.run.seed)
+
+    # -- discovery -----------------------------------------------------------------
+    def discover(self, grid: Grid, expected_nodes: int, timeout: float) -> dict[int, SiteInfo]:
+        """Ask every connected node for its site; wait up to ``timeout`` for ``expected_nodes``."""
+        deadline = time.monotonic() + timeout
+        node_ids = list(grid.get_node_ids())
+        while len(node_ids) < expected_nodes and time.monotonic() < deadline:
+            time.sleep(0.5)
+            node_ids = list(grid.get_node_ids())
+        msgs = [Message(RecordDict({CONFIG_KEY: ConfigRecord({"query": "site-info"})}), dst_node_id=nid,
+                        message_type=MessageType.QUERY) for nid in node_ids]
+        sites: dict[int, SiteInfo] = {}
+        for reply in grid.send_and_receive(msgs, timeout=timeout):
+            nid = reply.metadata.src_node_id
+            if reply.has_error():
+                logger.warning("Node %s did not answer discovery: %s", nid, reply.error.reason)
+                continue
+            info = reply.content[INFO_KEY]
+            sites[nid] = SiteInfo(nid, str(info["site"]), str(info["role"]), int(info["num-train"]))
+        if not any(s.role == "train" for s in sites.values()):
+            raise RuntimeError("no training site answered discovery; cannot start federated training.")
+        self.sites = dict(sorted(sites.items(), key=lambda kv: kv[1].site))
+        logger.info("Discovered sites: %s", ", ".join(f"{s.site}({s.role})" for s in self.sites.values()))
+        return self.sites
+
+    def train_nodes(self) -> list[int]:
+        return [nid for nid, s in self.sites.items() if s.role == "train"]
+
+    # -- configure -----------------------------------------------------------------
+    def sample_train_nodes(self, server_round: int) -> list[int]:
+        """Seeded sample of training nodes (all of them with fraction_train = 1)."""
+        nodes = self.train_nodes()
+        k = max(self.min_train_nodes, int(math.ceil(len(nodes) * self.fraction_train)))
+        k = min(k, len(nodes))
+        return sorted(self._rng.sample(nodes, k))
+
+    def stage_config(self, server_round: int, stage: str) -> ConfigRecord:
+        """Config sent with a train message of ``stage`` (override to add method keys)."""
+        return ConfigRecord({"server-round": server_round, "stage": stage,
+                             "local-steps": self.cfg.train.local_steps})
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        node_ids = self.sample_train_nodes(server_round)
+        record = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
+        return self._construct_messages(record, node_ids, MessageType.TRAIN)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        config["server-round"] = server_round
+        record = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
+        return self._construct_messages(record, list(self.sites), MessageType.EVALUATE)
+
+    # -- aggregate -----------------------------------------------------------------
+    def site_name(self, msg: Message) -> str:
+        s = self.sites.get(msg.metadata.src_node_id)
+        return s.site if s else f"node-{msg.metadata.src_node_id}"
+
+    def validate_reply(self, msg: Message, reference: Mapping[str, np.ndarray]) -> str | None:
+        """Reason to drop a train reply, or None if it is well formed."""
+        content = msg.content
+        if ARRAYS_KEY not in content.array_records:
+            return "reply carries no 'arrays' record"
+        if METRICS_KEY not in content.metric_records or NUM_EXAMPLES not in content[METRICS_KEY]:
+            return f"reply carries no '{METRICS_KEY}.{NUM_EXAMPLES}'"
+        weight = float(content[METRICS_KEY][NUM_EXAMPLES])
+        if not (weight > 0 and math.isfinite(weight)):
+            return f"weight {NUM_EXAMPLES}={weight!r} is not a positive finite number"
+        arrays = content[ARRAYS_KEY]
+        if set(arrays.keys()) != set(reference):
+            missing = sorted(set(reference) - set(arrays.keys()))[:3]
+            extra = sorted(set(arrays.keys()) - set(reference))[:3]
+            return f"parameter names differ from the global model (missing {missing}, unexpected {extra})"
+        for k, ref in reference.items():
+            a = arrays[k].numpy()
+            if a.shape != ref.shape:
+                return f"parameter {k!r} has shape {a.shape}, expected {ref.shape}"
+            if not _finite(a):
+                return f"parameter {k!r} holds non-finite values"
+        return None
+
+    def aggregation_weights(self, server_round: int, stage: str, replies: list[Message]) -> list[float]:
+        """Weights of accepted replies (example counts for FedAvg); normalised by the caller."""
+        return [float(m.content[METRICS_KEY][NUM_EXAMPLES]) for m in replies]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message], *, stage: str = "full",
+                        reference: ArrayRecord | None = None) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        ref = arrays_to_numpy(reference) if reference is not None else None
+        accepted: list[Message] = []
+        for msg in replies:
+            site = self.site_name(msg)
+            if msg.has_error():
+                reason = f"client error: {msg.error.reason}"
+            else:
+                reason = self.validate_reply(msg, ref) if ref is not None else None
+            if reason is not None:
+                logger.warning("Round %d (%s): dropped reply from %s: %s", server_round, stage, site, reason)
+                self.recorder.record({"round": server_round, "stage": stage, "phase": "train", "site": site,
+                                      "status": "dropped", "reason": reason})
+                continue
+            accepted.append(msg)
+            metrics = {k: float(v) for k, v in msg.content[METRICS_KEY].items()}
+            self.recorder.record({"round": server_round, "stage": stage, "phase": "train", "site": site,
+                                  "status": "ok", **metrics})
+        if not accepted:
+            return None, None
+        weights = np.asarray(self.aggregation_weights(server_round, stage, accepted), dtype=np.float64)
+        weights = weights / weights.sum()
+        names = list(accepted[0].content[ARRAYS_KEY].keys())
+        agg = {}
+        for name in names:
+            acc = None
+            for w, msg in zip(weights, accepted, strict=True):
+                a = msg.content[ARRAYS_KEY][name].numpy().astype(np.float64)
+                acc = w * a if acc is None else acc + w * a
+            agg[name] = acc.astype(np.float32)
+        total = float(sum(float(m.content[METRICS_KEY][NUM_EXAMPLES]) for m in accepted))
+        loss = float(np.average([float(m.content[METRICS_KEY].get("train_loss", 0.0)) for m in accepted],
+                                weights=weights))
+        return numpy_to_arrays(agg), MetricRecord({NUM_EXAMPLES: total, "train_loss": loss,
+                                                   "clients": float(len(accepted))})
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        rows = []
+        for msg in replies:
+            site = self.site_name(msg)
+            if msg.has_error():
+                logger.warning("Round %d: evaluation failed at %s: %s", server_round, site, msg.error.reason)
+                self.recorder.record({"round": server_round, "phase": "evaluate", "site": site,
+                                      "status": "error", "reason": msg.error.reason})
+                continue
+            role = self.sites[msg.metadata.src_node_id].role if msg.metadata.src_node_id in self.sites else "?"
+            metrics = {k: float(v) for k, v in msg.content[METRICS_KEY].items()}
+            self.recorder.record({"round": server_round, "phase": "evaluate", "site": site, "role": role,
+                                  "status": "ok", **metrics})
+            if role == "train":
+                rows.append(metrics)
+        if not rows:
+            return None
+        keys = set.intersection(*(set(r) for r in rows)) - {NUM_EXAMPLES}
+        w = np.asarray([r[NUM_EXAMPLES] for r in rows])
+        out = {k: float(np.average([r[k] for r in rows], weights=w)) for k in sorted(keys)}
+        out[NUM_EXAMPLES] = float(w.sum())
+        return MetricRecord(out)
+
+    # -- the round loop --------------------------------------------------------------
+    def run_stage(self, server_round: int, stage: str, grid: Grid, arrays: ArrayRecord,
+                  timeout: float) -> ArrayRecord:
+        """Send one train stage, aggregate, and return the new global arrays (or the old on failure)."""
+        messages = self.configure_train(server_round, arrays, self.stage_config(server_round, stage), grid)
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        agg, metrics = self.aggregate_train(server_round, replies, stage=stage, reference=arrays)
+        if agg is None:
+            logger.warning("Round %d (%s): no valid update arrived; the global model is unchanged.",
+                           server_round, stage)
+            return arrays
+        return agg
+
+    def train_round(self, server_round: int, grid: Grid, arrays: ArrayRecord, timeout: float) -> ArrayRecord:
+        """One round of training (override for multi-stage methods)."""
+        return self.run_stage(server_round, "full", grid, arrays, timeout)
+
+    def evaluate_round(self, server_round: int, grid: Grid, arrays: ArrayRecord, timeout: float) -> MetricRecord | None:
+        replies = list(grid.send_and_receive(self.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+                                             timeout=timeout))
+        return self.aggregate_evaluate(server_round, replies)
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              *, expected_nodes: int = 1) -> Result:
+        """Discovery, round-0 reference evaluation, then ``num_rounds`` of train + evaluate."""
+        result = Result()
+        self.discover(grid, expected_nodes, timeout)
+        t0 = time.perf_counter()
+        m = self.evaluate_round(0, grid, initial_arrays, timeout)
+        if m is not None:
+            result.evaluate_metrics_clientapp[0] = m
+        self.recorder.progress(f"round 0/{num_rounds} (untrained reference): {_fmt(m)}")
+        arrays = initial_arrays
+        for rnd in range(1, num_rounds + 1):
+            arrays = self.train_round(rnd, grid, arrays, timeout)
+            result.arrays = arrays
+            if self.cfg.eval.every_round or rnd == num_rounds:
+                m = self.evaluate_round(rnd, grid, arrays, timeout)
+                if m is not None:
+                    result.evaluate_metrics_clientapp[rnd] = m
+                self.recorder.progress(f"round {rnd}/{num_rounds} [{time.perf_counter() - t0:.0f}s]: {_fmt(m)}")
+            else:
+                self.recorder.progress(f"round {rnd}/{num_rounds} trained [{time.perf_counter() - t0:.0f}s]")
+        result.arrays = arrays
+        return result
+
+
+def _fmt(m: MetricRecord | None) -> str:
+    if m is None:
+        return "no evaluation replies"
+    keys = ("zs_auroc_macro", "mean_R@5")
+    return ", ".join(f"{k}={float(m[k]):.3f}" for k in keys if k in m) or json.dumps(dict(m))

@@ -1,0 +1,6 @@
+"""FedAvg (McMahan et al., 2017): the base strategy and trainer, unchanged."""
+
+from secure_fedvlp.methods.base import LocalTrainer, VLPStrategy
+from secure_fedvlp.methods.registry import register_method
+
+register_method("fedavg", VLPStrategy, LocalTrainer, "Example-weighted average of local models.")
