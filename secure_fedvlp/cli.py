@@ -1,4 +1,4 @@
-"""Command line: ``secure-fedvlp run | report``.
+"""Command line: ``secure-fedvlp run | sweep | report``.
 
 ``main(argv) -> int`` so tests call it directly (STYLE.md item 8).  Configuration is read
 here, once, and handed to the Flower apps as typed objects.
@@ -129,6 +129,21 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from secure_fedvlp.sweep import load_sweep, run_sweep, summarise_sweep
+
+    spec = load_sweep(args.config)
+    _setup_logging(args.verbose)
+    if args.summarise_only:
+        summarise_sweep(spec)
+        root = spec.root
+    else:
+        root = run_sweep(spec, verbose=args.verbose)
+    print((root / "summary.md").read_text(encoding="utf-8"))
+    print(f"Summary: {root / 'summary.md'} (json, png beside it)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="secure-fedvlp", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -139,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", help="write the run here instead of run.output_dir/<name>-<time>")
     r.add_argument("-v", "--verbose", action="store_true", help="show Flower/Ray logs")
     r.set_defaults(func=_cmd_run)
+    sw = sub.add_parser("sweep", help="run a grid of experiments (resumable) and summarise them")
+    sw.add_argument("config", help="sweep file (TOML), e.g. configs/compare_methods.toml")
+    sw.add_argument("--summarise-only", action="store_true", help="only rebuild the summary of finished cells")
+    sw.add_argument("-v", "--verbose", action="store_true")
+    sw.set_defaults(func=_cmd_sweep)
     rep = sub.add_parser("report", help="(re)build report.md/json and plots of a run directory")
     rep.add_argument("run_dir")
     rep.set_defaults(func=_cmd_report)

@@ -29,6 +29,7 @@ __all__ = [
     "TrainConfig",
     "FederationConfig",
     "EvalConfig",
+    "FedDRAConfig",
     "ExperimentConfig",
     "load_config",
     "parse_config",
@@ -145,6 +146,36 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class FedDRAConfig:
+    """FedDRA / FedAID (arXiv 2404.03854 v3 / v2): robust client weights, anchor guidance, stages.
+
+    ``mode = "robust"`` is this project's reading of the paper: q persists across rounds
+    and weights the aggregate.  ``mode = "faithful"`` reproduces the authors' released
+    code: q is reset to uniform every round, used only to scale local losses, and the
+    aggregate is an unweighted mean (METHODS.md).
+    """
+
+    mode: Literal["robust", "faithful"] = "robust"
+    rho: float = 1.0  # chi-square radius
+    eta: float = 0.5  # mirror-ascent step size (authors: 0.01 * 50)
+    centre: Literal["uniform", "data_size"] = "uniform"
+    holdout_fraction: float = 0.1  # slice of each client's train split used for the DRO losses
+    loss_scaling: bool = False  # scale each client's local loss by K * q_k (always on in faithful mode)
+    anchor_weight: float = 1.0  # lambda of the anchor-guidance term; 0 disables it
+    anchor_distance: Literal["mse", "cosine"] = "mse"
+    stage1_steps: int = 8  # FedDRA stage 1: alignment layers and heads only
+    stage2_steps: int = 0  # FedDRA stage 2: whole network; 0 = train.local_steps
+
+    def __post_init__(self) -> None:
+        _check(self.rho > 0, "feddra.rho", self.rho, "must be > 0")
+        _check(self.eta >= 0, "feddra.eta", self.eta, "must be >= 0")
+        _check(0 < self.holdout_fraction < 1, "feddra.holdout_fraction", self.holdout_fraction, "must be in (0, 1)")
+        _check(self.anchor_weight >= 0, "feddra.anchor_weight", self.anchor_weight, "must be >= 0")
+        _check(self.stage1_steps >= 1, "feddra.stage1_steps", self.stage1_steps, "must be >= 1")
+        _check(self.stage2_steps >= 0, "feddra.stage2_steps", self.stage2_steps, "must be >= 0")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment: everything a run needs, resolved and immutable."""
 
@@ -154,6 +185,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    feddra: FedDRAConfig = field(default_factory=FedDRAConfig)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -77,14 +77,28 @@ class ClientRuntime:
         if self.site.role != "train":
             raise RuntimeError(f"site {self.site.name!r} is a held-out site and never trains.")
         cfg = msg.content[CONFIG_KEY]
+        reserved = {"server-round", "stage", "local-steps"}
         task = TrainTask(server_round=int(cfg["server-round"]), stage=str(cfg.get("stage", "full")),
-                         steps=int(cfg.get("local-steps", self.setup.cfg.train.local_steps)))
+                         steps=int(cfg.get("local-steps", self.setup.cfg.train.local_steps)),
+                         options={k: float(v) for k, v in cfg.items()
+                                  if k not in reserved and isinstance(v, (int, float))})
         global_state = arrays_to_numpy(msg.content[ARRAYS_KEY])
         load_federated_state(self.model, global_state)
         gen = torch.Generator().manual_seed(_job_seed(self.setup.cfg.run.seed, self.site.name, task))
         metrics = self.trainer.fit(self.model, self.site.train, task, gen, global_state)
         return RecordDict({ARRAYS_KEY: numpy_to_arrays(federated_state(self.model)),
                            METRICS_KEY: MetricRecord(metrics), INFO_KEY: self.info()})
+
+    def query(self, msg: Message) -> RecordDict:
+        """Answer a query: ``site-info`` here, anything else by the method's trainer."""
+        cfg = msg.content[CONFIG_KEY]
+        kind = str(cfg.get("query", "site-info"))
+        if kind == "site-info":
+            return RecordDict({INFO_KEY: self.info()})
+        if ARRAYS_KEY in msg.content.array_records:
+            load_federated_state(self.model, arrays_to_numpy(msg.content[ARRAYS_KEY]))
+        metrics = self.trainer.answer_query(kind, self.model, self.site, cfg)
+        return RecordDict({METRICS_KEY: MetricRecord(metrics), INFO_KEY: self.info()})
 
     def evaluate(self, msg: Message) -> RecordDict:
         load_federated_state(self.model, arrays_to_numpy(msg.content[ARRAYS_KEY]))
@@ -118,7 +132,7 @@ def make_client_app(provider: ConfigProvider = config_from_run_config) -> Client
 
     @client_app.query()
     def query(msg: Message, context: Context) -> Message:
-        return Message(RecordDict({INFO_KEY: runtime(context).info()}), reply_to=msg)
+        return Message(runtime(context).query(msg), reply_to=msg)
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:

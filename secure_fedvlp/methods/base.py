@@ -26,7 +26,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -106,6 +106,7 @@ class TrainTask:
     server_round: int
     stage: str  # "full": every federated parameter; "align": alignment layers and heads only
     steps: int
+    options: Mapping[str, float] = field(default_factory=dict)  # method-specific scalars from the server
 
 
 def make_collate(model: nn.Module) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
@@ -194,6 +195,10 @@ class LocalTrainer:
     def begin(self, model: nn.Module, task: TrainTask, global_state: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Per-job state handed to :meth:`extra_terms` (e.g. a copy of the global parameters)."""
         return {}
+
+    def answer_query(self, kind: str, model: nn.Module, site, config: Mapping[str, Any]) -> dict[str, float]:
+        """Answer a method-specific ``query`` message (the model holds the arrays it carried)."""
+        raise ValueError(f"method {self.name!r} does not answer query {kind!r}.")
 
     # -- loop ----------------------------------------------------------------------
     def fit(self, model: nn.Module, dataset, task: TrainTask, generator: torch.Generator,

@@ -1,0 +1,251 @@
+"""FedDRA and FedAID (arXiv 2404.03854 v3 and v2): one implementation, two schedules.
+
+Server (:class:`FedDRAStrategy`)
+    * keeps robust client weights ``q`` in a chi-square ball around a centre (uniform or
+      data-size), updated each round by mirror ascent on per-client losses measured on a
+      held-out slice of each client's *training* split (as the authors do), and persisted
+      across rounds (``mode = "robust"``);
+    * aggregates with ``theta = sum_k q_k theta_k`` (renormalised over the clients that
+      replied);
+    * FedDRA: two train stages per round, each a Flower train message: stage 1 trains
+      only alignment layers and heads, is aggregated, and becomes the anchor's heads;
+      stage 2 trains the whole network (every federated parameter) and is aggregated
+      again.  FedAID: one stage, same machinery.
+    * ``mode = "faithful"`` reproduces the released code: q is reset to uniform before
+      each update, used only to scale local losses, and aggregation is an unweighted mean.
+
+Client (:class:`FedDRATrainer`)
+    * anchor guidance: a frozen copy of the global model received with the message gives
+      each record's anchor embeddings; the local loss adds
+      ``lambda * (d(v, v_anchor) + d(t, t_anchor))`` (MSE on normalised embeddings, as the
+      authors do, or 1 - cosine).  It compares a record only with the global model's view
+      of the *same* record, so it is per-sample decomposable;
+    * optional loss scaling by ``K * q_k``;
+    * answers the server's ``dro-loss`` query with its mean loss on the held-out slice.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from torch import nn
+
+from secure_fedvlp.config import ExperimentConfig
+from secure_fedvlp.methods.base import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    LocalTrainer,
+    RoundRecorder,
+    TrainTask,
+    VLPStrategy,
+    make_collate,
+)
+from secure_fedvlp.methods.dro import centre_weights, mirror_ascent_step
+from secure_fedvlp.methods.registry import register_method
+from secure_fedvlp.objectives import AnchorGuidanceLoss
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FedDRAStrategy", "FedAIDStrategy", "FedDRATrainer", "DRO_LOSS_QUERY"]
+
+DRO_LOSS_QUERY = "dro-loss"
+LOSS_SCALE = "loss-scale"
+
+
+class FedDRATrainer(LocalTrainer):
+    """Local trainer with anchor guidance, loss scaling and the DRO-loss report."""
+
+    name = "feddra"
+
+    def __init__(self, cfg: ExperimentConfig, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        self.anchor_loss = AnchorGuidanceLoss(distance=cfg.feddra.anchor_distance)
+
+    # -- the held-out slice of the training split -------------------------------------
+    def holdout_indices(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(train indices, DRO-slice indices) of a training split of ``n`` records; seeded, stable."""
+        perm = np.random.default_rng(self.cfg.run.seed + 7_919).permutation(n)
+        k = max(1, int(round(self.cfg.feddra.holdout_fraction * n)))
+        return np.sort(perm[k:]), np.sort(perm[:k])
+
+    def training_subset(self, dataset):
+        train_idx, _ = self.holdout_indices(len(dataset))
+        return super().training_subset(dataset.subset(train_idx))
+
+    def dro_subset(self, dataset):
+        _, hold = self.holdout_indices(len(dataset))
+        return super().training_subset(dataset.subset(hold))
+
+    # -- local objective ----------------------------------------------------------------
+    def begin(self, model: nn.Module, task: TrainTask, global_state: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        state: dict[str, Any] = {"loss_scale": float(task.options.get(LOSS_SCALE, 1.0))}
+        if self.cfg.feddra.anchor_weight > 0:
+            anchor = copy.deepcopy(model)  # the model holds the global parameters when a job begins
+            anchor.eval()
+            for p in anchor.parameters():
+                p.requires_grad_(False)
+            state["anchor"] = anchor
+        return state
+
+    def compute_loss(self, model: nn.Module, batch: dict[str, Any], state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        terms = super().compute_loss(model, batch, state)
+        scale = state.get("loss_scale", 1.0)
+        if scale != 1.0:
+            terms["loss"] = terms["loss"] * scale
+        return terms
+
+    def extra_terms(self, model: nn.Module, batch: dict[str, Any], out: dict[str, torch.Tensor],
+                    state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        anchor = state.get("anchor")
+        if anchor is None:
+            return {}
+        with torch.no_grad():
+            a = anchor(batch["images"], batch["input_ids"], batch["attention_mask"])
+        terms = self.anchor_loss(out["image_emb"], out["text_emb"], a["image_emb"], a["text_emb"])
+        return {"anchor": self.cfg.feddra.anchor_weight * terms["loss"]}
+
+    # -- the DRO loss report ------------------------------------------------------------
+    @torch.no_grad()
+    def dro_loss(self, model: nn.Module, dataset) -> dict[str, float]:
+        """Mean local objective of the (global) model on the held-out slice."""
+        subset = self.dro_subset(dataset)
+        model.eval()
+        try:
+            collate = make_collate(model)
+            bs = max(2, min(self.cfg.train.batch_size, len(subset)))
+            total, n = 0.0, 0
+            for start in range(0, len(subset), bs):
+                items = [subset[i] for i in range(start, min(start + bs, len(subset)))]
+                if len(items) < 2:
+                    break
+                batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in collate(items).items()}
+                out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
+                loss = self.objective(out["image_emb"], out["text_emb"], model.logit_scale)["loss"]
+                total += float(loss) * len(items)
+                n += len(items)
+        finally:
+            model.train()
+        return {DRO_LOSS_QUERY: total / max(n, 1), NUM_EXAMPLES: float(n)}
+
+    def answer_query(self, kind: str, model: nn.Module, site, config: Mapping[str, Any]) -> dict[str, float]:
+        if kind == DRO_LOSS_QUERY:
+            return self.dro_loss(model, site.train)
+        return super().answer_query(kind, model, site, config)
+
+
+class FedDRAStrategy(VLPStrategy):
+    """FedDRA: robust client weights + two-stage rounds (see module docstring)."""
+
+    method_name = "feddra"
+    two_stage = True
+
+    def __init__(self, cfg: ExperimentConfig, recorder: RoundRecorder | None = None) -> None:
+        super().__init__(cfg, recorder)
+        self.dra = cfg.feddra
+        self.q: dict[str, float] = {}
+        self.centre: dict[str, float] = {}
+
+    # -- weights ------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        train = [s for s in self.sites.values() if s.role == "train"]
+        c = centre_weights(self.dra.centre, [max(1, s.num_train) for s in train])
+        self.centre = {s.site: float(ci) for s, ci in zip(train, c, strict=True)}
+        self.q = dict(self.centre)
+        self.recorder.record({"round": 0, "phase": "dro", "weights": dict(self.q), "centre": dict(self.centre)})
+
+    def discover(self, grid: Grid, expected_nodes: int, timeout: float):
+        sites = super().discover(grid, expected_nodes, timeout)
+        self.init_weights()
+        return sites
+
+    def aggregation_weights(self, server_round: int, stage: str, replies: list[Message]) -> list[float]:
+        if self.dra.mode == "faithful":
+            return [1.0] * len(replies)
+        return [self.q[self.site_name(m)] for m in replies]
+
+    def loss_scale(self, site: str) -> float:
+        if self.dra.mode == "faithful" or self.dra.loss_scaling:
+            return len(self.q) * self.q[site]
+        return 1.0
+
+    def update_weights(self, server_round: int, grid: Grid, arrays: ArrayRecord, timeout: float) -> None:
+        """Query DRO losses of the new global model and take one mirror-ascent step on q."""
+        nodes = self.train_nodes()
+        msgs = [Message(RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord(
+            {"query": DRO_LOSS_QUERY, "server-round": server_round})}), dst_node_id=nid,
+            message_type=MessageType.QUERY) for nid in nodes]
+        losses: dict[str, float] = {}
+        for reply in grid.send_and_receive(msgs, timeout=timeout):
+            site = self.site_name(reply)
+            if reply.has_error():
+                logger.warning("Round %d: no DRO loss from %s: %s", server_round, site, reply.error.reason)
+                continue
+            value = float(reply.content[METRICS_KEY][DRO_LOSS_QUERY])
+            if not np.isfinite(value):
+                logger.warning("Round %d: DRO loss from %s is not finite; ignored.", server_round, site)
+                continue
+            losses[site] = value
+        if not losses:
+            logger.warning("Round %d: no DRO losses arrived; weights unchanged.", server_round)
+            return
+        names = sorted(losses)
+        prior = self.centre if self.dra.mode == "faithful" else self.q  # faithful: reset to centre each round
+        mass = sum(prior[s] for s in names)
+        q_sub = np.array([prior[s] for s in names]) / mass
+        c_sub = np.array([self.centre[s] for s in names])
+        c_sub = c_sub / c_sub.sum()
+        new = mirror_ascent_step(q_sub, [losses[s] for s in names], self.dra.eta, self.dra.rho, c_sub)
+        q = dict(prior)
+        for s, v in zip(names, new, strict=True):
+            q[s] = float(v * mass)
+        total = sum(q.values())
+        self.q = {s: v / total for s, v in q.items()}
+        self.recorder.record({"round": server_round, "phase": "dro", "losses": losses, "weights": dict(self.q)})
+
+    # -- rounds -------------------------------------------------------------------------
+    def stage_config(self, server_round: int, stage: str) -> ConfigRecord:
+        cfg = super().stage_config(server_round, stage)
+        if stage == "align":
+            cfg["local-steps"] = self.dra.stage1_steps
+        else:
+            cfg["local-steps"] = self.dra.stage2_steps or self.cfg.train.local_steps
+        return cfg
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = []
+        for nid in self.sample_train_nodes(server_round):
+            node_cfg = ConfigRecord(dict(config))
+            node_cfg[LOSS_SCALE] = float(self.loss_scale(self.sites[nid].site))
+            messages.append(Message(RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: node_cfg}), dst_node_id=nid,
+                                    message_type=MessageType.TRAIN))
+        return messages
+
+    def train_round(self, server_round: int, grid: Grid, arrays: ArrayRecord, timeout: float) -> ArrayRecord:
+        if self.two_stage:
+            arrays = self.run_stage(server_round, "align", grid, arrays, timeout)
+        arrays = self.run_stage(server_round, "full", grid, arrays, timeout)
+        self.update_weights(server_round, grid, arrays, timeout)
+        return arrays
+
+
+class FedAIDStrategy(FedDRAStrategy):
+    """FedAID: FedDRA's machinery without the two-stage schedule."""
+
+    method_name = "fedaid"
+    two_stage = False
+
+
+register_method("feddra", FedDRAStrategy, FedDRATrainer,
+                "Distributionally robust alignment: chi-square DRO weights, anchor guidance, two-stage rounds.")
+register_method("fedaid", FedAIDStrategy, FedDRATrainer,
+                "Align as Ideal: FedDRA's DRO weights and anchor guidance in one stage per round.")

@@ -1,0 +1,91 @@
+"""FedDRA/FedAID specifics: stage 1 freezes backbones, anchor guidance, persisted robust weights."""
+
+import numpy as np
+import pytest
+import torch
+
+from secure_fedvlp.flower.runtime import build_federation, build_model
+from secure_fedvlp.methods.base import TrainTask, federated_state
+from secure_fedvlp.methods.feddra import FedDRATrainer
+from tests.unit.test_methods_contract import run_method, tiny_cfg
+
+
+def test_stage1_leaves_every_backbone_parameter_bit_identical(tmp_path):
+    cfg = tiny_cfg(tmp_path, "feddra")
+    model = build_model(cfg)
+    site = build_federation(cfg).sites[0]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = FedDRATrainer(cfg, torch.device("cpu"))
+    trainer.fit(model, site.train, TrainTask(1, "align", 3), torch.Generator().manual_seed(0),
+                federated_state(model))
+    groups = model.parameter_groups()
+    for n in groups["backbone"]:
+        assert torch.equal(before[n], dict(model.named_parameters())[n]), n
+    changed = [n for n in groups["alignment"] if not torch.equal(before[n], dict(model.named_parameters())[n])]
+    assert changed, "stage 1 must train the alignment layers and heads"
+
+
+def test_anchor_term_zero_at_global_and_pulls_towards_it(tmp_path):
+    cfg = tiny_cfg(tmp_path, "feddra")
+    model = build_model(cfg)
+    site = build_federation(cfg).sites[0]
+    trainer = FedDRATrainer(cfg, torch.device("cpu"))
+    state = trainer.begin(model, TrainTask(1, "full", 1), federated_state(model))
+    loader = trainer.make_loader(trainer.training_subset(site.train), model, torch.Generator().manual_seed(0))
+    batch = next(iter(loader))
+    model.eval()  # no dropout: local == anchor exactly
+    out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
+    assert float(trainer.extra_terms(model, batch, out, state)["anchor"]) == pytest.approx(0.0, abs=1e-10)
+    # Move the local model away from the anchor: the term becomes positive, and one gradient
+    # step on it alone moves the model back towards the anchor (the term decreases).
+    with torch.no_grad():
+        for p in model.image_head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.05)
+    out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
+    term = trainer.extra_terms(model, batch, out, state)["anchor"]
+    assert float(term) > 0
+    opt.zero_grad()
+    term.backward()
+    opt.step()
+    out2 = model(batch["images"], batch["input_ids"], batch["attention_mask"])
+    assert float(trainer.extra_terms(model, batch, out2, state)["anchor"]) < float(term)
+
+
+def test_dro_slice_is_disjoint_from_training_records(tmp_path):
+    cfg = tiny_cfg(tmp_path, "feddra")
+    trainer = FedDRATrainer(cfg, torch.device("cpu"))
+    train_idx, hold_idx = trainer.holdout_indices(50)
+    assert len(hold_idx) == 5 and not set(train_idx) & set(hold_idx)
+    assert sorted(set(train_idx) | set(hold_idx)) == list(range(50))
+
+
+@pytest.mark.parametrize("method", ["feddra", "fedaid"])
+def test_robust_weights_persist_and_weight_aggregation(method, tmp_path):
+    cfg = tiny_cfg(tmp_path, method, feddra={"eta": 5.0, "rho": 0.5})
+    strategy, result, rec, grid, init = run_method(cfg, tmp_path, rounds=2)
+    dro = [r for r in rec.rows if r["phase"] == "dro"]
+    assert [r["round"] for r in dro] == [0, 1, 2]
+    q1, q2 = dro[1]["weights"], dro[2]["weights"]
+    # persisted: round 2 starts from round 1's weights, so with eta > 0 they keep moving
+    assert q1 != dro[0]["weights"] and q2 != q1
+    # mirror ascent favours the client with the higher DRO loss
+    losses = dro[1]["losses"]
+    hi, lo = max(losses, key=losses.get), min(losses, key=losses.get)
+    assert q1[hi] > q1[lo]
+    assert strategy.q == q2
+    # stage messages: FedDRA sends two train stages per round, FedAID one
+    stages = [m.content["config"]["stage"] for m in grid.sent if m.metadata.message_type == "train"]
+    per_round = 2 if method == "feddra" else 1
+    assert len(stages) == 2 * 2 * per_round  # 2 rounds x 2 training sites x stages
+
+
+def test_faithful_mode_resets_weights_each_round(tmp_path):
+    cfg = tiny_cfg(tmp_path, "feddra", feddra={"mode": "faithful", "eta": 5.0})
+    strategy, result, rec, grid, init = run_method(cfg, tmp_path, rounds=2)
+    assert strategy.aggregation_weights(1, "full", [None, None]) == [1.0, 1.0]
+    # loss scales sent in round 2 come from round-1 weights computed from the uniform centre
+    scales = [m.content["config"]["loss-scale"] for m in grid.sent if m.metadata.message_type == "train"]
+    assert scales[0] == pytest.approx(1.0)  # round 1: uniform
+    assert np.std(scales[-2:]) > 0  # round 2: loss-scaled by K * q_k
