@@ -179,17 +179,35 @@ class LocalTrainer:
         return dataset if keep.size == len(dataset) else dataset.subset(keep)
 
     def compute_loss(self, model: nn.Module, batch: dict[str, Any], state: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Named loss terms for one batch; ``loss`` is the total that is minimised."""
+        """Named per-sample loss terms for one batch; ``loss`` is their total (a batch mean).
+
+        Every term here must be a mean over records of a function of each record alone
+        (or of the whole batch for the coupled in-batch objective, which DP refuses).
+        Data-independent terms belong in :meth:`regularizer`.
+        """
         out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
-        terms = dict(self.objective(out["image_emb"], out["text_emb"], model.logit_scale))
+        terms = dict(self.objective_terms(model, out, state))
         for name, value in self.extra_terms(model, batch, out, state).items():
             terms[name] = value
             terms["loss"] = terms["loss"] + value
         return terms
 
+    def objective_terms(self, model: nn.Module, out: dict[str, torch.Tensor],
+                        state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The contrastive objective's named terms."""
+        return self.objective(out["image_emb"], out["text_emb"], model.logit_scale)
+
     def extra_terms(self, model: nn.Module, batch: dict[str, Any], out: dict[str, torch.Tensor],
                     state: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Additional loss terms (FedProx proximal term, anchor guidance, ...). None by default."""
+        """Additional per-sample loss terms (anchor guidance, ...). None by default."""
+        return {}
+
+    def regularizer(self, model: nn.Module, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Data-independent loss terms (FedProx's proximal term, ...). None by default.
+
+        They depend on no record, so under DP-SGD their gradient is added to the noised
+        gradient (post-processing) instead of going through per-sample clipping.
+        """
         return {}
 
     def begin(self, model: nn.Module, task: TrainTask, global_state: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -224,7 +242,10 @@ class LocalTrainer:
                     batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
                     optimizer.zero_grad(set_to_none=True)
                     terms = self.compute_loss(model, batch, state)
-                    terms["loss"].backward()
+                    reg = self.regularizer(model, state)
+                    total = terms["loss"] + sum(reg.values()) if reg else terms["loss"]
+                    terms.update(reg)
+                    total.backward()
                     if self.cfg.train.grad_clip > 0:
                         nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                  self.cfg.train.grad_clip)

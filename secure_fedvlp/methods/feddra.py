@@ -87,7 +87,8 @@ class FedDRATrainer(LocalTrainer):
 
     # -- local objective ----------------------------------------------------------------
     def begin(self, model: nn.Module, task: TrainTask, global_state: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        state: dict[str, Any] = {"loss_scale": float(task.options.get(LOSS_SCALE, 1.0))}
+        state = super().begin(model, task, global_state)
+        state["loss_scale"] = float(task.options.get(LOSS_SCALE, 1.0))
         if self.cfg.feddra.anchor_weight > 0:
             anchor = copy.deepcopy(model)  # the model holds the global parameters when a job begins
             anchor.eval()

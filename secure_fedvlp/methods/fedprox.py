@@ -26,13 +26,13 @@ class FedProxTrainer(LocalTrainer):
     name = "fedprox"
 
     def begin(self, model: nn.Module, task: TrainTask, global_state: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        state = super().begin(model, task, global_state)
         params = dict(model.named_parameters())
-        anchor = {n: torch.as_tensor(np.asarray(v), device=params[n].device, dtype=params[n].dtype)
-                  for n, v in global_state.items() if params[n].requires_grad}
-        return {"global_params": anchor}
+        state["global_params"] = {n: torch.as_tensor(np.asarray(v), device=params[n].device, dtype=params[n].dtype)
+                                  for n, v in global_state.items() if params[n].requires_grad}
+        return state
 
-    def extra_terms(self, model: nn.Module, batch: dict[str, Any], out: dict[str, torch.Tensor],
-                    state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def regularizer(self, model: nn.Module, state: dict[str, Any]) -> dict[str, torch.Tensor]:
         mu = self.cfg.federation.proximal_mu
         if mu == 0:
             return {}
