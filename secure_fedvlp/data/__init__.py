@@ -1,1 +1,6 @@
-"""secure_fedvlp.data."""
+"""Data: the embedded synthetic federation and real-data manifest loaders."""
+
+from secure_fedvlp.data.synthetic import SyntheticSpec, generate_federation, site_style
+from secure_fedvlp.data.types import FINDINGS, Federation, SiteData, VLPDataset
+
+__all__ = ["FINDINGS", "Federation", "SiteData", "VLPDataset", "SyntheticSpec", "generate_federation", "site_style"]

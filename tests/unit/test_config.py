@@ -15,13 +15,23 @@ from secure_fedvlp.config import (
 )
 from secure_fedvlp.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.toml"))
+ALL = sorted((Path(__file__).parents[2] / "configs").glob("*.toml"))
+CONFIGS = [p for p in ALL if not p.read_text().lstrip().startswith(("[sweep]", "#")) or "[sweep]" not in p.read_text()]
+SWEEPS = [p for p in ALL if p not in CONFIGS]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_parses(path):
     cfg = load_config(path)
     assert isinstance(cfg, ExperimentConfig)
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_shipped_sweep_parses(path):
+    from secure_fedvlp.sweep import load_sweep
+
+    spec = load_sweep(path)
+    assert spec.cells()
 
 
 def test_defaults_parse_from_empty():

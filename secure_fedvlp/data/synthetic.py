@@ -1,0 +1,408 @@
+"""Embedded synthetic federation: chest-radiograph-like images with paired reports.
+
+Procedural and deterministic by seed (numpy ``Generator`` per site and split; never the
+global RNG).  Each image is a chest-like field: body, two dark lung fields with rib
+markings, spine/mediastinum, diaphragm domes and a heart silhouette.  Findings alter the
+anatomy visibly and write the lesion mask:
+
+* cardiomegaly: enlarged heart silhouette (cardiothoracic ratio > 0.5);
+* pleural effusion: bright fluid with a meniscus at one lung base;
+* consolidation: a bright fluffy patch inside a lung;
+* pneumothorax: a dark apical region with no lung markings bounded by a thin pleural line;
+* nodule: one or two small round bright spots.
+
+Sites differ the way hospitals do: scanner style (contrast, gamma, noise, blur, native
+resolution, offset), finding prevalence (Dirichlet skew around a base prevalence),
+reporting style (terse vs narrative templates, a site vocabulary of synonyms, negation
+habits) and, optionally, missing reports at one site.  The held-out site has its own style;
+the public reference set uses a neutral style and a different seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+
+from secure_fedvlp.data.types import FINDINGS, Federation, SiteData, VLPDataset
+from secure_fedvlp.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SyntheticSpec", "generate_federation", "site_style", "SYNONYMS", "GENERATOR_VERSION"]
+
+GENERATOR_VERSION = 1
+LESIONS = FINDINGS[1:]
+BASE_PREVALENCE = np.array([0.25, 0.22, 0.2, 0.12, 0.18])  # cardiomegaly, effusion, consolidation, ptx, nodule
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """Size and heterogeneity of the synthetic federation."""
+
+    num_sites: int = 4
+    heldout_site: bool = True
+    train_per_site: int = 240
+    val_per_site: int = 48
+    test_per_site: int = 96
+    public_size: int = 256
+    image_size: int = 64
+    dirichlet_alpha: float = 0.5
+    missing_text_fraction: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("num_sites", "train_per_site", "val_per_site", "test_per_site", "image_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                problems.append(f"'data.synthetic.{name}' must be an integer >= 1. Found {v!r}.")
+        if isinstance(self.public_size, bool) or not isinstance(self.public_size, int) or self.public_size < 0:
+            problems.append(f"'data.synthetic.public_size' must be an integer >= 0. Found {self.public_size!r}.")
+        if isinstance(self.image_size, int) and not isinstance(self.image_size, bool) and self.image_size < 16:
+            problems.append(f"'data.synthetic.image_size' must be >= 16. Found {self.image_size!r}.")
+        if not (isinstance(self.dirichlet_alpha, (int, float)) and self.dirichlet_alpha > 0):
+            problems.append(f"'data.synthetic.dirichlet_alpha' must be > 0. Found {self.dirichlet_alpha!r}.")
+        if not (isinstance(self.missing_text_fraction, (int, float)) and 0 <= self.missing_text_fraction < 1):
+            problems.append("'data.synthetic.missing_text_fraction' must be in [0, 1). "
+                            f"Found {self.missing_text_fraction!r}.")
+        if problems:
+            raise ConfigError(problems)
+
+
+# ----------------------------------------------------------------------------- reports
+
+#: Synonyms per finding; each site's vocabulary picks a subset and a preferred order.
+SYNONYMS: dict[str, tuple[str, ...]] = {
+    "cardiomegaly": ("cardiomegaly", "enlarged cardiac silhouette", "the heart is enlarged",
+                     "increased cardiothoracic ratio"),
+    "pleural_effusion": ("{side} pleural effusion", "fluid in the {side} pleural space",
+                         "blunting of the {side} costophrenic angle", "{side} effusion"),
+    "consolidation": ("{side} consolidation", "airspace opacity in the {side} lung",
+                      "{side} lung consolidation", "patchy {side} airspace disease"),
+    "pneumothorax": ("{side} pneumothorax", "{side} apical pneumothorax", "collapsed {side} lung apex",
+                     "{side} pleural air"),
+    "nodule": ("{side} pulmonary nodule", "small nodular opacity in the {side} lung", "{side} lung nodule",
+               "rounded density in the {side} lung"),
+}
+NEGATIONS: dict[str, tuple[str, ...]] = {
+    "cardiomegaly": ("heart size is normal", "no cardiomegaly", "normal cardiac silhouette"),
+    "pleural_effusion": ("no pleural effusion", "no effusion", "costophrenic angles are sharp"),
+    "consolidation": ("no focal consolidation", "no airspace opacity", "no consolidation"),
+    "pneumothorax": ("no pneumothorax", "no evidence of pneumothorax", "no pleural air"),
+    "nodule": ("no pulmonary nodules", "no nodule", "no focal nodular opacity"),
+}
+NORMAL: tuple[str, ...] = ("no acute cardiopulmonary abnormality", "the lungs are clear",
+                           "normal chest radiograph", "no acute findings")
+SIZES = ("small", "moderate", "large")
+
+
+def _style(spec: SyntheticSpec, index: int, kind: str) -> dict[str, Any]:
+    """Scanner and reporting style of a site (``kind``: train, heldout or public)."""
+    rng = np.random.default_rng([spec.seed, 9_001, index, {"train": 0, "heldout": 1, "public": 2}[kind]])
+    if kind == "public":
+        return {"contrast": 1.0, "gamma": 1.0, "noise": 0.02, "blur": 0.5, "native": max(spec.image_size, 64),
+                "offset": 0.0, "narrative": 0.5, "negation_rate": 0.5, "vocab": [0, 1, 2, 3], "with_size": 0.5,
+                "period": True}
+    wide = 1.5 if kind == "heldout" else 1.0
+    return {
+        "contrast": float(rng.uniform(1 - 0.35 * wide, 1 + 0.35 * wide)),
+        "gamma": float(np.exp(rng.uniform(-0.4, 0.4) * wide)),
+        "noise": float(rng.uniform(0.005, 0.06 * wide)),
+        "blur": float(rng.uniform(0.0, 1.4 * wide)),
+        "native": int(rng.choice([32, 48, 64, 96])),
+        "offset": float(rng.uniform(-0.08, 0.08) * wide),
+        "narrative": float(rng.uniform(0.0, 1.0)),
+        "negation_rate": float(rng.uniform(0.1, 0.9)),
+        "vocab": [int(v) for v in rng.permutation(4)[: int(rng.integers(1, 3))]],
+        "with_size": float(rng.uniform(0.0, 1.0)),
+        "period": bool(rng.random() < 0.5),
+    }
+
+
+def site_style(spec: SyntheticSpec, site_index: int) -> dict[str, Any]:
+    """The style actually used for training site ``site_index`` (``num_sites`` = the held-out site)."""
+    return _style(spec, site_index, "heldout" if site_index == spec.num_sites else "train")
+
+
+def _prevalence(spec: SyntheticSpec, index: int, kind: str) -> np.ndarray:
+    if kind == "public":
+        return BASE_PREVALENCE.copy()
+    rng = np.random.default_rng([spec.seed, 4_242, index, 1 if kind == "heldout" else 0])
+    w = rng.dirichlet(np.full(len(LESIONS), spec.dirichlet_alpha))
+    return np.clip(BASE_PREVALENCE * len(LESIONS) * w, 0.02, 0.75)
+
+
+def _report(labels: np.ndarray, sides: dict[str, str], sizes: dict[str, str], style: dict[str, Any],
+            rng: np.random.Generator) -> str:
+    vocab = style["vocab"]
+    pos, neg = [], []
+    for k, f in enumerate(LESIONS):
+        if labels[k + 1]:
+            phrase = SYNONYMS[f][vocab[int(rng.integers(len(vocab)))]].format(side=sides.get(f, "right"))
+            if f in sizes and rng.random() < style["with_size"]:
+                phrase = f"{sizes[f]} {phrase}"
+            pos.append(phrase)
+        elif rng.random() < style["negation_rate"]:
+            neg.append(NEGATIONS[f][int(rng.integers(len(NEGATIONS[f])))])
+    if not pos:
+        pos = [NORMAL[vocab[0] % len(NORMAL)]]
+    if rng.random() < style["narrative"]:
+        sentences = [f"There is {p}" if not p.startswith(("the ", "no ", "normal")) else p for p in pos]
+        sentences = [s[0].upper() + s[1:] for s in sentences + neg]
+        text = ". ".join(sentences) + "."
+        if rng.random() < 0.5:
+            text = "Frontal view of the chest. " + text
+    else:
+        parts = [p[0].upper() + p[1:] for p in pos + neg]
+        text = ". ".join(parts) + ("." if style["period"] else "")
+    return text
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _render(labels: np.ndarray, style: dict[str, Any], out_size: int,
+            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]], list[dict[str, str]]]:
+    """Render ``len(labels)`` images at the site's native resolution, styled and resized."""
+    n, res = labels.shape[0], int(style["native"])
+    lin = np.linspace(-1.0, 1.0, res, dtype=np.float32)
+    yy, xx = np.meshgrid(lin, lin, indexing="ij")
+    yy, xx = yy[None], xx[None]
+
+    def col(a: np.ndarray) -> np.ndarray:
+        return np.asarray(a, np.float32)[:, None, None]
+
+    def ellipse(cx, cy, rx, ry):
+        return ((xx - col(cx)) / col(rx)) ** 2 + ((yy - col(cy)) / col(ry)) ** 2 <= 1.0
+
+    img = np.full((n, res, res), 0.08, np.float32)
+    body = ellipse(np.zeros(n), np.full(n, 0.05), rng.uniform(0.85, 0.95, n), np.full(n, 1.05))
+    img[body] = 0.55
+    lung_rx, lung_ry = rng.uniform(0.26, 0.32, n), rng.uniform(0.5, 0.6, n)
+    lungs = []
+    for sgn in (-1.0, 1.0):
+        lung = ellipse(sgn * rng.uniform(0.36, 0.42, n), rng.uniform(-0.12, -0.02, n), lung_rx, lung_ry)
+        lung &= yy < col(rng.uniform(0.42, 0.5, n)) - 0.12 * (xx * sgn) ** 2  # diaphragm dome
+        lungs.append(lung)
+    right_lung, left_lung = lungs  # radiological convention: patient's right on image left
+    lung_any = right_lung | left_lung
+    img[lung_any] = 0.16
+    ribs = (np.sin(yy * col(rng.uniform(15, 19, n)) + 3.0 * xx**2) > 0.72) & lung_any
+    img[ribs] += 0.07
+    spine = (np.abs(xx) < 0.07) & body
+    img[spine] = 0.7
+    masks = np.zeros((n, res, res), bool)
+    cardio = labels[:, 1] > 0
+    heart_rx = np.where(cardio, rng.uniform(0.36, 0.44, n), rng.uniform(0.2, 0.25, n))
+    heart = ellipse(rng.uniform(0.06, 0.12, n), rng.uniform(0.2, 0.28, n), heart_rx, heart_rx * 0.75)
+    img[heart & body] = 0.62
+    masks |= heart & cardio[:, None, None]
+
+    sides: list[dict[str, str]] = [{} for _ in range(n)]
+    sizes: list[dict[str, str]] = [{} for _ in range(n)]
+    for i in range(n):
+        for k, f in enumerate(LESIONS):
+            if labels[i, k + 1] and f != "cardiomegaly":
+                sides[i][f] = "right" if rng.random() < 0.5 else "left"
+                sizes[i][f] = SIZES[int(rng.integers(3))]
+    side_is_left = {f: np.array([s.get(f) == "left" for s in sides]) for f in LESIONS}
+    size_scale = {f: np.array([1.0 + 0.45 * SIZES.index(s.get(f, "small")) for s in sizes], np.float32)
+                  for f in LESIONS}
+
+    def which_lung(f):
+        return np.where(side_is_left[f][:, None, None], left_lung, right_lung)
+
+    # pleural effusion: fluid at the lung base with a meniscus rising laterally
+    eff = labels[:, 2] > 0
+    lung = which_lung("pleural_effusion")
+    cx = np.where(side_is_left["pleural_effusion"], 0.39, -0.39)
+    level = col(0.42 - 0.12 * size_scale["pleural_effusion"]) - 0.5 * np.abs(xx - col(cx)) ** 2 * 0.0 \
+        - 0.35 * np.abs(xx - col(cx))
+    fluid = lung & (yy > level) & eff[:, None, None]
+    img[fluid] = 0.58
+    masks |= fluid
+    # consolidation: fluffy bright blob inside a lung
+    cons = labels[:, 3] > 0
+    lung = which_lung("consolidation")
+    ccx = np.where(side_is_left["consolidation"], 0.39, -0.39) + rng.uniform(-0.08, 0.08, n)
+    ccy = rng.uniform(-0.3, 0.2, n)
+    r2 = (xx - col(ccx)) ** 2 + (yy - col(ccy)) ** 2
+    sig = col(0.09 * size_scale["consolidation"])
+    texture = gaussian_filter(rng.normal(size=(n, res, res)).astype(np.float32), sigma=(0, res / 40, res / 40))
+    blob = np.exp(-r2 / (2 * sig**2)) * (0.8 + 0.6 * texture)
+    blob = np.where(lung & cons[:, None, None], np.clip(blob, 0, 1.2), 0.0)
+    img += 0.38 * blob
+    masks |= blob > 0.3
+    # pneumothorax: dark apical cap without markings, thin bright pleural line
+    ptx = labels[:, 4] > 0
+    lung = which_lung("pneumothorax")
+    cut = col(-0.45 + 0.1 * size_scale["pneumothorax"])
+    edge_x = np.where(side_is_left["pneumothorax"], 1.0, -1.0)[:, None, None]
+    region = lung & ((yy < cut) | ((xx * edge_x) > 0.58 - 0.05 * col(size_scale["pneumothorax"]))) & ptx[:, None, None]
+    line = region ^ (gaussian_filter(region.astype(np.float32), sigma=(0, 0.6, 0.6)) > 0.7)
+    img[region] = 0.03
+    img[line & ptx[:, None, None]] = 0.5
+    masks |= region
+    # nodule(s): small round bright spots
+    nod = labels[:, 5] > 0
+    lung = which_lung("nodule")
+    for j in range(2):
+        keep = nod & ((rng.random(n) < 0.5) | (j == 0))
+        ncx = np.where(side_is_left["nodule"], 0.39, -0.39) + rng.uniform(-0.14, 0.14, n)
+        radius = np.full(n, max(0.05, 2.4 / res))  # at least ~one pixel at coarse native resolutions
+        spot = ellipse(ncx, rng.uniform(-0.4, 0.25, n), radius, radius) & lung
+        spot &= keep[:, None, None]
+        img[spot] = 0.5
+        masks |= spot
+
+    # scanner style: blur, noise, contrast, gamma, offset; then resample to the common size
+    if style["blur"] > 0:
+        img = gaussian_filter(img, sigma=(0, style["blur"] * res / 64, style["blur"] * res / 64))
+    img = np.clip((img - 0.35) * style["contrast"] + 0.35 + style["offset"], 0.0, 1.0) ** style["gamma"]
+    img = img + rng.normal(scale=style["noise"], size=img.shape).astype(np.float32)
+    t = torch.from_numpy(np.clip(img, 0, 1).astype(np.float32)).unsqueeze(1)
+    m = torch.from_numpy(masks.astype(np.float32)).unsqueeze(1)
+    if res != out_size:
+        t = F.interpolate(t, size=(out_size, out_size), mode="bilinear", align_corners=False, antialias=True)
+        # max-pool when shrinking so small lesions stay in the mask
+        m = (F.adaptive_max_pool2d(m, out_size) if res > out_size
+             else F.interpolate(m, size=(out_size, out_size), mode="nearest"))
+    return (t.squeeze(1).clamp(0, 1).numpy().astype(np.float32), (m.squeeze(1).numpy() > 0.5).astype(np.uint8),
+            sides, sizes)
+
+
+def _labels(n: int, prevalence: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    lab = np.zeros((n, len(FINDINGS)), np.float32)
+    lab[:, 1:] = rng.random((n, len(LESIONS))) < prevalence
+    lab[:, 0] = lab[:, 1:].sum(1) == 0
+    return lab
+
+
+def _split(spec: SyntheticSpec, name: str, index: int, kind: str, split: str, n: int,
+           missing_text: float = 0.0) -> VLPDataset:
+    rng = np.random.default_rng([spec.seed, index, {"train": 0, "heldout": 1, "public": 2}[kind],
+                                 {"train": 0, "val": 1, "test": 2}[split]])
+    style = _style(spec, index, kind)
+    labels = _labels(n, _prevalence(spec, index, kind), rng)
+    images, masks, sides, sizes = _render(labels, style, spec.image_size, rng) if n else (
+        np.zeros((0, spec.image_size, spec.image_size), np.float32),
+        np.zeros((0, spec.image_size, spec.image_size), np.uint8), [], [])
+    reports = [_report(labels[i], sides[i], sizes[i], style, rng) for i in range(n)]
+    has_text = np.ones(n, bool)
+    if missing_text > 0 and n:
+        has_text[rng.random(n) < missing_text] = False
+        reports = [r if h else "" for r, h in zip(reports, has_text, strict=True)]
+    return VLPDataset(name, images, reports, labels, masks, [f"{name}/{split}/{i:06d}" for i in range(n)],
+                      np.ones(n, bool), has_text)
+
+
+def _generate(spec: SyntheticSpec) -> Federation:
+    sites = []
+    for i in range(spec.num_sites):
+        name = f"site{i + 1}"
+        miss = spec.missing_text_fraction if i == spec.num_sites - 1 else 0.0
+        sites.append(SiteData(name, "train", *(
+            _split(spec, name, i, "train", s, n, miss if s == "train" else 0.0)
+            for s, n in (("train", spec.train_per_site), ("val", spec.val_per_site), ("test", spec.test_per_site)))))
+    heldout = None
+    if spec.heldout_site:
+        i = spec.num_sites
+        heldout = SiteData("heldout", "heldout", _split(spec, "heldout", i, "heldout", "train", 0),
+                           _split(spec, "heldout", i, "heldout", "val", spec.val_per_site),
+                           _split(spec, "heldout", i, "heldout", "test", spec.test_per_site))
+    public = _split(spec, "public", 0, "public", "train", spec.public_size) if spec.public_size else None
+    return Federation(tuple(sites), heldout, public)
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def _cache_key(spec: SyntheticSpec) -> str:
+    blob = json.dumps({"v": GENERATOR_VERSION, **dataclasses.asdict(spec)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _datasets(fed: Federation) -> dict[str, VLPDataset]:
+    out = {}
+    for s in fed.all_sites():
+        for split in ("train", "val", "test"):
+            out[f"{s.name}|{s.role}|{split}"] = getattr(s, split)
+    if fed.public is not None:
+        out["public|public|train"] = fed.public
+    return out
+
+
+def _save(fed: Federation, path: Path) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    meta: dict[str, Any] = {}
+    for key, ds in _datasets(fed).items():
+        arrays[f"{key}|images"] = (ds.images * 65535).round().astype(np.uint16)
+        arrays[f"{key}|labels"] = ds.labels.astype(np.uint8)
+        arrays[f"{key}|masks"] = ds.masks if ds.masks is not None else np.zeros((0,), np.uint8)
+        arrays[f"{key}|has_text"] = ds.has_text
+        meta[key] = {"reports": ds.reports, "record_ids": ds.record_ids}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(path: Path) -> Federation:
+    with np.load(path) as z:
+        meta = json.loads(bytes(z["__meta__"]).decode())
+        sites: dict[str, dict[str, VLPDataset]] = {}
+        roles: dict[str, str] = {}
+        for key, m in meta.items():
+            name, role, split = key.split("|")
+            masks = z[f"{key}|masks"]
+            ds = VLPDataset(name, z[f"{key}|images"].astype(np.float32) / 65535, m["reports"],
+                            z[f"{key}|labels"].astype(np.float32), masks if masks.ndim == 3 else None,
+                            m["record_ids"], None, z[f"{key}|has_text"])
+            sites.setdefault(name, {})[split] = ds
+            roles[name] = role
+    public = sites.pop("public", {}).get("train")
+    train = tuple(SiteData(n, "train", d["train"], d["val"], d["test"]) for n, d in sites.items()
+                  if roles[n] == "train")
+    held = [SiteData(n, "heldout", d["train"], d["val"], d["test"]) for n, d in sites.items() if roles[n] == "heldout"]
+    return Federation(train, held[0] if held else None, public)
+
+
+def generate_federation(spec: SyntheticSpec, cache_dir: str | os.PathLike | None = None) -> Federation:
+    """Generate (or load from ``cache_dir``) the synthetic federation described by ``spec``.
+
+    Images are cached as 16-bit integers, so a cache hit equals the fresh generation to
+    within 1/65535; writes are atomic, so concurrent processes may call this safely.
+    """
+    if cache_dir is None:
+        return _generate(spec)
+    path = Path(cache_dir) / f"synthetic-{_cache_key(spec)}.npz"
+    if path.exists():
+        try:
+            return _load(path)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+            logger.warning("synthetic cache %s is unreadable (%s); regenerating it.", path, exc)
+    t0 = time.perf_counter()
+    fed = _generate(spec)
+    _save(fed, path)
+    fed = _load(path)  # identical whether this process generated the data or read the cache
+    logger.info("generated synthetic federation in %.1fs -> %s", time.perf_counter() - t0, path)
+    return fed
