@@ -15,12 +15,14 @@ from flwr.serverapp import Grid
 class LoopbackGrid(Grid):
     """Delivers each message to ``client_app`` under the destination node's Context."""
 
-    def __init__(self, client_app, num_nodes: int, fail_nodes: Iterable[int] = ()) -> None:
+    def __init__(self, client_app, num_nodes: int, fail_nodes: Iterable[int] = (),
+                 fail_types: tuple[str, ...] = ("train",)) -> None:
         self.client_app = client_app
         self.contexts = {nid: Context(run_id=1, node_id=nid, node_config={"partition-id": nid - 1,
                                                                            "num-partitions": num_nodes},
                                       state=RecordDict(), run_config={}) for nid in range(1, num_nodes + 1)}
         self.fail_nodes = set(fail_nodes)
+        self.fail_types = fail_types
         self.sent: list[Message] = []
 
     # Grid's abstract interface -------------------------------------------------------
@@ -48,7 +50,7 @@ class LoopbackGrid(Grid):
         for msg in messages:
             self.sent.append(msg)
             nid = msg.metadata.dst_node_id
-            if nid in self.fail_nodes:
+            if nid in self.fail_nodes and msg.metadata.message_type in self.fail_types:
                 replies.append(Message(Error(code=0, reason="simulated node failure"), reply_to=msg))
                 continue
             try:

@@ -150,7 +150,7 @@ def evaluate_split(model: torch.nn.Module, dataset, *, ks: Sequence[int] = (1, 5
     was_training = model.training
     model.eval()
     try:
-        out: dict[str, float] = {"num_examples": float(len(dataset))}
+        out: dict[str, float] = {"num-examples": float(len(dataset))}
         has_img = np.asarray(dataset.has_image, dtype=bool)
         has_txt = np.asarray(dataset.has_text, dtype=bool)
         if has_img.any():

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.result import Result
@@ -81,6 +81,8 @@ def load_federated_state(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> 
         for name, value in arrays.items():
             p = params[name]
             t = torch.as_tensor(np.asarray(value))
+            if t.numel() == p.numel() == 1:  # Flower's Array stores 0-d scalars as shape (1,)
+                t = t.reshape(p.shape)
             if tuple(t.shape) != tuple(p.shape):
                 raise ValueError(f"parameter {name!r}: shape {tuple(t.shape)} != model shape {tuple(p.shape)}.")
             p.copy_(t.to(dtype=p.dtype, device=p.device))
@@ -93,7 +95,7 @@ def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 def numpy_to_arrays(state: Mapping[str, np.ndarray]) -> ArrayRecord:
     """Ordered dict of numpy arrays -> ArrayRecord."""
-    return ArrayRecord({k: np.ascontiguousarray(v) for k, v in state.items()})
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
 
 
 # --------------------------------------------------------------------------- client side

