@@ -118,17 +118,26 @@ _RUNTIMES: dict[tuple[str, str, int], ClientRuntime] = {}
 _RUNTIMES_LOCK = threading.Lock()
 
 
+def get_runtime(provider: ConfigProvider, context: Context) -> ClientRuntime:
+    """The process-wide runtime of the node in ``context`` (built on first use).
+
+    Module level on purpose: Ray pickles the ClientApp's closures by value, and this
+    function (with the lock and the cache it uses) must travel by reference.
+    """
+    setup = provider(context)
+    key = (config_hash(setup.cfg), str(setup.run_dir), context.node_id)
+    with _RUNTIMES_LOCK:
+        if key not in _RUNTIMES:
+            _RUNTIMES[key] = ClientRuntime.create(setup, context)
+        return _RUNTIMES[key]
+
+
 def make_client_app(provider: ConfigProvider = config_from_run_config) -> ClientApp:
     """A ClientApp whose config comes from ``provider(context)``."""
     client_app = ClientApp()
 
     def runtime(context: Context) -> ClientRuntime:
-        setup = provider(context)
-        key = (config_hash(setup.cfg), str(setup.run_dir), context.node_id)
-        with _RUNTIMES_LOCK:
-            if key not in _RUNTIMES:
-                _RUNTIMES[key] = ClientRuntime.create(setup, context)
-            return _RUNTIMES[key]
+        return get_runtime(provider, context)
 
     @client_app.query()
     def query(msg: Message, context: Context) -> Message:
