@@ -83,7 +83,16 @@ def create_model(name: str, overrides: dict[str, Any] | None = None, *, text_wei
     wdir = text_weights_dir or _resolve_weights(spec.text.weights)
     tokenizer = AutoTokenizer.from_pretrained(wdir, local_files_only=True)
     if spec.text.source == "pretrained":
-        encoder = AutoModel.from_pretrained(wdir, local_files_only=True, add_pooling_layer=False)
+        # The checkpoint's pooler is deliberately not built (mean pooling never uses it, and
+        # parameters without gradients have no per-sample gradients): silence the load report.
+        from transformers.utils import logging as hf_logging
+
+        previous = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            encoder = AutoModel.from_pretrained(wdir, local_files_only=True, add_pooling_layer=False)
+        finally:
+            hf_logging.set_verbosity(previous)
     elif spec.text.source == "random":
         encoder = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, **spec.text.bert), add_pooling_layer=False)
     else:

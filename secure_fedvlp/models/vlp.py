@@ -33,6 +33,7 @@ class ImageSpec:
     blocks: tuple[int, ...] = (1, 1, 1, 1)
     groups: int = 8
     in_channels: int = 1
+    stem_stride: int = 2
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class ResNetGN(nn.Module):
     def __init__(self, spec: ImageSpec) -> None:
         super().__init__()
         w0 = spec.widths[0]
-        self.stem = nn.Sequential(nn.Conv2d(spec.in_channels, w0, 3, 1, 1, bias=False),
+        self.stem = nn.Sequential(nn.Conv2d(spec.in_channels, w0, 3, spec.stem_stride, 1, bias=False),
                                   nn.GroupNorm(min(spec.groups, w0), w0), nn.ReLU())
         stages, cin = [], w0
         for i, (w, nb) in enumerate(zip(spec.widths, spec.blocks, strict=True)):
@@ -106,16 +107,70 @@ class ResNetGN(nn.Module):
 
 
 class TextTower(nn.Module):
-    """A transformers encoder with mask-mean (or CLS) pooling."""
+    """A transformers BERT encoder with mask-mean (or CLS) pooling and a locked, cached prefix.
 
-    def __init__(self, encoder: nn.Module, pooling: str) -> None:
+    With ``frozen_layers = k > 0`` the embeddings and the lower ``k`` transformer layers
+    are a *locked* tower: frozen, run without dropout, and a deterministic function of a
+    report's tokens.  Their output is computed once per distinct token sequence and cached
+    in memory; each step runs only the trainable upper layers.  Non-padding token states
+    do not depend on padding (padding is masked out of attention), so cached states are
+    re-padded with zeros.  Caching changes nothing about privacy: the cache stays in the
+    client process.
+    """
+
+    def __init__(self, encoder: nn.Module, pooling: str, frozen_layers: int = 0, cache_size: int = 200_000) -> None:
         super().__init__()
         self.encoder = encoder
         self.pooling = pooling
+        self.frozen_layers = frozen_layers
         self.out_dim = int(encoder.config.hidden_size)
+        self.cache_size = cache_size
+        self._cache: dict[bytes, torch.Tensor] = {}
+
+    def _prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states after the locked prefix, ``[B, L, H]`` (cached per sequence)."""
+        lengths = attention_mask.sum(1).tolist()
+        keys = [input_ids[i, : int(n)].cpu().numpy().tobytes() for i, n in enumerate(lengths)]
+        todo = [i for i, k in enumerate(keys) if k not in self._cache]
+        if todo:
+            ids, mask = input_ids[todo], attention_mask[todo]
+            enc = self.encoder
+            was = [m.training for m in (enc.embeddings, *enc.encoder.layer[: self.frozen_layers])]
+            enc.embeddings.eval()
+            for layer in enc.encoder.layer[: self.frozen_layers]:
+                layer.eval()
+            try:
+                with torch.no_grad():
+                    h = enc.embeddings(input_ids=ids)
+                    mask4 = enc._create_attention_masks(attention_mask=mask, encoder_attention_mask=None,
+                                                        embedding_output=h, encoder_hidden_states=None,
+                                                        past_key_values=None)[0]
+                    for layer in enc.encoder.layer[: self.frozen_layers]:
+                        h = layer(h, mask4)
+            finally:
+                for m, w in zip((enc.embeddings, *enc.encoder.layer[: self.frozen_layers]), was, strict=True):
+                    m.train(w)
+            if len(self._cache) + len(todo) > self.cache_size:
+                self._cache.clear()
+            for j, i in enumerate(todo):
+                self._cache[keys[i]] = h[j, : int(lengths[i])].detach()
+        out = input_ids.new_zeros((input_ids.shape[0], input_ids.shape[1], self.out_dim), dtype=torch.float32)
+        for i, k in enumerate(keys):
+            v = self._cache[k]
+            out[i, : v.shape[0]] = v.to(out.device)
+        return out
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        enc = self.encoder
+        if self.frozen_layers > 0:
+            hidden = self._prefix(input_ids, attention_mask)
+            mask4 = enc._create_attention_masks(attention_mask=attention_mask, encoder_attention_mask=None,
+                                                embedding_output=hidden, encoder_hidden_states=None,
+                                                past_key_values=None)[0]
+            for layer in enc.encoder.layer[self.frozen_layers:]:
+                hidden = layer(hidden, mask4)
+        else:
+            hidden = enc(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]
         m = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -154,7 +209,7 @@ class VLPModel(nn.Module):
         super().__init__()
         self.spec = spec
         self.image_encoder = ResNetGN(spec.image)
-        self.text_encoder = TextTower(text_encoder, spec.text.pooling)
+        self.text_encoder = TextTower(text_encoder, spec.text.pooling, spec.text.frozen_layers)
         self.image_head = self._head(self.image_encoder.out_dim, spec.embed_dim, spec.head)
         self.text_head = self._head(self.text_encoder.out_dim, spec.embed_dim, spec.head)
         self.logit_scale = LogitScale(spec.init_logit_scale, spec.learn_logit_scale)
