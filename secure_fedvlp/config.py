@@ -30,6 +30,7 @@ __all__ = [
     "FederationConfig",
     "EvalConfig",
     "FedDRAConfig",
+    "PrivacyConfig",
     "ExperimentConfig",
     "load_config",
     "parse_config",
@@ -97,7 +98,9 @@ class TrainConfig:
     text_lr: float = 5e-5
     weight_decay: float = 0.05
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    objective: Literal["infonce"] = "infonce"
+    # "infonce": in-batch negatives (couples records; refused under DP-SGD).
+    # "decomposable": negatives from the public reference set embedded by the global model.
+    objective: Literal["infonce", "decomposable"] = "infonce"
     grad_clip: float = 0.0  # plain gradient-norm clipping without DP; 0 = off
 
     def __post_init__(self) -> None:
@@ -176,6 +179,41 @@ class FedDRAConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Sample-level DP for each client's records (DESIGN.md, "The privacy unit").
+
+    With ``enabled = true`` every method's trainer is wrapped in DP-SGD (Opacus: per-sample
+    clipping, Gaussian noise, Poisson sampling), every release is recorded in the client's
+    ledger before it happens, and a release that would exceed ``(target_epsilon, delta)``
+    is refused.  ``noise_multiplier = 0`` calibrates the noise from the target and the
+    planned rounds and steps (never overshooting).
+    """
+
+    enabled: bool = False
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    noise_multiplier: float = 0.0
+    clip_norm: float = 1.0
+    clipping: Literal["flat", "per_layer"] = "flat"
+    grad_sample_mode: Literal["hooks", "functorch"] = "hooks"
+    secure_mode: bool = False
+    accountant: Literal["rdp", "pld"] = "rdp"
+    # Noised scalar reports (FedDRA's DRO losses): per-record clip and noise multiplier.
+    report_clip: float = 10.0
+    report_noise_multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        _check(self.target_epsilon > 0 and self.target_epsilon != float("inf"), "privacy.target_epsilon",
+               self.target_epsilon, "must be a positive finite number")
+        _check(0 < self.delta < 1, "privacy.delta", self.delta, "must be in (0, 1)")
+        _check(self.noise_multiplier >= 0, "privacy.noise_multiplier", self.noise_multiplier, "must be >= 0")
+        _check(self.clip_norm > 0, "privacy.clip_norm", self.clip_norm, "must be > 0")
+        _check(self.report_clip > 0, "privacy.report_clip", self.report_clip, "must be > 0")
+        _check(self.report_noise_multiplier > 0, "privacy.report_noise_multiplier", self.report_noise_multiplier,
+               "must be > 0")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment: everything a run needs, resolved and immutable."""
 
@@ -186,6 +224,20 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     feddra: FedDRAConfig = field(default_factory=FedDRAConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def __post_init__(self) -> None:
+        if self.privacy.enabled and self.train.objective == "infonce":
+            raise _FieldError(
+                "'train.objective' = 'infonce' cannot be used with 'privacy.enabled' = true: in-batch InfoNCE "
+                "makes each record's loss depend on every other record of its batch (they are its negatives), so "
+                "per-sample clipping does not bound one record's influence and the DP-SGD guarantee would not "
+                "hold. Set train.objective = 'decomposable' (negatives from the public reference set). Found "
+                "'infonce'.")
+        if self.train.objective == "decomposable" and self.data.source == "synthetic" \
+                and self.data.synthetic.public_size < 1:
+            raise _FieldError("'train.objective' = 'decomposable' needs a public reference set; "
+                              "set data.synthetic.public_size >= 1. Found 0.")
 
 
 # --------------------------------------------------------------------------- helpers

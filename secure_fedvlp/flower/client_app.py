@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from secure_fedvlp.config import config_hash
+from secure_fedvlp.errors import PrivacyBudgetExhausted
 from secure_fedvlp.data import SiteData
 from secure_fedvlp.evaluation.metrics import evaluate_split
 from secure_fedvlp.flower.runtime import (
@@ -44,7 +45,16 @@ from secure_fedvlp.methods.base import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClientRuntime", "make_client_app", "app"]
+__all__ = ["ClientRuntime", "make_client_app", "app", "ledger_path"]
+
+BUDGET_EXHAUSTED = "budget-exhausted"
+
+
+def ledger_path(run_dir, site: str):
+    """Where a site's privacy ledger lives (in deployment: on the site's own disk)."""
+    from pathlib import Path
+
+    return Path(run_dir) / "clients" / site / "privacy_ledger.jsonl"
 
 
 @dataclass
@@ -65,7 +75,15 @@ class ClientRuntime:
         site = resolve_site(context, federation)
         device = resolve_device(cfg.run.device)
         model = build_model(cfg).to(device)
-        trainer = get_method(cfg.federation.method).trainer(cfg, device)
+        trainer = get_method(cfg.federation.method).trainer(cfg, device, federation.public)
+        if cfg.privacy.enabled and site.role == "train":  # a held-out site releases no DP output
+            from secure_fedvlp.privacy.dpsgd import DPTrainer, client_noise_multiplier, make_ledger
+
+            ledger = make_ledger(ledger_path(setup.run_dir, site.name), site.name, cfg.privacy)
+            z, q = client_noise_multiplier(cfg, len(trainer.training_subset(site.train)))
+            logger.info("site %s: DP-SGD noise multiplier %.4f, sample rate %.4f, budget eps=%g delta=%g",
+                        site.name, z, q, cfg.privacy.target_epsilon, cfg.privacy.delta)
+            trainer = DPTrainer(trainer, ledger, z, q, cfg.privacy)
         logger.info("Client for site %s (%s) ready on %s", site.name, site.role, device)
         return cls(setup, site, model, trainer, device)
 
@@ -73,7 +91,18 @@ class ClientRuntime:
     def info(self) -> ConfigRecord:
         return ConfigRecord({"site": self.site.name, "role": self.site.role, "num-train": len(self.site.train)})
 
+    def _exhausted(self, exc: Exception) -> RecordDict:
+        logger.warning("site %s stops: %s", self.site.name, exc)
+        return RecordDict({METRICS_KEY: MetricRecord({BUDGET_EXHAUSTED: 1.0, "epsilon": self.trainer.ledger.epsilon()}),
+                           CONFIG_KEY: ConfigRecord({"reason": str(exc)}), INFO_KEY: self.info()})
+
     def train(self, msg: Message) -> RecordDict:
+        try:
+            return self._train(msg)
+        except PrivacyBudgetExhausted as exc:
+            return self._exhausted(exc)
+
+    def _train(self, msg: Message) -> RecordDict:
         if self.site.role != "train":
             raise RuntimeError(f"site {self.site.name!r} is a held-out site and never trains.")
         cfg = msg.content[CONFIG_KEY]
@@ -97,7 +126,10 @@ class ClientRuntime:
             return RecordDict({INFO_KEY: self.info()})
         if ARRAYS_KEY in msg.content.array_records:
             load_federated_state(self.model, arrays_to_numpy(msg.content[ARRAYS_KEY]))
-        metrics = self.trainer.answer_query(kind, self.model, self.site, cfg)
+        try:
+            metrics = self.trainer.answer_query(kind, self.model, self.site, cfg)
+        except PrivacyBudgetExhausted as exc:
+            return self._exhausted(exc)
         return RecordDict({METRICS_KEY: MetricRecord(metrics), INFO_KEY: self.info()})
 
     def evaluate(self, msg: Message) -> RecordDict:

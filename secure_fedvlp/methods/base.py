@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from secure_fedvlp.config import ExperimentConfig
-from secure_fedvlp.objectives import InfoNCELoss
+from secure_fedvlp.objectives import DecomposableContrastiveLoss, InfoNCELoss
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 INFO_KEY = "info"
 NUM_EXAMPLES = "num-examples"
+BUDGET_EXHAUSTED = "budget-exhausted"
 
 
 # --------------------------------------------------------------------------- parameters
@@ -138,15 +139,35 @@ class LocalTrainer:
 
     name = "fedavg"
 
-    def __init__(self, cfg: ExperimentConfig, device: torch.device) -> None:
+    def __init__(self, cfg: ExperimentConfig, device: torch.device, public=None) -> None:
         self.cfg = cfg
         self.device = device
+        self.public = public  # public reference set (negatives of the decomposable objective)
         self.objective = self.make_objective()
 
     # -- hooks ---------------------------------------------------------------------
     def make_objective(self) -> nn.Module:
-        """The local contrastive objective (in-batch InfoNCE without DP)."""
+        """In-batch InfoNCE, or the per-sample decomposable loss with public negatives."""
+        if self.cfg.train.objective == "decomposable":
+            return DecomposableContrastiveLoss()
         return InfoNCELoss()
+
+    @torch.no_grad()
+    def negative_banks(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Public reference set embedded by the (global) model: privacy-free negatives."""
+        if self.public is None or len(self.public) == 0:
+            raise ValueError("the decomposable objective needs a public reference set; none was given.")
+        from secure_fedvlp.evaluation.metrics import _embed_images, _embed_texts
+
+        was = model.training
+        model.eval()
+        try:
+            bs = self.cfg.eval.batch_size
+            imgs = _embed_images(model, self.public.images, bs, self.device).to(self.device)
+            txts = _embed_texts(model, [r for r in self.public.reports if r], bs, self.device).to(self.device)
+        finally:
+            model.train(was)
+        return imgs, txts
 
     def trainable_names(self, model: nn.Module, stage: str) -> list[str]:
         """Federated parameters trained in ``stage``."""
@@ -197,7 +218,10 @@ class LocalTrainer:
     def objective_terms(self, model: nn.Module, out: dict[str, torch.Tensor],
                         state: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The contrastive objective's named terms."""
-        return self.objective(out["image_emb"], out["text_emb"], model.logit_scale)
+        if self.objective.couples_samples:
+            return self.objective(out["image_emb"], out["text_emb"], model.logit_scale)
+        return self.objective(out["image_emb"], out["text_emb"], model.logit_scale,
+                              state["neg_image"], state["neg_text"])
 
     def extra_terms(self, model: nn.Module, batch: dict[str, Any], out: dict[str, torch.Tensor],
                     state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -213,12 +237,26 @@ class LocalTrainer:
         return {}
 
     def begin(self, model: nn.Module, task: TrainTask, global_state: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        """Per-job state handed to :meth:`extra_terms` (e.g. a copy of the global parameters)."""
-        return {}
+        """Per-job state (negative banks, copies of the global model, ...); called before training."""
+        state: dict[str, Any] = {}
+        if not self.objective.couples_samples:
+            state["neg_image"], state["neg_text"] = self.negative_banks(model)
+        return state
+
+    def report_values(self, kind: str, model: nn.Module, site, config: Mapping[str, Any]) -> torch.Tensor | None:
+        """Per-record values of a scalar report the server asked for (None: not a report of this method).
+
+        The report released is their mean.  Keeping the per-record values visible lets the
+        DP wrapper clip each record's value and noise the sum before anything is released.
+        """
+        return None
 
     def answer_query(self, kind: str, model: nn.Module, site, config: Mapping[str, Any]) -> dict[str, float]:
         """Answer a method-specific ``query`` message (the model holds the arrays it carried)."""
-        raise ValueError(f"method {self.name!r} does not answer query {kind!r}.")
+        values = self.report_values(kind, model, site, config)
+        if values is None:
+            raise ValueError(f"method {self.name!r} does not answer query {kind!r}.")
+        return {kind: float(values.mean()) if len(values) else 0.0, NUM_EXAMPLES: float(len(values))}
 
     # -- loop ----------------------------------------------------------------------
     def fit(self, model: nn.Module, dataset, task: TrainTask, generator: torch.Generator,
@@ -319,6 +357,7 @@ class VLPStrategy(FedAvg):
         self.cfg = cfg
         self.recorder = recorder or RoundRecorder()
         self.sites: dict[int, SiteInfo] = {}
+        self.stopped: dict[str, int] = {}  # site -> round at which its privacy budget ran out
         self._rng = random.Random(cfg.run.seed)
 
     # -- discovery -----------------------------------------------------------------
@@ -339,14 +378,30 @@ class VLPStrategy(FedAvg):
                 continue
             info = reply.content[INFO_KEY]
             sites[nid] = SiteInfo(nid, str(info["site"]), str(info["role"]), int(info["num-train"]))
-        if not any(s.role == "train" for s in sites.values()):
+        if not any(s.role == "train" for s in sites.values()):  # noqa: SIM102
             raise RuntimeError("no training site answered discovery; cannot start federated training.")
         self.sites = dict(sorted(sites.items(), key=lambda kv: kv[1].site))
         logger.info("Discovered sites: %s", ", ".join(f"{s.site}({s.role})" for s in self.sites.values()))
         return self.sites
 
     def train_nodes(self) -> list[int]:
-        return [nid for nid, s in self.sites.items() if s.role == "train"]
+        """Training sites still able to train (not held out, budget not exhausted)."""
+        return [nid for nid, s in self.sites.items() if s.role == "train" and s.site not in self.stopped]
+
+    def note_budget_exhausted(self, server_round: int, msg: Message, phase: str) -> bool:
+        """If ``msg`` says its site's privacy budget is spent, stop training it; return True if so."""
+        if msg.has_error() or METRICS_KEY not in msg.content.metric_records:
+            return False
+        if float(msg.content[METRICS_KEY].get(BUDGET_EXHAUSTED, 0.0)) < 1.0:
+            return False
+        site = self.site_name(msg)
+        reason = str(msg.content[CONFIG_KEY]["reason"]) if CONFIG_KEY in msg.content.config_records else ""
+        self.stopped.setdefault(site, server_round)
+        logger.warning("Round %d: site %s stopped training: privacy budget exhausted (%s)", server_round, site,
+                       reason)
+        self.recorder.record({"round": server_round, "phase": phase, "site": site, "status": "budget_exhausted",
+                              "reason": reason, "epsilon": float(msg.content[METRICS_KEY].get("epsilon", 0.0))})
+        return True
 
     # -- configure -----------------------------------------------------------------
     def sample_train_nodes(self, server_round: int) -> list[int]:
@@ -411,6 +466,8 @@ class VLPStrategy(FedAvg):
         accepted: list[Message] = []
         for msg in replies:
             site = self.site_name(msg)
+            if self.note_budget_exhausted(server_round, msg, "train"):
+                continue
             if msg.has_error():
                 reason = f"client error: {msg.error.reason}"
             else:

@@ -66,8 +66,8 @@ class FedDRATrainer(LocalTrainer):
 
     name = "feddra"
 
-    def __init__(self, cfg: ExperimentConfig, device: torch.device) -> None:
-        super().__init__(cfg, device)
+    def __init__(self, cfg: ExperimentConfig, device: torch.device, public=None) -> None:
+        super().__init__(cfg, device, public)
         self.anchor_loss = AnchorGuidanceLoss(distance=cfg.feddra.anchor_distance)
 
     # -- the held-out slice of the training split -------------------------------------
@@ -116,31 +116,40 @@ class FedDRATrainer(LocalTrainer):
 
     # -- the DRO loss report ------------------------------------------------------------
     @torch.no_grad()
-    def dro_loss(self, model: nn.Module, dataset) -> dict[str, float]:
-        """Mean local objective of the (global) model on the held-out slice."""
+    def record_losses(self, model: nn.Module, dataset) -> torch.Tensor:
+        """Local objective of the (global) model on each record of the held-out slice.
+
+        With the decomposable objective these are true per-record losses.  The in-batch
+        objective has none (a record's loss depends on its batch); each record then carries
+        its batch's mean loss, which is only used without DP (the DP config refuses it).
+        """
         subset = self.dro_subset(dataset)
         model.eval()
         try:
+            state = LocalTrainer.begin(self, model, TrainTask(0, "full", 0), {})
             collate = make_collate(model)
             bs = max(2, min(self.cfg.train.batch_size, len(subset)))
-            total, n = 0.0, 0
+            values = []
             for start in range(0, len(subset), bs):
                 items = [subset[i] for i in range(start, min(start + bs, len(subset)))]
-                if len(items) < 2:
+                if len(items) < 2 and self.objective.couples_samples:
                     break
                 batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in collate(items).items()}
                 out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
-                loss = self.objective(out["image_emb"], out["text_emb"], model.logit_scale)["loss"]
-                total += float(loss) * len(items)
-                n += len(items)
+                if self.objective.couples_samples:
+                    loss = self.objective(out["image_emb"], out["text_emb"], model.logit_scale)["loss"]
+                    values.append(loss.expand(len(items)))
+                else:
+                    values.append(self.objective(out["image_emb"], out["text_emb"], model.logit_scale,
+                                                 state["neg_image"], state["neg_text"], reduction="none")["loss"])
         finally:
             model.train()
-        return {DRO_LOSS_QUERY: total / max(n, 1), NUM_EXAMPLES: float(n)}
+        return torch.cat(values).cpu() if values else torch.zeros(0)
 
-    def answer_query(self, kind: str, model: nn.Module, site, config: Mapping[str, Any]) -> dict[str, float]:
+    def report_values(self, kind: str, model: nn.Module, site, config: Mapping[str, Any]) -> torch.Tensor | None:
         if kind == DRO_LOSS_QUERY:
-            return self.dro_loss(model, site.train)
-        return super().answer_query(kind, model, site, config)
+            return self.record_losses(model, site.train)
+        return super().report_values(kind, model, site, config)
 
 
 class FedDRAStrategy(VLPStrategy):
@@ -187,6 +196,8 @@ class FedDRAStrategy(VLPStrategy):
         losses: dict[str, float] = {}
         for reply in grid.send_and_receive(msgs, timeout=timeout):
             site = self.site_name(reply)
+            if self.note_budget_exhausted(server_round, reply, "dro"):
+                continue
             if reply.has_error():
                 logger.warning("Round %d: no DRO loss from %s: %s", server_round, site, reply.error.reason)
                 continue

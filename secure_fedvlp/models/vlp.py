@@ -106,6 +106,17 @@ class ResNetGN(nn.Module):
         return x.mean(dim=(2, 3))
 
 
+def _positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """Explicit ``[B, L]`` position ids.
+
+    BERT's default ``position_ids`` is a ``[1, L]`` buffer broadcast over the batch; Opacus
+    then sees a batch of one at the position-embedding layer and computes a single,
+    batch-summed "per-sample" gradient for it, which breaks per-sample clipping.
+    """
+    b, length = input_ids.shape
+    return torch.arange(length, device=input_ids.device).unsqueeze(0).expand(b, length)
+
+
 class TextTower(nn.Module):
     """A transformers BERT encoder with mask-mean (or CLS) pooling and a locked, cached prefix.
 
@@ -141,7 +152,7 @@ class TextTower(nn.Module):
                 layer.eval()
             try:
                 with torch.no_grad():
-                    h = enc.embeddings(input_ids=ids)
+                    h = enc.embeddings(input_ids=ids, position_ids=_positions(ids))
                     mask4 = enc._create_attention_masks(attention_mask=mask, encoder_attention_mask=None,
                                                         embedding_output=h, encoder_hidden_states=None,
                                                         past_key_values=None)[0]
@@ -170,7 +181,8 @@ class TextTower(nn.Module):
             for layer in enc.encoder.layer[self.frozen_layers:]:
                 hidden = layer(hidden, mask4)
         else:
-            hidden = enc(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = enc(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=_positions(input_ids)).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]
         m = attention_mask.unsqueeze(-1).to(hidden.dtype)

@@ -1,0 +1,243 @@
+"""DP-SGD on the real model: per-sample gradients, decomposability, pitfalls, ledger and budgets."""
+
+import numpy as np
+import pytest
+import torch
+from opacus import GradSampleModule
+
+from secure_fedvlp.config import parse_config
+from secure_fedvlp.errors import ConfigError, PrivacyBudgetExhausted
+from secure_fedvlp.flower.runtime import build_federation, build_model
+from secure_fedvlp.methods.base import LocalTrainer, TrainTask, federated_state, make_collate
+from secure_fedvlp.methods.feddra import FedDRATrainer
+from secure_fedvlp.models import create_model
+from secure_fedvlp.objectives import AnchorGuidanceLoss, DecomposableContrastiveLoss, InfoNCELoss
+from secure_fedvlp.privacy import replay
+from secure_fedvlp.privacy.dpsgd import DPTrainer, client_noise_multiplier, make_ledger
+from tests.unit.test_methods_contract import run_method, tiny_cfg
+
+
+def _batch(model, n=5, seed=0, size=32):
+    g = torch.Generator().manual_seed(seed)
+    texts = ["no acute findings", "small left effusion. no pneumothorax", "the heart is enlarged",
+             "right apical pneumothorax", "a nodular density in the left lung", "patchy right airspace disease"]
+    tok = model.tokenize([texts[(seed + i) % len(texts)] for i in range(n)])
+    return torch.rand(n, 1, size, size, generator=g), tok["input_ids"], tok["attention_mask"]
+
+
+def _banks(dim, k=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.nn.functional.normalize(torch.randn(k, dim, generator=g), dim=-1),
+            torch.nn.functional.normalize(torch.randn(k, dim, generator=g), dim=-1))
+
+
+def _loss_fn(model, anchor_out, banks):
+    loss, anchor = DecomposableContrastiveLoss(), AnchorGuidanceLoss("mse")
+
+    def f(m, x, ids, mask, idx):
+        out = m(x, ids, mask)
+        total = loss(out["image_emb"], out["text_emb"], model.logit_scale, *banks)["loss"]
+        return total + anchor(out["image_emb"], out["text_emb"], anchor_out["image_emb"][idx],
+                              anchor_out["text_emb"][idx])["loss"]
+    return f
+
+
+def _per_sample_opacus(model, f, x, ids, mask, mode):
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", force_functorch=mode == "functorch")
+    try:
+        f(gsm, x, ids, mask, slice(None)).backward()
+        return {n: p.grad_sample.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    finally:
+        gsm._close()
+        model.zero_grad(set_to_none=True)
+
+
+def _per_sample_reference(model, f, x, ids, mask):
+    """Microbatch of one: ordinary autograd on each record alone."""
+    out = {n: [] for n, p in model.named_parameters() if p.requires_grad}
+    for i in range(x.shape[0]):
+        model.zero_grad(set_to_none=True)
+        keep = ids[i : i + 1, : int(mask[i].sum())]
+        f(model, x[i : i + 1], keep, mask[i : i + 1, : keep.shape[1]], slice(i, i + 1)).backward()
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                out[n].append(p.grad.detach().clone())
+    model.zero_grad(set_to_none=True)
+    return {n: torch.stack(v) for n, v in out.items()}
+
+
+def _check_per_sample(model, mode, size):
+    model.train()
+    for m in model.modules():  # dropout off so the reference and Opacus see the same function
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    x, ids, mask = _batch(model, n=4, size=size)
+    with torch.no_grad():
+        anchor_out = model(x, ids, mask)
+        anchor_out = {k: v + 0.01 for k, v in anchor_out.items()}
+    f = _loss_fn(model, anchor_out, _banks(model.spec.embed_dim))
+    ours = _per_sample_opacus(model, f, x, ids, mask, mode)
+    ref = _per_sample_reference(model, f, x, ids, mask)
+    assert ours.keys() == ref.keys() and len(ours) > 10
+    for n in ours:
+        # Under loss_reduction="mean" Opacus rescales by the batch size, so grad_sample[i] is
+        # the gradient of record i's own loss: exactly the microbatch-of-one gradient.
+        torch.testing.assert_close(ours[n], ref[n], rtol=1e-3, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def test_per_sample_gradients_match_microbatch_of_one_tiny(mode):
+    torch.manual_seed(0)
+    _check_per_sample(create_model("tiny"), mode, 32)
+
+
+@pytest.mark.slow
+def test_per_sample_gradients_match_microbatch_of_one_real_minilm():
+    torch.manual_seed(0)
+    _check_per_sample(create_model("demo"), "hooks", 64)
+
+
+def _record0_grad(model, loss_kind, others_seed):
+    x, ids, mask = _batch(model, n=4, seed=0)
+    x2, ids2, mask2 = _batch(model, n=4, seed=others_seed)
+    # record 0 fixed; records 1..3 replaced
+    L = max(ids.shape[1], ids2.shape[1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, L - t.shape[1]))  # noqa: E731
+    ids_b, mask_b = pad(ids2).clone(), pad(mask2).clone()
+    ids_b[0], mask_b[0] = pad(ids)[0], pad(mask)[0]
+    xb = x2.clone()
+    xb[0] = x[0]
+    banks = _banks(model.spec.embed_dim)
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    try:
+        out = gsm(xb, ids_b, mask_b)
+        if loss_kind == "decomposable":
+            loss = DecomposableContrastiveLoss()(out["image_emb"], out["text_emb"], model.logit_scale, *banks)["loss"]
+        else:
+            loss = InfoNCELoss()(out["image_emb"], out["text_emb"], model.logit_scale)["loss"]
+        loss.backward()
+        return torch.cat([p.grad_sample[0].reshape(-1) for p in model.parameters() if p.requires_grad])
+    finally:
+        gsm._close()
+        model.zero_grad(set_to_none=True)
+
+
+def test_decomposable_loss_record_gradient_independent_of_batch_and_coupled_loss_is_not():
+    torch.manual_seed(0)
+    model = create_model("tiny")
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    a, b = _record0_grad(model, "decomposable", 1), _record0_grad(model, "decomposable", 3)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    c, d = _record0_grad(model, "infonce", 1), _record0_grad(model, "infonce", 3)
+    assert (c - d).abs().max() > 1e-3
+
+
+def test_coupled_objective_with_dp_is_a_config_error_that_explains_why():
+    with pytest.raises(ConfigError, match="per-sample clipping does not bound"):
+        parse_config({"privacy": {"enabled": True}, "train": {"objective": "infonce"}})
+
+
+# -- the two Opacus pitfalls, root-caused (docs/opacus_pitfalls.md) -------------------
+
+
+class _ClipWithRawScale(torch.nn.Module):
+    """CLIP-style: towers plus a raw logit_scale parameter on the module itself."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.img = torch.nn.Linear(4, 8)
+        self.text = text
+        self.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+
+
+def test_pitfall_raw_parameter_on_custom_module_rejects_model_with_buffers():
+    tiny = create_model("tiny")
+    raw = _ClipWithRawScale(tiny.text_encoder)  # the BERT tower holds buffers (position ids)
+    errors = GradSampleModule.validate(raw, strict=False)
+    assert errors and "buffers" in str(errors[0])
+    assert GradSampleModule.validate(tiny, strict=False) == []  # LogitScale module + grad sampler: accepted
+
+
+def test_pitfall_eval_mode_text_tower_gives_no_activations_and_factory_returns_train_mode():
+    model = create_model("tiny")
+    assert model.training and model.text_encoder.encoder.training
+    model.text_encoder.encoder.eval()  # what transformers' from_pretrained returns
+    x, ids, mask = _batch(model, n=3)
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    try:
+        out = gsm(x, ids, mask)
+        with pytest.raises(ValueError, match="No activations detected"):
+            out["text_emb"].sum().backward()
+    finally:
+        gsm._close()
+
+
+# -- DPTrainer: ledger before release, budgets ------------------------------------------
+
+
+def _dp_setup(tmp_path, **privacy):
+    cfg = tiny_cfg(tmp_path, "fedavg", privacy={"enabled": True, "noise_multiplier": 1.0, **privacy},
+                   train={"objective": "decomposable"})
+    fed = build_federation(cfg)
+    model = build_model(cfg)
+    inner = LocalTrainer(cfg, torch.device("cpu"), fed.public)
+    ledger = make_ledger(tmp_path / "ledger.jsonl", "site1", cfg.privacy)
+    z, q = client_noise_multiplier(cfg, len(inner.training_subset(fed.sites[0].train)))
+    return cfg, fed, model, DPTrainer(inner, ledger, z, q, cfg.privacy)
+
+
+def test_dp_fit_records_event_before_training_and_replay_matches(tmp_path):
+    cfg, fed, model, dp = _dp_setup(tmp_path)
+    before = federated_state(model)
+    m = dp.fit(model, fed.sites[0].train, TrainTask(1, "full", 3), torch.Generator().manual_seed(0), before)
+    after = federated_state(model)
+    assert any(not np.array_equal(before[k], after[k]) for k in before)
+    events = dp.ledger.events()
+    assert len(events) == 1 and events[0].steps == 3 and events[0].noise_multiplier == 1.0
+    assert m["epsilon"] == pytest.approx(replay(tmp_path / "ledger.jsonl").get_epsilon(cfg.privacy.delta))
+    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
+
+
+def test_budget_refused_before_any_step(tmp_path):
+    cfg, fed, model, dp = _dp_setup(tmp_path, target_epsilon=0.5)
+    before = federated_state(model)
+    with pytest.raises(PrivacyBudgetExhausted):
+        dp.fit(model, fed.sites[0].train, TrainTask(1, "full", 500), torch.Generator().manual_seed(0), before)
+    after = federated_state(model)
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing trained
+    assert len(dp.ledger.events()) == 0  # nothing recorded either
+
+
+def test_calibrated_noise_fits_the_whole_run(tmp_path):
+    cfg = tiny_cfg(tmp_path, "feddra", privacy={"enabled": True, "target_epsilon": 4.0},
+                   train={"objective": "decomposable"})
+    z, q = client_noise_multiplier(cfg, 18)
+    from secure_fedvlp.privacy import epsilon_from_events
+    from secure_fedvlp.privacy.dpsgd import planned_reports, planned_steps_per_round
+    from secure_fedvlp.privacy.events import DPSGDEvent
+
+    events = [DPSGDEvent(z, q, planned_steps_per_round(cfg), cfg.privacy.clip_norm, r)
+              for r in range(1, cfg.federation.num_rounds + 1)] + planned_reports(cfg)
+    eps = epsilon_from_events(events, cfg.privacy.delta)
+    assert eps <= 4.0 and eps > 3.9
+
+
+def test_dp_run_end_to_end_ledgers_and_stopped_client(tmp_path):
+    # FedAID under DP: training steps and noised DRO reports land in each client's ledger;
+    # a budget too small for round 2 stops the clients, and the run goes on and says so.
+    cfg = tiny_cfg(tmp_path, "fedaid", privacy={"enabled": True, "noise_multiplier": 1.5, "target_epsilon": 4.6},
+                   train={"objective": "decomposable"})
+    strategy, result, rec, grid, init = run_method(cfg, tmp_path, rounds=3)
+    ledgers = sorted((tmp_path / "run" / "clients").glob("*/privacy_ledger.jsonl"))
+    assert len(ledgers) == 2
+    for path in ledgers:
+        events = replay(path).history
+        kinds = [type(e).__name__ for e in events]
+        assert "DPSGDEvent" in kinds and "GaussianEvent" in kinds
+        assert replay(path).get_epsilon(cfg.privacy.delta) <= 4.6
+    stopped = [r for r in rec.rows if r.get("status") == "budget_exhausted"]
+    assert stopped and strategy.stopped
+    assert all(r["epsilon"] <= 4.6 for r in stopped)
+    assert {r["round"] for r in stopped} == {3}  # rounds 1 and 2 fit the budget, round 3 does not
