@@ -149,7 +149,7 @@ def _markdown(rep: dict[str, Any]) -> str:
         cells = [f"{_f(v['untrained'].get(k))} -> **{_f(v['final'].get(k))}**" for k, _ in HEADLINE]
         lines.append(f"| {site} | {v['role']} | " + " | ".join(cells) + " |")
     lines += ["", "## Training sites: mean and worst site", "",
-              "| metric | mean untrained | mean final | worst site | worst untrained | worst final |",
+              "| metric | mean untrained | mean final | worst site (final) | lowest site untrained | worst site final |",
               "|---|---|---|---|---|---|"]
     for k, lab in HEADLINE:
         s = rep["summary_train_sites"].get(k)
