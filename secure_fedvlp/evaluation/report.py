@@ -83,6 +83,47 @@ def _eval_by_round(records: list[dict[str, Any]]) -> dict[str, dict[int, dict[st
     return out
 
 
+def privacy_section(run_dir: Path) -> dict[str, Any] | None:
+    """Per-client epsilon by round, replayed from each client's (verified) ledger, and the budget.
+
+    Returns None when the run has no ledgers (DP off).  A ledger that fails verification is
+    reported as such (never silently skipped).
+    """
+    import tomllib
+
+    from secure_fedvlp.errors import LedgerError
+    from secure_fedvlp.privacy import epsilon_curve, read_ledger
+
+    ledgers = sorted((run_dir / "clients").glob("*/privacy_ledger.jsonl"))
+    if not ledgers:
+        return None
+    cfg_path = run_dir / "config.toml"
+    priv = tomllib.loads(cfg_path.read_text())["privacy"] if cfg_path.exists() else {}
+    delta = float(priv.get("delta", 1e-5))
+    accountant = str(priv.get("accountant", "rdp"))
+    clients: dict[str, Any] = {}
+    for path in ledgers:
+        site = path.parent.name
+        try:
+            entries = read_ledger(path)
+        except LedgerError as exc:
+            clients[site] = {"error": str(exc)}
+            continue
+        events = [e.event for e in entries]
+        curve = epsilon_curve(events, delta, accountant) if events else []
+        clients[site] = {
+            "epsilon_by_round": {int(r): float(e) for r, e in curve},
+            "epsilon": float(curve[-1][1]) if curve else 0.0,
+            "events": len(events),
+            "by_mechanism": {k: sum(1 for e in events if type(e).__name__ == k)
+                             for k in ("DPSGDEvent", "GaussianEvent", "PostProcessingEvent")},
+            "ledger": str(path.relative_to(run_dir)),
+        }
+    return {"delta": delta, "accountant": accountant, "budget_epsilon": priv.get("target_epsilon"),
+            "clients": clients,
+            "not_covered": ["evaluation metrics on each site's test split (sent in clear; not a DP release)"]}
+
+
 def build_report(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Summarise a run: per-site final vs untrained, worst training site, held-out site."""
     run_dir = Path(run_dir)
@@ -116,13 +157,17 @@ def build_report(run_dir: str | os.PathLike) -> dict[str, Any]:
                 "worst_untrained": min(unt.values()) if unt else None,
             }
     heldout = {s: v for s, v in sites.items() if v["role"] == "heldout"}
-    dropped = [r for r in records if r.get("status") in ("dropped", "error")]
+    dropped = [r for r in records if r.get("status") in ("dropped", "error")]  # budget stops are listed apart
     train_loss: dict[str, dict[int, float]] = defaultdict(dict)
     for r in records:
         if r.get("phase") == "train" and r.get("status") == "ok" and "train_loss" in r:
             train_loss[r["site"]][int(r["round"])] = r["train_loss"]
     config_path = run_dir / "config.toml"
+    stopped = {r["site"]: {"round": r["round"], "reason": r.get("reason", ""), "epsilon": r.get("epsilon")}
+               for r in records if r.get("status") == "budget_exhausted"}
     return {
+        "privacy": privacy_section(run_dir),
+        "stopped_clients": stopped,
         "run_dir": str(run_dir),
         "config": config_path.read_text(encoding="utf-8") if config_path.exists() else None,
         "final_round": final_round,
@@ -167,6 +212,26 @@ def _markdown(rep: dict[str, Any]) -> str:
         lines += ["| site | " + " | ".join(findings) + " |", "|---|" + "---|" * len(findings)]
         for site, v in rep["sites"].items():
             lines.append(f"| {site} | " + " | ".join(_f(v["final_per_finding"].get(f)) for f in findings) + " |")
+    priv = rep.get("privacy")
+    if priv:
+        lines += ["", f"## Privacy spent (sample-level DP, delta = {priv['delta']}, {priv['accountant']} accountant)", "",
+                  f"Budget per client: epsilon = {priv['budget_epsilon']}. Recomputed from each client's ledger "
+                  "(hash chain verified). Plot: `plots/epsilon_by_round.png`.", ""]
+        rounds = sorted({r for c in priv["clients"].values() for r in c.get("epsilon_by_round", {})})
+        lines += ["| client | " + " | ".join(f"round {r}" for r in rounds) + " | releases (DP-SGD / Gaussian) |",
+                  "|---|" + "---|" * (len(rounds) + 1)]
+        for site, c in priv["clients"].items():
+            if "error" in c:
+                lines.append(f"| {site} | ledger FAILED verification: {c['error']} |")
+                continue
+            cells = [_f(c["epsilon_by_round"].get(r)) for r in rounds]
+            lines.append(f"| {site} | " + " | ".join(cells) +
+                         f" | {c['by_mechanism']['DPSGDEvent']} / {c['by_mechanism']['GaussianEvent']} |")
+        lines += ["", "Not covered by DP (named, not hidden): " + "; ".join(priv["not_covered"]) + "."]
+    if rep.get("stopped_clients"):
+        lines += ["", "## Clients stopped by their privacy budget", ""]
+        for site, v in rep["stopped_clients"].items():
+            lines.append(f"- **{site}** stopped at round {v['round']} (epsilon spent {_f(v['epsilon'])}): {v['reason']}")
     if rep["failures"]:
         lines += ["", "## Dropped or failed client replies", ""]
         for r in rep["failures"]:
@@ -216,6 +281,24 @@ def _plots(run_dir: Path, rep: dict[str, Any], records: list[dict[str, Any]]) ->
         ax.legend(fontsize=8)
         fig.tight_layout()
         p = out_dir / "train_loss.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    priv = rep.get("privacy")
+    if priv and priv["clients"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for site, c in sorted(priv["clients"].items()):
+            series = c.get("epsilon_by_round") or {}
+            if series:
+                ax.plot(list(series), list(series.values()), marker="o", label=site)
+        if priv.get("budget_epsilon") is not None:
+            ax.axhline(float(priv["budget_epsilon"]), color="red", linestyle="--", label="budget")
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"epsilon spent (delta={priv['delta']})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = out_dir / "epsilon_by_round.png"
         fig.savefig(p, dpi=110)
         plt.close(fig)
         paths.append(p)

@@ -79,11 +79,12 @@ class ClientRuntime:
         if cfg.privacy.enabled and site.role == "train":  # a held-out site releases no DP output
             from secure_fedvlp.privacy.dpsgd import DPTrainer, client_noise_multiplier, make_ledger
 
-            ledger = make_ledger(ledger_path(setup.run_dir, site.name), site.name, cfg.privacy)
+            path = ledger_path(setup.run_dir, site.name)
+            make_ledger(path, site.name, cfg.privacy)  # create (or resume and verify) it now
             z, q = client_noise_multiplier(cfg, len(trainer.training_subset(site.train)))
             logger.info("site %s: DP-SGD noise multiplier %.4f, sample rate %.4f, budget eps=%g delta=%g",
                         site.name, z, q, cfg.privacy.target_epsilon, cfg.privacy.delta)
-            trainer = DPTrainer(trainer, ledger, z, q, cfg.privacy)
+            trainer = DPTrainer(trainer, path, site.name, z, q, cfg.privacy)
         logger.info("Client for site %s (%s) ready on %s", site.name, site.role, device)
         return cls(setup, site, model, trainer, device)
 

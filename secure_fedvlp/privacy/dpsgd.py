@@ -104,18 +104,30 @@ class _PoissonBatches:
 class DPTrainer:
     """Wraps a method's trainer in DP-SGD with ledger accounting and budget enforcement."""
 
-    def __init__(self, inner: LocalTrainer, ledger: PrivacyLedger, noise_multiplier: float, sample_rate: float,
+    def __init__(self, inner: LocalTrainer, ledger_path, client_id: str, noise_multiplier: float, sample_rate: float,
                  privacy: PrivacyConfig) -> None:
         if inner.objective.couples_samples:
             raise ValueError(f"the {type(inner.objective).__name__} objective couples records; DP-SGD needs a "
                              "per-sample decomposable objective (train.objective = 'decomposable').")
         self.inner = inner
-        self.ledger = ledger
+        self.ledger_path = ledger_path
+        self.client_id = client_id
         self.noise_multiplier = float(noise_multiplier)
         self.sample_rate = float(sample_rate)
         self.privacy = privacy
         self.name = f"dp-{inner.name}"
         self.steps_taken = 0
+
+    @property
+    def ledger(self) -> PrivacyLedger:
+        """The client's ledger, reopened and verified for every use.
+
+        A site's messages may be handled by different processes over a run (Flower's
+        simulation runs a node's ClientApp in whichever actor is free), so no process keeps
+        the ledger open between releases: each release resumes it from disk, and the ledger
+        refuses a write if the file changed underneath it.
+        """
+        return make_ledger(self.ledger_path, self.client_id, self.privacy)
 
     # Delegate everything the runtime may ask of a trainer.
     def __getattr__(self, item: str) -> Any:
@@ -140,7 +152,8 @@ class DPTrainer:
                         self.sample_rate, n)
         event = DPSGDEvent(noise_multiplier=self.noise_multiplier, sample_rate=q, steps=task.steps,
                            clip_norm=self.privacy.clip_norm, round=task.server_round, stage=task.stage)
-        self.ledger.record(event)  # before any step: raises PrivacyBudgetExhausted and trains nothing
+        ledger = self.ledger
+        ledger.record(event)  # before any step: raises PrivacyBudgetExhausted and trains nothing
 
         federated = {nm for nm, p in model.named_parameters() if p.requires_grad}
         names = set(inner.trainable_names(model, task.stage))
@@ -200,7 +213,7 @@ class DPTrainer:
                 p.requires_grad_(nm in federated)
         metrics = {f"train_{k}": v / max(task.steps, 1) for k, v in sums.items()}
         metrics.update({"steps": float(task.steps), NUM_EXAMPLES: float(n), "dp_noise_multiplier": self.noise_multiplier,
-                        "dp_sample_rate": q, "epsilon": self.ledger.epsilon()})
+                        "dp_sample_rate": q, "epsilon": ledger.epsilon()})
         return metrics
 
     def answer_query(self, kind: str, model: nn.Module, site, config: Mapping[str, Any]) -> dict[str, float]:
@@ -213,14 +226,15 @@ class DPTrainer:
         rnd = int(config.get("server-round", 0))
         event = mean_release_event(p.report_clip, p.report_noise_multiplier, public_count=max(n, 1),
                                    what=f"{kind} report", round=rnd)
-        self.ledger.record(event)  # before the release
+        ledger = self.ledger
+        ledger.record(event)  # before the release
         gen = torch.Generator().manual_seed(secrets.randbits(62))
         estimate, released = noised_clipped_mean(values.reshape(-1).float(), clip=p.report_clip,
                                                  noise_multiplier=p.report_noise_multiplier, generator=gen,
                                                  bounds="nonnegative", public_count=max(n, 1),
                                                  what=f"{kind} report", round=rnd)
         assert released == event, "the recorded event must be the released one"
-        return {kind: float(estimate.reshape(-1)[0]), NUM_EXAMPLES: float(n), "epsilon": self.ledger.epsilon()}
+        return {kind: float(estimate.reshape(-1)[0]), NUM_EXAMPLES: float(n), "epsilon": ledger.epsilon()}
 
 
 def make_ledger(path, client_id: str, privacy: PrivacyConfig) -> PrivacyLedger:

@@ -1,1 +1,78 @@
-"""secure_fedvlp.secagg."""
+"""CKKS secure aggregation (TenSEAL CKKS vectors, sum-only server).
+
+Parties: a key authority (:func:`init_keys`) creates one context per federation run; clients hold
+the secret key (file mode 0600) and encrypt their weighted, already clipped and noised updates
+(:func:`encrypt_update`); the server holds a key-less context, checks what it can without keys and
+adds ciphertexts (:func:`aggregate_encrypted`, :func:`add_plaintext_noise`); clients decrypt and
+divide by the total weight (:func:`decrypt_aggregate`).  Packing several quantised values per slot
+(:class:`QuantizedPacking`) cuts the bytes per model value from ~32 to ~8-11.  Anything decrypted
+that leaves the key holders is noise-flooded first (:func:`noise_flood_for_export`).
+"""
+
+from secure_fedvlp.secagg.aggregate import (
+    AggregateCiphertext,
+    AggregationResult,
+    add_plaintext_noise,
+    aggregate_encrypted,
+    decrypt_aggregate,
+    encrypt_update,
+    flooding_sigma,
+    noise_flood_for_export,
+)
+from secure_fedvlp.secagg.envelope import EncryptedUpdate, validate
+from secure_fedvlp.secagg.keys import (
+    KeyBundle,
+    SecAggContext,
+    context_fingerprint,
+    init_keys,
+    load_client_context,
+    load_manifest,
+    load_server_context,
+)
+from secure_fedvlp.secagg.packing import (
+    QuantizedPacking,
+    UpdateLayout,
+    codec_id,
+    decode_sums,
+    encode_chunks,
+    exact_capacity,
+    exact_error_bound,
+    flatten_update,
+    num_vectors,
+    unflatten_update,
+)
+from secure_fedvlp.secagg.params import PRESETS, CKKSParams, preset, security_level
+
+__all__ = [
+    "AggregateCiphertext",
+    "AggregationResult",
+    "CKKSParams",
+    "EncryptedUpdate",
+    "KeyBundle",
+    "PRESETS",
+    "QuantizedPacking",
+    "SecAggContext",
+    "UpdateLayout",
+    "add_plaintext_noise",
+    "aggregate_encrypted",
+    "codec_id",
+    "context_fingerprint",
+    "decode_sums",
+    "decrypt_aggregate",
+    "encode_chunks",
+    "encrypt_update",
+    "exact_capacity",
+    "exact_error_bound",
+    "flatten_update",
+    "flooding_sigma",
+    "init_keys",
+    "load_client_context",
+    "load_manifest",
+    "load_server_context",
+    "noise_flood_for_export",
+    "num_vectors",
+    "preset",
+    "security_level",
+    "unflatten_update",
+    "validate",
+]

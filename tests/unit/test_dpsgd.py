@@ -13,7 +13,7 @@ from secure_fedvlp.methods.feddra import FedDRATrainer
 from secure_fedvlp.models import create_model
 from secure_fedvlp.objectives import AnchorGuidanceLoss, DecomposableContrastiveLoss, InfoNCELoss
 from secure_fedvlp.privacy import replay
-from secure_fedvlp.privacy.dpsgd import DPTrainer, client_noise_multiplier, make_ledger
+from secure_fedvlp.privacy.dpsgd import DPTrainer, client_noise_multiplier
 from tests.unit.test_methods_contract import run_method, tiny_cfg
 
 
@@ -183,9 +183,8 @@ def _dp_setup(tmp_path, **privacy):
     fed = build_federation(cfg)
     model = build_model(cfg)
     inner = LocalTrainer(cfg, torch.device("cpu"), fed.public)
-    ledger = make_ledger(tmp_path / "ledger.jsonl", "site1", cfg.privacy)
     z, q = client_noise_multiplier(cfg, len(inner.training_subset(fed.sites[0].train)))
-    return cfg, fed, model, DPTrainer(inner, ledger, z, q, cfg.privacy)
+    return cfg, fed, model, DPTrainer(inner, tmp_path / "ledger.jsonl", "site1", z, q, cfg.privacy)
 
 
 def test_dp_fit_records_event_before_training_and_replay_matches(tmp_path):

@@ -1,0 +1,424 @@
+"""Encrypted weighted aggregation: clients encrypt, the server adds, clients decrypt and divide.
+
+Order (security order): the client clips and noises its update (DP, elsewhere), *then* multiplies
+by its weight in plaintext, *then* encrypts (:func:`encrypt_update`).  The server only adds
+ciphertexts -- and plaintext noise vectors (:func:`add_plaintext_noise`) -- so no multiplicative
+depth, no relinearisation or Galois keys, and no secret key are needed on the server
+(:func:`aggregate_encrypted`).  Clients decrypt the weighted sum and divide by the total weight
+(:func:`decrypt_aggregate`).
+
+IND-CPA-D and exporting decrypted values
+---------------------------------------
+CKKS decryption returns ``m + e``: the error ``e`` depends on the secret key and the encryption
+randomness, and Li and Micciancio ("On the Security of Homomorphic Encryption on Approximate
+Numbers", EUROCRYPT 2021) showed that an adversary who sees decrypted results can recover the
+secret key from ``e``: CKKS is not IND-CPA-D secure.  Inside this protocol only key holders (the
+clients) see decryptions.  Any decrypted value that leaves them -- the exported final model -- must
+be noise-flooded first (:func:`noise_flood_for_export`) or be an exact function of the plaintexts.
+
+* Packed aggregates (:class:`QuantizedPacking`) decode to *exact* integers (the error is rounded
+  away with probability ``1 - 2**-75`` per slot), so their decrypted output carries no ``e``.
+* Exact-mode aggregates do carry ``e``.  Flooding with Gaussian noise of std ``sigma`` makes the
+  released vector statistically close to one computed without ``e``: the statistical distance is at
+  most ``||e||_2 / (2 sigma)`` (Pinsker on ``KL = ||e||^2 / (2 sigma^2)``), so
+  ``sigma = ||e||_2 * 2**(kappa - 1)`` gives ``2**-kappa`` per release (:func:`flooding_sigma`;
+  use ``kappa >= 40`` for the statistical security parameter and multiply by the number of
+  releases).  With the default preset the per-coordinate error is ~2e-7, so ``||e||_2 ~ 2e-4`` over 1M
+  values and ``kappa = 40`` needs ``sigma ~ 1e8``: statistical flooding destroys model weights.  The practical options are (i) export a model
+  aggregated with the packed codec, (ii) export a model that the key holders re-quantise to a grid
+  much coarser than ``e`` *and* flood with ``kappa`` chosen accordingly, or (iii) accept a smaller
+  ``kappa`` -- OpenFHE's ``NOISE_FLOODING_DECRYPT`` mode makes the same trade-off.  The function
+  takes ``sigma`` explicitly; pick it with :func:`flooding_sigma` and write the choice down.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from typing import Mapping, NamedTuple
+
+import numpy as np
+import tenseal as ts
+
+from secure_fedvlp.errors import CiphertextError, KeyMaterialError
+from secure_fedvlp.secagg.envelope import (
+    KIND_AGGREGATE,
+    EncryptedUpdate,
+    _field,
+    _frame,
+    _unframe,
+    load_vector,
+    validate,
+)
+from secure_fedvlp.secagg.keys import SecAggContext
+from secure_fedvlp.secagg.packing import (
+    QuantizedPacking,
+    codec_id,
+    decode_sums,
+    encode_chunks,
+    num_vectors,
+)
+
+__all__ = [
+    "AggregateCiphertext",
+    "AggregationResult",
+    "encrypt_update",
+    "aggregate_encrypted",
+    "add_plaintext_noise",
+    "decrypt_aggregate",
+    "noise_flood_for_export",
+    "flooding_sigma",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _encrypt(ctx: SecAggContext, chunk: np.ndarray, scale_bits: int) -> ts.CKKSVector:
+    return ts.ckks_vector(ctx.context, chunk.tolist(), float(2**scale_bits))
+
+
+def encrypt_update(
+    client_ctx: SecAggContext,
+    vector: np.ndarray,
+    weight: float,
+    round_id: int,
+    *,
+    client_id: str = "",
+    stage: str = "update",
+    layout_hash: str = "",
+    packing: QuantizedPacking | None = None,
+    rng: np.random.Generator | None = None,
+    encrypt_weight: bool = False,
+    max_clients: int | None = None,
+) -> EncryptedUpdate:
+    """Weight a (clipped, noised) flat update in plaintext and encrypt it.
+
+    Parameters
+    ----------
+    client_ctx
+        A client context (for the symmetric presets it must hold the secret key).
+    vector
+        The flat update (see :func:`flatten_update`).
+    weight
+        The client's aggregation weight (> 0; e.g. ``num_examples`` or a mixture weight ``q_k``;
+        at most ``packing.max_weight`` when packed).
+    round_id
+        The server round being answered.
+    client_id, stage, layout_hash
+        Public metadata (opaque to this module).
+    packing
+        Quantised packing, or ``None`` for exact one-value-per-slot CKKS.
+    rng
+        Packed mode: generator for unbiased stochastic rounding (``None``: round to nearest).
+    encrypt_weight
+        Send the weight in an extra ciphertext instead of the clear header field.
+    max_clients
+        Exact mode: refuse weighted values that ``max_clients`` contributions could overflow.
+
+    Returns
+    -------
+    EncryptedUpdate
+    """
+    if client_ctx.params.symmetric and not client_ctx.can_decrypt:
+        raise KeyMaterialError("Symmetric CKKS encryption needs the secret key; this context has none.")
+    if not isinstance(round_id, int) or isinstance(round_id, bool) or round_id < 0:
+        raise ValueError(f"round_id must be an integer >= 0. Found {round_id!r}.")
+    vec = np.asarray(vector, dtype=np.float64).reshape(-1)
+    chunks = encode_chunks(vec, float(weight), client_ctx.slots, packing, rng,
+                           params=client_ctx.params, max_clients=max_clients)
+    scale_bits = packing.scale_bits if packing is not None else client_ctx.params.global_scale_bits
+    blobs = tuple(_encrypt(client_ctx, c, scale_bits).serialize() for c in chunks)
+    wblob = None
+    if encrypt_weight:
+        wchunk = np.zeros(client_ctx.slots)
+        wchunk[0] = float(weight)
+        wblob = _encrypt(client_ctx, wchunk, client_ctx.params.global_scale_bits).serialize()
+    log.debug("Encrypted update for round %d stage %s into %d ciphertexts.", round_id, stage, len(blobs))
+    return EncryptedUpdate(
+        fingerprint=client_ctx.fingerprint, round_id=round_id, stage=stage, client_id=client_id,
+        num_values=int(vec.size), layout_hash=layout_hash, codec=codec_id(client_ctx.params, packing),
+        weight=None if encrypt_weight else float(weight), ciphertexts=blobs, weight_ciphertext=wblob,
+    )
+
+
+@dataclass
+class AggregateCiphertext:
+    """The encrypted weighted sum of the accepted contributions of one round (and stage).
+
+    Attributes
+    ----------
+    fingerprint, round_id, stage, num_values, layout_hash, codec
+        As in :class:`EncryptedUpdate`.
+    contributors
+        Ids of the summed contributions, in summation order.
+    total_weight
+        Sum of their clear weights, or ``None`` when weights were encrypted.
+    vectors
+        CKKS vectors of the weighted sum.
+    weight_vector
+        Encrypted total weight (slot 0) when weights were encrypted.
+    noised
+        Whether server-side plaintext noise was added.
+    """
+
+    fingerprint: str
+    round_id: int
+    stage: str
+    num_values: int
+    layout_hash: str
+    codec: str
+    contributors: tuple[str, ...]
+    total_weight: float | None
+    vectors: list[ts.CKKSVector] = field(repr=False)
+    weight_vector: ts.CKKSVector | None = field(default=None, repr=False)
+    noised: bool = False
+
+    def to_bytes(self) -> bytes:
+        """Serialise (same framing as :meth:`EncryptedUpdate.to_bytes`), e.g. to keep it on the server
+        or send it to the clients."""
+        header = {
+            "fingerprint": self.fingerprint, "round_id": int(self.round_id), "stage": self.stage,
+            "num_values": int(self.num_values), "layout_hash": self.layout_hash, "codec": self.codec,
+            "contributors": list(self.contributors), "total_weight": self.total_weight,
+            "has_weight_ciphertext": self.weight_vector is not None, "noised": self.noised,
+        }
+        blobs = [v.serialize() for v in self.vectors]
+        if self.weight_vector is not None:
+            blobs.append(self.weight_vector.serialize())
+        return _frame(KIND_AGGREGATE, header, blobs)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, ctx: SecAggContext) -> "AggregateCiphertext":
+        """Parse and load against ``ctx`` (client or server); the fingerprint must match ``ctx``."""
+        what = "encrypted aggregate"
+        header, blobs = _unframe(data, KIND_AGGREGATE)
+        fp = _field(header, "fingerprint", (str,), what)
+        if fp != ctx.fingerprint:
+            raise CiphertextError(f"{what}: fingerprint {fp!r} differs from this context's {ctx.fingerprint!r}.")
+        contributors = _field(header, "contributors", (list,), what)
+        tw = _field(header, "total_weight", (float, int), what, nullable=True)
+        has_w = _field(header, "has_weight_ciphertext", (bool,), what)
+        wvec = None
+        if has_w:
+            if not blobs:
+                raise CiphertextError(f"{what}: header announces a weight ciphertext but the frame holds none.")
+            wvec = load_vector(ctx, blobs.pop(), f"{what}: weight ciphertext")
+        vectors = [load_vector(ctx, b, f"{what}: ciphertext {i}") for i, b in enumerate(blobs)]
+        return cls(
+            fp, _field(header, "round_id", (int,), what), _field(header, "stage", (str,), what),
+            _field(header, "num_values", (int,), what), _field(header, "layout_hash", (str,), what),
+            _field(header, "codec", (str,), what), tuple(str(c) for c in contributors),
+            None if tw is None else float(tw), vectors, wvec, bool(header.get("noised", False)),
+        )
+
+
+class AggregationResult(NamedTuple):
+    """``(aggregate, accepted, rejected)``; ``aggregate`` is ``None`` when nothing was accepted."""
+
+    aggregate: AggregateCiphertext | None
+    accepted: list[str]
+    rejected: dict[str, str]
+
+
+def aggregate_encrypted(
+    server_ctx: SecAggContext,
+    updates: Mapping[str, EncryptedUpdate | bytes],
+    *,
+    round_id: int,
+    num_values: int,
+    stage: str | None = None,
+    layout_hash: str | None = None,
+    packing: QuantizedPacking | None = None,
+    encrypted_weight: bool = False,
+) -> AggregationResult:
+    """Sum the valid contributions; drop each malformed one with its reason, never the round.
+
+    Parameters
+    ----------
+    server_ctx
+        The server's key-less context (a client context works too, but is not needed).
+    updates
+        Sender id (as the transport knows it) -> :class:`EncryptedUpdate` or its bytes.
+    round_id
+        The current round (earlier round ids are rejected as replays).
+    num_values
+        Model size.
+    stage, layout_hash
+        Checked when given.
+    packing
+        The run's packing (``None``: exact encoding).  At most ``packing.max_clients``
+        contributions are summed; surplus ones are rejected with that reason.
+    encrypted_weight
+        Whether weights travel encrypted.
+
+    Returns
+    -------
+    AggregationResult
+        The aggregate (``None`` if nothing was accepted), accepted ids in summation order (sorted),
+        and ``{id: reason}`` for every rejected contribution.
+    """
+    expected_codec = codec_id(server_ctx.params, packing)
+    accepted: list[str] = []
+    rejected: dict[str, str] = {}
+    sums: list[ts.CKKSVector] | None = None
+    wsum: ts.CKKSVector | None = None
+    total_weight = 0.0
+    seen_ids: set[str] = set()
+    for sender in sorted(updates, key=str):
+        item = updates[sender]
+        try:
+            upd = item if isinstance(item, EncryptedUpdate) else EncryptedUpdate.from_bytes(item)
+            if upd.client_id and upd.client_id != str(sender):
+                raise CiphertextError(f"Update claims client id {upd.client_id!r} but arrived from {sender!r}.")
+            if str(sender) in seen_ids:
+                raise CiphertextError(f"Second update from {sender!r} in this round.")
+            if packing is not None and len(accepted) >= packing.max_clients:
+                raise CiphertextError(
+                    f"Packing capacity reached: at most max_clients={packing.max_clients} contributions can be summed."
+                )
+            vectors, wvec = validate(
+                upd, server_ctx, expected_round=round_id, expected_num_values=num_values, expected_stage=stage,
+                expected_layout_hash=layout_hash, packing=packing, expected_codec=expected_codec,
+                encrypted_weight=encrypted_weight,
+            )
+            # Add into new objects so that a failing addition (e.g. scale or level mismatch) leaves the
+            # running sum untouched.
+            new_sums = vectors if sums is None else [a + v for a, v in zip(sums, vectors)]
+            new_w = wvec if wsum is None or wvec is None else wsum + wvec
+        except CiphertextError as e:
+            rejected[str(sender)] = str(e)
+            log.warning("Round %d: dropped contribution from %r: %s", round_id, sender, e)
+            continue
+        except Exception as e:  # TenSEAL raises ValueError/RuntimeError on incompatible ciphertexts
+            rejected[str(sender)] = f"Update from {sender!r} could not be added: {type(e).__name__}: {e}."
+            log.warning("Round %d: dropped contribution from %r: %s", round_id, sender, rejected[str(sender)])
+            continue
+        sums, wsum = new_sums, new_w
+        seen_ids.add(str(sender))
+        accepted.append(str(sender))
+        if upd.weight is not None:
+            total_weight += upd.weight
+    if sums is None:
+        log.warning("Round %d: no valid contribution (%d rejected).", round_id, len(rejected))
+        return AggregationResult(None, accepted, rejected)
+    log.info("Round %d: summed %d contributions, rejected %d.", round_id, len(accepted), len(rejected))
+    aggregate = AggregateCiphertext(
+        fingerprint=server_ctx.fingerprint, round_id=round_id, stage=stage or "update", num_values=num_values,
+        layout_hash=layout_hash or "", codec=expected_codec, contributors=tuple(accepted),
+        total_weight=None if encrypted_weight else total_weight, vectors=sums, weight_vector=wsum,
+    )
+    return AggregationResult(aggregate, accepted, rejected)
+
+
+def add_plaintext_noise(aggregate: AggregateCiphertext, noise_vector: np.ndarray) -> AggregateCiphertext:
+    """Add a plaintext vector (e.g. server-side Gaussian noise) to an exact-mode aggregate.
+
+    Ciphertext + plaintext: only encoding is needed, no key.  The noise is added to the *weighted
+    sum*; the decrypted mean therefore carries ``noise_vector / total_weight``.
+
+    Raises
+    ------
+    ValueError
+        Wrong length or non-finite noise.
+    CiphertextError
+        For a packed aggregate (real-valued noise cannot be added to packed integer digits).
+    """
+    if aggregate.codec.startswith("packed/"):
+        raise CiphertextError(
+            "Plaintext noise cannot be added to a packed aggregate; use exact encoding (packing=None) "
+            "when the server adds noise."
+        )
+    noise = np.asarray(noise_vector, dtype=np.float64).reshape(-1)
+    if noise.size != aggregate.num_values:
+        raise ValueError(f"Noise vector has {noise.size} values; the aggregate has {aggregate.num_values}.")
+    if not np.all(np.isfinite(noise)):
+        raise ValueError("Noise vector contains NaN or infinite values.")
+    slots = aggregate.vectors[0].size()
+    padded = np.zeros(len(aggregate.vectors) * slots)
+    padded[: noise.size] = noise
+    new_vectors = [v + chunk.tolist() for v, chunk in zip(aggregate.vectors, padded.reshape(-1, slots))]
+    return replace(aggregate, vectors=new_vectors, noised=True)
+
+
+def decrypt_aggregate(
+    client_ctx: SecAggContext,
+    aggregate: AggregateCiphertext,
+    total_weight: float | None = None,
+    *,
+    packing: QuantizedPacking | None = None,
+) -> np.ndarray:
+    """Decrypt the weighted sum and divide by the total weight.
+
+    Parameters
+    ----------
+    client_ctx
+        A context holding the secret key.
+    aggregate
+        The encrypted aggregate.
+    total_weight
+        Divide by this; default: the aggregate's clear total weight, or the decrypted encrypted one.
+    packing
+        The packing the updates used (must match the aggregate's codec).
+
+    Returns
+    -------
+    numpy.ndarray
+        The weighted mean, length ``aggregate.num_values``.
+    """
+    if not client_ctx.can_decrypt:
+        raise KeyMaterialError("This context holds no secret key and cannot decrypt.")
+    if aggregate.fingerprint != client_ctx.fingerprint:
+        raise CiphertextError(
+            f"Aggregate fingerprint {aggregate.fingerprint!r} differs from this context's {client_ctx.fingerprint!r}."
+        )
+    expected = codec_id(client_ctx.params, packing)
+    if aggregate.codec != expected:
+        raise CiphertextError(f"Aggregate codec {aggregate.codec!r} differs from the given packing's {expected!r}.")
+    n_vec = num_vectors(aggregate.num_values, client_ctx.slots, packing)
+    if len(aggregate.vectors) != n_vec:
+        raise CiphertextError(f"Aggregate holds {len(aggregate.vectors)} vectors; expected {n_vec}.")
+    sk = client_ctx.context.secret_key()
+    if total_weight is None:
+        if aggregate.total_weight is not None:
+            total_weight = aggregate.total_weight
+        elif aggregate.weight_vector is not None:
+            total_weight = float(aggregate.weight_vector.decrypt(sk)[0])
+        else:
+            raise ValueError("The aggregate records no total weight; pass total_weight.")
+    sums = np.concatenate([np.asarray(v.decrypt(sk), dtype=np.float64) for v in aggregate.vectors])
+    return decode_sums(sums, aggregate.num_values, float(total_weight), packing)
+
+
+def flooding_sigma(error_l2: float, statistical_security_bits: int = 40, num_releases: int = 1) -> float:
+    """Gaussian flooding std that hides a decryption error of L2 norm ``error_l2``.
+
+    ``sigma = num_releases * error_l2 * 2**(kappa - 1)``, so that the statistical distance between
+    the flooded release and a release without the CKKS error is at most ``2**-kappa`` in total
+    (Pinsker: ``SD <= ||e||_2 / (2 sigma)`` per release, union over releases).  For exact-mode
+    aggregates bound ``error_l2`` by ``sqrt(num_values) * exact_error_bound(...)``.
+    """
+    if not (math.isfinite(error_l2) and error_l2 >= 0):
+        raise ValueError(f"error_l2 must be a finite number >= 0. Found {error_l2!r}.")
+    if statistical_security_bits < 1 or num_releases < 1:
+        raise ValueError("statistical_security_bits and num_releases must be >= 1.")
+    return num_releases * error_l2 * 2.0 ** (statistical_security_bits - 1)
+
+
+def noise_flood_for_export(values: np.ndarray, sigma_flood: float, generator: np.random.Generator) -> np.ndarray:
+    """Add i.i.d. Gaussian noise before a decrypted value leaves the key holders (IND-CPA-D).
+
+    See the module docstring for why and :func:`flooding_sigma` for choosing ``sigma_flood``.
+    Randomness is explicit: pass a generator (for deployment, seed it from ``secrets``).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``values + N(0, sigma_flood**2)`` (a new array, same shape, float64).
+    """
+    if not (math.isfinite(sigma_flood) and sigma_flood > 0):
+        raise ValueError(f"sigma_flood must be a finite number > 0. Found {sigma_flood!r}.")
+    if not isinstance(generator, np.random.Generator):
+        raise TypeError("generator must be a numpy.random.Generator (explicit randomness).")
+    vals = np.asarray(values, dtype=np.float64)
+    return vals + generator.normal(0.0, sigma_flood, size=vals.shape)

@@ -1,0 +1,312 @@
+"""The wire format of one encrypted contribution, and the server's key-less checks.
+
+An :class:`EncryptedUpdate` carries public metadata (context fingerprint, round id, stage, opaque
+client id, number of model values, layout hash, codec id, the client's weight) and a list of
+serialised TenSEAL CKKS vectors, one ciphertext each.  The TenSEAL context is *not* included: it
+travels once per run (:mod:`secure_fedvlp.secagg.keys`).
+
+Weight in the clear (default).  In plaintext FedAvg the server sees ``num_examples`` anyway, and
+knowing the weights lets it compute the total weight of exactly the updates it accepted (dropouts
+and rejections included) and check each weight against the packing's ``max_weight``.  Where the
+weight itself is sensitive (e.g. DRO mixture weights that reveal losses), ``encrypt_weight=True``
+puts the weight into one extra CKKS vector (slot 0) instead; the clear field is then ``None`` and
+the clients decrypt the total weight together with the aggregate.
+
+Framing (``to_bytes``): ``b"SFVLPENC" | u16 version | u8 kind | u32 header length | JSON header |
+u32 count | count x (u64 length | ciphertext bytes) | sha256 of everything before``.  The digest
+detects truncation and transport corruption; it is **not** authentication (anyone can recompute
+it; the network layer, Flower's TLS and node authentication, is what authenticates senders).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import tenseal as ts
+
+from secure_fedvlp.errors import CiphertextError
+from secure_fedvlp.secagg.keys import SecAggContext
+from secure_fedvlp.secagg.packing import QuantizedPacking, num_vectors
+
+__all__ = ["EncryptedUpdate", "validate", "max_ciphertext_bytes", "load_vector"]
+
+_MAGIC = b"SFVLPENC"
+_VERSION = 1
+KIND_UPDATE = 1
+KIND_AGGREGATE = 2
+_KIND_NAMES = {KIND_UPDATE: "encrypted update", KIND_AGGREGATE: "encrypted aggregate"}
+
+
+def _frame(kind: int, header: dict[str, Any], blobs: Sequence[bytes]) -> bytes:
+    hb = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    parts = [_MAGIC, struct.pack(">HBI", _VERSION, kind, len(hb)), hb, struct.pack(">I", len(blobs))]
+    for b in blobs:
+        parts.append(struct.pack(">Q", len(b)))
+        parts.append(bytes(b))
+    body = b"".join(parts)
+    return body + hashlib.sha256(body).digest()
+
+
+def _unframe(data: bytes, kind: int) -> tuple[dict[str, Any], list[bytes]]:
+    """Parse a frame; every failure is a :class:`CiphertextError` naming what is wrong."""
+    what = _KIND_NAMES[kind]
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise CiphertextError(f"{what}: expected bytes, got {type(data).__name__}.")
+    data = bytes(data)
+    fixed = len(_MAGIC) + 7
+    if len(data) < fixed + 4 + 32:
+        raise CiphertextError(f"{what} truncated: {len(data)} bytes is shorter than the smallest valid frame.")
+    if data[: len(_MAGIC)] != _MAGIC:
+        raise CiphertextError(f"{what}: bad magic bytes (not a secure_fedvlp envelope).")
+    version, got_kind, hlen = struct.unpack(">HBI", data[len(_MAGIC) : fixed])
+    if version != _VERSION:
+        raise CiphertextError(f"{what}: unsupported envelope version {version}; expected {_VERSION}.")
+    if got_kind != kind:
+        raise CiphertextError(f"{what}: frame holds a {_KIND_NAMES.get(got_kind, f'kind {got_kind}')}.")
+    body, digest = data[:-32], data[-32:]
+    pos = fixed
+    if pos + hlen + 4 > len(body):
+        raise CiphertextError(
+            f"{what} truncated: header claims {hlen} bytes but only {max(0, len(body) - pos - 4)} remain."
+        )
+    try:
+        header = json.loads(body[pos : pos + hlen].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CiphertextError(f"{what}: corrupt header ({e}).") from e
+    if not isinstance(header, dict):
+        raise CiphertextError(f"{what}: header is not a JSON object.")
+    pos += hlen
+    (count,) = struct.unpack(">I", body[pos : pos + 4])
+    pos += 4
+    blobs: list[bytes] = []
+    for i in range(count):
+        if pos + 8 > len(body):
+            raise CiphertextError(f"{what} truncated: ciphertext {i} of {count} is missing its length field.")
+        (blen,) = struct.unpack(">Q", body[pos : pos + 8])
+        pos += 8
+        if pos + blen > len(body):
+            raise CiphertextError(
+                f"{what} truncated: ciphertext {i} of {count} claims {blen} bytes, {len(body) - pos} remain."
+            )
+        blobs.append(body[pos : pos + blen])
+        pos += blen
+    if pos != len(body):
+        raise CiphertextError(f"{what}: {len(body) - pos} unexpected trailing bytes after {count} ciphertexts.")
+    if hashlib.sha256(body).digest() != digest:
+        raise CiphertextError(f"{what} corrupted: sha256 digest mismatch.")
+    return header, blobs
+
+
+def _field(header: dict[str, Any], name: str, types: tuple[type, ...], what: str, nullable: bool = False) -> Any:
+    if name not in header:
+        raise CiphertextError(f"{what}: header lacks field {name!r}.")
+    v = header[name]
+    if v is None and nullable:
+        return None
+    if isinstance(v, bool) and bool not in types or not isinstance(v, types):
+        raise CiphertextError(f"{what}: field {name!r} has type {type(v).__name__}; expected {types[0].__name__}.")
+    return v
+
+
+@dataclass(frozen=True)
+class EncryptedUpdate:
+    """One client's encrypted, weighted update for one round (and stage).
+
+    Attributes
+    ----------
+    fingerprint
+        Fingerprint of the run context it was encrypted under.
+    round_id
+        Server round the update answers.
+    stage
+        Sub-round stage (e.g. FedDRA's ``"align"`` / ``"full"``); ``"update"`` by default.
+    client_id
+        Opaque sender label.
+    num_values
+        Number of model values encoded.
+    layout_hash
+        :meth:`UpdateLayout.layout_hash` of the update (``""`` if not tracked).
+    codec
+        :func:`codec_id` of the encoding.
+    weight
+        The client's weight in the clear, or ``None`` when encrypted.
+    ciphertexts
+        Serialised TenSEAL CKKS vectors, one ciphertext each.
+    weight_ciphertext
+        Serialised CKKS vector with the weight in slot 0, when ``encrypt_weight`` was used.
+    """
+
+    fingerprint: str
+    round_id: int
+    stage: str
+    client_id: str
+    num_values: int
+    layout_hash: str
+    codec: str
+    weight: float | None
+    ciphertexts: tuple[bytes, ...] = field(repr=False)
+    weight_ciphertext: bytes | None = field(default=None, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of ciphertext carried (not counting the small header)."""
+        return sum(len(c) for c in self.ciphertexts) + len(self.weight_ciphertext or b"")
+
+    def to_bytes(self) -> bytes:
+        """Serialise (see the module docstring for the framing)."""
+        header = {
+            "fingerprint": self.fingerprint, "round_id": int(self.round_id), "stage": self.stage,
+            "client_id": self.client_id, "num_values": int(self.num_values), "layout_hash": self.layout_hash,
+            "codec": self.codec, "weight": self.weight,
+            "has_weight_ciphertext": self.weight_ciphertext is not None,
+        }
+        blobs = list(self.ciphertexts) + ([self.weight_ciphertext] if self.weight_ciphertext is not None else [])
+        return _frame(KIND_UPDATE, header, blobs)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "EncryptedUpdate":
+        """Parse :meth:`to_bytes` output.
+
+        Raises
+        ------
+        CiphertextError
+            On truncation, corruption, bad magic/version or malformed header fields, naming which.
+        """
+        what = "encrypted update"
+        header, blobs = _unframe(data, KIND_UPDATE)
+        fp = _field(header, "fingerprint", (str,), what)
+        rid = _field(header, "round_id", (int,), what)
+        stage = _field(header, "stage", (str,), what)
+        cid = _field(header, "client_id", (str,), what)
+        nv = _field(header, "num_values", (int,), what)
+        lh = _field(header, "layout_hash", (str,), what)
+        codec = _field(header, "codec", (str,), what)
+        w = _field(header, "weight", (float, int), what, nullable=True)
+        has_w = _field(header, "has_weight_ciphertext", (bool,), what)
+        wct = None
+        if has_w:
+            if not blobs:
+                raise CiphertextError(f"{what}: header announces a weight ciphertext but the frame holds none.")
+            wct = blobs.pop()
+        return cls(fp, rid, stage, cid, nv, lh, codec, None if w is None else float(w), tuple(blobs), wct)
+
+
+def max_ciphertext_bytes(ctx: SecAggContext) -> int:
+    """Upper bound on one serialised single-ciphertext CKKS vector (size check before parsing)."""
+    p = ctx.params
+    return 2 * p.poly_modulus_degree * len(p.coeff_mod_bit_sizes[:-1]) * 8 + 64 * 1024
+
+
+def load_vector(ctx: SecAggContext, blob: bytes, what: str) -> ts.CKKSVector:
+    """Deserialise one CKKS vector against ``ctx``; :class:`CiphertextError` naming ``what`` on failure."""
+    if len(blob) > max_ciphertext_bytes(ctx):
+        raise CiphertextError(f"{what} is {len(blob)} bytes, more than one ciphertext can be ({max_ciphertext_bytes(ctx)}).")
+    try:
+        vec = ts.ckks_vector_from(ctx.context, bytes(blob))
+        size = vec.size()
+    except Exception as e:  # TenSEAL/SEAL raise ValueError or RuntimeError for malformed input
+        raise CiphertextError(f"{what} does not deserialise against the run context: {e}.") from e
+    if size != ctx.slots:
+        raise CiphertextError(f"{what} holds {size} slots; expected {ctx.slots}.")
+    if len(vec.ciphertext()) != 1:
+        raise CiphertextError(f"{what} holds {len(vec.ciphertext())} ciphertexts; expected 1.")
+    return vec
+
+
+def validate(
+    update: EncryptedUpdate,
+    server_ctx: SecAggContext,
+    *,
+    expected_round: int,
+    expected_num_values: int,
+    expected_fingerprint: str | None = None,
+    expected_stage: str | None = None,
+    expected_layout_hash: str | None = None,
+    packing: QuantizedPacking | None = None,
+    expected_codec: str | None = None,
+    encrypted_weight: bool = False,
+) -> tuple[list[ts.CKKSVector], ts.CKKSVector | None]:
+    """Check what the server can check without keys, and load the ciphertexts.
+
+    Metadata problems are collected and reported together; then every ciphertext must deserialise
+    against the server context, hold exactly one ciphertext and ``slots`` slots.
+
+    Parameters
+    ----------
+    update
+        The contribution.
+    server_ctx
+        The server's (key-less) context.
+    expected_round
+        The current round; an earlier round id is reported as a replay.
+    expected_num_values
+        Model size.
+    expected_fingerprint
+        Defaults to ``server_ctx.fingerprint``.
+    expected_stage, expected_layout_hash, expected_codec
+        Checked when given.
+    packing
+        The packing in use (sets the expected number of vectors and the weight range).
+    encrypted_weight
+        Whether contributions must carry an encrypted weight instead of a clear one.
+
+    Returns
+    -------
+    (list of CKKSVector, CKKSVector or None)
+        The loaded update vectors and the loaded weight vector.
+
+    Raises
+    ------
+    CiphertextError
+        With every problem found, in one message.
+    """
+    problems: list[str] = []
+    fp = expected_fingerprint or server_ctx.fingerprint
+    if update.fingerprint != fp:
+        problems.append(
+            f"context fingerprint {update.fingerprint!r} differs from this run's {fp!r} "
+            "(encrypted under another context)"
+        )
+    if update.round_id < expected_round:
+        problems.append(f"round {update.round_id} is earlier than the current round {expected_round} (replay)")
+    elif update.round_id > expected_round:
+        problems.append(f"round {update.round_id} is later than the current round {expected_round}")
+    if expected_stage is not None and update.stage != expected_stage:
+        problems.append(f"stage {update.stage!r} differs from the expected {expected_stage!r}")
+    if update.num_values != expected_num_values:
+        problems.append(f"num_values {update.num_values} differs from the model's {expected_num_values}")
+    if expected_layout_hash is not None and update.layout_hash != expected_layout_hash:
+        problems.append(f"layout hash {update.layout_hash!r} differs from the expected {expected_layout_hash!r}")
+    if expected_codec is not None and update.codec != expected_codec:
+        problems.append(f"codec {update.codec!r} differs from the expected {expected_codec!r}")
+    n_expected = num_vectors(expected_num_values, server_ctx.slots, packing)
+    if len(update.ciphertexts) != n_expected:
+        problems.append(f"{len(update.ciphertexts)} ciphertexts where {n_expected} are expected")
+    if encrypted_weight:
+        if update.weight_ciphertext is None:
+            problems.append("no encrypted weight, but this aggregation expects one")
+        if update.weight is not None:
+            problems.append("a clear weight was sent although weights are to be encrypted")
+    else:
+        if update.weight_ciphertext is not None:
+            problems.append("an encrypted weight was sent, but this aggregation expects clear weights")
+        w = update.weight
+        if w is None or not math.isfinite(w) or w <= 0:
+            problems.append(f"weight {w!r} is not a finite number > 0")
+        elif packing is not None and w > packing.max_weight * (1 + 1e-12):
+            problems.append(f"weight {w!r} exceeds the packing's max_weight {packing.max_weight!r}")
+    if problems:
+        raise CiphertextError(f"Update from {update.client_id!r} rejected: " + "; ".join(problems) + ".")
+    vectors = [
+        load_vector(server_ctx, blob, f"Update from {update.client_id!r}: ciphertext {i}")
+        for i, blob in enumerate(update.ciphertexts)
+    ]
+    wvec = None
+    if update.weight_ciphertext is not None:
+        wvec = load_vector(server_ctx, update.weight_ciphertext, f"Update from {update.client_id!r}: weight ciphertext")
+    return vectors, wvec
