@@ -41,6 +41,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_training.py
+	$(PY) benchmarks/bench_dp.py
 	@if [ -f benchmarks/bench_ckks.py ]; then $(PY) benchmarks/bench_ckks.py; fi
 
 clean-runs:

@@ -76,3 +76,20 @@ def test_failing_client_does_not_take_the_round_down(method, tmp_path):
     assert result.arrays is not None
     ok_train = [r for r in rec.rows if r["phase"] == "train" and r["status"] == "ok"]
     assert ok_train, "the other training site must still have trained"
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_every_method_trains_under_dp_sgd_with_a_ledger(method, tmp_path):
+    from secure_fedvlp.privacy import replay
+
+    cfg = tiny_cfg(tmp_path, method, privacy={"enabled": True, "target_epsilon": 8.0},
+                   train={"objective": "decomposable"})
+    strategy, result, rec, grid, init = run_method(cfg, tmp_path)
+    final, start = arrays_to_numpy(result.arrays), arrays_to_numpy(init)
+    assert any(not np.array_equal(final[k], start[k]) for k in start)
+    ok_train = [r for r in rec.rows if r["phase"] == "train" and r["status"] == "ok"]
+    assert ok_train and all(0 < r["epsilon"] <= 8.0 for r in ok_train)
+    for site in ("site1", "site2"):
+        acc = replay(tmp_path / "run" / "clients" / site / "privacy_ledger.jsonl")
+        stages = [e.stage for e in acc.history if type(e).__name__ == "DPSGDEvent"]
+        assert stages == (["align", "full"] if method == "feddra" else ["full"])
