@@ -1,4 +1,4 @@
-"""Command line: ``secure-fedvlp run | sweep | report``.
+"""Command line: ``secure-fedvlp run | sweep | keys init | report``.
 
 ``main(argv) -> int`` so tests call it directly (STYLE.md item 8).  Configuration is read
 here, once, and handed to the Flower apps as typed objects.
@@ -144,6 +144,26 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_keys_init(args: argparse.Namespace) -> int:
+    from secure_fedvlp.secagg.keys import init_keys, load_server_context
+    from secure_fedvlp.secagg.params import preset, security_level
+
+    clients = [c.strip() for c in args.clients.split(",") if c.strip()]
+    if not clients:
+        raise SecureFedVLPError("--clients needs at least one client id (comma-separated).")
+    params = preset(args.preset)
+    bundle = init_keys(args.out, clients, params, overwrite=args.overwrite)
+    load_server_context(bundle.server_path)  # refuses a server file that holds a secret key
+    print(f"CKKS keys for {len(clients)} client(s) in {bundle.out_dir} (preset {args.preset}: N={params.poly_modulus_degree}, "
+          f"moduli {list(params.coeff_mod_bit_sizes)}, {security_level(params)}-bit security)")
+    print(f"  server (no secret key): {bundle.server_path}")
+    for cid, path in bundle.client_paths.items():
+        print(f"  client {cid} (secret key, mode 0600): {path}")
+    print(f"  fingerprint: {bundle.fingerprint}")
+    print("Give each client only its own file; give the server only the server file.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="secure-fedvlp", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -159,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--summarise-only", action="store_true", help="only rebuild the summary of finished cells")
     sw.add_argument("-v", "--verbose", action="store_true")
     sw.set_defaults(func=_cmd_sweep)
+    keys = sub.add_parser("keys", help="CKKS key material for a federation run")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    ki = ksub.add_parser("init", help="create a fresh CKKS context: one secret-key file per client, one public server file")
+    ki.add_argument("--out", required=True, help="directory to write the key files and manifest into")
+    ki.add_argument("--clients", required=True, help="comma-separated client (site) ids, e.g. site1,site2,site3")
+    ki.add_argument("--preset", default="sum_only_128", help="CKKS parameter preset (default: sum_only_128)")
+    ki.add_argument("--overwrite", action="store_true", help="replace existing key files")
+    ki.set_defaults(func=_cmd_keys_init)
     rep = sub.add_parser("report", help="(re)build report.md/json and plots of a run directory")
     rep.add_argument("run_dir")
     rep.set_defaults(func=_cmd_report)
