@@ -121,6 +121,8 @@ class FederationConfig:
     fraction_train: float = 1.0
     min_train_clients: int = 1
     round_timeout_s: float = 3600.0
+    # How long the server waits for every expected site to connect before starting with those present.
+    discovery_timeout_s: float = 120.0
     # FedProx proximal coefficient (used by method = "fedprox").
     proximal_mu: float = 0.01
 
@@ -130,6 +132,7 @@ class FederationConfig:
                "must be in (0, 1]")
         _check(self.min_train_clients >= 1, "federation.min_train_clients", self.min_train_clients, "must be >= 1")
         _check(self.round_timeout_s > 0, "federation.round_timeout_s", self.round_timeout_s, "must be > 0")
+        _check(self.discovery_timeout_s > 0, "federation.discovery_timeout_s", self.discovery_timeout_s, "must be > 0")
         _check(self.proximal_mu >= 0, "federation.proximal_mu", self.proximal_mu, "must be >= 0")
 
 

@@ -362,12 +362,20 @@ class VLPStrategy(FedAvg):
 
     # -- discovery -----------------------------------------------------------------
     def discover(self, grid: Grid, expected_nodes: int, timeout: float) -> dict[int, SiteInfo]:
-        """Ask every connected node for its site; wait up to ``timeout`` for ``expected_nodes``."""
-        deadline = time.monotonic() + timeout
+        """Ask every connected node for its site.
+
+        Waits up to ``federation.discovery_timeout_s`` for ``expected_nodes`` to connect, then
+        goes on with those present (a warning names the shortfall); replies wait up to ``timeout``.
+        """
+        deadline = time.monotonic() + self.cfg.federation.discovery_timeout_s
         node_ids = list(grid.get_node_ids())
         while len(node_ids) < expected_nodes and time.monotonic() < deadline:
             time.sleep(0.5)
             node_ids = list(grid.get_node_ids())
+        if len(node_ids) < expected_nodes:
+            logger.warning("Only %d of the %d expected sites connected within %.0fs; starting without the others "
+                           "(with `flwr run`, pass --federation-config 'num-supernodes=%d').", len(node_ids),
+                           expected_nodes, self.cfg.federation.discovery_timeout_s, expected_nodes)
         msgs = [Message(RecordDict({CONFIG_KEY: ConfigRecord({"query": "site-info"})}), dst_node_id=nid,
                         message_type=MessageType.QUERY) for nid in node_ids]
         sites: dict[int, SiteInfo] = {}
