@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -44,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SyntheticSpec", "generate_federation", "site_style", "SYNONYMS", "GENERATOR_VERSION"]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 LESIONS = FINDINGS[1:]
 BASE_PREVALENCE = np.array([0.25, 0.22, 0.2, 0.12, 0.18])  # cardiomegaly, effusion, consolidation, ptx, nodule
 
@@ -95,7 +96,7 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
                       "{side} lung consolidation", "patchy {side} airspace disease"),
     "pneumothorax": ("{side} pneumothorax", "{side} apical pneumothorax", "collapsed {side} lung apex",
                      "{side} pleural air"),
-    "nodule": ("{side} pulmonary nodule", "small nodular opacity in the {side} lung", "{side} lung nodule",
+    "nodule": ("{side} pulmonary nodule", "nodular opacity in the {side} lung", "{side} lung nodule",
                "rounded density in the {side} lung"),
 }
 NEGATIONS: dict[str, tuple[str, ...]] = {
@@ -203,6 +204,11 @@ def _render(labels: np.ndarray, style: dict[str, Any], out_size: int,
     img[lung_any] = 0.16
     ribs = (np.sin(yy * col(rng.uniform(15, 19, n)) + 3.0 * xx**2) > 0.72) & lung_any
     img[ribs] += 0.07
+    # lung markings: vessel-like texture, denser towards the hila (absent where a pneumothorax is drawn)
+    texture = gaussian_filter(rng.normal(size=(n, res, res)).astype(np.float32), sigma=(0, res / 40, res / 40))
+    texture /= texture.std() + 1e-6
+    hilum = np.exp(-((np.abs(xx) - 0.22) ** 2 + (yy + 0.02) ** 2) / 0.08)
+    img += np.where(lung_any, (0.025 + 0.05 * hilum) * np.maximum(texture, 0.0), 0.0)
     spine = (np.abs(xx) < 0.07) & body
     img[spine] = 0.7
     masks = np.zeros((n, res, res), bool)
@@ -230,8 +236,7 @@ def _render(labels: np.ndarray, style: dict[str, Any], out_size: int,
     eff = labels[:, 2] > 0
     lung = which_lung("pleural_effusion")
     cx = np.where(side_is_left["pleural_effusion"], 0.39, -0.39)
-    level = col(0.42 - 0.12 * size_scale["pleural_effusion"]) - 0.5 * np.abs(xx - col(cx)) ** 2 * 0.0 \
-        - 0.35 * np.abs(xx - col(cx))
+    level = col(0.42 - 0.12 * size_scale["pleural_effusion"]) - 0.35 * np.abs(xx - col(cx))
     fluid = lung & (yy > level) & eff[:, None, None]
     img[fluid] = 0.58
     masks |= fluid
@@ -242,8 +247,7 @@ def _render(labels: np.ndarray, style: dict[str, Any], out_size: int,
     ccy = rng.uniform(-0.3, 0.2, n)
     r2 = (xx - col(ccx)) ** 2 + (yy - col(ccy)) ** 2
     sig = col(0.09 * size_scale["consolidation"])
-    texture = gaussian_filter(rng.normal(size=(n, res, res)).astype(np.float32), sigma=(0, res / 40, res / 40))
-    blob = np.exp(-r2 / (2 * sig**2)) * (0.8 + 0.6 * texture)
+    blob = np.exp(-r2 / (2 * sig**2)) * (0.8 + 0.15 * texture)
     blob = np.where(lung & cons[:, None, None], np.clip(blob, 0, 1.2), 0.0)
     img += 0.38 * blob
     masks |= blob > 0.3
@@ -346,7 +350,27 @@ def _datasets(fed: Federation) -> dict[str, VLPDataset]:
     return out
 
 
-def _save(fed: Federation, path: Path) -> None:
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _save(fed: Federation, spec: SyntheticSpec, path: Path) -> tuple[bytes, dict[str, Any]]:
+    """Arrays to ``path`` (.npz), then reports/ids/spec and the npz's sha256 to its .json sidecar.
+
+    The sidecar is written last and names the npz digest, so a reader never pairs a sidecar with
+    a partial or foreign npz; both writes are atomic.
+    """
     arrays: dict[str, np.ndarray] = {}
     meta: dict[str, Any] = {}
     for key, ds in _datasets(fed).items():
@@ -355,23 +379,29 @@ def _save(fed: Federation, path: Path) -> None:
         arrays[f"{key}|masks"] = ds.masks if ds.masks is not None else np.zeros((0,), np.uint8)
         arrays[f"{key}|has_text"] = ds.has_text
         meta[key] = {"reports": ds.reports, "record_ids": ds.record_ids}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    blob = buf.getvalue()
+    _atomic_write(path, blob)
+    side = {"generator_version": GENERATOR_VERSION, "spec": dataclasses.asdict(spec),
+            "npz_sha256": hashlib.sha256(blob).hexdigest(), "datasets": meta}
+    _atomic_write(path.with_suffix(".json"), json.dumps(side).encode())
+    return blob, side
 
 
 def _load(path: Path) -> Federation:
-    with np.load(path) as z:
-        meta = json.loads(bytes(z["__meta__"]).decode())
-        sites: dict[str, dict[str, VLPDataset]] = {}
-        roles: dict[str, str] = {}
-        for key, m in meta.items():
+    blob = path.read_bytes()
+    side = json.loads(path.with_suffix(".json").read_text())
+    if side.get("npz_sha256") != hashlib.sha256(blob).hexdigest():
+        raise ValueError("the npz does not match the digest in its .json sidecar")
+    return _from_blob(blob, side)
+
+
+def _from_blob(blob: bytes, side: dict[str, Any]) -> Federation:
+    sites: dict[str, dict[str, VLPDataset]] = {}
+    roles: dict[str, str] = {}
+    with np.load(io.BytesIO(blob)) as z:
+        for key, m in side["datasets"].items():
             name, role, split = key.split("|")
             masks = z[f"{key}|masks"]
             ds = VLPDataset(name, z[f"{key}|images"].astype(np.float32) / 65535, m["reports"],
@@ -389,8 +419,24 @@ def _load(path: Path) -> Federation:
 def generate_federation(spec: SyntheticSpec, cache_dir: str | os.PathLike | None = None) -> Federation:
     """Generate (or load from ``cache_dir``) the synthetic federation described by ``spec``.
 
-    Images are cached as 16-bit integers, so a cache hit equals the fresh generation to
-    within 1/65535; writes are atomic, so concurrent processes may call this safely.
+    Parameters
+    ----------
+    spec : what to generate; the same spec always gives bit-identical arrays and reports.
+    cache_dir : if given, the federation is cached there as ``synthetic-<hash>.npz`` (arrays) plus
+        ``synthetic-<hash>.json`` (spec, reports, record ids and the npz's sha256), keyed by a hash of
+        the spec and the generator version.
+
+    Returns
+    -------
+    Federation
+
+    Notes
+    -----
+    Images are cached as 16-bit integers, so a cache hit equals the fresh generation to within
+    1/65535 (with a cache, the returned data is always the cached form, whether this call
+    generated it or read it).  Writes are atomic (temporary file + ``os.replace``), so concurrent
+    processes (Ray actors) may call this safely; an unreadable or inconsistent cache is
+    regenerated with a logged warning.
     """
     if cache_dir is None:
         return _generate(spec)
@@ -398,11 +444,12 @@ def generate_federation(spec: SyntheticSpec, cache_dir: str | os.PathLike | None
     if path.exists():
         try:
             return _load(path)
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             logger.warning("synthetic cache %s is unreadable (%s); regenerating it.", path, exc)
     t0 = time.perf_counter()
     fed = _generate(spec)
-    _save(fed, path)
-    fed = _load(path)  # identical whether this process generated the data or read the cache
+    # return the cached (16-bit) form, identical whether this call generated the data or read it; built from
+    # memory, so a concurrent writer replacing the files in between cannot pair this npz with another sidecar
+    fed = _from_blob(*_save(fed, spec, path))
     logger.info("generated synthetic federation in %.1fs -> %s", time.perf_counter() - t0, path)
     return fed

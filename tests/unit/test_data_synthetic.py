@@ -33,9 +33,14 @@ def test_cache_hit_and_corrupt_cache_regenerated(tmp_path):
         assert np.array_equal(x[1], y[1]) and x[3] == y[3]
     fresh = generate_federation(SMALL)
     np.testing.assert_allclose(first.sites[0].train.images, fresh.sites[0].train.images, atol=1 / 65535)
+    sidecar = files[0].with_suffix(".json")
+    assert sidecar.is_file() and '"seed": 5' in sidecar.read_text()
     files[0].write_bytes(b"not a zip")
     repaired = generate_federation(SMALL, cache_dir=tmp_path)
     assert np.array_equal(repaired.sites[0].train.images, first.sites[0].train.images)
+    sidecar.write_text("{truncated")
+    assert generate_federation(SMALL, cache_dir=tmp_path).sites[1].val.reports == first.sites[1].val.reports
+    assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporaries behind
 
 
 def test_site_intensity_statistics_follow_scanner_style():
