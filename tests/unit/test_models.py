@@ -1,0 +1,89 @@
+"""Model factory, towers, parameter groups, and the locked/cached text prefix."""
+
+import pytest
+import torch
+from torch import nn
+
+from secure_fedvlp.errors import ModelConfigError
+from secure_fedvlp.models import create_model, get_model_spec, list_models
+
+
+def test_registry_and_errors():
+    assert {"demo", "tiny"} <= set(list_models())
+    with pytest.raises(ModelConfigError, match="registered models"):
+        get_model_spec("nope")
+    with pytest.raises(ModelConfigError, match="no such key"):
+        get_model_spec("tiny", {"image.bogus": 1})
+    assert get_model_spec("tiny", {"embed_dim": 16}).embed_dim == 16
+
+
+def test_shapes_normalised_and_groupnorm_only():
+    torch.manual_seed(0)
+    m = create_model("tiny")
+    tok = m.tokenize(["no acute findings", "small right pleural effusion"])
+    out = m(torch.rand(2, 1, 32, 32), tok["input_ids"], tok["attention_mask"])
+    assert out["image_emb"].shape == out["text_emb"].shape == (2, m.spec.embed_dim)
+    torch.testing.assert_close(out["image_emb"].norm(dim=-1), torch.ones(2))
+    assert not any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in m.modules())
+    assert any(isinstance(mod, nn.GroupNorm) for mod in m.image_encoder.modules())
+
+
+def test_parameter_groups_partition_and_alignment_contents():
+    m = create_model("tiny")
+    g = m.parameter_groups()
+    names = [n for n, _ in m.named_parameters()]
+    assert sorted(g["alignment"] + g["backbone"]) == sorted(names)
+    assert not set(g["alignment"]) & set(g["backbone"])
+    assert any(n.startswith("image_head.") for n in g["alignment"])
+    assert "logit_scale.scale" in g["alignment"]
+    assert any(n.startswith("image_encoder.stem") for n in g["backbone"])
+
+
+@pytest.fixture(scope="module")
+def demo():
+    torch.manual_seed(0)
+    return create_model("demo")  # the real all-MiniLM-L6-v2 weights, loaded offline
+
+
+def test_demo_loads_real_minilm_offline_with_locked_lower_layers(demo):
+    enc = demo.text_encoder.encoder
+    assert enc.config.num_hidden_layers == 6 and enc.config.hidden_size == 384
+    frozen = demo.spec.text.frozen_layers
+    assert all(not p.requires_grad for p in enc.embeddings.parameters())
+    assert all(not p.requires_grad for layer in enc.encoder.layer[:frozen] for p in layer.parameters())
+    assert all(p.requires_grad for layer in enc.encoder.layer[frozen:] for p in layer.parameters())
+    assert demo.training  # from_pretrained returns eval mode; the factory must not
+
+
+def test_cached_prefix_equals_the_full_forward_and_is_padding_invariant(demo):
+    demo.eval()
+    try:
+        texts = ["no acute findings", "small left effusion. no pneumothorax",
+                 "the heart is enlarged with a large right pleural effusion and no pneumothorax"]
+        tok = demo.tokenize(texts)
+        cached = demo.encode_text(tok["input_ids"], tok["attention_mask"])  # fills the cache
+        again = demo.encode_text(tok["input_ids"], tok["attention_mask"])  # served from it
+        hidden = demo.text_encoder.encoder(input_ids=tok["input_ids"],
+                                           attention_mask=tok["attention_mask"]).last_hidden_state
+        mask = tok["attention_mask"].unsqueeze(-1).float()
+        full = nn.functional.normalize(demo.text_head((hidden * mask).sum(1) / mask.sum(1)), dim=-1)
+        torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(again, cached)
+        one = demo.tokenize(texts[:1])
+        torch.testing.assert_close(demo.encode_text(one["input_ids"], one["attention_mask"])[0], cached[0],
+                                   rtol=1e-5, atol=1e-6)
+    finally:
+        demo.train()
+
+
+def test_semantic_sanity_of_pretrained_text_tower(demo):
+    # Mean-pooled MiniLM states put a paraphrase nearer than an unrelated finding (before any training).
+    demo.eval()
+    try:
+        tok = demo.tokenize(["the heart is enlarged", "cardiomegaly with enlarged heart", "right pneumothorax"])
+        ids, mask = tok["input_ids"], tok["attention_mask"]
+        h = demo.text_encoder(ids, mask)
+        h = nn.functional.normalize(h, dim=-1)
+        assert float(h[0] @ h[1]) > float(h[0] @ h[2])
+    finally:
+        demo.train()
