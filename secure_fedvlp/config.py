@@ -33,6 +33,7 @@ __all__ = [
     "PrivacyConfig",
     "ExperimentConfig",
     "load_config",
+    "read_toml",
     "parse_config",
     "apply_overrides",
     "config_to_dict",
@@ -388,16 +389,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     return out
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read a TOML experiment config and apply ``key=value`` overrides."""
+def read_toml(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """Parse a TOML file; a missing file or a syntax error is a :class:`ConfigError` naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist.")
+        raise ConfigError(f"{what} file {str(path)!r} does not exist.")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    data = apply_overrides(data, list(overrides))
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a TOML experiment config and apply ``key=value`` overrides."""
+    data = apply_overrides(read_toml(path), list(overrides))
     return parse_config(data, source=str(path))
 
 

@@ -33,13 +33,12 @@ import os
 import subprocess
 import sys
 import time
-import tomllib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from secure_fedvlp.config import apply_overrides, load_config
+from secure_fedvlp.config import load_config, read_toml
 from secure_fedvlp.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -103,12 +102,7 @@ def cell_id(cell: dict[str, Any]) -> str:
 def load_sweep(path: str | os.PathLike) -> SweepSpec:
     """Parse and validate a sweep file; every cell's config is validated before anything runs."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {str(path)!r} does not exist.")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    data = read_toml(path, "sweep")
     problems = []
     unknown_top = set(data) - {"sweep"}
     if unknown_top:
@@ -277,7 +271,3 @@ def _plot(spec: SweepSpec, summary: dict[str, Any], order: list[str]) -> None:
     fig.savefig(spec.root / "summary.png", dpi=110)
     plt.close(fig)
 
-
-def override_dict(overrides: list[str]) -> dict[str, Any]:
-    """Helper for tests: the nested dict a list of overrides produces."""
-    return apply_overrides({}, overrides)

@@ -25,7 +25,7 @@ from secure_fedvlp.data.types import FINDINGS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FINDING_PROMPTS", "binary_auroc", "zero_shot_scores", "recall_at_k", "evaluate_split",
+__all__ = ["FINDING_PROMPTS", "binary_auroc", "embed_images", "embed_texts", "zero_shot_scores", "recall_at_k", "evaluate_split",
            "MACRO_AUROC", "headline_metrics"]
 
 MACRO_AUROC = "zs_auroc_macro"
@@ -108,7 +108,8 @@ def recall_at_k(sim: torch.Tensor, match: torch.Tensor, ks: Sequence[int]) -> di
 
 
 @torch.no_grad()
-def _embed_texts(model: torch.nn.Module, texts: Sequence[str], batch_size: int, device: torch.device) -> torch.Tensor:
+def embed_texts(model: torch.nn.Module, texts: Sequence[str], batch_size: int, device: torch.device) -> torch.Tensor:
+    """Normalised text embeddings of ``texts``, in batches, on CPU."""
     chunks = []
     for i in range(0, len(texts), batch_size):
         tok = model.tokenize(list(texts[i : i + batch_size]))
@@ -117,7 +118,8 @@ def _embed_texts(model: torch.nn.Module, texts: Sequence[str], batch_size: int, 
 
 
 @torch.no_grad()
-def _embed_images(model: torch.nn.Module, images: np.ndarray, batch_size: int, device: torch.device) -> torch.Tensor:
+def embed_images(model: torch.nn.Module, images: np.ndarray, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Normalised image embeddings of ``[N, H, W]`` images, in batches, on CPU."""
     chunks = []
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).unsqueeze(1).to(device)
@@ -133,7 +135,7 @@ def prompt_embeddings(model: torch.nn.Module, device: torch.device,
     for finding in FINDINGS:
         p, n = FINDING_PROMPTS[finding]
         for bank, prompts in ((pos, p), (neg, n)):
-            e = _embed_texts(model, prompts, batch_size, device).mean(0)
+            e = embed_texts(model, prompts, batch_size, device).mean(0)
             bank.append(e / e.norm().clamp_min(1e-12))
     return torch.stack(pos), torch.stack(neg)
 
@@ -154,7 +156,7 @@ def evaluate_split(model: torch.nn.Module, dataset, *, ks: Sequence[int] = (1, 5
         has_img = np.asarray(dataset.has_image, dtype=bool)
         has_txt = np.asarray(dataset.has_text, dtype=bool)
         if has_img.any():
-            img_emb = _embed_images(model, dataset.images[has_img], batch_size, device)
+            img_emb = embed_images(model, dataset.images[has_img], batch_size, device)
             pos, neg = prompt_embeddings(model, device, batch_size)
             scores = zero_shot_scores(img_emb, pos, neg).numpy()
             labels = np.asarray(dataset.labels)[has_img]
@@ -168,9 +170,9 @@ def evaluate_split(model: torch.nn.Module, dataset, *, ks: Sequence[int] = (1, 5
                 out[MACRO_AUROC] = float(np.mean(aurocs))
         paired = np.flatnonzero(has_img & has_txt)
         if paired.size >= 2:
-            img = _embed_images(model, dataset.images[paired], batch_size, device)
+            img = embed_images(model, dataset.images[paired], batch_size, device)
             reports = [dataset.reports[i] for i in paired]
-            txt = _embed_texts(model, reports, batch_size, device)
+            txt = embed_texts(model, reports, batch_size, device)
             codes = {r: c for c, r in enumerate(dict.fromkeys(reports))}
             ids = torch.tensor([codes[r] for r in reports])
             match = ids[:, None] == ids[None, :]

@@ -240,11 +240,34 @@ def _markdown(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _line_plot(path: Path, series: dict[str, dict[int, float]], ylabel: str,
+               hline: tuple[float, str] | None = None) -> Path:
+    """One line per site over rounds (optionally a labelled horizontal reference line)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for site, values in sorted(series.items()):
+        ax.plot(list(values), list(values.values()), marker="o", label=site)
+    if hline is not None:
+        ax.axhline(hline[0], color="red", linestyle="--", label=hline[1])
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _plots(run_dir: Path, rep: dict[str, Any], records: list[dict[str, Any]]) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out_dir = run_dir / "plots"
     out_dir.mkdir(exist_ok=True)
@@ -261,6 +284,7 @@ def _plots(run_dir: Path, rep: dict[str, Any], records: list[dict[str, Any]]) ->
             ax.plot(rounds, [rs[r][key] for r in rounds], marker="o", linestyle="--" if held else "-",
                     label=f"{site} (held-out)" if held else site)
         ax.set_xlabel("round (0 = untrained)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
@@ -272,36 +296,13 @@ def _plots(run_dir: Path, rep: dict[str, Any], records: list[dict[str, Any]]) ->
     plt.close(fig)
     paths.append(p)
     if rep["train_loss"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for site, series in sorted(rep["train_loss"].items()):
-            ax.plot(list(series), list(series.values()), marker="o", label=site)
-        ax.set_xlabel("round")
-        ax.set_ylabel("mean local training loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        p = out_dir / "train_loss.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_line_plot(out_dir / "train_loss.png", rep["train_loss"], "mean local training loss"))
     priv = rep.get("privacy")
     if priv and priv["clients"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for site, c in sorted(priv["clients"].items()):
-            series = c.get("epsilon_by_round") or {}
-            if series:
-                ax.plot(list(series), list(series.values()), marker="o", label=site)
-        if priv.get("budget_epsilon") is not None:
-            ax.axhline(float(priv["budget_epsilon"]), color="red", linestyle="--", label="budget")
-        ax.set_xlabel("round")
-        ax.set_ylabel(f"epsilon spent (delta={priv['delta']})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        p = out_dir / "epsilon_by_round.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        series = {site: c["epsilon_by_round"] for site, c in priv["clients"].items() if c.get("epsilon_by_round")}
+        budget = priv.get("budget_epsilon")
+        paths.append(_line_plot(out_dir / "epsilon_by_round.png", series, f"epsilon spent (delta={priv['delta']})",
+                                hline=(float(budget), "budget") if budget is not None else None))
     return paths
 
 

@@ -157,14 +157,14 @@ class LocalTrainer:
         """Public reference set embedded by the (global) model: privacy-free negatives."""
         if self.public is None or len(self.public) == 0:
             raise ValueError("the decomposable objective needs a public reference set; none was given.")
-        from secure_fedvlp.evaluation.metrics import _embed_images, _embed_texts
+        from secure_fedvlp.evaluation.metrics import embed_images, embed_texts
 
         was = model.training
         model.eval()
         try:
             bs = self.cfg.eval.batch_size
-            imgs = _embed_images(model, self.public.images, bs, self.device).to(self.device)
-            txts = _embed_texts(model, [r for r in self.public.reports if r], bs, self.device).to(self.device)
+            imgs = embed_images(model, self.public.images, bs, self.device).to(self.device)
+            txts = embed_texts(model, [r for r in self.public.reports if r], bs, self.device).to(self.device)
         finally:
             model.train(was)
         return imgs, txts
@@ -386,7 +386,7 @@ class VLPStrategy(FedAvg):
                 continue
             info = reply.content[INFO_KEY]
             sites[nid] = SiteInfo(nid, str(info["site"]), str(info["role"]), int(info["num-train"]))
-        if not any(s.role == "train" for s in sites.values()):  # noqa: SIM102
+        if not any(s.role == "train" for s in sites.values()):
             raise RuntimeError("no training site answered discovery; cannot start federated training.")
         self.sites = dict(sorted(sites.items(), key=lambda kv: kv[1].site))
         logger.info("Discovered sites: %s", ", ".join(f"{s.site}({s.role})" for s in self.sites.values()))
