@@ -1,4 +1,4 @@
-"""Command line: ``secure-fedvlp run | sweep | keys init | report``.
+"""Command line: ``secure-fedvlp run | sweep | keys init | audit | report``.
 
 ``main(argv) -> int`` so tests call it directly (STYLE.md item 8).  Configuration is read
 here, once, and handed to the Flower apps as typed objects.
@@ -164,6 +164,18 @@ def _cmd_keys_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from secure_fedvlp.privacy.audit import audit_run, format_audit
+
+    # dp-accounting logs (through absl) every small RDP order it excludes for non-convergence.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    audit = audit_run(args.run_dir)
+    print(_json.dumps(audit.to_dict(), indent=2) if args.json else format_audit(audit))
+    return 0 if audit.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="secure-fedvlp", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -187,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     ki.add_argument("--preset", default="sum_only_128", help="CKKS parameter preset (default: sum_only_128)")
     ki.add_argument("--overwrite", action="store_true", help="replace existing key files")
     ki.set_defaults(func=_cmd_keys_init)
+    au = sub.add_parser("audit", help="verify every client ledger of a run and recompute epsilon independently")
+    au.add_argument("run_dir")
+    au.add_argument("--json", action="store_true", help="machine-readable output")
+    au.set_defaults(func=_cmd_audit)
     rep = sub.add_parser("report", help="(re)build report.md/json and plots of a run directory")
     rep.add_argument("run_dir")
     rep.set_defaults(func=_cmd_report)
