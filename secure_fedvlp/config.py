@@ -231,6 +231,11 @@ class ExperimentConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
+        from secure_fedvlp.methods.registry import list_methods  # late import: methods import this module
+
+        if self.federation.method not in list_methods():
+            raise _FieldError(f"'federation.method' must be one of {', '.join(list_methods())}. "
+                              f"Found {self.federation.method!r}.")
         if self.privacy.enabled and self.train.objective == "infonce":
             raise _FieldError(
                 "'train.objective' = 'infonce' cannot be used with 'privacy.enabled' = true: in-batch InfoNCE "

@@ -99,3 +99,8 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     p.write_text(dump_toml(config_to_dict(cfg)))
     again = load_config(p)
     assert again == cfg and config_hash(again) == config_hash(cfg)
+
+
+def test_unknown_method_is_rejected_when_the_config_is_read():
+    with pytest.raises(ConfigError, match=r"federation.method.*fedavg.*'fedsgd'"):
+        parse_config({"federation": {"method": "fedsgd"}})
