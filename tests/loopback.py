@@ -24,6 +24,7 @@ class LoopbackGrid(Grid):
         self.fail_nodes = set(fail_nodes)
         self.fail_types = fail_types
         self.sent: list[Message] = []
+        self.replies: list[Message] = []
 
     # Grid's abstract interface -------------------------------------------------------
     def set_run(self, run) -> None:  # noqa: D102
@@ -57,4 +58,5 @@ class LoopbackGrid(Grid):
                 replies.append(self.client_app(msg, self.contexts[nid]))
             except Exception as exc:  # the node runtime turns client exceptions into error replies
                 replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
+        self.replies.extend(replies)
         return replies

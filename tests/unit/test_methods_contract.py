@@ -93,3 +93,22 @@ def test_every_method_trains_under_dp_sgd_with_a_ledger(method, tmp_path):
         acc = replay(tmp_path / "run" / "clients" / site / "privacy_ledger.jsonl")
         stages = [e.stage for e in acc.history if type(e).__name__ == "DPSGDEvent"]
         assert stages == (["align", "full"] if method == "feddra" else ["full"])
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_clients_send_only_parameters_scalar_metrics_and_site_info(method, tmp_path):
+    """No image, report or label ever leaves a client: replies hold federated parameters,
+    scalar metrics and the site's name/role/size, nothing else."""
+    cfg = tiny_cfg(tmp_path, method)
+    strategy, result, rec, grid, init = run_method(cfg, tmp_path)
+    federated = set(arrays_to_numpy(init))
+    assert grid.replies
+    for reply in grid.replies:
+        content = reply.content
+        assert set(content.array_records) <= {"arrays"}
+        for rec_ in content.array_records.values():
+            assert set(rec_.keys()) == federated  # model parameters only, by name and count
+        for m in content.metric_records.values():
+            assert all(isinstance(v, (int, float)) for v in m.values())
+        for c in content.config_records.values():
+            assert set(c.keys()) <= {"site", "role", "num-train", "reason"}
