@@ -31,6 +31,9 @@ __all__ = [
     "EvalConfig",
     "FedDRAConfig",
     "PrivacyConfig",
+    "EncryptionConfig",
+    "AnchorConfig",
+    "AuditConfig",
     "ExperimentConfig",
     "load_config",
     "read_toml",
@@ -199,7 +202,7 @@ class PrivacyConfig:
     noise_multiplier: float = 0.0
     clip_norm: float = 1.0
     clipping: Literal["flat", "per_layer"] = "flat"
-    grad_sample_mode: Literal["hooks", "functorch"] = "hooks"
+    grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks"
     secure_mode: bool = False
     accountant: Literal["rdp", "pld"] = "rdp"
     # Noised scalar reports (FedDRA's DRO losses): per-record clip and noise multiplier.
@@ -218,6 +221,78 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class EncryptionConfig:
+    """CKKS-encrypted aggregation with TenSEAL (DESIGN.md, "CKKS aggregation").
+
+    With ``enabled = true`` clients send weighted, encrypted updates (a Flower client mod),
+    the server sums ciphertexts it cannot decrypt and keeps the global model encrypted (a
+    strategy wrapper), and clients decrypt it at the start of each round.  ``key_dir`` is
+    where ``secure-fedvlp keys init`` wrote the key files; ``""`` makes the run create a fresh
+    set under ``<run_dir>/keys`` (simulation: the CLI plays the key authority).
+    """
+
+    enabled: bool = False
+    key_dir: str = ""
+    preset: str = "sum_only_128"
+    n_threads: int = 0  # TenSEAL threads; 0 = run.threads_per_client
+    # Noise flooding of the exported (decrypted) final model: statistical security in bits.
+    export_flooding_bits: int = 40
+
+    def __post_init__(self) -> None:
+        from secure_fedvlp.secagg.params import PRESETS
+
+        _check(self.preset in PRESETS, "encryption.preset", self.preset, f"must be one of {sorted(PRESETS)}")
+        _check(self.n_threads >= 0, "encryption.n_threads", self.n_threads, "must be >= 0")
+        _check(1 <= self.export_flooding_bits <= 128, "encryption.export_flooding_bits", self.export_flooding_bits,
+               "must be in [1, 128]")
+
+
+@dataclass(frozen=True)
+class AnchorConfig:
+    """Noised global anchor features (issue 6): per-finding image and text anchors.
+
+    Each round the current global model embeds every client's training records; each record's
+    contribution (its embeddings under every finding it carries, plus a count) is clipped to
+    L2 norm ``clip``; the sums are aggregated and Gaussian noise of std
+    ``noise_multiplier * clip`` is added before anyone but the contributing client sees them.
+    ``noise = "server"`` adds it at the server (in the ciphertext domain when encryption is on;
+    a trusted-aggregator mode otherwise); ``"distributed"`` has each client add a share and
+    refuses to release an aggregate with fewer than ``min_contributors`` shares.
+    """
+
+    enabled: bool = False
+    clip: float = 1.0
+    noise_multiplier: float = 2.0
+    noise: Literal["server", "distributed"] = "server"
+    min_contributors: int = 1
+    use_as_negatives: bool = True  # the decomposable loss also draws negatives from the anchors
+    use_for_guidance: bool = True  # FedDRA/FedAID guidance pulls towards the noised anchors
+
+    def __post_init__(self) -> None:
+        _check(self.clip > 0, "anchors.clip", self.clip, "must be > 0")
+        _check(self.noise_multiplier > 0, "anchors.noise_multiplier", self.noise_multiplier, "must be > 0")
+        _check(self.min_contributors >= 1, "anchors.min_contributors", self.min_contributors, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Empirical privacy audit (issue 7): canary records inserted at one client.
+
+    ``canaries`` random canary image-report pairs are generated; each is inserted into the
+    training data of ``canary_site`` with probability 1/2 (a fair coin per canary, seeded by
+    ``canary_seed``).  After training, a membership-inference score on every canary gives an
+    empirical lower bound on epsilon (Steinke, Nasr and Jagielski, 2023).
+    """
+
+    canaries: int = 0
+    canary_site: str = ""  # "" = the first training site
+    canary_seed: int = 1234
+
+    def __post_init__(self) -> None:
+        _check(self.canaries >= 0, "audit.canaries", self.canaries, "must be >= 0")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment: everything a run needs, resolved and immutable."""
 
@@ -229,6 +304,9 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     feddra: FedDRAConfig = field(default_factory=FedDRAConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def __post_init__(self) -> None:
         from secure_fedvlp.methods.registry import list_methods  # late import: methods import this module
