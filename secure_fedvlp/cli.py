@@ -1,4 +1,4 @@
-"""Command line: ``secure-fedvlp run | sweep | keys init | audit | report``.
+"""Command line: ``secure-fedvlp run | sweep | keys init | export | audit | report``.
 
 ``main(argv) -> int`` so tests call it directly (STYLE.md item 8).  Configuration is read
 here, once, and handed to the Flower apps as typed objects.
@@ -89,6 +89,9 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
                   len(fed.sites), 1 if fed.heldout else 0,
                   ", ".join(f"{s.name}: {len(s.train)} train / {len(s.test)} test" for s in fed.all_sites()))
     setup = RunSetup(cfg, rdir)
+    auto_keys = cfg.encryption.enabled and not cfg.encryption.key_dir
+    if cfg.encryption.enabled:
+        _prepare_keys(cfg, rdir, [s.name for s in fed.all_sites()], progress)
 
     def provider(_context):  # noqa: ANN001 - Flower Context
         return setup
@@ -107,8 +110,52 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
     report = rdir / "report.md"
     if not report.exists():
         raise SecureFedVLPError(f"the run ended without writing {report}; see {rdir / 'log.txt'}.")
+    if auto_keys and (rdir / "model" / "global_model.ckks").exists():
+        # Simulation: the CLI played the key authority, so it also plays the key holder who releases
+        # the final model (in deployment a site runs `secure-fedvlp export` with its own key).
+        from secure_fedvlp.evaluation.report import write_report
+        from secure_fedvlp.flower.secagg import client_key_path, export_model
+
+        site = fed.sites[0].name
+        info = export_model(rdir, client_key_path(cfg, rdir, site))
+        progress.info("final model decrypted by key holder %s: %s", site, info["decryption"])
+        write_report(rdir)
     progress.info("finished in %.0fs", time.perf_counter() - t0)
     return rdir
+
+
+def _prepare_keys(cfg, rdir: Path, sites: list[str], progress: logging.Logger) -> None:
+    """Check the configured key directory, or create the run's keys (simulation: the CLI is the key authority)."""
+    from secure_fedvlp.flower.secagg import check_encryption_supported, client_key_path, key_dir
+    from secure_fedvlp.secagg.keys import SERVER_FILE, init_keys
+    from secure_fedvlp.secagg.params import preset
+
+    check_encryption_supported(cfg)
+    kdir = key_dir(cfg, rdir)
+    if cfg.encryption.key_dir:
+        missing = [str(p) for p in [kdir / SERVER_FILE, *(client_key_path(cfg, rdir, s) for s in sites)]
+                   if not p.exists()]
+        if missing:
+            raise SecureFedVLPError(f"encryption.key_dir = {str(kdir)!r} lacks {missing}; create them with "
+                                    f"`secure-fedvlp keys init --out {kdir} --clients {','.join(sites)} "
+                                    f"--preset {cfg.encryption.preset}`.")
+        return
+    bundle = init_keys(kdir, sites, preset(cfg.encryption.preset))
+    progress.info("CKKS keys created in %s (fingerprint %s): one secret-key file per site, a key-less server "
+                  "context", kdir, bundle.fingerprint)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from secure_fedvlp.evaluation.report import write_report
+    from secure_fedvlp.flower.secagg import export_model
+
+    info = export_model(args.run_dir, args.key, out=args.out)
+    if args.out is None:
+        write_report(Path(args.run_dir))
+    print(_json.dumps(info, indent=2))
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -203,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("run_dir")
     au.add_argument("--json", action="store_true", help="machine-readable output")
     au.set_defaults(func=_cmd_audit)
+    ex = sub.add_parser("export", help="decrypt an encrypted run's final model for release (key holders only)")
+    ex.add_argument("run_dir")
+    ex.add_argument("--key", required=True, help="this site's client key file (client-<site>.key)")
+    ex.add_argument("--out", help="write the parameters here instead of RUN_DIR/model/federated_params.npz")
+    ex.set_defaults(func=_cmd_export)
     rep = sub.add_parser("report", help="(re)build report.md/json and plots of a run directory")
     rep.add_argument("run_dir")
     rep.set_defaults(func=_cmd_report)

@@ -124,6 +124,24 @@ def privacy_section(run_dir: Path) -> dict[str, Any] | None:
             "not_covered": ["evaluation metrics on each site's test split (sent in clear; not a DP release)"]}
 
 
+def encryption_section(run_dir: Path) -> dict[str, Any] | None:
+    """CKKS aggregation of an encrypted run: per-round accepted/rejected contributions, upload
+    sizes, and how the final model was released (``model/export.json``)."""
+    rounds_path = run_dir / "secagg_rounds.json"
+    if not rounds_path.exists():
+        return None
+    rounds = json.loads(rounds_path.read_text(encoding="utf-8"))
+    sizes = [b for r in rounds for b in r.get("bytes_per_update", {}).values()]
+    export_path = run_dir / "model" / "export.json"
+    keys_manifest = run_dir / "keys" / "manifest.json"
+    return {
+        "rounds": rounds,
+        "mean_upload_bytes": (sum(sizes) / len(sizes)) if sizes else None,
+        "export": json.loads(export_path.read_text(encoding="utf-8")) if export_path.exists() else None,
+        "keys": json.loads(keys_manifest.read_text(encoding="utf-8")) if keys_manifest.exists() else None,
+    }
+
+
 def build_report(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Summarise a run: per-site final vs untrained, worst training site, held-out site."""
     run_dir = Path(run_dir)
@@ -167,6 +185,7 @@ def build_report(run_dir: str | os.PathLike) -> dict[str, Any]:
                for r in records if r.get("status") == "budget_exhausted"}
     return {
         "privacy": privacy_section(run_dir),
+        "encryption": encryption_section(run_dir),
         "stopped_clients": stopped,
         "run_dir": str(run_dir),
         "config": config_path.read_text(encoding="utf-8") if config_path.exists() else None,
@@ -228,6 +247,29 @@ def _markdown(rep: dict[str, Any]) -> str:
             lines.append(f"| {site} | " + " | ".join(cells) +
                          f" | {c['by_mechanism']['DPSGDEvent']} / {c['by_mechanism']['GaussianEvent']} |")
         lines += ["", "Not covered by DP (named, not hidden): " + "; ".join(priv["not_covered"]) + "."]
+    enc = rep.get("encryption")
+    if enc:
+        lines += ["", "## CKKS-encrypted aggregation", ""]
+        if enc.get("keys"):
+            k = enc["keys"]
+            lines.append(f"Context {k.get('fingerprint')} (N={k['params'].get('poly_modulus_degree')}, moduli "
+                         f"{k['params'].get('coeff_mod_bit_sizes')}, {k.get('security_bits')}-bit security).")
+        if enc.get("mean_upload_bytes"):
+            lines.append(f"Mean encrypted upload: {enc['mean_upload_bytes'] / 2**20:.1f} MiB per client and stage.")
+        for r in enc["rounds"]:
+            rej = "; ".join(f"{s}: {why}" for s, why in r["rejected"].items())
+            lines.append(f"- round {r['round']} ({r['stage']}): summed {len(r['accepted'])} "
+                         f"({', '.join(r['accepted'])})" + (f"; dropped {rej}" if rej else ""))
+        ex = enc.get("export")
+        if ex:
+            lines += ["", f"Final model released by a key holder: {ex['decryption']}; flooding sigma "
+                          f"{ex['flooding_sigma']:g}" + (f", fixed point 2^-{ex['fixed_point_bits']}, probability "
+                          f"that any value decodes wrongly <= {ex['model_failure_probability_bound']:.1e}"
+                          if "fixed_point_bits" in ex else f", {ex.get('flooding_bits')}-bit statistical security")
+                      + "."]
+        else:
+            lines += ["", "The final model is encrypted (`model/global_model.ckks`); release it with "
+                          "`secure-fedvlp export RUN_DIR --key KEYFILE`."]
     if rep.get("stopped_clients"):
         lines += ["", "## Clients stopped by their privacy budget", ""]
         for site, v in rep["stopped_clients"].items():

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -66,6 +67,7 @@ class ClientRuntime:
     model: torch.nn.Module
     trainer: LocalTrainer
     device: torch.device
+    secagg: Any = None  # ClientSecAgg when encryption is on
 
     @classmethod
     def create(cls, setup: RunSetup, context: Context) -> ClientRuntime:
@@ -85,8 +87,14 @@ class ClientRuntime:
             logger.info("site %s: DP-SGD noise multiplier %.4f, sample rate %.4f, budget eps=%g delta=%g",
                         site.name, z, q, cfg.privacy.target_epsilon, cfg.privacy.delta)
             trainer = DPTrainer(trainer, path, site.name, z, q, cfg.privacy)
-        logger.info("Client for site %s (%s) ready on %s", site.name, site.role, device)
-        return cls(setup, site, model, trainer, device)
+        secagg = None
+        if cfg.encryption.enabled:
+            from secure_fedvlp.flower.secagg import ClientSecAgg
+
+            secagg = ClientSecAgg.load(cfg, setup.run_dir, site.name, federated_state(model))
+        logger.info("Client for site %s (%s) ready on %s%s", site.name, site.role, device,
+                    " (CKKS encryption on)" if secagg is not None else "")
+        return cls(setup, site, model, trainer, device, secagg)
 
     # -- handlers ------------------------------------------------------------------
     def info(self) -> ConfigRecord:
@@ -114,8 +122,13 @@ class ClientRuntime:
                                   if k not in reserved and isinstance(v, (int, float))})
         global_state = arrays_to_numpy(msg.content[ARRAYS_KEY])
         load_federated_state(self.model, global_state)
-        gen = torch.Generator().manual_seed(_job_seed(self.setup.cfg.run.seed, self.site.name, task))
-        metrics = self.trainer.fit(self.model, self.site.train, task, gen, global_state)
+        seed = _job_seed(self.setup.cfg.run.seed, self.site.name, task)
+        gen = torch.Generator().manual_seed(seed)
+        # Dropout and other layers draw from torch's global generator: seed it per job too, so a
+        # run is reproducible whichever process handles the message.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            metrics = self.trainer.fit(self.model, self.site.train, task, gen, global_state)
         return RecordDict({ARRAYS_KEY: numpy_to_arrays(federated_state(self.model)),
                            METRICS_KEY: MetricRecord(metrics), INFO_KEY: self.info()})
 
@@ -166,11 +179,17 @@ def get_runtime(provider: ConfigProvider, context: Context) -> ClientRuntime:
 
 
 def make_client_app(provider: ConfigProvider = config_from_run_config) -> ClientApp:
-    """A ClientApp whose config comes from ``provider(context)``."""
-    client_app = ClientApp()
+    """A ClientApp whose config comes from ``provider(context)``.
+
+    The secure-aggregation mod is always installed; it passes messages through untouched
+    unless the run's config turns encryption on.
+    """
+    from secure_fedvlp.flower.secagg import make_secagg_mod
 
     def runtime(context: Context) -> ClientRuntime:
         return get_runtime(provider, context)
+
+    client_app = ClientApp(mods=[make_secagg_mod(runtime)])
 
     @client_app.query()
     def query(msg: Message, context: Context) -> Message:

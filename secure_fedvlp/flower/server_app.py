@@ -37,12 +37,30 @@ def make_server_app(provider: ConfigProvider = config_from_run_config) -> Server
         n_values = int(sum(v.size for v in arrays_to_numpy(initial).values()))
         recorder.progress(f"method={cfg.federation.method} rounds={cfg.federation.num_rounds} "
                           f"federated parameters={n_values:,}")
-        strategy = get_method(cfg.federation.method).strategy(cfg, recorder)
+        strategy_cls = get_method(cfg.federation.method).strategy
+        if cfg.encryption.enabled:
+            from secure_fedvlp.flower.secagg import encrypted_strategy, load_server_secagg
+
+            strategy = encrypted_strategy(strategy_cls)(cfg, recorder)
+            strategy.setup_secagg(load_server_secagg(cfg, run_dir), arrays_to_numpy(initial))
+            recorder.progress(f"CKKS encrypted aggregation on (context {strategy.secagg_ctx.fingerprint}, "
+                              f"fixed point 2^-{strategy.secagg_bits})")
+        else:
+            strategy = strategy_cls(cfg, recorder)
         result = strategy.start(grid, initial, num_rounds=cfg.federation.num_rounds,
                                 timeout=cfg.federation.round_timeout_s, expected_nodes=expected_num_nodes(cfg))
-        final = arrays_to_numpy(result.arrays if result.arrays is not None else initial)
+        final_record = result.arrays if result.arrays is not None else initial
         model_dir = run_dir / "model"
         model_dir.mkdir(exist_ok=True)
+        if cfg.encryption.enabled:
+            from secure_fedvlp.flower.secagg import is_encrypted, save_encrypted_model
+
+            _write_secagg_stats(run_dir, strategy.secagg_stats)
+            if is_encrypted(final_record):
+                save_encrypted_model(final_record, model_dir, cfg)
+                write_report(run_dir)
+                return
+        final = arrays_to_numpy(final_record)
         np.savez(model_dir / "federated_params.npz", **final)
         (model_dir / "README.txt").write_text(
             f"Federated parameters of model config {cfg.model.name!r} after {cfg.federation.num_rounds} rounds.\n"
@@ -51,6 +69,12 @@ def make_server_app(provider: ConfigProvider = config_from_run_config) -> Server
         write_report(run_dir)
 
     return server_app
+
+
+def _write_secagg_stats(run_dir, stats) -> None:
+    import json
+
+    (run_dir / "secagg_rounds.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
 
 
 app = make_server_app()

@@ -441,7 +441,7 @@ class VLPStrategy(FedAvg):
         s = self.sites.get(msg.metadata.src_node_id)
         return s.site if s else f"node-{msg.metadata.src_node_id}"
 
-    def validate_reply(self, msg: Message, reference: Mapping[str, np.ndarray]) -> str | None:
+    def validate_reply(self, msg: Message, reference: Mapping[str, np.ndarray] | None) -> str | None:
         """Reason to drop a train reply, or None if it is well formed."""
         content = msg.content
         if ARRAYS_KEY not in content.array_records:
@@ -451,6 +451,8 @@ class VLPStrategy(FedAvg):
         weight = float(content[METRICS_KEY][NUM_EXAMPLES])
         if not (weight > 0 and math.isfinite(weight)):
             return f"weight {NUM_EXAMPLES}={weight!r} is not a positive finite number"
+        if reference is None:
+            return None
         arrays = content[ARRAYS_KEY]
         if set(arrays.keys()) != set(reference):
             missing = sorted(set(reference) - set(arrays.keys()))[:3]
@@ -468,29 +470,22 @@ class VLPStrategy(FedAvg):
         """Weights of accepted replies (example counts for FedAvg); normalised by the caller."""
         return [float(m.content[METRICS_KEY][NUM_EXAMPLES]) for m in replies]
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message], *, stage: str = "full",
-                        reference: ArrayRecord | None = None) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        ref = arrays_to_numpy(reference) if reference is not None else None
-        accepted: list[Message] = []
-        for msg in replies:
-            site = self.site_name(msg)
-            if self.note_budget_exhausted(server_round, msg, "train"):
-                continue
-            if msg.has_error():
-                reason = f"client error: {msg.error.reason}"
-            else:
-                reason = self.validate_reply(msg, ref) if ref is not None else None
-            if reason is not None:
-                logger.warning("Round %d (%s): dropped reply from %s: %s", server_round, stage, site, reason)
-                self.recorder.record({"round": server_round, "stage": stage, "phase": "train", "site": site,
-                                      "status": "dropped", "reason": reason})
-                continue
-            accepted.append(msg)
-            metrics = {k: float(v) for k, v in msg.content[METRICS_KEY].items()}
-            self.recorder.record({"round": server_round, "stage": stage, "phase": "train", "site": site,
-                                  "status": "ok", **metrics})
-        if not accepted:
-            return None, None
+    def planned_weight(self, site: str, stage: str) -> float | None:
+        """A site's aggregation weight fixed before training (``None``: its ``num-examples``).
+
+        Encrypted aggregation needs weights before the updates exist (clients weight, then
+        encrypt); methods whose weights are not example counts (FedDRA) override this so that
+        plaintext and encrypted runs weight alike.
+        """
+        return None
+
+    def reference_state(self, reference: ArrayRecord | None) -> Mapping[str, np.ndarray] | None:
+        """The global state replies are checked against (None: no check)."""
+        return arrays_to_numpy(reference) if reference is not None else None
+
+    def combine_updates(self, server_round: int, stage: str,
+                        accepted: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None, dict[str, str]]:
+        """Weighted mean of the accepted replies' parameters: ``(arrays, metrics, {site: reason dropped})``."""
         weights = np.asarray(self.aggregation_weights(server_round, stage, accepted), dtype=np.float64)
         weights = weights / weights.sum()
         names = list(accepted[0].content[ARRAYS_KEY].keys())
@@ -502,10 +497,45 @@ class VLPStrategy(FedAvg):
                 acc = w * a if acc is None else acc + w * a
             agg[name] = acc.astype(np.float32)
         total = float(sum(float(m.content[METRICS_KEY][NUM_EXAMPLES]) for m in accepted))
-        loss = float(np.average([float(m.content[METRICS_KEY].get("train_loss", 0.0)) for m in accepted],
-                                weights=weights))
-        return numpy_to_arrays(agg), MetricRecord({NUM_EXAMPLES: total, "train_loss": loss,
-                                                   "clients": float(len(accepted))})
+        metrics = {NUM_EXAMPLES: total, "clients": float(len(accepted))}
+        losses = [m.content[METRICS_KEY].get("train_loss") for m in accepted]
+        if all(x is not None for x in losses):  # DP replies carry no training loss
+            metrics["train_loss"] = float(np.average([float(x) for x in losses], weights=weights))
+        return numpy_to_arrays(agg), MetricRecord(metrics), {}
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message], *, stage: str = "full",
+                        reference: ArrayRecord | None = None) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        ref = self.reference_state(reference)
+        accepted: list[Message] = []
+        for msg in replies:
+            site = self.site_name(msg)
+            if self.note_budget_exhausted(server_round, msg, "train"):
+                continue
+            if msg.has_error():
+                reason = f"client error: {msg.error.reason}"
+            else:
+                reason = self.validate_reply(msg, ref)
+            if reason is not None:
+                self._drop(server_round, stage, site, reason)
+                continue
+            accepted.append(msg)
+        if not accepted:
+            return None, None
+        arrays, metrics, rejected = self.combine_updates(server_round, stage, accepted)
+        for msg in accepted:
+            site = self.site_name(msg)
+            if site in rejected:
+                self._drop(server_round, stage, site, rejected[site])
+                continue
+            values = {k: float(v) for k, v in msg.content[METRICS_KEY].items()}
+            self.recorder.record({"round": server_round, "stage": stage, "phase": "train", "site": site,
+                                  "status": "ok", **values})
+        return arrays, metrics
+
+    def _drop(self, server_round: int, stage: str, site: str, reason: str) -> None:
+        logger.warning("Round %d (%s): dropped reply from %s: %s", server_round, stage, site, reason)
+        self.recorder.record({"round": server_round, "stage": stage, "phase": "train", "site": site,
+                              "status": "dropped", "reason": reason})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rows = []
@@ -566,7 +596,11 @@ class VLPStrategy(FedAvg):
         self.recorder.progress(f"round 0/{num_rounds} (untrained reference): {_fmt(m)}")
         arrays = initial_arrays
         for rnd in range(1, num_rounds + 1):
+            t_round = time.perf_counter()
             arrays = self.train_round(rnd, grid, arrays, timeout)
+            # Server-side wall time of the training round (configure -> replies -> new global model),
+            # read by benchmarks/bench_secagg_round.py.
+            self.recorder.record({"round": rnd, "phase": "round", "train_seconds": time.perf_counter() - t_round})
             result.arrays = arrays
             if self.cfg.eval.every_round or rnd == num_rounds:
                 m = self.evaluate_round(rnd, grid, arrays, timeout)

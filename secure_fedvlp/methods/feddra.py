@@ -182,6 +182,13 @@ class FedDRAStrategy(VLPStrategy):
             return [1.0] * len(replies)
         return [self.q[self.site_name(m)] for m in replies]
 
+    def planned_weight(self, site: str, stage: str) -> float | None:
+        """``q_k`` times the total training-set size (the scale keeps fixed-point CKKS sums precise)."""
+        total = float(sum(max(1, s.num_train) for s in self.sites.values() if s.role == "train"))
+        if self.dra.mode == "faithful":
+            return total / max(1, len(self.q))
+        return self.q[site] * total
+
     def loss_scale(self, site: str) -> float:
         if self.dra.mode == "faithful" or self.dra.loss_scaling:
             return len(self.q) * self.q[site]

@@ -106,6 +106,17 @@ class ResNetGN(nn.Module):
         return x.mean(dim=(2, 3))
 
 
+def _additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bidirectional padding mask ``[B, 1, 1, L]``: 0 where attended, the dtype's minimum where padded.
+
+    Built here rather than with ``BertModel``'s private mask helper, whose signature changed
+    between transformers releases (``past_key_values`` became ``cache`` in 5.24).  Both the eager
+    and the SDPA attention of BERT add a float mask to the scores, so this form serves both.
+    """
+    m = attention_mask[:, None, None, :].to(dtype)
+    return (1.0 - m) * torch.finfo(dtype).min
+
+
 def _positions(input_ids: torch.Tensor) -> torch.Tensor:
     """Explicit ``[B, L]`` position ids.
 
@@ -153,9 +164,7 @@ class TextTower(nn.Module):
             try:
                 with torch.no_grad():
                     h = enc.embeddings(input_ids=ids, position_ids=_positions(ids))
-                    mask4 = enc._create_attention_masks(attention_mask=mask, encoder_attention_mask=None,
-                                                        embedding_output=h, encoder_hidden_states=None,
-                                                        past_key_values=None)[0]
+                    mask4 = _additive_mask(mask, h.dtype)
                     for layer in enc.encoder.layer[: self.frozen_layers]:
                         h = layer(h, mask4)
             finally:
@@ -175,9 +184,7 @@ class TextTower(nn.Module):
         enc = self.encoder
         if self.frozen_layers > 0:
             hidden = self._prefix(input_ids, attention_mask)
-            mask4 = enc._create_attention_masks(attention_mask=attention_mask, encoder_attention_mask=None,
-                                                embedding_output=hidden, encoder_hidden_states=None,
-                                                past_key_values=None)[0]
+            mask4 = _additive_mask(attention_mask, hidden.dtype)
             for layer in enc.encoder.layer[self.frozen_layers:]:
                 hidden = layer(hidden, mask4)
         else:

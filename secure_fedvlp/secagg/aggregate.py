@@ -91,6 +91,7 @@ def encrypt_update(
     rng: np.random.Generator | None = None,
     encrypt_weight: bool = False,
     max_clients: int | None = None,
+    fixed_point_bits: int | None = None,
 ) -> EncryptedUpdate:
     """Weight a (clipped, noised) flat update in plaintext and encrypt it.
 
@@ -115,6 +116,9 @@ def encrypt_update(
         Send the weight in an extra ciphertext instead of the clear header field.
     max_clients
         Exact mode: refuse weighted values that ``max_clients`` contributions could overflow.
+    fixed_point_bits
+        Exact mode: encode on the ``2**-f`` grid (:func:`~secure_fedvlp.secagg.packing.fixed_point_bits_for`),
+        so that decryption is exact.
 
     Returns
     -------
@@ -126,7 +130,7 @@ def encrypt_update(
         raise ValueError(f"round_id must be an integer >= 0. Found {round_id!r}.")
     vec = np.asarray(vector, dtype=np.float64).reshape(-1)
     chunks = encode_chunks(vec, float(weight), client_ctx.slots, packing, rng,
-                           params=client_ctx.params, max_clients=max_clients)
+                           params=client_ctx.params, max_clients=max_clients, fixed_point_bits=fixed_point_bits)
     scale_bits = packing.scale_bits if packing is not None else client_ctx.params.global_scale_bits
     blobs = tuple(_encrypt(client_ctx, c, scale_bits).serialize() for c in chunks)
     wblob = None
@@ -137,7 +141,8 @@ def encrypt_update(
     log.debug("Encrypted update for round %d stage %s into %d ciphertexts.", round_id, stage, len(blobs))
     return EncryptedUpdate(
         fingerprint=client_ctx.fingerprint, round_id=round_id, stage=stage, client_id=client_id,
-        num_values=int(vec.size), layout_hash=layout_hash, codec=codec_id(client_ctx.params, packing),
+        num_values=int(vec.size), layout_hash=layout_hash,
+        codec=codec_id(client_ctx.params, packing, fixed_point_bits),
         weight=None if encrypt_weight else float(weight), ciphertexts=blobs, weight_ciphertext=wblob,
     )
 
@@ -231,6 +236,7 @@ def aggregate_encrypted(
     layout_hash: str | None = None,
     packing: QuantizedPacking | None = None,
     encrypted_weight: bool = False,
+    fixed_point_bits: int | None = None,
 ) -> AggregationResult:
     """Sum the valid contributions; drop each malformed one with its reason, never the round.
 
@@ -251,6 +257,8 @@ def aggregate_encrypted(
         contributions are summed; surplus ones are rejected with that reason.
     encrypted_weight
         Whether weights travel encrypted.
+    fixed_point_bits
+        The run's fixed-point grid (exact mode), part of the expected codec.
 
     Returns
     -------
@@ -258,7 +266,7 @@ def aggregate_encrypted(
         The aggregate (``None`` if nothing was accepted), accepted ids in summation order (sorted),
         and ``{id: reason}`` for every rejected contribution.
     """
-    expected_codec = codec_id(server_ctx.params, packing)
+    expected_codec = codec_id(server_ctx.params, packing, fixed_point_bits)
     accepted: list[str] = []
     rejected: dict[str, str] = {}
     sums: list[ts.CKKSVector] | None = None
@@ -334,6 +342,9 @@ def add_plaintext_noise(aggregate: AggregateCiphertext, noise_vector: np.ndarray
         raise ValueError(f"Noise vector has {noise.size} values; the aggregate has {aggregate.num_values}.")
     if not np.all(np.isfinite(noise)):
         raise ValueError("Noise vector contains NaN or infinite values.")
+    f = _fixed_point_bits(aggregate.codec)
+    if f is not None:  # keep the sum on the grid: noise rounded to 2**-f (post-processing of the Gaussian)
+        noise = np.ldexp(np.rint(np.ldexp(noise, f)), -f)
     slots = aggregate.vectors[0].size()
     padded = np.zeros(len(aggregate.vectors) * slots)
     padded[: noise.size] = noise
@@ -347,6 +358,7 @@ def decrypt_aggregate(
     total_weight: float | None = None,
     *,
     packing: QuantizedPacking | None = None,
+    fixed_point_bits: int | None = None,
 ) -> np.ndarray:
     """Decrypt the weighted sum and divide by the total weight.
 
@@ -360,6 +372,9 @@ def decrypt_aggregate(
         Divide by this; default: the aggregate's clear total weight, or the decrypted encrypted one.
     packing
         The packing the updates used (must match the aggregate's codec).
+    fixed_point_bits
+        The fixed-point grid the updates used (must match the aggregate's codec); the decrypted
+        sums are rounded to it, which makes the result an exact function of the plaintexts.
 
     Returns
     -------
@@ -372,7 +387,7 @@ def decrypt_aggregate(
         raise CiphertextError(
             f"Aggregate fingerprint {aggregate.fingerprint!r} differs from this context's {client_ctx.fingerprint!r}."
         )
-    expected = codec_id(client_ctx.params, packing)
+    expected = codec_id(client_ctx.params, packing, fixed_point_bits)
     if aggregate.codec != expected:
         raise CiphertextError(f"Aggregate codec {aggregate.codec!r} differs from the given packing's {expected!r}.")
     n_vec = num_vectors(aggregate.num_values, client_ctx.slots, packing)
@@ -387,7 +402,14 @@ def decrypt_aggregate(
         else:
             raise ValueError("The aggregate records no total weight; pass total_weight.")
     sums = np.concatenate([np.asarray(v.decrypt(sk), dtype=np.float64) for v in aggregate.vectors])
-    return decode_sums(sums, aggregate.num_values, float(total_weight), packing)
+    return decode_sums(sums, aggregate.num_values, float(total_weight), packing, fixed_point_bits)
+
+
+def _fixed_point_bits(codec: str) -> int | None:
+    for part in codec.split("/"):
+        if part.startswith("f") and part[1:].isdigit():
+            return int(part[1:])
+    return None
 
 
 def flooding_sigma(error_l2: float, statistical_security_bits: int = 40, num_releases: int = 1) -> float:

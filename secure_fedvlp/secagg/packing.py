@@ -68,6 +68,8 @@ __all__ = [
     "exact_capacity",
     "exact_error_bound",
     "codec_id",
+    "fixed_point_bits_for",
+    "fixed_point_failure_bound",
 ]
 
 #: Tail multiple of the noise std that the packed scale must cover (per-slot failure < 2**-75).
@@ -308,10 +310,11 @@ class QuantizedPacking:
         }
 
 
-def codec_id(params: CKKSParams, packing: QuantizedPacking | None) -> str:
+def codec_id(params: CKKSParams, packing: QuantizedPacking | None, fixed_point_bits: int | None = None) -> str:
     """Short public description of the encoding; the server rejects updates whose codec differs."""
     if packing is None:
-        return f"exact/s{params.global_scale_bits}"
+        fp = f"/f{int(fixed_point_bits)}" if fixed_point_bits is not None else ""
+        return f"exact/s{params.global_scale_bits}{fp}"
     p = packing
     return (f"packed/b{p.value_bits}/B{p.bound!r}/K{p.max_clients}/w{p.max_weight!r}"
             f"/d{p.digit_bits}x{p.digits_per_slot}/s{p.scale_bits}")
@@ -338,6 +341,39 @@ def exact_error_bound(params: CKKSParams, num_contributions: int, total_weight: 
     return NOISE_TAIL_SIGMAS * sigma / 2.0**params.global_scale_bits / total_weight
 
 
+def fixed_point_bits_for(params: CKKSParams, max_clients: int) -> int:
+    """Fractional bits ``f`` of the fixed-point exact encoding for up to ``max_clients`` contributions.
+
+    In fixed-point mode every weighted value is rounded to a multiple of ``2**-f`` before it is
+    encrypted, and every decrypted sum is rounded back to that grid.  The sum of ``K`` fresh
+    ciphertexts carries a CKKS error of std ``fresh_noise_std * sqrt(K) / 2**s`` in value units;
+    ``f`` is the largest value with ``2**-(f+1) >= 10 * that std``, so the rounding recovers the
+    exact sum unless the error exceeds ten standard deviations (probability < 2**-75 per slot).
+
+    The decrypted value is then an exact function of the plaintexts: it carries nothing of the
+    CKKS error, which is what IND-CPA-D key-recovery attacks on approximate decryption exploit
+    (Li and Micciancio, EUROCRYPT 2021).  See :func:`fixed_point_failure_bound`.
+    """
+    if not isinstance(max_clients, int) or max_clients < 1:
+        raise ValueError(f"max_clients must be an integer >= 1. Found {max_clients!r}.")
+    err = NOISE_TAIL_SIGMAS * fresh_noise_std(params) * math.sqrt(max_clients) / 2.0**params.global_scale_bits
+    f = math.floor(-math.log2(2.0 * err))
+    if f < 1:
+        raise ConfigError(f"CKKS parameters leave no fixed-point precision for {max_clients} clients.")
+    return int(f)
+
+
+def fixed_point_failure_bound(params: CKKSParams, num_contributions: int, fixed_point_bits: int) -> float:
+    """Upper bound on the probability that one slot of a fixed-point sum decodes wrongly.
+
+    Gaussian tail ``P(|N(0, sigma^2)| > 2**-(f+1))`` with ``sigma`` the (doubled) CKKS error std of
+    ``num_contributions`` summed fresh ciphertexts; ``erfc`` underflows to 0 far below 2**-1000.
+    """
+    sigma = fresh_noise_std(params) * math.sqrt(max(1, num_contributions)) / 2.0**params.global_scale_bits
+    t = 2.0 ** -(fixed_point_bits + 1) / sigma
+    return math.erfc(t / math.sqrt(2.0))
+
+
 def _check_vector(vector: np.ndarray) -> np.ndarray:
     vec = np.asarray(vector, dtype=np.float64)
     if vec.ndim != 1 or vec.size == 0:
@@ -355,6 +391,7 @@ def encode_chunks(
     rng: np.random.Generator | None = None,
     params: CKKSParams | None = None,
     max_clients: int | None = None,
+    fixed_point_bits: int | None = None,
 ) -> list[np.ndarray]:
     """Weight a flat update and cut it into slot vectors ready for encryption.
 
@@ -373,6 +410,9 @@ def encode_chunks(
     params, max_clients
         Exact mode only (optional): refuse weighted values whose sum over ``max_clients`` clients
         could exceed :func:`exact_capacity`.
+    fixed_point_bits
+        Exact mode only (optional): round the weighted values to multiples of ``2**-f``
+        (see :func:`fixed_point_bits_for`).
 
     Returns
     -------
@@ -392,6 +432,8 @@ def encode_chunks(
                     f"Weighted values must stay below {limit:g} in magnitude so that {max_clients} "
                     "contributions fit the exact-mode CKKS range; lower the weight or use normalised weights."
                 )
+        if fixed_point_bits is not None:  # exact multiples of 2**-f (powers of two: no float error)
+            data = np.ldexp(np.rint(np.ldexp(data, int(fixed_point_bits))), -int(fixed_point_bits))
         total = num_vectors(n, slots) * slots
         padded = np.zeros(total, dtype=np.float64)
         padded[:n] = data
@@ -421,6 +463,7 @@ def decode_sums(
     num_values: int,
     total_weight: float,
     packing: QuantizedPacking | None = None,
+    fixed_point_bits: int | None = None,
 ) -> np.ndarray:
     """Turn decrypted slot sums into the weighted mean.
 
@@ -434,6 +477,8 @@ def decode_sums(
         Sum of the weights of the contributions in the aggregate.
     packing
         The packing used to encode, or ``None``.
+    fixed_point_bits
+        Exact mode: round the sums back to the ``2**-f`` grid they were encoded on.
 
     Raises
     ------
@@ -447,7 +492,10 @@ def decode_sums(
     if packing is None:
         if s.size < num_values:
             raise CiphertextError(f"Decrypted {s.size} slots; need {num_values}.")
-        return s[:num_values] / total_weight
+        s = s[:num_values]
+        if fixed_point_bits is not None:
+            s = np.ldexp(np.rint(np.ldexp(s, int(fixed_point_bits))), -int(fixed_point_bits))
+        return s / total_weight
     k, d = packing.digits_per_slot, packing.digit_bits
     need = -(-num_values // k)
     if s.size < need:

@@ -264,3 +264,34 @@ def test_packed_aggregate_exact_at_full_capacity(run):
     assert res.rejected == {}
     out = decrypt_aggregate(clients["c1"], res.aggregate, packing=p)
     assert np.max(np.abs(out - (1.0 + 0.999) / 2)) <= p.error_bound(8, 8.0)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 300), k=st.integers(1, 4), seed=st.integers(0, 2**16), noised=st.booleans())
+def test_fixed_point_decryption_is_exact(run, n, k, seed, noised):
+    """Fixed-point exact mode: the decrypted sum equals the sum of the grid-rounded weighted values
+    bit for bit (the CKKS error is rounded away), also after server-side plaintext noise, and
+    the weighted mean is within k * 2^-(f+1) / W of the float mean."""
+    from secure_fedvlp.secagg.packing import fixed_point_bits_for
+
+    _, clients, server = run
+    f = fixed_point_bits_for(PARAMS, 8)
+    rng = np.random.default_rng(seed)
+    vals = rng.normal(0, 2, size=(k, n))
+    weights = rng.uniform(1.0, 300.0, size=k).tolist()
+    ups = _encrypt_all(clients, vals, weights, fixed_point_bits=f)
+    res = aggregate_encrypted(server, ups, round_id=1, num_values=n, fixed_point_bits=f)
+    agg = res.aggregate
+    grid = [np.ldexp(np.rint(np.ldexp(np.asarray(v) * w, f)), -f) for v, w in zip(vals, weights)]
+    expected_sum = np.sum(grid, axis=0)
+    if noised:
+        noise = rng.normal(0, 3.0, size=n)
+        agg = add_plaintext_noise(agg, noise)
+        expected_sum = expected_sum + np.ldexp(np.rint(np.ldexp(noise, f)), -f)
+    out = decrypt_aggregate(clients["c1"], agg, fixed_point_bits=f)
+    assert np.array_equal(out * sum(weights), expected_sum) or np.allclose(
+        out, expected_sum / sum(weights), rtol=0, atol=1e-15)
+    if not noised:
+        assert np.max(np.abs(out - _mean(vals, weights))) <= k * 2.0 ** -(f + 1) / sum(weights) + 1e-12
+    with pytest.raises(CiphertextError, match="codec"):  # the grid is part of the codec
+        decrypt_aggregate(clients["c1"], agg)

@@ -1,0 +1,254 @@
+"""CKKS aggregation wired into Flower: client mod + strategy wrapper, on every method.
+
+Real ClientApp (with the secagg mod), real strategies, real TenSEAL ciphertexts, real tiny
+models; only the transport is in-process (tests/loopback.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MessageType
+
+from secure_fedvlp.flower.client_app import make_client_app
+from secure_fedvlp.flower.runtime import RunSetup, build_model, expected_num_nodes
+from secure_fedvlp.flower.secagg import (
+    CIPHERTEXT_KEY,
+    client_key_path,
+    encrypted_strategy,
+    export_model,
+    is_encrypted,
+    key_dir,
+    load_server_secagg,
+)
+from secure_fedvlp.methods import get_method, list_methods
+from secure_fedvlp.methods.base import ARRAYS_KEY, arrays_to_numpy, federated_state, numpy_to_arrays
+from secure_fedvlp.secagg import AggregateCiphertext, EncryptedUpdate, init_keys, load_client_context, preset
+from secure_fedvlp.secagg.keys import SERVER_FILE
+from tests.loopback import LoopbackGrid
+from tests.unit.test_methods_contract import ListRecorder, tiny_cfg
+
+
+def _keys(cfg, run_dir):
+    from secure_fedvlp.flower.runtime import build_federation
+
+    sites = [s.name for s in build_federation(cfg).all_sites()]
+    init_keys(key_dir(cfg, run_dir), sites, preset(cfg.encryption.preset))
+
+
+class TamperingGrid(LoopbackGrid):
+    """Loopback transport that can rewrite one node's train reply (a bad or malicious sender)."""
+
+    def __init__(self, *args, tamper=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tamper = tamper  # (node_id, fn(reply) -> reply)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if self.tamper is None:
+            return replies
+        nid, fn = self.tamper
+        return [fn(r) if r.metadata.src_node_id == nid and r.metadata.message_type == MessageType.TRAIN
+                and not r.has_error() else r for r in replies]
+
+
+def run(cfg, run_dir, *, encrypted, rounds=1, fail_nodes=(), tamper=None):
+    setup = RunSetup(cfg, run_dir)
+    grid = TamperingGrid(make_client_app(lambda ctx: setup), expected_num_nodes(cfg), fail_nodes=fail_nodes,
+                         tamper=tamper)
+    rec = ListRecorder()
+    cls = get_method(cfg.federation.method).strategy
+    init_state = federated_state(build_model(cfg))
+    if encrypted:
+        strategy = encrypted_strategy(cls)(cfg, rec)
+        strategy.setup_secagg(load_server_secagg(cfg, run_dir), init_state)
+    else:
+        strategy = cls(cfg, rec)
+    result = strategy.start(grid, numpy_to_arrays(init_state), num_rounds=rounds, timeout=60,
+                            expected_nodes=expected_num_nodes(cfg))
+    return strategy, result, rec, grid
+
+
+def enc_cfg(tmp_path, method="fedavg", **extra):
+    extra.setdefault("encryption", {})["enabled"] = True
+    return tiny_cfg(tmp_path, method, **extra)
+
+
+def decrypt_final(cfg, run_dir, arrays):
+    ctx = load_client_context(client_key_path(cfg, run_dir, "site1"))
+    from secure_fedvlp.flower.secagg import ClientSecAgg
+
+    sa = ClientSecAgg.load(cfg, run_dir, "site1", federated_state(build_model(cfg)))
+    assert sa.ctx.fingerprint == ctx.fingerprint
+    return sa.decrypt_global(arrays)
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_encrypted_run_matches_plaintext_run(method, tmp_path):
+    """A full encrypted run of each method ends with the plaintext run's metrics and parameters.
+
+    Stated bound: parameters within 2e-5, zero-shot AUROC within 1e-3.  The only difference is
+    the fixed-point rounding of each weighted update (at most 2^-(f+1) per value, f = 15 here,
+    divided by the total weight); CKKS noise itself is rounded away.  Local training uses SGD:
+    Adam's first steps are ~lr * sign(gradient), discontinuous where a gradient is ~0, so any
+    perturbation (even float reordering) can move such a parameter by 2 * lr -- a property of
+    the optimizer, not of the encryption (with AdamW the runs differ by up to ~1e-3).
+    """
+    sgd = {"optimizer": "sgd", "lr": 0.05}
+    cfg = enc_cfg(tmp_path / "e", method, train=sgd)
+    plain_cfg = tiny_cfg(tmp_path / "e", method, train=sgd)  # same data cache and seeds, encryption off
+    _keys(cfg, tmp_path / "enc")
+    _, res_enc, rec_enc, grid = run(cfg, tmp_path / "enc", encrypted=True, rounds=2)
+    _, res_plain, _, _ = run(plain_cfg, tmp_path / "plain", encrypted=False, rounds=2)
+    assert is_encrypted(res_enc.arrays) and not is_encrypted(res_plain.arrays)
+    final_enc = decrypt_final(cfg, tmp_path / "enc", res_enc.arrays)
+    final_plain = arrays_to_numpy(res_plain.arrays)
+    assert final_enc.keys() == final_plain.keys()
+    worst = max(float(np.max(np.abs(final_enc[k] - final_plain[k]))) for k in final_plain)
+    assert worst < 2e-5, f"max parameter difference {worst}"
+    for rnd in (1, 2):
+        a = res_enc.evaluate_metrics_clientapp[rnd]["zs_auroc_macro"]
+        b = res_plain.evaluate_metrics_clientapp[rnd]["zs_auroc_macro"]
+        assert abs(a - b) < 1e-3
+    assert all(r["status"] == "ok" for r in rec_enc.rows if r.get("phase") == "train")
+
+
+def test_server_process_holds_only_ciphertexts(tmp_path):
+    """Every train reply reaching the strategy is a single ciphertext; the server context cannot decrypt."""
+    cfg = enc_cfg(tmp_path)
+    _keys(cfg, tmp_path / "run")
+    seen = []
+
+    def record(reply):
+        seen.append(reply)
+        return reply
+
+    strategy, result, rec, grid = run(cfg, tmp_path / "run", encrypted=True, tamper=(1, record))
+    assert seen and all(is_encrypted(r.content[ARRAYS_KEY]) and len(r.content[ARRAYS_KEY]) == 1 for r in seen)
+    server_ctx = strategy.secagg_ctx
+    assert not server_ctx.can_decrypt
+    agg = AggregateCiphertext.from_bytes(result.arrays[CIPHERTEXT_KEY].numpy().tobytes(), server_ctx)
+    with pytest.raises(ValueError):  # TenSEAL: the context holds no secret key
+        agg.vectors[0].decrypt()
+    # what the server sent out after round 1 is the encrypted aggregate, never plaintext parameters
+    later = [m for m in grid.sent if m.metadata.message_type == MessageType.EVALUATE][-1]
+    assert is_encrypted(later.content[ARRAYS_KEY]) and len(later.content[ARRAYS_KEY]) == 1
+
+
+def _replace_blob(reply, fn):
+    blob = reply.content[ARRAYS_KEY][CIPHERTEXT_KEY].numpy().tobytes()
+    new = fn(blob)
+    reply.content[ARRAYS_KEY] = ArrayRecord({CIPHERTEXT_KEY: Array(np.frombuffer(new, dtype=np.uint8).copy())})
+    return reply
+
+
+def _reframe(blob, **changes):
+    upd = EncryptedUpdate.from_bytes(blob)
+    fields = {f: getattr(upd, f) for f in ("fingerprint", "round_id", "stage", "client_id", "num_values",
+                                             "layout_hash", "codec", "weight", "ciphertexts", "weight_ciphertext")}
+    fields.update(changes)
+    return EncryptedUpdate(**fields).to_bytes()
+
+
+BAD_INPUTS = {
+    "truncated": (lambda b: b[: len(b) // 2], "truncated"),
+    "corrupted": (lambda b: b[:-100] + bytes(x ^ 0xFF for x in b[-100:]), "digest mismatch"),
+    "wrong fingerprint": (lambda b: _reframe(b, fingerprint="0" * 32), "fingerprint"),
+    "wrong length": (lambda b: _reframe(b, num_values=_reframe_nv(b)), "num_values"),
+    "replay": (lambda b: _reframe(b, round_id=0), "replay"),
+    "weight inflated": (lambda b: _reframe(b, weight=1e6), "weight"),
+}
+
+
+def _reframe_nv(blob):
+    return EncryptedUpdate.from_bytes(blob).num_values + 1
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_contribution_is_dropped_with_reason_and_round_goes_on(case, tmp_path):
+    fn, needle = BAD_INPUTS[case]
+    cfg = enc_cfg(tmp_path)
+    _keys(cfg, tmp_path / "run")
+    strategy, result, rec, grid = run(cfg, tmp_path / "run", encrypted=True,
+                                      tamper=(1, lambda r: _replace_blob(r, fn)))
+    dropped = [r for r in rec.rows if r.get("status") == "dropped"]
+    assert len(dropped) == 1 and needle in dropped[0]["reason"], dropped
+    stats = strategy.secagg_stats[-1]
+    assert len(stats["accepted"]) == 1 and dropped[0]["site"] in stats["rejected"]
+    assert is_encrypted(result.arrays)  # the round produced an aggregate from the other site
+
+
+def test_plaintext_reply_is_refused_under_encryption(tmp_path):
+    cfg = enc_cfg(tmp_path)
+    _keys(cfg, tmp_path / "run")
+
+    def plaintext(reply):
+        reply.content[ARRAYS_KEY] = numpy_to_arrays(federated_state(build_model(cfg)))
+        return reply
+
+    _, result, rec, _ = run(cfg, tmp_path / "run", encrypted=True, tamper=(1, plaintext))
+    dropped = [r for r in rec.rows if r.get("status") == "dropped"]
+    assert len(dropped) == 1 and "plaintext parameters" in dropped[0]["reason"]
+
+
+def test_dropout_leaves_aggregate_over_those_who_replied(tmp_path):
+    """A site failing mid-round: the aggregate is the other site's update with its own weight only."""
+    cfg = enc_cfg(tmp_path)
+    _keys(cfg, tmp_path / "enc")
+    strategy, result, rec, grid = run(cfg, tmp_path / "enc", encrypted=True, fail_nodes=[1])
+    survivors = strategy.secagg_stats[-1]["accepted"]
+    assert len(survivors) == 1
+    agg = AggregateCiphertext.from_bytes(result.arrays[CIPHERTEXT_KEY].numpy().tobytes(), strategy.secagg_ctx)
+    reply = [r for r in rec.rows if r.get("phase") == "train" and r["status"] == "ok"][0]
+    assert agg.total_weight == pytest.approx(reply["num-examples"])  # only the survivor's weight
+    # and the decrypted model equals that site's own parameters (its weight cancels)
+    plain_cfg = tiny_cfg(tmp_path / "p", "fedavg")
+    _, res_plain, _, _ = run(plain_cfg, tmp_path / "plain", encrypted=False, fail_nodes=[1])
+    dec = decrypt_final(cfg, tmp_path / "enc", result.arrays)
+    ref = arrays_to_numpy(res_plain.arrays)
+    assert max(float(np.max(np.abs(dec[k] - ref[k]))) for k in ref) < 1e-4
+
+
+def test_feddra_robust_weights_travel_to_clients_and_weight_the_ciphertexts(tmp_path):
+    cfg = enc_cfg(tmp_path, "feddra")
+    _keys(cfg, tmp_path / "run")
+    strategy, result, rec, grid = run(cfg, tmp_path / "run", encrypted=True)
+    train_msgs = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    weights = {m.metadata.dst_node_id: float(m.content["config"]["secagg-weight"]) for m in train_msgs}
+    total = sum(s.num_train for s in strategy.sites.values() if s.role == "train")
+    # round 1 uses the initial (uniform) q: each weight is q_k * total
+    assert all(w == pytest.approx(0.5 * total) for w in weights.values())
+
+
+def test_missing_keys_and_secret_server_context_are_refused(tmp_path):
+    from secure_fedvlp.errors import KeyMaterialError
+
+    cfg = enc_cfg(tmp_path)
+    with pytest.raises(KeyMaterialError, match="keys init"):
+        load_server_secagg(cfg, tmp_path / "nokeys")
+    _keys(cfg, tmp_path / "run")
+    # a client key file copied into the server's place is refused
+    kd = key_dir(cfg, tmp_path / "run")
+    (kd / SERVER_FILE).write_bytes(client_key_path(cfg, tmp_path / "run", "site1").read_bytes())
+    with pytest.raises(KeyMaterialError):
+        load_server_secagg(cfg, tmp_path / "run")
+
+
+def test_export_decrypts_exactly_and_reports_the_release(tmp_path):
+    from secure_fedvlp.config import config_to_dict, dump_toml
+    from secure_fedvlp.flower.secagg import save_encrypted_model
+
+    cfg = enc_cfg(tmp_path)
+    rdir = tmp_path / "run"
+    _keys(cfg, rdir)
+    _, result, _, _ = run(cfg, rdir, encrypted=True)
+    (rdir / "config.toml").write_text(dump_toml(config_to_dict(cfg)))
+    save_encrypted_model(result.arrays, rdir / "model", cfg)
+    info = export_model(rdir, client_key_path(cfg, rdir, "site2"))
+    assert info["decryption"].startswith("exact") and info["flooding_sigma"] == 0.0
+    assert info["model_failure_probability_bound"] < 1e-20
+    exported = dict(np.load(rdir / "model" / "federated_params.npz"))
+    dec = decrypt_final(cfg, rdir, result.arrays)
+    assert all(np.array_equal(exported[k], dec[k]) for k in dec)
+    # on the exact grid: every value times the total weight is a multiple of 2^-f
+    assert (rdir / "model" / "export.json").exists()
