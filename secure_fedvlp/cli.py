@@ -88,6 +88,12 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
     progress.info("data ready in %.1fs: %d training sites + %s held-out (%s)", time.perf_counter() - t0,
                   len(fed.sites), 1 if fed.heldout else 0,
                   ", ".join(f"{s.name}: {len(s.train)} train / {len(s.test)} test" for s in fed.all_sites()))
+    if cfg.audit.canaries:  # the CLI plays the auditor: coins drawn and kept before anything trains
+        from secure_fedvlp.data.canaries import coins_path, prepare_canaries
+
+        coins = prepare_canaries(cfg, rdir, [s.name for s in fed.sites])
+        progress.info("empirical audit: %d canaries, %d included at %s (coins kept by the auditor in %s)",
+                      coins["m"], sum(coins["included"]), coins["canary_site"], coins_path(rdir))
     setup = RunSetup(cfg, rdir)
     auto_keys = cfg.encryption.enabled and not cfg.encryption.key_dir
     if cfg.encryption.enabled:
@@ -120,8 +126,29 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
         info = export_model(rdir, client_key_path(cfg, rdir, site))
         progress.info("final model decrypted by key holder %s: %s", site, info["decryption"])
         write_report(rdir)
+    if cfg.audit.canaries:
+        _empirical_after_run(rdir, progress)
     progress.info("finished in %.0fs", time.perf_counter() - t0)
     return rdir
+
+
+def _empirical_after_run(rdir: Path, progress: logging.Logger) -> None:
+    """The auditor's step after training: score the canaries under the released model, write
+    ``empirical_audit.json`` and put it in the report."""
+    from secure_fedvlp.evaluation.membership import write_empirical_audit
+    from secure_fedvlp.evaluation.report import write_report
+
+    try:
+        emp = write_empirical_audit(rdir)
+    except SecureFedVLPError as exc:  # e.g. an encrypted model nobody released: say so, keep the run
+        logger.warning("empirical audit not computed: %s", exc)
+        return
+    claimed = emp["claimed_epsilon"]
+    progress.info("empirical audit: epsilon lower bound %.3f at %.0f%% confidence (%d/%d guesses correct) vs "
+                  "claimed epsilon %s at %s: %s", emp["epsilon_lower_bound"], 100 * emp["confidence"],
+                  emp["correct"], emp["guesses"], "none" if claimed is None else f"{claimed:.3f}",
+                  emp["canary_site"], emp["verdict"])
+    write_report(rdir)
 
 
 def _prepare_keys(cfg, rdir: Path, sites: list[str], progress: logging.Logger) -> None:
@@ -214,13 +241,34 @@ def _cmd_keys_init(args: argparse.Namespace) -> int:
 def _cmd_audit(args: argparse.Namespace) -> int:
     import json as _json
 
-    from secure_fedvlp.privacy.audit import audit_run, format_audit
+    from secure_fedvlp.privacy.audit import attach_empirical, audit_run, format_audit
 
     # dp-accounting logs (through absl) every small RDP order it excludes for non-convergence.
     logging.getLogger("absl").setLevel(logging.ERROR)
     audit = audit_run(args.run_dir)
+    if args.empirical:
+        from secure_fedvlp.evaluation.membership import empirical_audit
+
+        # Recomputed from the run's files (config, coins, released model, ledger): the audit does
+        # not take the run's own empirical_audit.json on trust.
+        try:
+            emp = empirical_audit(args.run_dir, beta=args.beta)
+        except (SecureFedVLPError, ValueError) as exc:
+            audit.problems.append(f"empirical audit impossible: {exc}")
+        else:
+            attach_empirical(audit, emp)
     print(_json.dumps(audit.to_dict(), indent=2) if args.json else format_audit(audit))
     return 0 if audit.ok else 1
+
+
+def _beta(text: str) -> float:
+    try:
+        b = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--beta must be a number in (0, 1). Found {text!r}.") from None
+    if not 0 < b < 1:
+        raise argparse.ArgumentTypeError(f"--beta must be in (0, 1). Found {b}.")
+    return b
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     au = sub.add_parser("audit", help="verify every client ledger of a run and recompute epsilon independently")
     au.add_argument("run_dir")
     au.add_argument("--json", action="store_true", help="machine-readable output")
+    au.add_argument("--empirical", action="store_true",
+                    help="also recompute the one-run empirical lower bound on epsilon from the run's canaries "
+                         "(audit.canaries > 0) and fail if it exceeds the claimed epsilon")
+    au.add_argument("--beta", type=_beta, default=0.05,
+                    help="1 - confidence of the empirical bound (default 0.05: 95%% confidence)")
     au.set_defaults(func=_cmd_audit)
     ex = sub.add_parser("export", help="decrypt an encrypted run's final model for release (key holders only)")
     ex.add_argument("run_dir")

@@ -142,6 +142,20 @@ def encryption_section(run_dir: Path) -> dict[str, Any] | None:
     }
 
 
+def empirical_section(run_dir: Path) -> dict[str, Any] | None:
+    """The run's empirical privacy audit (``empirical_audit.json``, written by the auditor's step after
+    training), without the per-canary scores; None when the run had no canaries."""
+    path = run_dir / "empirical_audit.json"
+    if not path.exists():
+        return None
+    try:
+        emp = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        return {"error": f"{path} is not valid JSON: {exc}"}
+    emp.pop("scores", None)
+    return emp
+
+
 def build_report(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Summarise a run: per-site final vs untrained, worst training site, held-out site."""
     run_dir = Path(run_dir)
@@ -186,6 +200,7 @@ def build_report(run_dir: str | os.PathLike) -> dict[str, Any]:
     return {
         "privacy": privacy_section(run_dir),
         "encryption": encryption_section(run_dir),
+        "empirical_audit": empirical_section(run_dir),
         "stopped_clients": stopped,
         "run_dir": str(run_dir),
         "config": config_path.read_text(encoding="utf-8") if config_path.exists() else None,
@@ -247,6 +262,24 @@ def _markdown(rep: dict[str, Any]) -> str:
             lines.append(f"| {site} | " + " | ".join(cells) +
                          f" | {c['by_mechanism']['DPSGDEvent']} / {c['by_mechanism']['GaussianEvent']} |")
         lines += ["", "Not covered by DP (named, not hidden): " + "; ".join(priv["not_covered"]) + "."]
+    emp = rep.get("empirical_audit")
+    if emp:
+        lines += ["", "## Empirical privacy audit (canaries, one run)", ""]
+        if "error" in emp:
+            lines.append(f"Unreadable: {emp['error']}")
+        else:
+            claimed = emp.get("claimed_epsilon")
+            lines += [
+                f"{emp['m']} canaries (random-noise images, random-word reports), each included with probability 1/2 "
+                f"at **{emp['canary_site']}** ({emp['members']} included; the coins stay with the auditor). Score: "
+                f"{emp['score']}. Best of {len(emp['choices'])} pre-set guess counts (Bonferroni): "
+                f"{emp['correct']}/{emp['guesses']} guesses correct (k+ = {emp['k_plus']}, k- = {emp['k_minus']}).", "",
+                "| empirical epsilon lower bound | confidence | delta | claimed epsilon (ledger) | most this audit can show "
+                "| verdict |", "|---|---|---|---|---|---|",
+                f"| **{emp['epsilon_lower_bound']:.3f}** | {emp['confidence']:.0%} | {emp['delta']:g} | "
+                f"{'none (DP off)' if claimed is None else f'{claimed:.3f}'} | {emp['max_detectable_epsilon']:.2f} | "
+                f"{emp['verdict']} |"]
+            lines += [f"- {p}" for p in emp.get("problems", [])]
     enc = rep.get("encryption")
     if enc:
         lines += ["", "## CKKS-encrypted aggregation", ""]

@@ -75,6 +75,10 @@ class ClientRuntime:
         configure_threads(cfg.run.threads_per_client)
         federation = build_federation(cfg)
         site = resolve_site(context, federation)
+        if cfg.audit.canaries:  # the canary site adds the canaries the auditor gave it
+            from secure_fedvlp.data.canaries import insert_canaries
+
+            site = insert_canaries(cfg, setup.run_dir, site, [s.name for s in federation.sites])
         device = resolve_device(cfg.run.device)
         model = build_model(cfg).to(device)
         trainer = get_method(cfg.federation.method).trainer(cfg, device, federation.public)

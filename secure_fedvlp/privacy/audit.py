@@ -27,7 +27,8 @@ from secure_fedvlp.errors import LedgerError
 from secure_fedvlp.privacy.accountant import make_accountant
 from secure_fedvlp.privacy.ledger import read_ledger
 
-__all__ = ["ClientAudit", "RunAudit", "audit_run", "RDP_TOLERANCE", "PLD_SLACK", "REPORT_TOLERANCE"]
+__all__ = ["ClientAudit", "RunAudit", "audit_run", "attach_empirical", "format_audit", "format_empirical",
+           "RDP_TOLERANCE", "PLD_SLACK", "REPORT_TOLERANCE"]
 
 #: Relative agreement required between the two RDP implementations (measured worst case 0.71 %
 #: over z in [0.8, 4], eps <= 20; see tests/unit/test_privacy_accounting.py).
@@ -61,6 +62,8 @@ class RunAudit:
     budget_epsilon: float | None
     clients: list[ClientAudit]
     problems: list[str] = field(default_factory=list)
+    #: The one-run empirical audit (``--empirical``): see :mod:`secure_fedvlp.evaluation.membership`.
+    empirical: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -143,6 +146,13 @@ def audit_run(run_dir: str | Path) -> RunAudit:
     return RunAudit(str(run_dir), delta, budget, audits, problems)
 
 
+def attach_empirical(audit: RunAudit, empirical: dict[str, Any]) -> RunAudit:
+    """Add an empirical audit's result to ``audit``; its problems (a lower bound above the claim) fail it."""
+    audit.empirical = empirical
+    audit.problems.extend(f"empirical audit: {p}" for p in empirical.get("problems", []))
+    return audit
+
+
 def format_audit(audit: RunAudit) -> str:
     """A human-readable table."""
     lines = [f"Privacy audit of {audit.run_dir} (delta = {audit.delta:g}, budget epsilon = {audit.budget_epsilon})", "",
@@ -156,7 +166,25 @@ def format_audit(audit: RunAudit) -> str:
                      f"{f(c.epsilon_pld):>9} {f(c.reported):>9}  {'OK' if c.ok else 'FAIL'}")
         for p in c.problems:
             lines.append(f"           - {p}")
+    if audit.empirical is not None:
+        lines += ["", format_empirical(audit.empirical)]
     for p in audit.problems:
         lines.append(f"run: {p}")
     lines += ["", "AUDIT PASSED" if audit.ok else "AUDIT FAILED"]
     return "\n".join(lines)
+
+
+def format_empirical(emp: dict[str, Any]) -> str:
+    """Two lines for the terminal: the bound beside the claim, and the verdict (problems are listed by the caller)."""
+    claimed = emp.get("claimed_epsilon")
+    claim = f"{claimed:.4f} ({emp['accountant']} accountant, ledger)" if claimed is not None else "none"
+    auc = emp.get("auc")
+    return "\n".join([
+        f"Empirical audit (Steinke, Nasr and Jagielski 2023, one run): {emp['m']} canaries, {emp['members']} included "
+        f"at {emp['canary_site']}; {emp['correct']}/{emp['guesses']} guesses correct "
+        f"(k+={emp['k_plus']}, k-={emp['k_minus']}), score AUC {('n/a' if auc is None or math.isnan(auc) else f'{auc:.3f}')}",
+        f"  epsilon lower bound {emp['epsilon_lower_bound']:.4f} at {emp['confidence']:.0%} confidence "
+        f"(delta = {emp['delta']:g}; at most {emp['max_detectable_epsilon']:.2f} detectable with this many canaries)"
+        f"  vs claimed epsilon {claim}  ->  {emp['verdict']}",
+    ])
+
