@@ -124,12 +124,14 @@ def _write_private(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def prepare_canaries(cfg, run_dir: str | os.PathLike, train_sites: list[str]) -> dict[str, Any] | None:
+def prepare_canaries(cfg, run_dir: str | os.PathLike, train_sites: list[str],
+                     coins: np.ndarray | None = None) -> dict[str, Any] | None:
     """The auditor's set-up before training: draw the coins (once per run directory) and hand the
     canary site its list.  Returns the coin record, or None when ``audit.canaries = 0``.
 
-    An existing coin file of the same canaries is kept (a run restarted in its directory keeps
-    its coins); one that disagrees with the config is an error.
+    ``coins`` (tests only) fixes the coins instead of drawing them from the CSPRNG.  An existing
+    coin file of the same canaries is kept (a run restarted in its directory keeps its coins);
+    one that disagrees with the config is an error.
     """
     a = cfg.audit
     if a.canaries == 0:
@@ -143,9 +145,16 @@ def prepare_canaries(cfg, run_dir: str | os.PathLike, train_sites: list[str]) ->
                               f"site={rec['canary_site']!r}, but the config asks for m={a.canaries}, "
                               f"canary_seed={a.canary_seed}, site={site!r}; use a fresh run directory.")
     else:
-        coins = draw_coins(a.canaries)
+        source = "secrets (OS CSPRNG)"
+        if coins is None:
+            coins = draw_coins(a.canaries)
+        else:
+            coins = np.asarray(coins, dtype=bool)
+            if coins.shape != (a.canaries,):
+                raise ValueError(f"coins must be {a.canaries} booleans (audit.canaries). Found shape {coins.shape}.")
+            source = "given by the caller"
         rec = {"m": a.canaries, "canary_seed": a.canary_seed, "canary_site": site,
-               "included": [int(c) for c in coins], "source": "secrets (OS CSPRNG)"}
+               "included": [int(c) for c in coins], "source": source}
         _write_private(path, rec)
     included = [i for i, c in enumerate(rec["included"]) if c]
     _write_private(site_canaries_path(run_dir, site),
