@@ -40,6 +40,7 @@ from torch import nn
 
 from secure_fedvlp.config import ExperimentConfig, PrivacyConfig
 from secure_fedvlp.methods.base import NUM_EXAMPLES, LocalTrainer, TrainTask, make_collate
+from secure_fedvlp.privacy.anchors import planned_anchor_events
 from secure_fedvlp.privacy.budget import Budget
 from secure_fedvlp.privacy.calibration import calibrate_noise_multiplier
 from secure_fedvlp.privacy.events import DPSGDEvent, GaussianEvent
@@ -82,7 +83,7 @@ def client_noise_multiplier(cfg: ExperimentConfig, num_train: int) -> tuple[floa
         return p.noise_multiplier, q
     steps = planned_steps_per_round(cfg) * cfg.federation.num_rounds
     z = calibrate_noise_multiplier(p.target_epsilon, p.delta, q, steps, accountant=p.accountant,
-                                   prior_events=planned_reports(cfg))
+                                   prior_events=planned_reports(cfg) + planned_anchor_events(cfg))
     return z, q
 
 
