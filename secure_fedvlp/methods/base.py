@@ -652,12 +652,16 @@ class VLPStrategy(FedAvg):
             return
         from secure_fedvlp.privacy.anchors import anchor_event
 
+        from secure_fedvlp.privacy.anchors import share_sigma, total_sigma
+
         ev = anchor_event(self.cfg, server_round)
         self.current_anchors = record
+        n = len(self.anchor_contributors)
+        # distributed: the shares actually summed (dropouts remove theirs; >= min_contributors remain)
+        sigma = share_sigma(self.cfg) * math.sqrt(n) if self.cfg.anchors.noise == "distributed" else total_sigma(self.cfg)
         self.recorder.record({"round": server_round, "phase": "anchors", "status": "released",
                               "contributors": list(self.anchor_contributors), "mode": self.anchor_mode(),
-                              "clip": float(self.cfg.anchors.clip), "sigma_total": float(
-                                  self.cfg.anchors.noise_multiplier * self.cfg.anchors.clip),
+                              "clip": float(self.cfg.anchors.clip), "sigma_total": float(sigma),
                               "sigma_accounted": float(ev.sigma)})
 
     def run_stage(self, server_round: int, stage: str, grid: Grid, arrays: ArrayRecord,

@@ -295,3 +295,52 @@ def test_anchors_are_used_as_negatives_and_guidance(tmp_path):
     terms = trainer.extra_terms(model, batch, out, with_bank)
     assert "anchor_bank" in terms and float(terms["anchor_bank"]) > 0
     assert "anchor_bank" not in trainer.extra_terms(model, batch, out, plain)
+
+
+class FailAnchorQueries(LedgerCheckingGrid):
+    """Node ``fail`` errors on anchor queries only (a site dropping out of the anchor round)."""
+
+    def __init__(self, *args, fail=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fail = fail
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Error, Message
+
+        messages = list(messages)
+        out, keep = [], []
+        for m in messages:
+            c = m.content.config_records.get("config")
+            if m.metadata.dst_node_id == self.fail and c is not None and c.get("query") == "anchors":
+                out.append(Message(Error(code=0, reason="simulated dropout"), reply_to=m))
+            else:
+                keep.append(m)
+        return out + super().send_and_receive(keep, timeout=timeout)
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["all", "one-drops"])
+def test_distributed_shares_and_the_effect_of_a_dropout(dropout, tmp_path):
+    from secure_fedvlp.flower.client_app import make_client_app
+    from secure_fedvlp.flower.runtime import RunSetup, build_model, expected_num_nodes
+    from secure_fedvlp.methods import get_method
+    from secure_fedvlp.methods.base import federated_state, numpy_to_arrays
+    from tests.unit.test_methods_contract import ListRecorder
+
+    cfg = anchor_cfg(tmp_path, "fedavg", noise="distributed", min_contributors=2)
+    setup = RunSetup(cfg, tmp_path / "run")
+    grid = FailAnchorQueries(make_client_app(lambda ctx: setup), expected_num_nodes(cfg), cfg=cfg,
+                             run_dir=tmp_path / "run", fail=1 if dropout else None)
+    rec = ListRecorder()
+    strategy = get_method("fedavg").strategy(cfg, rec)
+    strategy.start(grid, numpy_to_arrays(federated_state(build_model(cfg))), num_rounds=1, timeout=60,
+                   expected_nodes=expected_num_nodes(cfg))
+    row = [r for r in rec.rows if r.get("phase") == "anchors" and r.get("status") in ("released", "withheld")][0]
+    if dropout:  # one share left: fewer than min_contributors, so nothing is released
+        assert row["status"] == "withheld" and "min_contributors = 2" in row["reason"]
+        assert strategy.current_anchors is None
+    else:  # two shares of sigma / sqrt(t - 1) each: total noise sqrt(2) * share >= sigma
+        assert row["status"] == "released" and "distributed" in row["mode"]
+        assert row["sigma_total"] == pytest.approx(share_sigma(cfg) * np.sqrt(2))
+        assert row["sigma_total"] >= total_sigma(cfg)
+        # without CKKS the server sees one site's share only: that is what each ledger records
+        assert row["sigma_accounted"] == pytest.approx(share_sigma(cfg))
