@@ -97,21 +97,22 @@ class FedDRATrainer(LocalTrainer):
             state["anchor"] = anchor
         return state
 
-    def compute_loss(self, model: nn.Module, batch: dict[str, Any], state: dict[str, Any]) -> dict[str, torch.Tensor]:
-        terms = super().compute_loss(model, batch, state)
+    def compute_loss(self, model: nn.Module, batch: dict[str, Any], state: dict[str, Any],
+                     reduction: str = "mean") -> dict[str, torch.Tensor]:
+        terms = super().compute_loss(model, batch, state, reduction=reduction)
         scale = state.get("loss_scale", 1.0)
         if scale != 1.0:
             terms["loss"] = terms["loss"] * scale
         return terms
 
     def extra_terms(self, model: nn.Module, batch: dict[str, Any], out: dict[str, torch.Tensor],
-                    state: dict[str, Any]) -> dict[str, torch.Tensor]:
+                    state: dict[str, Any], reduction: str = "mean") -> dict[str, torch.Tensor]:
         anchor = state.get("anchor")
         if anchor is None:
             return {}
         with torch.no_grad():
             a = anchor(batch["images"], batch["input_ids"], batch["attention_mask"])
-        terms = self.anchor_loss(out["image_emb"], out["text_emb"], a["image_emb"], a["text_emb"])
+        terms = self.anchor_loss(out["image_emb"], out["text_emb"], a["image_emb"], a["text_emb"], reduction=reduction)
         return {"anchor": self.cfg.feddra.anchor_weight * terms["loss"]}
 
     # -- the DRO loss report ------------------------------------------------------------
