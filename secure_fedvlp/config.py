@@ -194,6 +194,11 @@ class PrivacyConfig:
     ledger before it happens, and a release that would exceed ``(target_epsilon, delta)``
     is refused.  ``noise_multiplier = 0`` calibrates the noise from the target and the
     planned rounds and steps (never overshooting).
+
+    ``grad_sample_mode`` picks how Opacus clips per sample (same result, different cost):
+    ``hooks`` (per-layer rules), ``functorch`` (vmap), or ``ghost`` (fast gradient clipping:
+    per-sample gradient norms without per-sample gradients where Opacus can, then a second
+    backward of the clipped loss; flat clipping only).  See ``secure_fedvlp.privacy.dpsgd``.
     """
 
     enabled: bool = False
@@ -218,6 +223,10 @@ class PrivacyConfig:
         _check(self.report_clip > 0, "privacy.report_clip", self.report_clip, "must be > 0")
         _check(self.report_noise_multiplier > 0, "privacy.report_noise_multiplier", self.report_noise_multiplier,
                "must be > 0")
+        _check(not (self.grad_sample_mode == "ghost" and self.clipping == "per_layer"), "privacy.grad_sample_mode",
+               self.grad_sample_mode, "cannot be 'ghost' with privacy.clipping = 'per_layer': ghost clipping clips each "
+               "record's whole gradient by one norm (use clipping = 'flat', or grad_sample_mode = 'hooks' for "
+               "per-layer clipping)")
 
 
 @dataclass(frozen=True)

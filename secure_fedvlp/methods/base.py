@@ -203,31 +203,34 @@ class LocalTrainer:
         keep = np.flatnonzero(np.asarray(dataset.has_image, bool) & np.asarray(dataset.has_text, bool))
         return dataset if keep.size == len(dataset) else dataset.subset(keep)
 
-    def compute_loss(self, model: nn.Module, batch: dict[str, Any], state: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Named per-sample loss terms for one batch; ``loss`` is their total (a batch mean).
+    def compute_loss(self, model: nn.Module, batch: dict[str, Any], state: dict[str, Any],
+                     reduction: str = "mean") -> dict[str, torch.Tensor]:
+        """Named loss terms for one batch; ``loss`` is their total.
 
         Every term here must be a mean over records of a function of each record alone
         (or of the whole batch for the coupled in-batch objective, which DP refuses).
-        Data-independent terms belong in :meth:`regularizer`.
+        ``reduction="none"`` returns the per-record terms ``[B]`` instead of their batch means
+        (DP-SGD's ghost clipping rescales each record's loss; the coupled objective has no
+        per-record loss and refuses it).  Data-independent terms belong in :meth:`regularizer`.
         """
         out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
-        terms = dict(self.objective_terms(model, out, state))
-        for name, value in self.extra_terms(model, batch, out, state).items():
+        terms = dict(self.objective_terms(model, out, state, reduction=reduction))
+        for name, value in self.extra_terms(model, batch, out, state, reduction=reduction).items():
             terms[name] = value
             terms["loss"] = terms["loss"] + value
         return terms
 
-    def objective_terms(self, model: nn.Module, out: dict[str, torch.Tensor],
-                        state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def objective_terms(self, model: nn.Module, out: dict[str, torch.Tensor], state: dict[str, Any],
+                        reduction: str = "mean") -> dict[str, torch.Tensor]:
         """The contrastive objective's named terms."""
         if self.objective.couples_samples:
-            return self.objective(out["image_emb"], out["text_emb"], model.logit_scale)
+            return self.objective(out["image_emb"], out["text_emb"], model.logit_scale, reduction=reduction)
         return self.objective(out["image_emb"], out["text_emb"], model.logit_scale,
-                              state["neg_image"], state["neg_text"])
+                              state["neg_image"], state["neg_text"], reduction=reduction)
 
     def extra_terms(self, model: nn.Module, batch: dict[str, Any], out: dict[str, torch.Tensor],
-                    state: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Additional per-sample loss terms (anchor guidance, ...). None by default."""
+                    state: dict[str, Any], reduction: str = "mean") -> dict[str, torch.Tensor]:
+        """Additional per-sample loss terms (anchor guidance, ...), reduced like :meth:`compute_loss`. None by default."""
         return {}
 
     def regularizer(self, model: nn.Module, state: dict[str, Any]) -> dict[str, torch.Tensor]:
