@@ -341,24 +341,32 @@ class SecAggStrategyMixin:
             return "encrypted reply carries other arrays beside the ciphertext"
         return None
 
-    def combine_updates(self, server_round: int, stage: str,
-                        accepted: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None, dict[str, str]]:
+    def _parse_contributions(self, accepted: list[Message], key: str, expected_weight: Callable[[Message, str], float],
+                             why: str) -> tuple[dict[str, EncryptedUpdate], dict[str, str]]:
+        """Parse each reply's ciphertext under ``key``; reject unparsable ones and unexpected weights."""
         updates: dict[str, EncryptedUpdate] = {}
         rejected: dict[str, str] = {}
         for msg in accepted:
             site = self.site_name(msg)  # type: ignore[attr-defined]
             try:
-                upd = EncryptedUpdate.from_bytes(_record_blob(msg.content[ARRAYS_KEY]))
+                upd = EncryptedUpdate.from_bytes(_record_blob(msg.content[key]))
             except CiphertextError as exc:
                 rejected[site] = str(exc)
                 continue
-            planned = self.secagg_planned.get((server_round, stage, site))
-            declared = float(msg.content[METRICS_KEY][NUM_EXAMPLES]) if planned is None else planned
-            if upd.weight is None or not math.isclose(upd.weight, declared, rel_tol=1e-9):
-                rejected[site] = (f"encrypted update weight {upd.weight!r} differs from the weight the server "
-                                  f"expects ({declared!r})")
+            want = expected_weight(msg, site)
+            if upd.weight is None or not math.isclose(upd.weight, want, rel_tol=1e-9):
+                rejected[site] = f"encrypted weight {upd.weight!r} differs from the weight {want!r} ({why})"
                 continue
             updates[site] = upd
+        return updates, rejected
+
+    def combine_updates(self, server_round: int, stage: str,
+                        accepted: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None, dict[str, str]]:
+        def expected(msg: Message, site: str) -> float:
+            planned = self.secagg_planned.get((server_round, stage, site))
+            return float(msg.content[METRICS_KEY][NUM_EXAMPLES]) if planned is None else planned
+
+        updates, rejected = self._parse_contributions(accepted, ARRAYS_KEY, expected, "the server expects")
         result = aggregate_encrypted(self.secagg_ctx, updates, round_id=server_round,
                                      num_values=self.secagg_layout.num_values, stage=stage,
                                      layout_hash=self.secagg_layout.layout_hash(), fixed_point_bits=self.secagg_bits)
@@ -405,19 +413,8 @@ class SecAggStrategyMixin:
     def combine_anchors(self, server_round: int, accepted: list[Message]) -> tuple[ArrayRecord | None, dict[str, str]]:
         from secure_fedvlp.privacy.anchors import ANCHORS_KEY, server_noise
 
-        updates: dict[str, EncryptedUpdate] = {}
-        rejected: dict[str, str] = {}
-        for msg in accepted:
-            site = self.site_name(msg)  # type: ignore[attr-defined]
-            try:
-                upd = EncryptedUpdate.from_bytes(_record_blob(msg.content[ANCHORS_KEY]))
-            except CiphertextError as exc:
-                rejected[site] = str(exc)
-                continue
-            if upd.weight != 1.0:
-                rejected[site] = f"anchor contribution carries weight {upd.weight!r}; anchors are plain sums (1.0)"
-                continue
-            updates[site] = upd
+        updates, rejected = self._parse_contributions(accepted, ANCHORS_KEY, lambda msg, site: 1.0,
+                                                      "anchors are plain sums")
         dim = self.anchor_dim  # type: ignore[attr-defined]
         result = aggregate_encrypted(self.secagg_ctx, updates, round_id=server_round, num_values=dim,
                                      stage="anchors", layout_hash=anchor_layout_hash(dim),
