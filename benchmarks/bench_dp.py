@@ -2,12 +2,14 @@
 
 Each mode runs in its own process so peak memory (RSS, and CUDA when present) is its own.
 The step is the same local objective (decomposable contrastive loss with public negatives)
-on the same batch size; the non-private step uses a plain optimizer, the DP steps go through
-Opacus' GradSampleModule + DPOptimizer (per-sample clipping and noise).  Ghost clipping is not
-offered: it needs a loss that Opacus' DPLossFastGradientClipping can rescale per sample, which
-our multi-term loss is not wired for yet.
+on the same batch; the non-private step is the trainer's ordinary step (batch-mean loss,
+plain optimizer), the DP steps are what :class:`~secure_fedvlp.privacy.dpsgd.DPTrainer`
+runs: per-record losses through :class:`~secure_fedvlp.privacy.dpsgd.PrivateGradient` in
+Opacus' ``hooks`` mode (per-layer per-sample gradient rules), ``functorch`` mode (vmap), or
+``ghost`` mode (fast gradient clipping: per-sample gradient norms, ghost norms for the Linear
+layers, then a second backward of the clipped loss), each followed by noise and the step.
 
-    python benchmarks/bench_dp.py [--config configs/demo_dp.toml] [--steps 8]
+    python benchmarks/bench_dp.py [--config configs/demo_dp.toml] [--steps 8] [--threads N]
 """
 
 from __future__ import annotations
@@ -21,45 +23,57 @@ import subprocess
 import sys
 import time
 
+MODES = ("non-private", "hooks", "functorch", "ghost")
+
 
 def one_mode(mode: str, config: str, steps: int, threads: int) -> dict:
     import torch
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
 
     from secure_fedvlp.config import load_config
     from secure_fedvlp.flower.runtime import build_federation, build_model, configure_threads, resolve_device
     from secure_fedvlp.methods.base import LocalTrainer
+    from secure_fedvlp.privacy.dpsgd import PrivateGradient
 
     configure_threads(threads)
     cfg = load_config(config)
     device = resolve_device(cfg.run.device)
     fed = build_federation(cfg)
     model = build_model(cfg).to(device)
+    model.train()
     trainer = LocalTrainer(cfg, device, fed.public)
     state = trainer.begin(model, None, {})
     loader = trainer.make_loader(trainer.training_subset(fed.sites[0].train), model, torch.Generator().manual_seed(0))
     batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in next(iter(loader)).items()}
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    net = model
+    b = int(batch["images"].shape[0])
+    opt = trainer.make_optimizer(model, [n for n, p in model.named_parameters() if p.requires_grad])
+    private = None
     if mode != "non-private":
-        net = GradSampleModule(model, batch_first=True, loss_reduction="mean", force_functorch=mode == "functorch")
-        opt = DPOptimizer(opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch["images"].shape[0])
-    times = []
+        private = PrivateGradient(model, opt, mode=mode, clipping="flat", clip_norm=cfg.privacy.clip_norm,
+                                  noise_multiplier=1.0, expected_batch_size=b,
+                                  generator=torch.Generator(device=device).manual_seed(0))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, cpu = [], []
     for i in range(steps + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        trainer.compute_loss(net, batch, state)["loss"].backward()
-        opt.step()
+        t, c = time.perf_counter(), time.process_time()
+        if private is None:
+            opt.zero_grad(set_to_none=True)
+            trainer.compute_loss(model, batch, state)["loss"].backward()
+            opt.step()
+        else:
+            private.zero_grad()
+            private.backward(trainer.compute_loss(private.module, batch, state, reduction="none")["loss"])
+            private.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i:
             times.append(time.perf_counter() - t)
-    return {"mode": mode, "device": str(device), "batch": int(batch["images"].shape[0]),
-            "step_ms": statistics.median(times) * 1e3, "threads": torch.get_num_threads(),
+            cpu.append(time.process_time() - c)
+    return {"mode": mode, "device": str(device), "batch": b, "step_ms": statistics.median(times) * 1e3,
+            "cpu_ms": statistics.median(cpu) * 1e3,
+            "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3, "threads": torch.get_num_threads(),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_cuda_mib": (torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None}
 
@@ -75,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(one_mode(args._mode, args.config, args.steps, args.threads)))
         return 0
     rows = []
-    for mode in ("non-private", "hooks", "functorch"):
+    for mode in MODES:
         out = subprocess.run([sys.executable, __file__, "--config", args.config, "--steps", str(args.steps),
                               "--threads", str(args.threads), "--_mode", mode], capture_output=True, text=True)
         if out.returncode != 0:
@@ -85,11 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     base = next((r for r in rows if r["mode"] == "non-private"), None)
     print(f"config {args.config}; device {rows[0]['device'] if rows else '?'}; batch {rows[0]['batch'] if rows else '?'}; "
           f"threads {args.threads}; median of {args.steps} steps after one warm-up")
-    print(f"{'mode':<12} {'step ms':>9} {'x non-private':>14} {'peak RSS MiB':>13} {'peak CUDA MiB':>14}")
+    print("wall = median wall-clock ms per step (min-max); cpu = median process CPU ms per step, which other "
+          "jobs on a shared machine inflate less; ratios are over the non-private step")
+    print(f"{'mode':<12} {'wall ms':>8} {'(min-max)':>14} {'x wall':>7} {'cpu ms':>8} {'x cpu':>6} "
+          f"{'peak RSS MiB':>13} {'peak CUDA MiB':>14}")
     for r in rows:
         ratio = r["step_ms"] / base["step_ms"] if base else float("nan")
+        cratio = r["cpu_ms"] / base["cpu_ms"] if base else float("nan")
         cuda = f"{r['peak_cuda_mib']:.0f}" if r["peak_cuda_mib"] is not None else "-"
-        print(f"{r['mode']:<12} {r['step_ms']:>9.1f} {ratio:>14.2f} {r['peak_rss_mib']:>13.0f} {cuda:>14}")
+        spread = f"({r['min_ms']:.0f}-{r['max_ms']:.0f})"
+        print(f"{r['mode']:<12} {r['step_ms']:>8.0f} {spread:>14} {ratio:>7.2f} {r['cpu_ms']:>8.0f} {cratio:>6.2f} "
+              f"{r['peak_rss_mib']:>13.0f} {cuda:>14}")
     return 0
 
 

@@ -194,6 +194,11 @@ class PrivacyConfig:
     ledger before it happens, and a release that would exceed ``(target_epsilon, delta)``
     is refused.  ``noise_multiplier = 0`` calibrates the noise from the target and the
     planned rounds and steps (never overshooting).
+
+    ``grad_sample_mode`` picks how Opacus clips per sample (same result, different cost):
+    ``hooks`` (per-layer rules), ``functorch`` (vmap), or ``ghost`` (fast gradient clipping:
+    per-sample gradient norms without per-sample gradients where Opacus can, then a second
+    backward of the clipped loss; flat clipping only).  See ``secure_fedvlp.privacy.dpsgd``.
     """
 
     enabled: bool = False
@@ -218,6 +223,10 @@ class PrivacyConfig:
         _check(self.report_clip > 0, "privacy.report_clip", self.report_clip, "must be > 0")
         _check(self.report_noise_multiplier > 0, "privacy.report_noise_multiplier", self.report_noise_multiplier,
                "must be > 0")
+        _check(not (self.grad_sample_mode == "ghost" and self.clipping == "per_layer"), "privacy.grad_sample_mode",
+               self.grad_sample_mode, "cannot be 'ghost' with privacy.clipping = 'per_layer': ghost clipping clips each "
+               "record's whole gradient by one norm (use clipping = 'flat', or grad_sample_mode = 'hooks' for "
+               "per-layer clipping)")
 
 
 @dataclass(frozen=True)
@@ -237,6 +246,9 @@ class EncryptionConfig:
     n_threads: int = 0  # TenSEAL threads; 0 = run.threads_per_client
     # Noise flooding of the exported (decrypted) final model: statistical security in bits.
     export_flooding_bits: int = 40
+    # An encrypted aggregate of fewer contributions is not adopted (the global model is kept):
+    # with one contributor the "aggregate" every site decrypts would be that site's own update.
+    min_contributors: int = 2
 
     def __post_init__(self) -> None:
         from secure_fedvlp.secagg.params import PRESETS
@@ -245,6 +257,7 @@ class EncryptionConfig:
         _check(self.n_threads >= 0, "encryption.n_threads", self.n_threads, "must be >= 0")
         _check(1 <= self.export_flooding_bits <= 128, "encryption.export_flooding_bits", self.export_flooding_bits,
                "must be in [1, 128]")
+        _check(self.min_contributors >= 1, "encryption.min_contributors", self.min_contributors, "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -272,6 +285,9 @@ class AnchorConfig:
         _check(self.clip > 0, "anchors.clip", self.clip, "must be > 0")
         _check(self.noise_multiplier > 0, "anchors.noise_multiplier", self.noise_multiplier, "must be > 0")
         _check(self.min_contributors >= 1, "anchors.min_contributors", self.min_contributors, "must be >= 1")
+        _check(self.noise == "server" or self.min_contributors >= 2, "anchors.min_contributors",
+               self.min_contributors, "must be >= 2 with anchors.noise = 'distributed' (each share carries "
+               "1/(min_contributors - 1) of the variance, so that any min_contributors - 1 shares give the full noise)")
 
 
 @dataclass(frozen=True)

@@ -201,6 +201,8 @@ def build_report(run_dir: str | os.PathLike) -> dict[str, Any]:
         "privacy": privacy_section(run_dir),
         "encryption": encryption_section(run_dir),
         "empirical_audit": empirical_section(run_dir),
+        "anchors": [r for r in records if r.get("phase") == "anchors" and r.get("status") in ("released", "withheld")]
+        or None,
         "stopped_clients": stopped,
         "run_dir": str(run_dir),
         "config": config_path.read_text(encoding="utf-8") if config_path.exists() else None,
@@ -303,6 +305,15 @@ def _markdown(rep: dict[str, Any]) -> str:
         else:
             lines += ["", "The final model is encrypted (`model/global_model.ckks`); release it with "
                           "`secure-fedvlp export RUN_DIR --key KEYFILE`."]
+    if rep.get("anchors"):
+        lines += ["", "## Noised global anchors", ""]
+        for r in rep["anchors"]:
+            if r["status"] == "released":
+                lines.append(f"- round {r['round']}: released from {', '.join(r['contributors'])}; {r['mode']}; "
+                             f"clip C_a = {r['clip']:g}, noise std {r['sigma_total']:g}, accounted in each "
+                             f"contributor's ledger as a Gaussian release with sigma {r['sigma_accounted']:g}")
+            else:
+                lines.append(f"- round {r['round']}: withheld ({r['reason']})")
     if rep.get("stopped_clients"):
         lines += ["", "## Clients stopped by their privacy budget", ""]
         for site, v in rep["stopped_clients"].items():

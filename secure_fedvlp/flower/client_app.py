@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -31,11 +32,13 @@ from secure_fedvlp.flower.runtime import (
     resolve_site,
 )
 from secure_fedvlp.methods import get_method
+from secure_fedvlp.privacy.anchors import ANCHOR_QUERY, ANCHORS_KEY
 from secure_fedvlp.methods.base import (
     ARRAYS_KEY,
     CONFIG_KEY,
     INFO_KEY,
     METRICS_KEY,
+    NUM_EXAMPLES,
     LocalTrainer,
     TrainTask,
     arrays_to_numpy,
@@ -124,6 +127,14 @@ class ClientRuntime:
                          steps=int(cfg.get("local-steps", self.setup.cfg.train.local_steps)),
                          options={k: float(v) for k, v in cfg.items()
                                   if k not in reserved and isinstance(v, (int, float))})
+        if ANCHORS_KEY in msg.content.array_records:
+            from dataclasses import replace
+
+            from secure_fedvlp.data.types import FINDINGS
+            from secure_fedvlp.privacy.anchors import bank_from_record
+
+            task = replace(task, anchors=bank_from_record(msg.content[ANCHORS_KEY], len(FINDINGS),
+                                                          int(self.model.spec.embed_dim), self.setup.cfg))
         global_state = arrays_to_numpy(msg.content[ARRAYS_KEY])
         load_federated_state(self.model, global_state)
         seed = _job_seed(self.setup.cfg.run.seed, self.site.name, task)
@@ -142,6 +153,11 @@ class ClientRuntime:
         kind = str(cfg.get("query", "site-info"))
         if kind == "site-info":
             return RecordDict({INFO_KEY: self.info()})
+        if kind == ANCHOR_QUERY:
+            try:
+                return self.anchor_contribution(msg)
+            except PrivacyBudgetExhausted as exc:
+                return self._exhausted(exc)
         if ARRAYS_KEY in msg.content.array_records:
             load_federated_state(self.model, arrays_to_numpy(msg.content[ARRAYS_KEY]))
         try:
@@ -149,6 +165,32 @@ class ClientRuntime:
         except PrivacyBudgetExhausted as exc:
             return self._exhausted(exc)
         return RecordDict({METRICS_KEY: MetricRecord(metrics), INFO_KEY: self.info()})
+
+    def anchor_contribution(self, msg: Message) -> RecordDict:
+        """This site's clipped anchor sum (privacy/anchors.py), recorded in its ledger first."""
+        from flwr.app import Array, ArrayRecord
+
+        from secure_fedvlp.privacy.anchors import ANCHORS_KEY, SUM_KEY, anchor_event, site_contribution
+
+        if self.site.role != "train":
+            raise RuntimeError(f"site {self.site.name!r} is a held-out site and contributes no anchors.")
+        cfg = self.setup.cfg
+        if not cfg.anchors.enabled:
+            raise RuntimeError("the server asked for anchors but anchors.enabled is false in this site's config.")
+        rnd = int(msg.content[CONFIG_KEY]["server-round"])
+        load_federated_state(self.model, arrays_to_numpy(msg.content[ARRAYS_KEY]))
+        metrics: dict[str, float] = {}
+        if cfg.privacy.enabled:
+            ledger = self.trainer.ledger
+            ledger.record(anchor_event(cfg, rnd))  # before the release: refused if over budget, nothing sent
+            metrics["epsilon"] = ledger.epsilon()
+        data = self.trainer.training_subset(self.site.train)
+        vec = site_contribution(self.model, data, cfg, self.device,
+                                fixed_point_bits=self.secagg.fixed_point_bits if self.secagg is not None else None)
+        metrics[NUM_EXAMPLES] = float(len(data))
+        return RecordDict({ANCHORS_KEY: ArrayRecord({SUM_KEY: Array(vec.astype(np.float64))}),
+                           METRICS_KEY: MetricRecord(metrics), CONFIG_KEY: ConfigRecord({"server-round": rnd}),
+                           INFO_KEY: self.info()})
 
     def evaluate(self, msg: Message) -> RecordDict:
         load_federated_state(self.model, arrays_to_numpy(msg.content[ARRAYS_KEY]))

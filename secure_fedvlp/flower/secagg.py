@@ -55,6 +55,7 @@ from secure_fedvlp.methods.base import (
 )
 from secure_fedvlp.secagg import (
     AggregateCiphertext,
+    add_plaintext_noise,
     EncryptedUpdate,
     SecAggContext,
     aggregate_encrypted,
@@ -201,6 +202,35 @@ class ClientSecAgg:
         return _blob_record(upd.to_bytes())
 
 
+def anchor_layout_hash(dim: int) -> str:
+    """Layout hash of an anchor contribution of ``dim`` values (both sides compute it)."""
+    from secure_fedvlp.privacy.anchors import SUM_KEY
+
+    return flatten_update({SUM_KEY: np.zeros(int(dim))})[1].layout_hash()
+
+
+def _encrypt_anchors(sa: "ClientSecAgg", record: ArrayRecord, server_round: int) -> ArrayRecord:
+    from secure_fedvlp.privacy.anchors import SUM_KEY
+
+    vec = np.asarray(record[SUM_KEY].numpy(), dtype=np.float64).reshape(-1)
+    upd = encrypt_update(sa.ctx, vec, 1.0, int(server_round), client_id=sa.site, stage="anchors",
+                         layout_hash=anchor_layout_hash(vec.size), fixed_point_bits=sa.fixed_point_bits,
+                         max_clients=sa.max_clients)
+    return _blob_record(upd.to_bytes())
+
+
+def _decrypt_anchors(sa: "ClientSecAgg", record: ArrayRecord) -> ArrayRecord:
+    """The noised anchor bank (a sum: decrypted with total weight 1), exact on the fixed-point grid."""
+    from secure_fedvlp.privacy.anchors import SUM_KEY
+
+    agg = AggregateCiphertext.from_bytes(_record_blob(record), sa.ctx)
+    if agg.stage != "anchors" or agg.layout_hash != anchor_layout_hash(agg.num_values):
+        raise CiphertextError(f"the encrypted anchor bank has stage {agg.stage!r} and layout {agg.layout_hash!r}; "
+                              "it is not an anchor bank.")
+    vec = decrypt_aggregate(sa.ctx, agg, total_weight=1.0, fixed_point_bits=sa.fixed_point_bits)
+    return ArrayRecord({SUM_KEY: Array(np.asarray(vec, dtype=np.float64))})
+
+
 def make_secagg_mod(runtime: Callable[[Context], Any]) -> Callable[[Message, Context, Callable], Message]:
     """A Flower client mod that decrypts incoming global models and encrypts train replies.
 
@@ -216,9 +246,14 @@ def make_secagg_mod(runtime: Callable[[Context], Any]) -> Callable[[Message, Con
             return call_next(msg, context)
         original = msg.content
         content = original
+        from secure_fedvlp.privacy.anchors import ANCHORS_KEY
+
         if ARRAYS_KEY in original.array_records and is_encrypted(original[ARRAYS_KEY]):
             content = RecordDict(dict(original.items()))  # a copy: the sender's object stays as sent
             content[ARRAYS_KEY] = numpy_to_arrays(sa.decrypt_global(original[ARRAYS_KEY]))
+        if ANCHORS_KEY in original.array_records and is_encrypted(original[ANCHORS_KEY]):
+            content = RecordDict(dict(content.items())) if content is original else content
+            content[ANCHORS_KEY] = _decrypt_anchors(sa, original[ANCHORS_KEY])
         msg.content = content
         try:
             reply = call_next(msg, context)
@@ -233,6 +268,10 @@ def make_secagg_mod(runtime: Callable[[Context], Any]) -> Callable[[Message, Con
             reply.content[ARRAYS_KEY] = sa.encrypt_update(state, weight, int(cfg["server-round"]),
                                                           str(cfg.get("stage", "full")))
             metrics[WEIGHT_KEY] = weight
+        if (msg.metadata.message_type == MessageType.QUERY and not reply.has_error()
+                and ANCHORS_KEY in reply.content.array_records):
+            reply.content[ANCHORS_KEY] = _encrypt_anchors(sa, reply.content[ANCHORS_KEY],
+                                                          int(original[CONFIG_KEY]["server-round"]))
         return reply
 
     return secagg_mod
@@ -277,8 +316,9 @@ class SecAggStrategyMixin:
                     raise ValueError(f"planned weight of site {site!r} is {w!r}; it must be a positive number.")
                 node_cfg[WEIGHT_KEY] = float(w)
                 self.secagg_planned[(server_round, stage, site)] = float(w)
-            messages.append(Message(RecordDict({ARRAYS_KEY: msg.content[ARRAYS_KEY], CONFIG_KEY: node_cfg}),
-                                    dst_node_id=msg.metadata.dst_node_id, message_type=MessageType.TRAIN))
+            content = RecordDict(dict(msg.content.items()))
+            content[CONFIG_KEY] = node_cfg
+            messages.append(Message(content, dst_node_id=msg.metadata.dst_node_id, message_type=MessageType.TRAIN))
         return messages
 
     # -- screening and combining ----------------------------------------------------------
@@ -301,28 +341,45 @@ class SecAggStrategyMixin:
             return "encrypted reply carries other arrays beside the ciphertext"
         return None
 
-    def combine_updates(self, server_round: int, stage: str,
-                        accepted: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None, dict[str, str]]:
+    def _parse_contributions(self, accepted: list[Message], key: str, expected_weight: Callable[[Message, str], float],
+                             why: str) -> tuple[dict[str, EncryptedUpdate], dict[str, str]]:
+        """Parse each reply's ciphertext under ``key``; reject unparsable ones and unexpected weights."""
         updates: dict[str, EncryptedUpdate] = {}
         rejected: dict[str, str] = {}
         for msg in accepted:
             site = self.site_name(msg)  # type: ignore[attr-defined]
             try:
-                upd = EncryptedUpdate.from_bytes(_record_blob(msg.content[ARRAYS_KEY]))
+                upd = EncryptedUpdate.from_bytes(_record_blob(msg.content[key]))
             except CiphertextError as exc:
                 rejected[site] = str(exc)
                 continue
-            planned = self.secagg_planned.get((server_round, stage, site))
-            declared = float(msg.content[METRICS_KEY][NUM_EXAMPLES]) if planned is None else planned
-            if upd.weight is None or not math.isclose(upd.weight, declared, rel_tol=1e-9):
-                rejected[site] = (f"encrypted update weight {upd.weight!r} differs from the weight the server "
-                                  f"expects ({declared!r})")
+            want = expected_weight(msg, site)
+            if upd.weight is None or not math.isclose(upd.weight, want, rel_tol=1e-9):
+                rejected[site] = f"encrypted weight {upd.weight!r} differs from the weight {want!r} ({why})"
                 continue
             updates[site] = upd
+        return updates, rejected
+
+    def combine_updates(self, server_round: int, stage: str,
+                        accepted: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None, dict[str, str]]:
+        def expected(msg: Message, site: str) -> float:
+            planned = self.secagg_planned.get((server_round, stage, site))
+            return float(msg.content[METRICS_KEY][NUM_EXAMPLES]) if planned is None else planned
+
+        updates, rejected = self._parse_contributions(accepted, ARRAYS_KEY, expected, "the server expects")
         result = aggregate_encrypted(self.secagg_ctx, updates, round_id=server_round,
                                      num_values=self.secagg_layout.num_values, stage=stage,
                                      layout_hash=self.secagg_layout.layout_hash(), fixed_point_bits=self.secagg_bits)
         rejected.update(result.rejected)
+        need = int(self.cfg.encryption.min_contributors)  # type: ignore[attr-defined]
+        if result.aggregate is not None and len(result.accepted) < need:
+            # Every site would decrypt this "aggregate": with too few contributors it is (nearly) one
+            # site's own update.  It is discarded unread and the global model is kept.
+            reason = (f"only {len(result.accepted)} valid contribution(s), fewer than encryption.min_contributors = "
+                      f"{need}; the aggregate was discarded and the global model kept")
+            logger.warning("Round %d (%s): %s.", server_round, stage, reason)
+            rejected.update({s: reason for s in result.accepted})
+            result = type(result)(aggregate=None, accepted=[], rejected=result.rejected)
         self.secagg_stats.append({"round": server_round, "stage": stage, "accepted": list(result.accepted),
                                   "rejected": dict(rejected),
                                   "bytes_per_update": {s: int(u.nbytes) for s, u in updates.items()}})
@@ -336,6 +393,41 @@ class SecAggStrategyMixin:
         if loss and all(math.isfinite(x) for x in loss):
             metrics["train_loss"] = float(np.mean(loss))
         return _blob_record(agg.to_bytes()), MetricRecord(metrics), rejected
+
+
+    # -- anchors (issue 6): summed as ciphertexts, noised in the ciphertext domain ---------------
+    def anchor_mode(self) -> str:
+        if self.cfg.anchors.noise == "distributed":  # type: ignore[attr-defined]
+            return "distributed noise shares added by the sites, summed under CKKS"
+        return "server noise added in the ciphertext domain (the server never sees an anchor)"
+
+    def validate_anchor_reply(self, msg: Message, server_round: int) -> str | None:
+        from secure_fedvlp.privacy.anchors import ANCHORS_KEY
+
+        if ANCHORS_KEY not in msg.content.array_records:
+            return f"reply carries no '{ANCHORS_KEY}' record"
+        if not is_encrypted(msg.content[ANCHORS_KEY]) or len(msg.content[ANCHORS_KEY]) != 1:
+            return "anchor contribution is not a single ciphertext although encryption is on; refused unread"
+        return None
+
+    def combine_anchors(self, server_round: int, accepted: list[Message]) -> tuple[ArrayRecord | None, dict[str, str]]:
+        from secure_fedvlp.privacy.anchors import ANCHORS_KEY, server_noise
+
+        updates, rejected = self._parse_contributions(accepted, ANCHORS_KEY, lambda msg, site: 1.0,
+                                                      "anchors are plain sums")
+        dim = self.anchor_dim  # type: ignore[attr-defined]
+        result = aggregate_encrypted(self.secagg_ctx, updates, round_id=server_round, num_values=dim,
+                                     stage="anchors", layout_hash=anchor_layout_hash(dim),
+                                     fixed_point_bits=self.secagg_bits)
+        rejected.update(result.rejected)
+        agg = result.aggregate
+        if agg is None or len(result.accepted) < self.cfg.anchors.min_contributors:  # type: ignore[attr-defined]
+            return None, rejected
+        if self.cfg.anchors.noise == "server":  # type: ignore[attr-defined]
+            # ciphertext + plaintext noise: the server never sees the anchors, noised or not
+            agg = add_plaintext_noise(agg, server_noise(self.cfg, dim, self.anchor_rng))  # type: ignore[attr-defined]
+        self.anchor_contributors = list(result.accepted)
+        return _blob_record(agg.to_bytes()), rejected
 
 
 def encrypted_strategy(strategy_cls: type[VLPStrategy]) -> type[VLPStrategy]:
@@ -436,3 +528,7 @@ def check_encryption_supported(cfg: ExperimentConfig) -> None:
         fixed_point_bits(cfg)
     except (ConfigError, ValueError) as exc:
         raise ConfigError(f"encryption: {exc}") from exc
+    sites = cfg.data.synthetic.num_sites if cfg.data.source == "synthetic" else cfg.federation.min_train_clients
+    if sites < cfg.encryption.min_contributors:
+        raise ConfigError(f"encryption.min_contributors = {cfg.encryption.min_contributors} but the run has only "
+                          f"{sites} training site(s): no encrypted aggregate could ever be adopted.")

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import random
+import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -110,6 +111,7 @@ class TrainTask:
     stage: str  # "full": every federated parameter; "align": alignment layers and heads only
     steps: int
     options: Mapping[str, float] = field(default_factory=dict)  # method-specific scalars from the server
+    anchors: Any = None  # the round's noised anchor bank (privacy.anchors.AnchorBank), when anchors are on
 
 
 def make_collate(model: nn.Module) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
@@ -201,31 +203,34 @@ class LocalTrainer:
         keep = np.flatnonzero(np.asarray(dataset.has_image, bool) & np.asarray(dataset.has_text, bool))
         return dataset if keep.size == len(dataset) else dataset.subset(keep)
 
-    def compute_loss(self, model: nn.Module, batch: dict[str, Any], state: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Named per-sample loss terms for one batch; ``loss`` is their total (a batch mean).
+    def compute_loss(self, model: nn.Module, batch: dict[str, Any], state: dict[str, Any],
+                     reduction: str = "mean") -> dict[str, torch.Tensor]:
+        """Named loss terms for one batch; ``loss`` is their total.
 
         Every term here must be a mean over records of a function of each record alone
         (or of the whole batch for the coupled in-batch objective, which DP refuses).
-        Data-independent terms belong in :meth:`regularizer`.
+        ``reduction="none"`` returns the per-record terms ``[B]`` instead of their batch means
+        (DP-SGD's ghost clipping rescales each record's loss; the coupled objective has no
+        per-record loss and refuses it).  Data-independent terms belong in :meth:`regularizer`.
         """
         out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
-        terms = dict(self.objective_terms(model, out, state))
-        for name, value in self.extra_terms(model, batch, out, state).items():
+        terms = dict(self.objective_terms(model, out, state, reduction=reduction))
+        for name, value in self.extra_terms(model, batch, out, state, reduction=reduction).items():
             terms[name] = value
             terms["loss"] = terms["loss"] + value
         return terms
 
-    def objective_terms(self, model: nn.Module, out: dict[str, torch.Tensor],
-                        state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def objective_terms(self, model: nn.Module, out: dict[str, torch.Tensor], state: dict[str, Any],
+                        reduction: str = "mean") -> dict[str, torch.Tensor]:
         """The contrastive objective's named terms."""
         if self.objective.couples_samples:
-            return self.objective(out["image_emb"], out["text_emb"], model.logit_scale)
+            return self.objective(out["image_emb"], out["text_emb"], model.logit_scale, reduction=reduction)
         return self.objective(out["image_emb"], out["text_emb"], model.logit_scale,
-                              state["neg_image"], state["neg_text"])
+                              state["neg_image"], state["neg_text"], reduction=reduction)
 
     def extra_terms(self, model: nn.Module, batch: dict[str, Any], out: dict[str, torch.Tensor],
-                    state: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Additional per-sample loss terms (anchor guidance, ...). None by default."""
+                    state: dict[str, Any], reduction: str = "mean") -> dict[str, torch.Tensor]:
+        """Additional per-sample loss terms (anchor guidance, ...), reduced like :meth:`compute_loss`. None by default."""
         return {}
 
     def regularizer(self, model: nn.Module, state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -241,6 +246,13 @@ class LocalTrainer:
         state: dict[str, Any] = {}
         if not self.objective.couples_samples:
             state["neg_image"], state["neg_text"] = self.negative_banks(model)
+            bank = task.anchors
+            if bank is not None and len(bank) and self.cfg.anchors.use_as_negatives:
+                # DP-released anchors (post-processing): extra negatives that hold no record of this batch
+                state["neg_image"] = torch.cat([state["neg_image"], bank.image.to(self.device)])
+                state["neg_text"] = torch.cat([state["neg_text"], bank.text.to(self.device)])
+        if task.anchors is not None and len(task.anchors):
+            state["anchor_bank"] = task.anchors
         return state
 
     def report_values(self, kind: str, model: nn.Module, site, config: Mapping[str, Any]) -> torch.Tensor | None:
@@ -359,6 +371,10 @@ class VLPStrategy(FedAvg):
         self.sites: dict[int, SiteInfo] = {}
         self.stopped: dict[str, int] = {}  # site -> round at which its privacy budget ran out
         self._rng = random.Random(cfg.run.seed)
+        # Anchors (issue 6): the current round's noised bank, sent with every train message.
+        self.current_anchors: ArrayRecord | None = None
+        self.anchor_contributors: list[str] = []
+        self.anchor_rng = np.random.default_rng(secrets.randbits(128))  # noise must not be reproducible
 
     # -- discovery -----------------------------------------------------------------
     def discover(self, grid: Grid, expected_nodes: int, timeout: float) -> dict[int, SiteInfo]:
@@ -561,10 +577,105 @@ class VLPStrategy(FedAvg):
         return MetricRecord(out)
 
     # -- the round loop --------------------------------------------------------------
+    # -- anchors (issue 6; privacy/anchors.py) ----------------------------------------
+    @property
+    def anchor_dim(self) -> int:
+        from secure_fedvlp.data.types import FINDINGS
+        from secure_fedvlp.models.factory import get_model_spec
+        from secure_fedvlp.privacy.anchors import anchor_dim
+
+        return anchor_dim(len(FINDINGS), get_model_spec(self.cfg.model.name).embed_dim)
+
+    def anchor_mode(self) -> str:
+        """How the noise is added, in words for the report."""
+        if self.cfg.anchors.noise == "distributed":
+            return "distributed noise shares added by the sites"
+        return "server noise, trusted aggregator (the server sees each site's un-noised sum)"
+
+    def validate_anchor_reply(self, msg: Message, server_round: int) -> str | None:
+        """Reason to drop an anchor contribution, or None."""
+        from secure_fedvlp.privacy.anchors import ANCHORS_KEY, SUM_KEY
+
+        content = msg.content
+        if ANCHORS_KEY not in content.array_records or SUM_KEY not in content[ANCHORS_KEY]:
+            return f"reply carries no '{ANCHORS_KEY}.{SUM_KEY}' array"
+        a = content[ANCHORS_KEY][SUM_KEY].numpy()
+        if a.shape != (self.anchor_dim,):
+            return f"anchor contribution has shape {a.shape}, expected ({self.anchor_dim},)"
+        if not _finite(a):
+            return "anchor contribution holds non-finite values"
+        if CONFIG_KEY not in content.config_records or int(content[CONFIG_KEY].get("server-round", -1)) != server_round:
+            return f"anchor contribution is not for round {server_round}"
+        return None
+
+    def combine_anchors(self, server_round: int, accepted: list[Message]) -> tuple[ArrayRecord | None, dict[str, str]]:
+        """Plaintext: the sum of the contributions plus the server's Gaussian (trusted-aggregator mode)."""
+        from secure_fedvlp.privacy.anchors import ANCHORS_KEY, SUM_KEY, server_noise
+
+        if len(accepted) < self.cfg.anchors.min_contributors:
+            return None, {}
+        total = np.zeros(self.anchor_dim)
+        for msg in accepted:
+            total += msg.content[ANCHORS_KEY][SUM_KEY].numpy().astype(np.float64)
+        if self.cfg.anchors.noise == "server":
+            total += server_noise(self.cfg, self.anchor_dim, self.anchor_rng)
+        self.anchor_contributors = [self.site_name(m) for m in accepted]
+        return ArrayRecord({SUM_KEY: Array(total)}), {}
+
+    def anchor_round(self, server_round: int, grid: Grid, arrays: ArrayRecord, timeout: float) -> None:
+        """Collect the sites' clipped anchor sums and release the noised bank for this round's training."""
+        from secure_fedvlp.privacy.anchors import ANCHOR_QUERY
+
+        self.current_anchors = None
+        self.anchor_contributors = []
+        nodes = self.train_nodes()
+        msgs = [Message(RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord(
+            {"query": ANCHOR_QUERY, "server-round": server_round})}), dst_node_id=nid, message_type=MessageType.QUERY)
+            for nid in nodes]
+        accepted = []
+        for msg in grid.send_and_receive(msgs, timeout=timeout):
+            site = self.site_name(msg)
+            if self.note_budget_exhausted(server_round, msg, "anchors"):
+                continue
+            reason = f"client error: {msg.error.reason}" if msg.has_error() else self.validate_anchor_reply(
+                msg, server_round)
+            if reason is not None:
+                self._drop(server_round, "anchors", site, reason)
+                continue
+            accepted.append(msg)
+        record, rejected = self.combine_anchors(server_round, accepted) if accepted else (None, {})
+        for site, why in rejected.items():
+            self._drop(server_round, "anchors", site, why)
+        need = self.cfg.anchors.min_contributors
+        if record is None:
+            why = (f"{len(accepted) - len(rejected)} valid contribution(s), fewer than anchors.min_contributors = "
+                   f"{need}" if len(accepted) - len(rejected) < need else "no valid contribution")
+            logger.warning("Round %d: no anchors released (%s); sites train without them.", server_round, why)
+            self.recorder.record({"round": server_round, "phase": "anchors", "status": "withheld", "reason": why})
+            return
+        from secure_fedvlp.privacy.anchors import anchor_event
+
+        from secure_fedvlp.privacy.anchors import share_sigma, total_sigma
+
+        ev = anchor_event(self.cfg, server_round)
+        self.current_anchors = record
+        n = len(self.anchor_contributors)
+        # distributed: the shares actually summed (dropouts remove theirs; >= min_contributors remain)
+        sigma = share_sigma(self.cfg) * math.sqrt(n) if self.cfg.anchors.noise == "distributed" else total_sigma(self.cfg)
+        self.recorder.record({"round": server_round, "phase": "anchors", "status": "released",
+                              "contributors": list(self.anchor_contributors), "mode": self.anchor_mode(),
+                              "clip": float(self.cfg.anchors.clip), "sigma_total": float(sigma),
+                              "sigma_accounted": float(ev.sigma)})
+
     def run_stage(self, server_round: int, stage: str, grid: Grid, arrays: ArrayRecord,
                   timeout: float) -> ArrayRecord:
         """Send one train stage, aggregate, and return the new global arrays (or the old on failure)."""
-        messages = self.configure_train(server_round, arrays, self.stage_config(server_round, stage), grid)
+        messages = list(self.configure_train(server_round, arrays, self.stage_config(server_round, stage), grid))
+        if self.current_anchors is not None:
+            from secure_fedvlp.privacy.anchors import ANCHORS_KEY
+
+            for m in messages:
+                m.content[ANCHORS_KEY] = self.current_anchors
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         agg, metrics = self.aggregate_train(server_round, replies, stage=stage, reference=arrays)
         if agg is None:
@@ -597,6 +708,8 @@ class VLPStrategy(FedAvg):
         arrays = initial_arrays
         for rnd in range(1, num_rounds + 1):
             t_round = time.perf_counter()
+            if self.cfg.anchors.enabled:
+                self.anchor_round(rnd, grid, arrays, timeout)
             arrays = self.train_round(rnd, grid, arrays, timeout)
             # Server-side wall time of the training round (configure -> replies -> new global model),
             # read by benchmarks/bench_secagg_round.py.

@@ -51,6 +51,7 @@ from secure_fedvlp.methods.base import (
 )
 from secure_fedvlp.methods.dro import centre_weights, mirror_ascent_step
 from secure_fedvlp.methods.registry import register_method
+from secure_fedvlp.privacy.anchors import guidance_targets
 from secure_fedvlp.objectives import AnchorGuidanceLoss
 
 logger = logging.getLogger(__name__)
@@ -97,22 +98,33 @@ class FedDRATrainer(LocalTrainer):
             state["anchor"] = anchor
         return state
 
-    def compute_loss(self, model: nn.Module, batch: dict[str, Any], state: dict[str, Any]) -> dict[str, torch.Tensor]:
-        terms = super().compute_loss(model, batch, state)
+    def compute_loss(self, model: nn.Module, batch: dict[str, Any], state: dict[str, Any],
+                     reduction: str = "mean") -> dict[str, torch.Tensor]:
+        terms = super().compute_loss(model, batch, state, reduction=reduction)
         scale = state.get("loss_scale", 1.0)
         if scale != 1.0:
             terms["loss"] = terms["loss"] * scale
         return terms
 
     def extra_terms(self, model: nn.Module, batch: dict[str, Any], out: dict[str, torch.Tensor],
-                    state: dict[str, Any]) -> dict[str, torch.Tensor]:
+                    state: dict[str, Any], reduction: str = "mean") -> dict[str, torch.Tensor]:
+        extra: dict[str, torch.Tensor] = {}
         anchor = state.get("anchor")
-        if anchor is None:
-            return {}
-        with torch.no_grad():
-            a = anchor(batch["images"], batch["input_ids"], batch["attention_mask"])
-        terms = self.anchor_loss(out["image_emb"], out["text_emb"], a["image_emb"], a["text_emb"])
-        return {"anchor": self.cfg.feddra.anchor_weight * terms["loss"]}
+        if anchor is not None:
+            with torch.no_grad():
+                a = anchor(batch["images"], batch["input_ids"], batch["attention_mask"])
+            terms = self.anchor_loss(out["image_emb"], out["text_emb"], a["image_emb"], a["text_emb"],
+                                     reduction=reduction)
+            extra["anchor"] = self.cfg.feddra.anchor_weight * terms["loss"]
+        bank = state.get("anchor_bank")
+        if bank is not None and self.cfg.anchors.use_for_guidance and self.cfg.feddra.anchor_weight > 0:
+            # Guidance by the noised global anchors (issue 6): each record is pulled towards the anchors
+            # of its own findings (a function of the record and of a DP release only: decomposable).
+            img_t, txt_t, has = guidance_targets(batch["labels"], bank)
+            per = ((out["image_emb"] - img_t) ** 2).mean(-1) + ((out["text_emb"] - txt_t) ** 2).mean(-1)
+            per = self.cfg.feddra.anchor_weight * per * has.to(per.dtype)
+            extra["anchor_bank"] = per if reduction == "none" else per.mean()
+        return extra
 
     # -- the DRO loss report ------------------------------------------------------------
     @torch.no_grad()

@@ -118,14 +118,16 @@ def _additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Te
 
 
 def _positions(input_ids: torch.Tensor) -> torch.Tensor:
-    """Explicit ``[B, L]`` position ids.
+    """Explicit ``[B, L]`` position ids, materialised (contiguous).
 
     BERT's default ``position_ids`` is a ``[1, L]`` buffer broadcast over the batch; Opacus
     then sees a batch of one at the position-embedding layer and computes a single,
-    batch-summed "per-sample" gradient for it, which breaks per-sample clipping.
+    batch-summed "per-sample" gradient for it, which breaks per-sample clipping.  They are
+    contiguous, not an ``expand``-ed view: Opacus' ghost-clipping norm sampler for
+    ``nn.Embedding`` calls ``input_ids.view(-1, 1)``, which a stride-0 view refuses.
     """
     b, length = input_ids.shape
-    return torch.arange(length, device=input_ids.device).unsqueeze(0).expand(b, length)
+    return torch.arange(length, device=input_ids.device).unsqueeze(0).repeat(b, 1)
 
 
 class TextTower(nn.Module):

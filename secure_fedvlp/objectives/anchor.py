@@ -14,6 +14,8 @@ class AnchorGuidanceLoss(nn.Module):
 
     Compares a record only with the global model's view of the *same* record, so it is a
     mean of per-record terms: per-sample decomposable, hence usable under DP-SGD.
+    ``reduction="none"`` returns the per-record terms (MSE: mean over the embedding
+    dimension), whose batch mean is the ``"mean"`` value exactly.
     """
 
     couples_samples = False
@@ -25,13 +27,18 @@ class AnchorGuidanceLoss(nn.Module):
         self.distance = distance
 
     def _d(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Per-record distance ``[B]``."""
         b = b.detach()
         if self.distance == "mse":
-            return F.mse_loss(a, b)
-        return (1.0 - F.cosine_similarity(a, b, dim=-1)).mean()
+            return F.mse_loss(a, b, reduction="none").reshape(a.shape[0], -1).mean(dim=1)
+        return 1.0 - F.cosine_similarity(a, b, dim=-1)
 
     def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, anchor_image_emb: torch.Tensor,
-                anchor_text_emb: torch.Tensor) -> dict[str, torch.Tensor]:
+                anchor_text_emb: torch.Tensor, reduction: str = "mean") -> dict[str, torch.Tensor]:
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none'; found {reduction!r}.")
         di = self._d(image_emb, anchor_image_emb)
         dt = self._d(text_emb, anchor_text_emb)
+        if reduction == "mean":
+            di, dt = di.mean(), dt.mean()
         return {"loss": di + dt, "anchor_image": di, "anchor_text": dt}

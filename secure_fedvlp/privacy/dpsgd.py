@@ -10,12 +10,38 @@ composition; the method knows nothing about privacy (STYLE.md item 2).  Per loca
 2. batches are drawn by Opacus' Poisson sampler (``UniformWithReplacementSampler``): each
    record joins each batch independently with probability ``q``, which is what the
    sampled-Gaussian accounting assumes;
-3. Opacus' ``GradSampleModule`` computes per-sample gradients of the method's per-sample
-   loss terms, and ``DPOptimizer`` clips each (flat or per layer), sums, adds Gaussian noise
-   of std ``z * C`` and averages;
+3. the method returns its loss terms *per record* (``compute_loss(..., reduction="none")``),
+   and :class:`PrivateGradient` turns the per-record total into the DP-SGD gradient
+   ``(sum_i clip_C(grad loss_i) + N(0, (z C)^2 I)) / E[B]`` in the configured Opacus mode
+   (``privacy.grad_sample_mode``):
+
+   * ``hooks`` / ``functorch``: ``GradSampleModule`` materialises every per-sample gradient
+     (hooks with Opacus' per-layer rules, or functorch's vmap); ``DPOptimizer`` clips each
+     (flat or per layer), sums and noises;
+   * ``ghost``: Opacus' fast gradient clipping (``GradSampleModuleFastGradientClipping`` with
+     ``use_ghost_clipping=True``, ``DPTensorFastGradientClipping``).  A first backward of
+     the batch-mean loss yields per-sample gradient *norms* only: ``nn.Linear`` (every BERT
+     projection, both heads) by the ghost-norm identity
+     ``||sum_t g_t a_t^T||^2 = <G G^T, A A^T>``, without forming a per-sample gradient; the
+     layers Opacus has no norm sampler for (``Conv2d``, ``GroupNorm``, ``LayerNorm``, our
+     ``LogitScale``) fall back, inside Opacus, to their per-sample-gradient rule, whose
+     gradient is reduced to a norm and dropped at once.  A second backward of
+     ``sum_i min(1, C / ||g_i||) * loss_i`` then gives the clipped sum directly, and
+     ``DPOptimizerFastGradientClipping`` noises and averages it.  Flat clipping only (the
+     config refuses ghost with per-layer clipping);
 4. data-independent regularisers (FedProx's proximal term) are differentiated separately
    and added *after* noising: they touch no record, so this is post-processing;
 5. after the job the hooks are removed, so evaluation and the next job see a plain model.
+
+What the train reply carries
+----------------------------
+Only releases that the ledger covers or that are public: the parameters (DP-SGD), the
+public counts (``num-examples``, ``steps``), the public DP parameters (noise multiplier,
+sample rate) and the privacy spent and budget (``epsilon``, ``epsilon-budget``; functions
+of public parameters).  The training-loss terms are computed on private records with no
+noise, so they are *not* released: :meth:`DPTrainer.fit` writes them to the client's own
+disk (``local_train_metrics.jsonl`` beside its ledger) and its log, and strips them from
+the reply (:data:`RELEASED_TRAIN_METRICS` is the allow-list).
 
 Scalar reports a method sends (FedDRA's DRO losses) go through :meth:`DPTrainer.answer_query`:
 per-record values are clipped to ``[0, C_r]``, summed, noised with ``N(0, (z_r C_r)^2)``, and
@@ -25,21 +51,28 @@ aggregation weights anyway; see the threat model).  The Gaussian event is record
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import secrets
+import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping, DPPerLayerOptimizer
+from opacus.optimizers.optimizer import _generate_noise
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
 from secure_fedvlp.config import ExperimentConfig, PrivacyConfig
 from secure_fedvlp.methods.base import NUM_EXAMPLES, LocalTrainer, TrainTask, make_collate
+from secure_fedvlp.privacy.anchors import planned_anchor_events
 from secure_fedvlp.privacy.budget import Budget
 from secure_fedvlp.privacy.calibration import calibrate_noise_multiplier
 from secure_fedvlp.privacy.events import DPSGDEvent, GaussianEvent
@@ -48,9 +81,18 @@ from secure_fedvlp.privacy.mechanisms import mean_release_event, noised_clipped_
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DPTrainer", "planned_steps_per_round", "client_noise_multiplier", "make_ledger", "BUDGET_EXHAUSTED"]
+__all__ = ["DPTrainer", "PrivateGradient", "planned_steps_per_round", "client_noise_multiplier", "make_ledger",
+           "BUDGET_EXHAUSTED", "RELEASED_TRAIN_METRICS", "GRAD_SAMPLE_MODES"]
 
 BUDGET_EXHAUSTED = "budget-exhausted"
+EPSILON_BUDGET = "epsilon-budget"
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+
+# What a DP client's train reply may carry: public counts, public DP parameters, the privacy
+# spent and the budget (functions of public parameters), and the budget-exhausted flag.
+# No un-noised function of private records (training losses, gradient norms, timings).
+RELEASED_TRAIN_METRICS = frozenset({NUM_EXAMPLES, "steps", "dp_noise_multiplier", "dp_sample_rate", "epsilon",
+                                    EPSILON_BUDGET, BUDGET_EXHAUSTED})
 
 
 def planned_steps_per_round(cfg: ExperimentConfig) -> int:
@@ -82,7 +124,7 @@ def client_noise_multiplier(cfg: ExperimentConfig, num_train: int) -> tuple[floa
         return p.noise_multiplier, q
     steps = planned_steps_per_round(cfg) * cfg.federation.num_rounds
     z = calibrate_noise_multiplier(p.target_epsilon, p.delta, q, steps, accountant=p.accountant,
-                                   prior_events=planned_reports(cfg))
+                                   prior_events=planned_reports(cfg) + planned_anchor_events(cfg))
     return z, q
 
 
@@ -101,6 +143,84 @@ class _PoissonBatches:
             return next(self._it)
 
 
+class PrivateGradient:
+    """The DP-SGD gradient of a per-record loss vector, in one Opacus mode (see the module docstring).
+
+    ``backward(per_record_loss)`` leaves in every trainable parameter's ``.grad``
+    ``(sum_i clip_C(grad loss_i) + N(0, (z C)^2 I)) / expected_batch_size``, the same
+    quantity in every mode (up to floating point); :meth:`step` applies the wrapped optimizer.
+    ``model`` must already have ``requires_grad`` set on exactly the parameters to train.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, mode: str, clipping: str,
+                 clip_norm: float, noise_multiplier: float, expected_batch_size: int,
+                 generator: torch.Generator | None = None, secure_mode: bool = False) -> None:
+        if mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}. Found {mode!r}.")
+        if mode == "ghost" and clipping != "flat":
+            raise ValueError("ghost clipping clips the whole per-sample gradient by one norm; it cannot clip per "
+                             f"layer. Use clipping = 'flat' or grad_sample_mode = 'hooks'. Found {clipping!r}.")
+        self.mode = mode
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.expected_batch_size = int(expected_batch_size)
+        kw = dict(noise_multiplier=float(noise_multiplier), expected_batch_size=self.expected_batch_size,
+                  loss_reduction="mean", generator=generator, secure_mode=secure_mode)
+        if mode == "ghost":
+            self.module: nn.Module = GradSampleModuleFastGradientClipping(
+                model, batch_first=True, loss_reduction="mean", max_grad_norm=clip_norm, use_ghost_clipping=True)
+            self.optimizer: DPOptimizer = DPOptimizerFastGradientClipping(optimizer, max_grad_norm=clip_norm, **kw)
+        else:
+            self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean",
+                                           force_functorch=mode == "functorch")
+            if clipping == "per_layer":
+                per = clip_norm / math.sqrt(len(self.params))
+                self.optimizer = DPPerLayerOptimizer(optimizer, max_grad_norm=[per] * len(self.params), **kw)
+            else:
+                self.optimizer = DPOptimizer(optimizer, max_grad_norm=clip_norm, **kw)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, per_record_loss: torch.Tensor) -> None:
+        """Clipped, summed, noised, averaged gradient of ``per_record_loss`` (shape ``[B]``) into ``.grad``."""
+        if per_record_loss.ndim != 1:
+            raise ValueError("DP-SGD needs one loss per record (shape [B]); found shape "
+                             f"{tuple(per_record_loss.shape)}.")
+        if per_record_loss.shape[0] == 0:
+            self.noise_only()
+            return
+        if self.mode == "ghost":
+            # Two backward passes: norms, then the clipped sum (Opacus' DPTensorFastGradientClipping).
+            DPTensorFastGradientClipping(self.module, self.optimizer, per_record_loss, "mean").backward()
+        else:
+            per_record_loss.mean().backward()
+        self.optimizer.pre_step()
+
+    def noise_only(self) -> None:
+        """The step of an empty Poisson batch: ``.grad = N(0, (z C)^2 I) / expected_batch_size``.
+
+        Written out rather than through the optimizer: Opacus' ``DPOptimizer.scale_grad``
+        asks for per-sample gradients, which an empty batch does not have.
+        """
+        opt = self.optimizer
+        std = opt.noise_multiplier * opt.max_grad_norm
+        for p in self.params:
+            p.grad = _generate_noise(std=std, reference=p, generator=opt.generator,
+                                     secure_mode=opt.secure_mode) / self.expected_batch_size
+
+    def step(self) -> None:
+        """Apply the wrapped (non-private) optimizer to the private gradient."""
+        self.optimizer.original_optimizer.step()
+
+    def close(self) -> None:
+        """Remove Opacus' hooks and per-parameter attributes; the model is plain again."""
+        self.module._close()
+        for p in self.params:
+            for attr in ("summed_grad", "_processed"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+
+
 class DPTrainer:
     """Wraps a method's trainer in DP-SGD with ledger accounting and budget enforcement."""
 
@@ -110,7 +230,7 @@ class DPTrainer:
             raise ValueError(f"the {type(inner.objective).__name__} objective couples records; DP-SGD needs a "
                              "per-sample decomposable objective (train.objective = 'decomposable').")
         self.inner = inner
-        self.ledger_path = ledger_path
+        self.ledger_path = Path(ledger_path)
         self.client_id = client_id
         self.noise_multiplier = float(noise_multiplier)
         self.sample_rate = float(sample_rate)
@@ -163,40 +283,30 @@ class DPTrainer:
         state = inner.begin(model, task, global_state)  # before hooks: copies/banks see a plain model
         params = [p for nm, p in model.named_parameters() if nm in names]
         base_opt = inner.make_optimizer(model, [nm for nm, _ in model.named_parameters() if nm in names])
-        gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean",
-                               force_functorch=self.privacy.grad_sample_mode == "functorch")
-        expected = max(1, int(round(q * n)))
-        if self.privacy.clipping == "per_layer":
-            per = self.privacy.clip_norm / math.sqrt(len(params))
-            dp_opt: DPOptimizer = DPPerLayerOptimizer(base_opt, noise_multiplier=self.noise_multiplier,
-                                                      max_grad_norm=[per] * len(params), expected_batch_size=expected,
-                                                      loss_reduction="mean", generator=self._noise_generator(generator),
-                                                      secure_mode=self.privacy.secure_mode)
-        else:
-            dp_opt = DPOptimizer(base_opt, noise_multiplier=self.noise_multiplier,
-                                 max_grad_norm=self.privacy.clip_norm, expected_batch_size=expected,
-                                 loss_reduction="mean", generator=self._noise_generator(generator),
-                                 secure_mode=self.privacy.secure_mode)
+        private = PrivateGradient(model, base_opt, mode=self.privacy.grad_sample_mode, clipping=self.privacy.clipping,
+                                  clip_norm=self.privacy.clip_norm, noise_multiplier=self.noise_multiplier,
+                                  expected_batch_size=max(1, int(round(q * n))),
+                                  generator=self._noise_generator(generator), secure_mode=self.privacy.secure_mode)
         batches = _PoissonBatches(n, q, generator)
         collate = make_collate(model)
         sums: dict[str, float] = {}
+        reg_sums: dict[str, float] = {}
+        records = 0
+        t0 = time.perf_counter()
         try:
             for _ in range(task.steps):
                 idx = batches.next()
-                dp_opt.zero_grad(set_to_none=True)
+                private.zero_grad()
                 if len(idx) == 0:  # an empty Poisson batch: the step releases noise only
-                    for p in params:
-                        p.summed_grad = torch.zeros_like(p)
-                    dp_opt.add_noise()
-                    dp_opt.scale_grad()
+                    private.noise_only()
                 else:
                     batch = {k: (v.to(inner.device) if torch.is_tensor(v) else v)
                              for k, v in collate([dataset[i] for i in idx]).items()}
-                    terms = inner.compute_loss(gsm, batch, state)
-                    terms["loss"].backward()
-                    dp_opt.pre_step()
-                    for k, v in terms.items():
-                        sums[k] = sums.get(k, 0.0) + float(v.detach())
+                    terms = inner.compute_loss(private.module, batch, state, reduction="none")
+                    private.backward(terms["loss"])
+                    for k, v in terms.items():  # local bookkeeping only: never released (see module doc)
+                        sums[k] = sums.get(k, 0.0) + float(v.detach().sum())
+                    records += len(idx)
                 reg = inner.regularizer(model, state)
                 if reg:  # data-independent: added to the noised gradient (post-processing)
                     grads = torch.autograd.grad(sum(reg.values()), params, allow_unused=True)
@@ -204,17 +314,30 @@ class DPTrainer:
                         if g is not None:
                             p.grad = g if p.grad is None else p.grad + g
                     for k, v in reg.items():
-                        sums[k] = sums.get(k, 0.0) + float(v.detach())
-                dp_opt.original_optimizer.step()
+                        reg_sums[k] = reg_sums.get(k, 0.0) + float(v.detach())
+                private.step()
                 self.steps_taken += 1
         finally:
-            gsm._close()
+            private.close()
             for nm, p in model.named_parameters():
                 p.requires_grad_(nm in federated)
-        metrics = {f"train_{k}": v / max(task.steps, 1) for k, v in sums.items()}
-        metrics.update({"steps": float(task.steps), NUM_EXAMPLES: float(n), "dp_noise_multiplier": self.noise_multiplier,
-                        "dp_sample_rate": q, "epsilon": ledger.epsilon()})
+        local = {f"train_{k}": v / max(records, 1) for k, v in sums.items()}
+        local.update({f"train_{k}": v / max(task.steps, 1) for k, v in reg_sums.items()})
+        local.update({"train_seconds": time.perf_counter() - t0, "train_records_seen": float(records)})
+        self._log_local(task, local)
+        metrics = {"steps": float(task.steps), NUM_EXAMPLES: float(n), "dp_noise_multiplier": self.noise_multiplier,
+                   "dp_sample_rate": q, "epsilon": ledger.epsilon(), EPSILON_BUDGET: self.privacy.target_epsilon}
+        assert set(metrics) <= RELEASED_TRAIN_METRICS, "a DP train reply may carry only covered or public values"
         return metrics
+
+    def _log_local(self, task: TrainTask, values: Mapping[str, float]) -> None:
+        """Keep un-noised training statistics at the client: its log and a JSON Lines file beside its ledger."""
+        logger.info("site %s round %d (%s), local only: %s", self.client_id, task.server_round, task.stage,
+                    ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
+        path = self.ledger_path.parent / "local_train_metrics.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"round": task.server_round, "stage": task.stage, **values}) + "\n")
 
     def answer_query(self, kind: str, model: nn.Module, site, config: Mapping[str, Any]) -> dict[str, float]:
         """A noised, clipped, ledger-recorded version of the inner trainer's scalar report."""

@@ -57,7 +57,8 @@ def tiny_dp_run(tmp_path_factory):
     run_dir = out / "tiny_dp"
     rc = main(["run", "configs/tiny.toml", "--run-dir", str(run_dir), "--set", f"data.cache_dir={cache}",
                "--set", "federation.method=fedaid", "--set", "train.objective=decomposable",
-               "--set", "privacy.enabled=true", "--set", "privacy.target_epsilon=8.0"])
+               "--set", "privacy.enabled=true", "--set", "privacy.target_epsilon=8.0",
+               "--set", "anchors.enabled=true"])
     assert rc == 0
     return run_dir
 
@@ -69,9 +70,53 @@ def test_dp_run_reports_epsilon_per_client_within_budget(tiny_dp_run):
     priv = rep["privacy"]
     assert set(priv["clients"]) == {"site1", "site2"}  # training sites only; the held-out site releases nothing
     for site, c in priv["clients"].items():
-        assert c["by_mechanism"]["DPSGDEvent"] == 2 and c["by_mechanism"]["GaussianEvent"] == 2
+        # per round: one DP-SGD job, the DRO-loss report and the anchor release
+        assert c["by_mechanism"]["DPSGDEvent"] == 2 and c["by_mechanism"]["GaussianEvent"] == 4
         assert 0 < c["epsilon"] <= 8.0
         # the report's figure is the ledger's: an independent replay agrees
         assert replay(tiny_dp_run / c["ledger"]).get_epsilon(priv["delta"]) == pytest.approx(c["epsilon"])
     assert (tiny_dp_run / "plots" / "epsilon_by_round.png").exists()
-    assert "Privacy spent" in (tiny_dp_run / "report.md").read_text()
+    md = (tiny_dp_run / "report.md").read_text()
+    assert "Privacy spent" in md and "trusted aggregator" in md  # plaintext anchors: the mode is labelled
+
+
+@pytest.fixture(scope="module")
+def tiny_encrypted_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs_enc")
+    cache = tmp_path_factory.mktemp("cache_enc")
+    run_dir = out / "tiny_enc"
+    rc = main(["run", "configs/tiny.toml", "--run-dir", str(run_dir), "--set", f"data.cache_dir={cache}",
+               "--set", "federation.method=feddra", "--set", "encryption.enabled=true",
+               "--set", "privacy.enabled=true", "--set", "train.objective=decomposable",
+               "--set", "anchors.enabled=true"])
+    assert rc == 0
+    return run_dir
+
+
+def test_encrypted_run_end_to_end_server_keeps_only_ciphertexts(tiny_encrypted_run):
+    """`secure-fedvlp run` with encryption on: real Simulation Engine, real CKKS, FedDRA's robust weights."""
+    from secure_fedvlp.secagg import AggregateCiphertext, decrypt_aggregate, load_server_context
+
+    run_dir = tiny_encrypted_run
+    stats = json.loads((run_dir / "secagg_rounds.json").read_text())
+    assert stats and all(sorted(s["accepted"]) == ["site1", "site2"] and not s["rejected"] for s in stats)
+    # FedDRA's two stages per round, each aggregated under encryption
+    assert {s["stage"] for s in stats} == {"align", "full"}
+    # the server's final model is a ciphertext its own context cannot decrypt
+    server = load_server_context(run_dir / "keys" / "server.ctx")
+    agg = AggregateCiphertext.from_bytes((run_dir / "model" / "global_model.ckks").read_bytes(), server)
+    with pytest.raises(Exception):
+        decrypt_aggregate(server, agg)
+    # a key holder released it, exactly, and the report says how
+    export = json.loads((run_dir / "model" / "export.json").read_text())
+    assert export["decryption"] == "exact (fixed-point)" and export["flooding_sigma"] == 0.0
+    assert (run_dir / "model" / "federated_params.npz").exists()
+    rep = json.loads((run_dir / "report.json").read_text())
+    assert rep["encryption"]["keys"]["params"]["poly_modulus_degree"] == 8192
+    assert rep["encryption"]["export"]["decryption"] == "exact (fixed-point)"
+    md = (run_dir / "report.md").read_text()
+    assert "CKKS-encrypted aggregation" in md and "ciphertext domain" in md
+    # DP-SGD, DRO reports and anchors composed in each site's ledger
+    for site, c in rep["privacy"]["clients"].items():
+        ledger = [json.loads(x) for x in (run_dir / c["ledger"]).read_text().splitlines()]
+        assert [e["event"]["what"] for e in ledger if e["event"].get("what") == "anchors"] == ["anchors"] * 2

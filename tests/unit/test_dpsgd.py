@@ -14,6 +14,7 @@ from secure_fedvlp.models import create_model
 from secure_fedvlp.objectives import AnchorGuidanceLoss, DecomposableContrastiveLoss, InfoNCELoss
 from secure_fedvlp.privacy import replay
 from secure_fedvlp.privacy.dpsgd import DPTrainer, client_noise_multiplier
+from secure_fedvlp.methods.base import arrays_to_numpy
 from tests.unit.test_methods_contract import run_method, tiny_cfg
 
 
@@ -240,3 +241,131 @@ def test_dp_run_end_to_end_ledgers_and_stopped_client(tmp_path):
     assert stopped and strategy.stopped
     assert all(r["epsilon"] <= 4.6 for r in stopped)
     assert {r["round"] for r in stopped} == {3}  # rounds 1 and 2 fit the budget, round 3 does not
+
+
+# -- ghost clipping (Opacus fast gradient clipping) ---------------------------------------
+
+
+def _private_grad(model, per_record_loss_fn, mode, clip_norm, batch_size):
+    """``.grad`` after one noise-free PrivateGradient backward in ``mode`` (and the ghost norms)."""
+    from secure_fedvlp.privacy.dpsgd import PrivateGradient
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    pg = PrivateGradient(model, torch.optim.SGD(params, lr=0.0), mode=mode, clipping="flat", clip_norm=clip_norm,
+                         noise_multiplier=0.0, expected_batch_size=batch_size)
+    try:
+        pg.zero_grad()
+        pg.backward(per_record_loss_fn(pg.module))
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        norms = pg.module.per_sample_gradient_norms.detach().clone() if mode == "ghost" else None
+        return grads, norms
+    finally:
+        pg.close()
+        model.zero_grad(set_to_none=True)
+
+
+def _assert_same_gradient(a, b):
+    scale = max(float(v.abs().max()) for v in a.values())
+    for n in a:
+        # atol relative to the largest coordinate: some gradients are zero in exact arithmetic
+        # (attention key biases: softmax ignores a per-query constant) and are rounding noise in both.
+        torch.testing.assert_close(b[n], a[n], rtol=1e-4, atol=1e-6 * scale, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_ghost_clipped_gradient_equals_hooks_on_the_demo_model(tmp_path):
+    """Real demo model (GroupNorm CNN + MiniLM upper layer + heads + LogitScale), the FedDRA
+    per-record objective (contrastive with public negatives + anchor guidance), noise 0:
+    ghost clipping's clipped, summed gradient equals hooks mode's, with the clip norm set
+    so that some records are clipped and some are not."""
+    from secure_fedvlp.flower.runtime import build_federation
+
+    cfg = parse_config({"model": {"name": "demo"}, "run": {"device": "cpu", "seed": 0},
+                        "data": {"cache_dir": str(tmp_path / "cache"),
+                                 "synthetic": {"num_sites": 1, "heldout_site": False, "train_per_site": 8,
+                                               "val_per_site": 2, "test_per_site": 2, "public_size": 16,
+                                               "image_size": 64}},
+                        "train": {"objective": "decomposable"}, "federation": {"method": "feddra"},
+                        "privacy": {"enabled": True}})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    fed = build_federation(cfg)
+    trainer = FedDRATrainer(cfg, torch.device("cpu"), fed.public)
+    state = trainer.begin(model, TrainTask(1, "full", 1), federated_state(model))
+    with torch.no_grad():  # move the model off the anchor so the guidance term has a gradient
+        model.image_head.bias.add_(0.05)
+        model.text_head.bias.sub_(0.05)
+    site = trainer.training_subset(fed.sites[0].train)
+    batch = make_collate(model)([site[i] for i in range(6)])
+
+    def per_record_loss(module):
+        terms = trainer.compute_loss(module, batch, state, reduction="none")
+        assert terms["loss"].shape == (6,) and terms["anchor"].shape == (6,)
+        return terms["loss"]
+
+    _, norms = _private_grad(model, per_record_loss, "ghost", 1e9, 6)
+    clip = float(norms.median())
+    assert float(norms.min()) < clip < float(norms.max()), norms  # clipping active for some records only
+    hooks, _ = _private_grad(model, per_record_loss, "hooks", clip, 6)
+    ghost, _ = _private_grad(model, per_record_loss, "ghost", clip, 6)
+    assert len(hooks) > 20 and any(n.startswith("text_encoder.") for n in hooks)
+    _assert_same_gradient(hooks, ghost)
+    assert not any(hasattr(p, "_norm_sample") or getattr(p, "grad_sample", None) is not None
+                   for p in model.parameters())
+
+
+def test_ghost_mode_dp_round_matches_hooks_mode_and_accounts_alike(tmp_path):
+    """A full FedDRA round under DP-SGD in ghost and in hooks mode (same seeds, noise on): same
+    ledger (every DP-SGD and Gaussian event), same epsilon, and the same model up to rounding."""
+    from secure_fedvlp.privacy import replay
+
+    out = {}
+    for mode in ("hooks", "ghost"):
+        cfg = tiny_cfg(tmp_path / mode, "feddra", privacy={"enabled": True, "noise_multiplier": 1.0,
+                                                           "grad_sample_mode": mode},
+                       train={"objective": "decomposable"})
+        strategy, result, rec, grid, init = run_method(cfg, tmp_path / mode)
+        ledgers = {s: replay(tmp_path / mode / "run" / "clients" / s / "privacy_ledger.jsonl")
+                   for s in ("site1", "site2")}
+        out[mode] = (result.arrays, {s: (a.history, a.get_epsilon(1e-5)) for s, a in ledgers.items()}, rec)
+    assert out["hooks"][1] == out["ghost"][1]
+    assert all(len(h) == 3 for h, _ in out["ghost"][1].values())  # align + full DP-SGD, one DRO report
+    final_h, final_g = (arrays_to_numpy(out[m][0]) for m in ("hooks", "ghost"))
+    for k in final_h:
+        np.testing.assert_allclose(final_g[k], final_h[k], rtol=1e-3, atol=1e-4, err_msg=k)
+    ok = [r for r in out["ghost"][2].rows if r["phase"] == "train" and r["status"] == "ok"]
+    assert ok and all(r["epsilon"] > 0 for r in ok)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_empty_poisson_batch_releases_noise_only(tmp_path, monkeypatch, mode):
+    from secure_fedvlp.privacy import dpsgd
+
+    cfg, fed, model, dp = _dp_setup(tmp_path, grad_sample_mode=mode)
+    monkeypatch.setattr(dpsgd._PoissonBatches, "next", lambda self: [])
+    before = federated_state(model)
+    m = dp.fit(model, fed.sites[0].train, TrainTask(1, "full", 2), torch.Generator().manual_seed(0), before)
+    after = federated_state(model)
+    assert all(not np.array_equal(before[k], after[k]) for k in before)  # every parameter got noise
+    assert m["steps"] == 2.0 and len(dp.ledger.events()) == 1
+
+
+def test_ghost_with_per_layer_clipping_is_a_config_error():
+    with pytest.raises(ConfigError, match="cannot be 'ghost' with privacy.clipping = 'per_layer'"):
+        parse_config({"privacy": {"enabled": True, "grad_sample_mode": "ghost", "clipping": "per_layer"},
+                      "train": {"objective": "decomposable"}})
+
+
+def test_private_gradient_needs_one_loss_per_record():
+    from secure_fedvlp.privacy.dpsgd import PrivateGradient
+
+    lin = torch.nn.Linear(3, 1)
+    pg = PrivateGradient(lin, torch.optim.SGD(lin.parameters(), lr=0.1), mode="ghost", clipping="flat",
+                         clip_norm=1.0, noise_multiplier=0.0, expected_batch_size=4)
+    try:
+        with pytest.raises(ValueError, match="one loss per record"):
+            pg.backward(pg.module(torch.randn(4, 3)).mean())
+    finally:
+        pg.close()

@@ -4,8 +4,13 @@ Real ClientApp, real strategies, real models (tiny config); only the transport i
 (tests/loopback.py).  A failing client must not take the round down.
 """
 
+import json
+import math
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+from flwr.app import MessageType
 
 from secure_fedvlp.config import parse_config
 from secure_fedvlp.flower.client_app import make_client_app
@@ -78,21 +83,66 @@ def test_failing_client_does_not_take_the_round_down(method, tmp_path):
     assert ok_train, "the other training site must still have trained"
 
 
-@pytest.mark.parametrize("method", list_methods())
-def test_every_method_trains_under_dp_sgd_with_a_ledger(method, tmp_path):
-    from secure_fedvlp.privacy import replay
-
+@pytest.fixture(scope="module", params=list_methods())
+def dp_run(request, tmp_path_factory):
+    """One DP-SGD round of each method through the real ClientApp (shared by the DP tests below)."""
+    method = request.param
+    tmp_path = tmp_path_factory.mktemp(f"dp-{method}")
     cfg = tiny_cfg(tmp_path, method, privacy={"enabled": True, "target_epsilon": 8.0},
                    train={"objective": "decomposable"})
     strategy, result, rec, grid, init = run_method(cfg, tmp_path)
+    return SimpleNamespace(method=method, cfg=cfg, tmp_path=tmp_path, strategy=strategy, result=result, rec=rec,
+                           grid=grid, init=init)
+
+
+def test_every_method_trains_under_dp_sgd_with_a_ledger(dp_run):
+    from secure_fedvlp.privacy import replay
+
+    method, result, rec, init = dp_run.method, dp_run.result, dp_run.rec, dp_run.init
     final, start = arrays_to_numpy(result.arrays), arrays_to_numpy(init)
     assert any(not np.array_equal(final[k], start[k]) for k in start)
     ok_train = [r for r in rec.rows if r["phase"] == "train" and r["status"] == "ok"]
     assert ok_train and all(0 < r["epsilon"] <= 8.0 for r in ok_train)
     for site in ("site1", "site2"):
-        acc = replay(tmp_path / "run" / "clients" / site / "privacy_ledger.jsonl")
+        acc = replay(dp_run.tmp_path / "run" / "clients" / site / "privacy_ledger.jsonl")
         stages = [e.stage for e in acc.history if type(e).__name__ == "DPSGDEvent"]
         assert stages == (["align", "full"] if method == "feddra" else ["full"])
+
+
+def test_dp_replies_carry_no_unnoised_loss(dp_run):
+    """Under DP a reply carries only covered or public values: no training loss computed on private
+    records without noise (by name, and by value against what the client kept locally); the only
+    loss that leaves is the noised DRO report, and each one is in the ledger."""
+    from secure_fedvlp.privacy import replay
+    from secure_fedvlp.privacy.dpsgd import RELEASED_TRAIN_METRICS
+
+    site_of = {nid: s.site for nid, s in dp_run.strategy.sites.items()}
+    local: dict[str, list[float]] = {}
+    for site in ("site1", "site2"):
+        path = dp_run.tmp_path / "run" / "clients" / site / "local_train_metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        assert rows and all("train_loss" in r for r in rows)  # the losses exist, at the client
+        local[site] = [v for r in rows for k, v in r.items() if "loss" in k]
+    train_replies = [m for m in dp_run.grid.replies if m.metadata.message_type == MessageType.TRAIN]
+    assert train_replies
+    for reply in train_replies:
+        site = site_of[reply.metadata.src_node_id]
+        metrics = dict(reply.content["metrics"])
+        assert set(metrics) <= RELEASED_TRAIN_METRICS, f"{site} released {sorted(set(metrics) - RELEASED_TRAIN_METRICS)}"
+        assert not any("loss" in k for k in metrics)
+        for v in metrics.values():
+            assert not any(math.isclose(v, x, rel_tol=1e-9, abs_tol=0.0) for x in local[site])
+    reports = [m for m in dp_run.grid.replies if m.metadata.message_type == MessageType.QUERY
+               and "metrics" in m.content.metric_records]
+    for site in ("site1", "site2"):
+        sent = [m for m in reports if site_of[m.metadata.src_node_id] == site]
+        for m in sent:
+            assert set(m.content["metrics"]) <= {"dro-loss", "num-examples", "epsilon"}
+        events = replay(dp_run.tmp_path / "run" / "clients" / site / "privacy_ledger.jsonl").history
+        noised = [e for e in events if type(e).__name__ == "GaussianEvent"]
+        assert len(noised) == len(sent)  # every released loss went through the Gaussian mechanism
+        if dp_run.method in ("feddra", "fedaid"):
+            assert sent
 
 
 @pytest.mark.parametrize("method", list_methods())

@@ -70,7 +70,11 @@ def run(cfg, run_dir, *, encrypted, rounds=1, fail_nodes=(), tamper=None):
 
 
 def enc_cfg(tmp_path, method="fedavg", **extra):
-    extra.setdefault("encryption", {})["enabled"] = True
+    """Tiny encrypted config (2 training sites).  min_contributors = 1 so that the single-survivor
+    cases below can look at the aggregate; the default (2) is tested on its own."""
+    enc = extra.setdefault("encryption", {})
+    enc["enabled"] = True
+    enc.setdefault("min_contributors", 1)
     return tiny_cfg(tmp_path, method, **extra)
 
 
@@ -207,6 +211,32 @@ def test_dropout_leaves_aggregate_over_those_who_replied(tmp_path):
     dec = decrypt_final(cfg, tmp_path / "enc", result.arrays)
     ref = arrays_to_numpy(res_plain.arrays)
     assert max(float(np.max(np.abs(dec[k] - ref[k]))) for k in ref) < 1e-4
+
+
+def test_aggregate_of_too_few_contributors_is_discarded_and_global_kept(tmp_path):
+    """Curious client: with one site left, the 'aggregate' would be that site's own update; it is not adopted."""
+    cfg = enc_cfg(tmp_path, encryption={"min_contributors": 2})
+    _keys(cfg, tmp_path / "enc")
+    init = numpy_to_arrays(federated_state(build_model(cfg)))
+    strategy, result, rec, grid = run(cfg, tmp_path / "enc", encrypted=True, fail_nodes=[1])
+    stats = strategy.secagg_stats[-1]
+    assert stats["accepted"] == [] and any("min_contributors" in why for why in stats["rejected"].values())
+    assert not is_encrypted(result.arrays)  # still the (public) initial model, never an aggregate
+    assert all(np.array_equal(result.arrays[k].numpy(), init[k].numpy()) for k in init.keys())
+    dropped = [r for r in rec.rows if r.get("status") == "dropped"]
+    assert any("min_contributors" in r["reason"] for r in dropped)
+    # no train message of a later round could carry it either: nothing was stored
+    assert all(is_encrypted(m.content[ARRAYS_KEY]) is False for m in grid.sent
+               if m.metadata.message_type == MessageType.EVALUATE)
+
+
+def test_too_few_sites_for_min_contributors_is_a_config_error(tmp_path):
+    from secure_fedvlp.errors import ConfigError
+    from secure_fedvlp.flower.secagg import check_encryption_supported
+
+    cfg = enc_cfg(tmp_path, encryption={"min_contributors": 3})
+    with pytest.raises(ConfigError, match="min_contributors = 3 but the run has only 2"):
+        check_encryption_supported(cfg)
 
 
 def test_feddra_robust_weights_travel_to_clients_and_weight_the_ciphertexts(tmp_path):
