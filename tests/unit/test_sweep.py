@@ -77,3 +77,96 @@ def test_failed_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     state = json.loads((spec.root / "sweep_state.json").read_text())
     assert sorted(v["returncode"] for v in state.values()) == [0, 0, 0, 3]
     assert len(json.loads((spec.root / "summary.json").read_text())["missing_cells"]) == 1
+
+
+# --------------------------------------------------------------------------- the epsilon axis
+
+def _eps_sweep_file(tmp_path, grid, extra=""):
+    base = (CONFIGS / "tiny.toml").read_text().replace('lr = 1e-3', 'lr = 1e-3\nobjective = "decomposable"')
+    (tmp_path / "base.toml").write_text(base)
+    p = tmp_path / "eps.toml"
+    p.write_text(f'[sweep]\nname = "e"\nbase = "base.toml"\noutput_dir = "{tmp_path / "out"}"\n'
+                 f'group_by = "federation.method"\n{extra}\n[sweep.grid]\n{grid}\n')
+    return p
+
+
+EPS_GRID = ('"federation.method" = ["fedavg", "fedprox"]\n"privacy.target_epsilon" = [1.0, 8.0, "none"]\n'
+            '"privacy.clip_norm" = [0.5, 2.0]\n"run.seed" = [0, 1]')
+
+
+def test_epsilon_axis_turns_dp_on_and_off_and_runs_no_dp_once_per_seed(tmp_path):
+    spec = load_sweep(_eps_sweep_file(tmp_path, EPS_GRID, '\n[sweep.no_dp_set]\n"train.objective" = "infonce"\n'))
+    cells = spec.cells()
+    # 2 methods x (2 epsilons x 2 clipping norms + 1 non-private) x 2 seeds
+    assert len(cells) == 2 * (2 * 2 + 1) * 2
+    no_dp = [c for c in cells if c["privacy.target_epsilon"] == "none"]
+    assert len(no_dp) == 4 and all("privacy.clip_norm" not in c for c in no_dp)
+    dp_cell = next(c for c in cells if c["privacy.target_epsilon"] == 1.0)
+    over = sweep_mod.cell_overrides(spec, dp_cell)
+    assert "privacy.enabled=true" in over and "privacy.target_epsilon=1.0" in over
+    over = sweep_mod.cell_overrides(spec, no_dp[0])
+    assert "privacy.enabled=false" in over and 'train.objective="infonce"' in over
+    assert not any(o.startswith(("privacy.clip_norm", "privacy.target_epsilon")) for o in over)
+    assert len({cell_id(c) for c in cells}) == len(cells)
+
+
+@pytest.mark.parametrize("grid,extra,match", [
+    ('"privacy.target_epsilon" = [0.0, 1.0]', "", "positive numbers or \"none\""),
+    ('"privacy.target_epsilon" = ["lots"]', "", "found 'lots'"),
+    ('"privacy.target_epsilon" = [1.0]\n"privacy.enabled" = [true]', "", "already turns DP on"),
+    ('"run.seed" = [0]', '\n[sweep.no_dp_set]\n"train.objective" = "infonce"\n', "has no \"privacy.target_epsilon\""),
+])
+def test_bad_epsilon_axes_are_named(tmp_path, grid, extra, match):
+    with pytest.raises(ConfigError, match=match):
+        load_sweep(_eps_sweep_file(tmp_path, grid, extra))
+
+
+def test_dp_cells_are_validated_like_any_config(tmp_path):
+    # the base trains with in-batch InfoNCE, which DP refuses: caught before anything runs
+    p = _eps_sweep_file(tmp_path, '"federation.method" = ["fedavg"]\n"privacy.target_epsilon" = [2.0, "none"]')
+    p.write_text(p.read_text().replace('base = "base.toml"', 'base = "tiny.toml"'))
+    (tmp_path / "tiny.toml").write_text((CONFIGS / "tiny.toml").read_text())
+    with pytest.raises(ConfigError, match="infonce"):
+        load_sweep(p)
+
+
+def _fake_dp_report(cell_dir, auroc, eps):
+    _fake_report(cell_dir, auroc)
+    rep = json.loads((cell_dir / "report.json").read_text())
+    rep["summary_train_sites"]["mean_R@5"] = {"mean_final": auroc / 4, "worst_final": auroc / 5,
+                                              "mean_untrained": 0.1}
+    if eps is not None:
+        rep["privacy"] = {"clients": {"site1": {"epsilon": eps * 0.99}, "site2": {"epsilon": eps * 0.98}}}
+    (cell_dir / "report.json").write_text(json.dumps(rep))
+
+
+def test_epsilon_sweep_summarises_the_tradeoff_and_resumes(tmp_path, monkeypatch):
+    spec = load_sweep(_eps_sweep_file(tmp_path, EPS_GRID))
+    ran = []
+
+    def fake_call(cmd, stdout=None, stderr=None):
+        sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+        eps = next((float(s.split("=")[1]) for s in sets if s.startswith("privacy.target_epsilon=")), None)
+        seed = int(next(s.split("=")[1] for s in sets if s.startswith("run.seed=")))
+        run_dir = Path(cmd[cmd.index("--run-dir") + 1])
+        ran.append(run_dir.name)
+        _fake_dp_report(run_dir, (0.9 if eps is None else 0.5 + eps / 100) + 0.02 * seed, eps)
+        return 0
+
+    monkeypatch.setattr(sweep_mod.subprocess, "call", fake_call)
+    run_sweep(spec)
+    assert len(ran) == 20
+    ran.clear()
+    run_sweep(spec)
+    assert ran == []  # resumed: nothing redone
+    summary = json.loads((spec.root / "summary.json").read_text())
+    rows = {(r["series"].get("federation.method"), r["series"].get("privacy.clip_norm"), r["epsilon"]): r
+            for r in summary["tradeoff"]}
+    r8 = rows[("fedavg", "0.5", "8.0")]
+    assert r8["n"] == 2 and r8["mean/zs_auroc_macro"]["min"] == pytest.approx(0.58)
+    assert r8["mean/zs_auroc_macro"]["max"] == pytest.approx(0.60) and r8["epsilon_spent_max"]["mean"] == 7.92
+    nodp = rows[("fedavg", None, "none")]
+    assert nodp["dp"] is False and nodp["mean/zs_auroc_macro"]["mean"] == pytest.approx(0.91)
+    md = (spec.root / "summary.md").read_text()
+    assert "Privacy-utility trade-off" in md and "| fedavg | no DP | 2 |" in md
+    assert (spec.root / "tradeoff.png").stat().st_size > 10_000 and (spec.root / "summary.png").exists()
