@@ -18,17 +18,23 @@ A sweep file (TOML)::
 **The epsilon axis.** ``"privacy.target_epsilon"`` in the grid is the privacy-utility axis: a
 positive number makes the cell a DP run (``privacy.enabled = true`` at that target), and
 ``"none"`` (or ``inf``) makes it the non-private run.  A non-private cell ignores the other
-``privacy.*`` axes (clipping norm, ...), so it is run once, not once per clipping norm, and
-``[sweep.no_dp_set]`` may give it overrides of its own (e.g. the ordinary in-batch objective,
-which DP forbids).  Such a sweep also writes a trade-off table and ``tradeoff.png``: utility
-against epsilon per method (and clipping norm), mean and min-max over seeds, with the
-non-private run drawn at the right edge::
+``privacy.*`` axes (clipping norm, ...), so it is run once, not once per clipping norm.
+``[sweep.no_dp]`` names non-private *variants*, each with overrides of its own, e.g. the same
+objective as the DP cells (isolates the effect of the noise) and the ordinary in-batch
+objective that DP forbids (the usual non-private pipeline); without it there is one variant,
+``"no DP"``, with no overrides.  Such a sweep writes a trade-off table and ``tradeoff.png``:
+utility against epsilon per method (and clipping norm), mean and min-max over seeds, with the
+non-private variants drawn at the right edge::
 
     [sweep.grid]
     "federation.method" = ["fedavg", "fedprox"]
     "privacy.target_epsilon" = [1.0, 8.0, "none"]
     "privacy.clip_norm" = [0.5, 2.0]
     "run.seed" = [0, 1]
+
+    [sweep.no_dp."same objective"]
+    [sweep.no_dp."in-batch InfoNCE"]
+    "train.objective" = "infonce"
 
 Each cell runs in its own process (``secure-fedvlp run``) into
 ``<output_dir>/<name>/cells/<cell-id>``; a cell whose ``report.json`` exists is not run
@@ -68,6 +74,8 @@ EPSILON_KEY = "privacy.target_epsilon"
 SEED_KEY = "run.seed"
 #: How a non-private cell is written on the epsilon axis ("inf" is accepted as a synonym).
 NO_DP = "none"
+#: The cell key naming a non-private variant (``[sweep.no_dp]``), present only when variants are named.
+VARIANT_KEY = "sweep.no_dp"
 
 #: (key in the summary, label): train-site mean, worst train site, held-out site.
 SUMMARY_METRICS: tuple[tuple[str, str], ...] = (
@@ -91,7 +99,8 @@ class SweepSpec:
     group_by: str
     grid: dict[str, tuple[Any, ...]]
     fixed: dict[str, Any] = field(default_factory=dict)
-    no_dp_fixed: dict[str, Any] = field(default_factory=dict)  # overrides of non-private cells only
+    #: Non-private variants: label -> overrides (empty: one unnamed variant without overrides).
+    no_dp_variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def root(self) -> Path:
@@ -107,11 +116,14 @@ class SweepSpec:
         out: list[dict[str, Any]] = []
         for values in itertools.product(*(self.grid[k] for k in keys)):
             cell = dict(zip(keys, values, strict=True))
+            variants: list[dict[str, Any]] = [cell]
             if self.has_epsilon_axis and is_no_dp(cell[EPSILON_KEY]):
                 cell = {k: (NO_DP if k == EPSILON_KEY else v) for k, v in cell.items()
                         if k == EPSILON_KEY or not k.startswith("privacy.")}
-            if cell not in out:
-                out.append(cell)
+                variants = [{**cell, VARIANT_KEY: label} for label in self.no_dp_variants] or [cell]
+            for c in variants:
+                if c not in out:
+                    out.append(c)
         return out
 
 
@@ -142,14 +154,15 @@ def _toml_literal(v: Any) -> str:
 def cell_overrides(spec: SweepSpec, cell: dict[str, Any]) -> list[str]:
     """``key=value`` overrides of one cell (fixed first, grid values win).
 
-    On the epsilon axis a number turns DP on at that target; "none" turns it off and applies
-    ``[sweep.no_dp_set]``.
+    On the epsilon axis a number turns DP on at that target; "none" turns it off and applies the
+    cell's ``[sweep.no_dp]`` variant.
     """
     values = {**spec.fixed, **cell}
+    variant = spec.no_dp_variants.get(values.pop(VARIANT_KEY, None), {})
     if EPSILON_KEY in cell:
         eps = values.pop(EPSILON_KEY)
         if is_no_dp(eps):
-            values = {**{k: v for k, v in values.items() if not k.startswith("privacy.")}, **spec.no_dp_fixed,
+            values = {**{k: v for k, v in values.items() if not k.startswith("privacy.")}, **variant,
                       "privacy.enabled": False}
         else:
             values.update({"privacy.enabled": True, EPSILON_KEY: float(eps)})
@@ -173,7 +186,7 @@ def load_sweep(path: str | os.PathLike) -> SweepSpec:
     if unknown_top:
         problems.append(f"unknown top-level table(s) {sorted(unknown_top)}; a sweep file has only [sweep].")
     sw = data.get("sweep", {})
-    allowed = {"name", "base", "output_dir", "group_by", "grid", "set", "no_dp_set"}
+    allowed = {"name", "base", "output_dir", "group_by", "grid", "set", "no_dp"}
     for k in sorted(set(sw) - allowed):
         problems.append(f"unknown key 'sweep.{k}' (valid keys here: {', '.join(sorted(allowed))}).")
     grid = sw.get("grid", {})
@@ -188,12 +201,13 @@ def load_sweep(path: str | os.PathLike) -> SweepSpec:
     if "privacy.enabled" in grid and EPSILON_KEY in grid:
         problems.append(f"'sweep.grid' has both \"privacy.enabled\" and \"{EPSILON_KEY}\"; the epsilon axis "
                         f"already turns DP on (a number) and off (\"{NO_DP}\").")
-    no_dp = sw.get("no_dp_set", {})
-    if not isinstance(no_dp, dict):
-        problems.append(f"'sweep.no_dp_set' must be a table of dotted keys -> values; found {no_dp!r}.")
+    no_dp = sw.get("no_dp", {})
+    if not isinstance(no_dp, dict) or not all(isinstance(v, dict) for v in no_dp.values()):
+        problems.append("'sweep.no_dp' must hold one table per non-private variant ([sweep.no_dp.\"<label>\"] of "
+                        f"dotted keys -> values); found {no_dp!r}.")
         no_dp = {}
     elif no_dp and EPSILON_KEY not in grid:
-        problems.append(f"'sweep.no_dp_set' applies to the non-private cells of the epsilon axis, but the grid has no "
+        problems.append(f"'sweep.no_dp' names variants of the non-private cells of the epsilon axis, but the grid has no "
                         f"\"{EPSILON_KEY}\" axis.")
     base = path.parent / str(sw.get("base", ""))
     if not sw.get("base") or not base.is_file():
@@ -207,7 +221,7 @@ def load_sweep(path: str | os.PathLike) -> SweepSpec:
     spec = SweepSpec(path=path, name=str(sw.get("name", path.stem)), base=base,
                      output_dir=Path(str(sw.get("output_dir", "runs/sweeps"))), group_by=group_by,
                      grid={k: tuple(v) for k, v in grid.items()}, fixed=dict(sw.get("set", {})),
-                     no_dp_fixed=dict(no_dp))
+                     no_dp_variants={str(k): dict(v) for k, v in no_dp.items()})
     cell_problems = []
     for cell in spec.cells():
         try:
@@ -298,7 +312,7 @@ def summarise_sweep(spec: SweepSpec) -> dict[str, Any]:
             continue
         groups[str(cell[spec.group_by])].append(_cell_metrics(json.loads(rep_path.read_text())))
     summary: dict[str, Any] = {"sweep": spec.name, "group_by": spec.group_by, "grid": spec.grid,
-                               "fixed": spec.fixed, "no_dp_fixed": spec.no_dp_fixed, "missing_cells": missing,
+                               "fixed": spec.fixed, "no_dp_variants": spec.no_dp_variants, "missing_cells": missing,
                                "groups": {}}
     order = [str(v) for v in spec.grid[spec.group_by]]
     for g in order:
@@ -358,8 +372,8 @@ TRADEOFF_METRICS: tuple[tuple[str, str], ...] = (
 
 def _series_key(spec: SweepSpec, cell: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     """The cell's line in the trade-off plot: every axis but epsilon and the seed (and, for a
-    non-private cell, the privacy axes it does not have)."""
-    return tuple((k, str(v)) for k, v in cell.items() if k not in (EPSILON_KEY, SEED_KEY))
+    non-private cell, the privacy axes it does not have; its variant is kept apart)."""
+    return tuple((k, str(v)) for k, v in cell.items() if k not in (EPSILON_KEY, SEED_KEY, VARIANT_KEY))
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -372,17 +386,18 @@ def _tradeoff(spec: SweepSpec) -> list[dict[str, Any]]:
     buckets: dict[tuple[Any, ...], list[dict[str, float]]] = defaultdict(list)
     order: list[tuple[Any, ...]] = []
     for cell in spec.cells():
-        key = (_series_key(spec, cell), str(cell[EPSILON_KEY]))
+        key = (_series_key(spec, cell), str(cell[EPSILON_KEY]), cell.get(VARIANT_KEY))
         if key not in order:
             order.append(key)
         rep_path = spec.root / "cells" / cell_id(cell) / "report.json"
         if rep_path.exists():
             buckets[key].append(_cell_metrics(json.loads(rep_path.read_text())))
     rows = []
-    for series, eps in order:
-        cells = buckets.get((series, eps), [])
+    for series, eps, variant in order:
+        cells = buckets.get((series, eps, variant), [])
         metrics = sorted(set().union(*cells)) if cells else []
-        rows.append({"series": dict(series), "epsilon": eps, "dp": not is_no_dp(eps), "n": len(cells),
+        rows.append({"series": dict(series), "epsilon": eps, "dp": not is_no_dp(eps), "variant": variant,
+                     "n": len(cells),
                      **{k: _stats([c[k] for c in cells if k in c]) for k in metrics}})
     return rows
 
@@ -401,13 +416,15 @@ def _tradeoff_markdown(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[str]
     seeds = len(spec.grid.get(SEED_KEY, (None,)))
     lines = ["## Privacy-utility trade-off", "",
              f"Mean ± sample std [min, max] over {seeds} seed(s). 'epsilon spent' is the largest client's epsilon, "
-             f"recomputed from its ledger (delta as configured). Non-private cells: `{NO_DP}`"
-             + (f" (with {spec.no_dp_fixed})" if spec.no_dp_fixed else "") + ". Plot: `tradeoff.png`.", "",
+             f"recomputed from its ledger (delta as configured). Non-private variants: "
+             + (", ".join(f"'{k}' ({v or 'no overrides'})" for k, v in spec.no_dp_variants.items()) or
+                "one, without overrides") + ". Plot: `tradeoff.png`.", "",
              "| series | target epsilon | n | epsilon spent | " + " | ".join(lab for _, lab in TRADEOFF_METRICS) + " |",
              "|---|---|---|---|" + "---|" * len(TRADEOFF_METRICS)]
     for r in rows:
         spent = f"{r['epsilon_spent_max']['mean']:.3f}" if "epsilon_spent_max" in r else ("-" if r["dp"] else "∞")
-        lines.append(f"| {_label(r['series'])} | {r['epsilon'] if r['dp'] else 'no DP'} | {r['n']} | {spent} | "
+        eps = r["epsilon"] if r["dp"] else ("no DP" + (f": {r['variant']}" if r.get("variant") else ""))
+        lines.append(f"| {_label(r['series'])} | {eps} | {r['n']} | {spent} | "
                      + " | ".join(cell(r, k) for k, _ in TRADEOFF_METRICS) + " |")
     return lines
 
@@ -430,9 +447,13 @@ def _plot_tradeoff(spec: SweepSpec, rows: list[dict[str, Any]], path: Path) -> N
     if not series:  # only non-private cells
         series = [tuple(sorted(r["series"].items())) for r in rows]
 
-    def no_dp_row(key: tuple[tuple[str, str], ...]) -> dict[str, Any] | None:
+    def no_dp_rows(key: tuple[tuple[str, str], ...]) -> list[dict[str, Any]]:
         want = {k: v for k, v in key if not k.startswith("privacy.")}
-        return next((r for r in rows if not r["dp"] and r["series"] == want), None)
+        return [r for r in rows if not r["dp"] and r["series"] == want]
+
+    variants = list(dict.fromkeys(r.get("variant") for r in rows if not r["dp"]))
+    markers = ("s", "D", "^", "v", "P")
+    offsets = {v: x_nodp * (1.25 ** (i - (len(variants) - 1) / 2)) for i, v in enumerate(variants)}
 
     fig, axes = plt.subplots(1, len(TRADEOFF_METRICS), figsize=(5.2 * len(TRADEOFF_METRICS), 4.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -451,13 +472,18 @@ def _plot_tradeoff(spec: SweepSpec, rows: list[dict[str, Any]], path: Path) -> N
             if pts:
                 ax.plot(xs, [s["mean"] for _, s in pts], marker="o", color=c, linestyle=ls, label=_label(dict(key)))
                 ax.fill_between(xs, [s["min"] for _, s in pts], [s["max"] for _, s in pts], color=c, alpha=0.15)
-            nd = no_dp_row(key)
-            if nd is not None and metric in nd:
-                s = nd[metric]
-                ax.errorbar([x_nodp], [s["mean"]], yerr=[[s["mean"] - s["min"]], [s["max"] - s["mean"]]], marker="s",
-                            color=c, capsize=4, linestyle="none", label=None if pts else _label(dict(key)))
-                if pts:
-                    ax.plot([xs[-1], x_nodp], [pts[-1][1]["mean"], s["mean"]], color=c, linestyle=":", linewidth=1)
+            for nd in no_dp_rows(key):
+                if metric not in nd:
+                    continue
+                s, v = nd[metric], nd.get("variant")
+                x = offsets.get(v, x_nodp) if finite else offsets.get(v, 1.0)
+                ax.errorbar([x], [s["mean"]], yerr=[[s["mean"] - s["min"]], [s["max"] - s["mean"]]],
+                            marker=markers[variants.index(v) % len(markers)], color=c, capsize=4, linestyle="none",
+                            label=None if pts else _label(dict(key)))
+        if len(variants) > 1 or variants[:1] != [None]:
+            for i, v in enumerate(variants):  # one legend entry per non-private variant
+                ax.plot([], [], marker=markers[i % len(markers)], color="black", linestyle="none",
+                        label=f"no DP: {v}" if v else "no DP")
         untrained = [r[f"untrained_{metric}"]["mean"] for r in rows if f"untrained_{metric}" in r]
         if untrained:
             ax.axhline(sum(untrained) / len(untrained), color="grey", linestyle="--", linewidth=0.8, label="untrained")

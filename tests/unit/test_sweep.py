@@ -95,12 +95,16 @@ EPS_GRID = ('"federation.method" = ["fedavg", "fedprox"]\n"privacy.target_epsilo
 
 
 def test_epsilon_axis_turns_dp_on_and_off_and_runs_no_dp_once_per_seed(tmp_path):
-    spec = load_sweep(_eps_sweep_file(tmp_path, EPS_GRID, '\n[sweep.no_dp_set]\n"train.objective" = "infonce"\n'))
+    variants = '\n[sweep.no_dp."same objective"]\n[sweep.no_dp."in-batch"]\n"train.objective" = "infonce"\n'
+    spec = load_sweep(_eps_sweep_file(tmp_path, EPS_GRID, variants))
     cells = spec.cells()
-    # 2 methods x (2 epsilons x 2 clipping norms + 1 non-private) x 2 seeds
-    assert len(cells) == 2 * (2 * 2 + 1) * 2
+    # 2 methods x (2 epsilons x 2 clipping norms + 2 non-private variants) x 2 seeds
+    assert len(cells) == 2 * (2 * 2 + 2) * 2
     no_dp = [c for c in cells if c["privacy.target_epsilon"] == "none"]
-    assert len(no_dp) == 4 and all("privacy.clip_norm" not in c for c in no_dp)
+    assert len(no_dp) == 8 and all("privacy.clip_norm" not in c for c in no_dp)
+    assert sweep_mod.cell_overrides(spec, no_dp[0]) == ['federation.method="fedavg"', "run.seed=0",
+                                                        "privacy.enabled=false"]
+    no_dp = [c for c in no_dp if c["sweep.no_dp"] == "in-batch"]
     dp_cell = next(c for c in cells if c["privacy.target_epsilon"] == 1.0)
     over = sweep_mod.cell_overrides(spec, dp_cell)
     assert "privacy.enabled=true" in over and "privacy.target_epsilon=1.0" in over
@@ -114,7 +118,8 @@ def test_epsilon_axis_turns_dp_on_and_off_and_runs_no_dp_once_per_seed(tmp_path)
     ('"privacy.target_epsilon" = [0.0, 1.0]', "", "positive numbers or \"none\""),
     ('"privacy.target_epsilon" = ["lots"]', "", "found 'lots'"),
     ('"privacy.target_epsilon" = [1.0]\n"privacy.enabled" = [true]', "", "already turns DP on"),
-    ('"run.seed" = [0]', '\n[sweep.no_dp_set]\n"train.objective" = "infonce"\n', "has no \"privacy.target_epsilon\""),
+    ('"run.seed" = [0]', '\n[sweep.no_dp.x]\n"train.objective" = "infonce"\n', "has no \"privacy.target_epsilon\""),
+    ('"privacy.target_epsilon" = [1.0]', '\n[sweep.no_dp]\nx = 1\n', "one table per non-private variant"),
 ])
 def test_bad_epsilon_axes_are_named(tmp_path, grid, extra, match):
     with pytest.raises(ConfigError, match=match):
@@ -141,7 +146,8 @@ def _fake_dp_report(cell_dir, auroc, eps):
 
 
 def test_epsilon_sweep_summarises_the_tradeoff_and_resumes(tmp_path, monkeypatch):
-    spec = load_sweep(_eps_sweep_file(tmp_path, EPS_GRID))
+    variants = '\n[sweep.no_dp."same objective"]\n[sweep.no_dp."in-batch"]\n"train.objective" = "infonce"\n'
+    spec = load_sweep(_eps_sweep_file(tmp_path, EPS_GRID, variants))
     ran = []
 
     def fake_call(cmd, stdout=None, stderr=None):
@@ -150,23 +156,25 @@ def test_epsilon_sweep_summarises_the_tradeoff_and_resumes(tmp_path, monkeypatch
         seed = int(next(s.split("=")[1] for s in sets if s.startswith("run.seed=")))
         run_dir = Path(cmd[cmd.index("--run-dir") + 1])
         ran.append(run_dir.name)
-        _fake_dp_report(run_dir, (0.9 if eps is None else 0.5 + eps / 100) + 0.02 * seed, eps)
+        auroc = (0.5 + eps / 100) if eps is not None else (0.9 if 'train.objective="infonce"' in sets else 0.6)
+        _fake_dp_report(run_dir, auroc + 0.02 * seed, eps)
         return 0
 
     monkeypatch.setattr(sweep_mod.subprocess, "call", fake_call)
     run_sweep(spec)
-    assert len(ran) == 20
+    assert len(ran) == 24
     ran.clear()
     run_sweep(spec)
     assert ran == []  # resumed: nothing redone
     summary = json.loads((spec.root / "summary.json").read_text())
-    rows = {(r["series"].get("federation.method"), r["series"].get("privacy.clip_norm"), r["epsilon"]): r
+    rows = {(r["series"].get("federation.method"), r["series"].get("privacy.clip_norm"), r["epsilon"], r["variant"]): r
             for r in summary["tradeoff"]}
-    r8 = rows[("fedavg", "0.5", "8.0")]
+    r8 = rows[("fedavg", "0.5", "8.0", None)]
     assert r8["n"] == 2 and r8["mean/zs_auroc_macro"]["min"] == pytest.approx(0.58)
     assert r8["mean/zs_auroc_macro"]["max"] == pytest.approx(0.60) and r8["epsilon_spent_max"]["mean"] == 7.92
-    nodp = rows[("fedavg", None, "none")]
+    nodp = rows[("fedavg", None, "none", "in-batch")]
     assert nodp["dp"] is False and nodp["mean/zs_auroc_macro"]["mean"] == pytest.approx(0.91)
+    assert rows[("fedavg", None, "none", "same objective")]["mean/zs_auroc_macro"]["mean"] == pytest.approx(0.61)
     md = (spec.root / "summary.md").read_text()
-    assert "Privacy-utility trade-off" in md and "| fedavg | no DP | 2 |" in md
+    assert "Privacy-utility trade-off" in md and "| fedavg | no DP: in-batch | 2 |" in md
     assert (spec.root / "tradeoff.png").stat().st_size > 10_000 and (spec.root / "summary.png").exists()
