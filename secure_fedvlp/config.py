@@ -305,7 +305,8 @@ class AuditConfig:
     canary_seed: int = 1234
 
     def __post_init__(self) -> None:
-        _check(self.canaries >= 0, "audit.canaries", self.canaries, "must be >= 0")
+        _check(self.canaries == 0 or self.canaries >= 2, "audit.canaries", self.canaries,
+               "must be 0 (no empirical audit) or >= 2 (each canary is scored against the others)")
 
 
 @dataclass(frozen=True)

@@ -202,3 +202,10 @@ def test_empirical_audit_names_what_is_missing(leaky_run, tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse refuses a bad --beta
         main(["audit", str(run_dir), "--empirical", "--beta", "2"])
     assert "--beta must be in (0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad,match", [({"canaries": 1}, "'audit.canaries' must be 0"),
+                                       ({"canaries": -3}, "'audit.canaries' must be 0")])
+def test_bad_audit_config_is_named(tmp_path, bad, match):
+    with pytest.raises(ConfigError, match=match):
+        tiny_cfg(tmp_path, "fedavg", audit=bad)
