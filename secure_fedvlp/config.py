@@ -85,11 +85,20 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture: a registered model config name (``secure_fedvlp/models/model_configs``)."""
+    """Architecture: a registered model config name (``secure_fedvlp/models/model_configs``).
+
+    ``trainable`` chooses which parameters are federated and trained: ``"all"`` (every
+    parameter the architecture leaves trainable), ``"alignment"`` (the alignment layers and
+    heads, FedDRA's stage-1 set) or ``"heads"`` (projection heads and temperature only; the
+    whole text tower is then locked and cached).  Everything else stays at its seeded or
+    pretrained value, identical at every party, and never travels.  Under DP-SGD fewer
+    trained parameters means less total noise for the same privacy.
+    """
 
     name: str = "demo"
     # Optional directory of a transformers text encoder; "" = the model config's default.
     text_weights_dir: str = ""
+    trainable: Literal["all", "alignment", "heads"] = "all"
 
 
 @dataclass(frozen=True)

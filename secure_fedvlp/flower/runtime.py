@@ -116,7 +116,9 @@ def build_model(cfg: ExperimentConfig) -> torch.nn.Module:
     from secure_fedvlp.models import create_model
 
     with seeded(cfg.run.seed):
-        return create_model(cfg.model.name, text_weights_dir=cfg.model.text_weights_dir or None)
+        model = create_model(cfg.model.name, text_weights_dir=cfg.model.text_weights_dir or None)
+    model.restrict_trainable(cfg.model.trainable)
+    return model
 
 
 def configure_threads(n: int) -> None:

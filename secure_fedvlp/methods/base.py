@@ -2,7 +2,7 @@
 
 A method is a pair (strategy, trainer) registered under a name
 (:mod:`secure_fedvlp.methods.registry`).  Variants override only what differs
-(STYLE.md item 1): FedProx overrides :meth:`LocalTrainer.extra_terms`; FedDRA overrides
+(STYLE.md item 1): FedProx overrides :meth:`LocalTrainer.regularizer`; FedDRA overrides
 :meth:`VLPStrategy.train_round` and :meth:`VLPStrategy.aggregation_weights`.
 
 Privacy and encryption wrap these classes (client mods, strategy wrappers, trainer

@@ -288,5 +288,33 @@ class VLPModel(nn.Module):
         aset = set(align)
         return {"alignment": align, "backbone": [n for n in names if n not in aset]}
 
+    def restrict_trainable(self, kind: str) -> None:
+        """Freeze every parameter outside ``kind``: ``"all"`` (no change), ``"alignment"`` or ``"heads"``.
+
+        Leading text layers left with nothing to train join the locked, cached prefix of the
+        text tower (with ``"heads"``, the whole tower), so a step no longer runs them.
+        """
+        if kind == "all":
+            return
+        names = [n for n, _ in self.named_parameters()]
+        if kind == "alignment":
+            keep = set(self.parameter_groups()["alignment"])
+        elif kind == "heads":
+            keep = {n for n in names if n.startswith(("image_head.", "text_head.", "logit_scale."))}
+        else:
+            raise ValueError(f"trainable must be 'all', 'alignment' or 'heads'; found {kind!r}.")
+        for n, p in self.named_parameters():
+            if n not in keep:
+                p.requires_grad_(False)
+        layers = self._text_layers()
+        k = 0
+        while k < len(layers) and not any(p.requires_grad for p in layers[k].parameters()):
+            k += 1
+        if k > self.text_encoder.frozen_layers:
+            for p in self.text_encoder.encoder.embeddings.parameters():
+                p.requires_grad_(False)
+            self.text_encoder.frozen_layers = k
+            self.text_encoder._cache.clear()
+
     def trainable_parameter_names(self) -> list[str]:
         return [n for n, p in self.named_parameters() if p.requires_grad]

@@ -87,3 +87,27 @@ def test_semantic_sanity_of_pretrained_text_tower(demo):
         assert float(h[0] @ h[1]) > float(h[0] @ h[2])
     finally:
         demo.train()
+
+
+@pytest.mark.parametrize("kind", ["alignment", "heads"])
+def test_restrict_trainable_freezes_the_rest_and_locks_text_layers(kind):
+    torch.manual_seed(0)
+    m = create_model("tiny")
+    layers = len(m.text_encoder.encoder.encoder.layer)
+    tok = m.tokenize(["no acute findings", "small right pleural effusion"])
+    x = torch.rand(2, 1, 32, 32)
+    m.eval()
+    before = m(x, tok["input_ids"], tok["attention_mask"])
+    m.restrict_trainable(kind)
+    trained = set(m.trainable_parameter_names())
+    if kind == "heads":
+        assert trained and all(n.startswith(("image_head.", "text_head.", "logit_scale.")) for n in trained)
+        assert m.text_encoder.frozen_layers == layers  # the whole tower is locked and cached
+    else:
+        assert trained == set(m.parameter_groups()["alignment"])
+        assert 0 < m.text_encoder.frozen_layers < layers
+    after = m(x, tok["input_ids"], tok["attention_mask"])  # same function, fewer trainable parts
+    torch.testing.assert_close(after["text_emb"], before["text_emb"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after["image_emb"], before["image_emb"])
+    with pytest.raises(ValueError, match="trainable"):
+        m.restrict_trainable("backbone")
