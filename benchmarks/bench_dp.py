@@ -9,7 +9,7 @@ Opacus' ``hooks`` mode (per-layer per-sample gradient rules), ``functorch`` mode
 ``ghost`` mode (fast gradient clipping: per-sample gradient norms, ghost norms for the Linear
 layers, then a second backward of the clipped loss), each followed by noise and the step.
 
-    python benchmarks/bench_dp.py [--config configs/demo_dp.toml] [--steps 8] [--threads N]
+    python benchmarks/bench_dp.py [--config configs/demo_dp.toml] [--set key=value ...] [--steps 8] [--threads N]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 MODES = ("non-private", "hooks", "functorch", "ghost")
 
 
-def one_mode(mode: str, config: str, steps: int, threads: int) -> dict:
+def one_mode(mode: str, config: str, steps: int, threads: int, overrides: list[str]) -> dict:
     import torch
 
     from secure_fedvlp.config import load_config
@@ -35,14 +35,15 @@ def one_mode(mode: str, config: str, steps: int, threads: int) -> dict:
     from secure_fedvlp.privacy.dpsgd import PrivateGradient
 
     configure_threads(threads)
-    cfg = load_config(config)
+    cfg = load_config(config, overrides)
     device = resolve_device(cfg.run.device)
     fed = build_federation(cfg)
     model = build_model(cfg).to(device)
     model.train()
     trainer = LocalTrainer(cfg, device, fed.public)
-    state = trainer.begin(model, None, {})
-    loader = trainer.make_loader(trainer.training_subset(fed.sites[0].train), model, torch.Generator().manual_seed(0))
+    records = trainer.training_subset(fed.sites[0].train)
+    state = trainer.begin(model, None, {}, dataset=records)
+    loader = trainer.make_loader(records, model, torch.Generator().manual_seed(0))
     batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in next(iter(loader)).items()}
     b = int(batch["images"].shape[0])
     opt = trainer.make_optimizer(model, [n for n, p in model.named_parameters() if p.requires_grad])
@@ -71,7 +72,8 @@ def one_mode(mode: str, config: str, steps: int, threads: int) -> dict:
         if i:
             times.append(time.perf_counter() - t)
             cpu.append(time.process_time() - c)
-    return {"mode": mode, "device": str(device), "batch": b, "step_ms": statistics.median(times) * 1e3,
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"mode": mode, "device": str(device), "batch": b, "trained_params": trained, "step_ms": statistics.median(times) * 1e3,
             "cpu_ms": statistics.median(cpu) * 1e3,
             "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3, "threads": torch.get_num_threads(),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -83,22 +85,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="configs/demo_dp.toml")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
     ap.add_argument("--_mode", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._mode:
-        print(json.dumps(one_mode(args._mode, args.config, args.steps, args.threads)))
+        print(json.dumps(one_mode(args._mode, args.config, args.steps, args.threads, args.set)))
         return 0
     rows = []
     for mode in MODES:
         out = subprocess.run([sys.executable, __file__, "--config", args.config, "--steps", str(args.steps),
-                              "--threads", str(args.threads), "--_mode", mode], capture_output=True, text=True)
+                              "--threads", str(args.threads), *[f"--set={kv}" for kv in args.set], "--_mode", mode],
+                             capture_output=True, text=True)
         if out.returncode != 0:
             print(f"{mode}: failed\n{out.stderr[-2000:]}")
             continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = next((r for r in rows if r["mode"] == "non-private"), None)
-    print(f"config {args.config}; device {rows[0]['device'] if rows else '?'}; batch {rows[0]['batch'] if rows else '?'}; "
-          f"threads {args.threads}; median of {args.steps} steps after one warm-up")
+    print(f"config {args.config} {' '.join(args.set)}; device {rows[0]['device'] if rows else '?'}; batch {rows[0]['batch'] if rows else '?'}; "
+          f"threads {args.threads}; trained parameters {rows[0]['trained_params'] if rows else '?':,}; "
+          f"median of {args.steps} steps after one warm-up")
     print("wall = median wall-clock ms per step (min-max); cpu = median process CPU ms per step, which other "
           "jobs on a shared machine inflate less; ratios are over the non-private step")
     print(f"{'mode':<12} {'wall ms':>8} {'(min-max)':>14} {'x wall':>7} {'cpu ms':>8} {'x cpu':>6} "

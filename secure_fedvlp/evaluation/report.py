@@ -322,7 +322,11 @@ def _markdown(rep: dict[str, Any]) -> str:
         lines += ["", "## Dropped or failed client replies", ""]
         for r in rep["failures"]:
             lines.append(f"- round {r.get('round')} {r.get('phase')} at {r.get('site')}: {r.get('reason')}")
-    lines += ["", "Plots: `plots/metrics_over_rounds.png`, `plots/train_loss.png`.", ""]
+    if rep["train_loss"]:
+        lines += ["", "Plots: `plots/metrics_over_rounds.png`, `plots/train_loss.png`.", ""]
+    else:  # DP clients keep their training losses (un-noised functions of their records) to themselves
+        lines += ["", "Plots: `plots/metrics_over_rounds.png`. No training-loss plot: under DP the clients keep "
+                      "their losses locally (`clients/<site>/local_train_metrics.jsonl`).", ""]
     return "\n".join(lines)
 
 

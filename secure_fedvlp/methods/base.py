@@ -214,19 +214,30 @@ class LocalTrainer:
         per-record loss and refuses it).  Data-independent terms belong in :meth:`regularizer`.
         """
         out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
-        terms = dict(self.objective_terms(model, out, state, reduction=reduction))
+        terms = dict(self.objective_terms(model, out, state, reduction=reduction, batch=batch))
         for name, value in self.extra_terms(model, batch, out, state, reduction=reduction).items():
             terms[name] = value
             terms["loss"] = terms["loss"] + value
         return terms
 
     def objective_terms(self, model: nn.Module, out: dict[str, torch.Tensor], state: dict[str, Any],
-                        reduction: str = "mean") -> dict[str, torch.Tensor]:
-        """The contrastive objective's named terms."""
+                        reduction: str = "mean", batch: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        """The contrastive objective's named terms.
+
+        The decomposable objective's positives are the global model's views of the batch's
+        records (``state["pos_image"]``/``["pos_text"]``, indexed by ``batch["index"]``; see
+        :class:`~secure_fedvlp.objectives.DecomposableContrastiveLoss` for why).
+        """
         if self.objective.couples_samples:
             return self.objective(out["image_emb"], out["text_emb"], model.logit_scale, reduction=reduction)
+        if "pos_image" not in state or batch is None:
+            raise ValueError("the decomposable objective takes each record's positive from the global model's view "
+                             "of it: call begin(model, task, global_state, dataset=<the training records>) and pass "
+                             "the batch.")
+        idx = batch["index"].to(state["pos_image"].device)
         return self.objective(out["image_emb"], out["text_emb"], model.logit_scale,
-                              state["neg_image"], state["neg_text"], reduction=reduction)
+                              state["neg_image"], state["neg_text"], reduction=reduction,
+                              pos_image=state["pos_image"][idx], pos_text=state["pos_text"][idx])
 
     def extra_terms(self, model: nn.Module, batch: dict[str, Any], out: dict[str, torch.Tensor],
                     state: dict[str, Any], reduction: str = "mean") -> dict[str, torch.Tensor]:
@@ -241,8 +252,31 @@ class LocalTrainer:
         """
         return {}
 
-    def begin(self, model: nn.Module, task: TrainTask, global_state: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        """Per-job state (negative banks, copies of the global model, ...); called before training."""
+    @torch.no_grad()
+    def global_views(self, model: nn.Module, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (global) model's image and report embeddings of every record of ``dataset``, by position.
+
+        Computed once per job, before the first step, in eval mode; they never leave the client.
+        """
+        from secure_fedvlp.evaluation.metrics import embed_images, embed_texts
+
+        was = model.training
+        model.eval()
+        try:
+            bs = self.cfg.eval.batch_size
+            imgs = embed_images(model, dataset.images, bs, self.device).to(self.device)
+            txts = embed_texts(model, list(dataset.reports), bs, self.device).to(self.device)
+        finally:
+            model.train(was)
+        return imgs, txts
+
+    def begin(self, model: nn.Module, task: TrainTask, global_state: Mapping[str, np.ndarray],
+              dataset=None) -> dict[str, Any]:
+        """Per-job state (negative banks, the global model's views of ``dataset``, ...); called before training.
+
+        ``dataset`` is the job's training records (the positions ``batch["index"]`` refers to);
+        the decomposable objective needs it.
+        """
         state: dict[str, Any] = {}
         if not self.objective.couples_samples:
             state["neg_image"], state["neg_text"] = self.negative_banks(model)
@@ -251,6 +285,8 @@ class LocalTrainer:
                 # DP-released anchors (post-processing): extra negatives that hold no record of this batch
                 state["neg_image"] = torch.cat([state["neg_image"], bank.image.to(self.device)])
                 state["neg_text"] = torch.cat([state["neg_text"], bank.text.to(self.device)])
+            if dataset is not None:
+                state["pos_image"], state["pos_text"] = self.global_views(model, dataset)
         if task.anchors is not None and len(task.anchors):
             state["anchor_bank"] = task.anchors
         return state
@@ -285,7 +321,7 @@ class LocalTrainer:
             model.train()
             optimizer = self.make_optimizer(model, [n for n, _ in model.named_parameters() if n in names])
             loader = self.make_loader(dataset, model, generator)
-            state = self.begin(model, task, global_state)
+            state = self.begin(model, task, global_state, dataset=dataset)
             sums: dict[str, float] = {}
             steps = 0
             t0 = time.perf_counter()

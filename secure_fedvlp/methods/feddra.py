@@ -87,8 +87,9 @@ class FedDRATrainer(LocalTrainer):
         return super().training_subset(dataset.subset(hold))
 
     # -- local objective ----------------------------------------------------------------
-    def begin(self, model: nn.Module, task: TrainTask, global_state: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        state = super().begin(model, task, global_state)
+    def begin(self, model: nn.Module, task: TrainTask, global_state: Mapping[str, np.ndarray],
+              dataset=None) -> dict[str, Any]:
+        state = super().begin(model, task, global_state, dataset=dataset)
         state["loss_scale"] = float(task.options.get(LOSS_SCALE, 1.0))
         if self.cfg.feddra.anchor_weight > 0:
             anchor = copy.deepcopy(model)  # the model holds the global parameters when a job begins

@@ -25,8 +25,9 @@ class FedProxTrainer(LocalTrainer):
 
     name = "fedprox"
 
-    def begin(self, model: nn.Module, task: TrainTask, global_state: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        state = super().begin(model, task, global_state)
+    def begin(self, model: nn.Module, task: TrainTask, global_state: Mapping[str, np.ndarray],
+              dataset=None) -> dict[str, Any]:
+        state = super().begin(model, task, global_state, dataset=dataset)
         params = dict(model.named_parameters())
         state["global_params"] = {n: torch.as_tensor(np.asarray(v), device=params[n].device, dtype=params[n].dtype)
                                   for n, v in global_state.items() if params[n].requires_grad}

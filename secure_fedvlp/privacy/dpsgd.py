@@ -280,7 +280,7 @@ class DPTrainer:
         for nm, p in model.named_parameters():
             p.requires_grad_(nm in names)
         model.train()
-        state = inner.begin(model, task, global_state)  # before hooks: copies/banks see a plain model
+        state = inner.begin(model, task, global_state, dataset=dataset)  # before hooks: banks/views see a plain model
         params = [p for nm, p in model.named_parameters() if nm in names]
         base_opt = inner.make_optimizer(model, [nm for nm, _ in model.named_parameters() if nm in names])
         private = PrivateGradient(model, base_opt, mode=self.privacy.grad_sample_mode, clipping=self.privacy.clipping,

@@ -293,11 +293,11 @@ def test_ghost_clipped_gradient_equals_hooks_on_the_demo_model(tmp_path):
             m.p = 0.0
     fed = build_federation(cfg)
     trainer = FedDRATrainer(cfg, torch.device("cpu"), fed.public)
-    state = trainer.begin(model, TrainTask(1, "full", 1), federated_state(model))
+    site = trainer.training_subset(fed.sites[0].train)
+    state = trainer.begin(model, TrainTask(1, "full", 1), federated_state(model), dataset=site)
     with torch.no_grad():  # move the model off the anchor so the guidance term has a gradient
         model.image_head.bias.add_(0.05)
         model.text_head.bias.sub_(0.05)
-    site = trainer.training_subset(fed.sites[0].train)
     batch = make_collate(model)([site[i] for i in range(6)])
 
     def per_record_loss(module):
@@ -369,3 +369,45 @@ def test_private_gradient_needs_one_loss_per_record():
             pg.backward(pg.module(torch.randn(4, 3)).mean())
     finally:
         pg.close()
+
+
+def test_decomposable_loss_positives_from_the_banks_model_remove_the_collapse_shortcut():
+    """With the current model's own embeddings as positives, collapsing every embedding onto one
+    direction away from the (stale) banks drives the loss to ~0 with nothing learned; with the
+    global model's views as positives (what trainers pass) the same collapse scores near chance."""
+    from secure_fedvlp.models.vlp import LogitScale
+
+    g = torch.Generator().manual_seed(0)
+    n = torch.nn.functional.normalize
+    k, d, b = 32, 16, 8
+    bank_v, bank_t = n(torch.randn(k, d, generator=g), dim=-1), n(torch.randn(k, d, generator=g), dim=-1)
+    glob_v, glob_t = n(torch.randn(b, d, generator=g), dim=-1), n(torch.randn(b, d, generator=g), dim=-1)
+    away = n(-(bank_v.mean(0) + bank_t.mean(0)), dim=0)
+    collapsed = away.expand(b, d)
+    scale = LogitScale(float(np.log(10.0)), learn=False)
+    loss = DecomposableContrastiveLoss()
+    shortcut = float(loss(collapsed, collapsed, scale, bank_v, bank_t)["loss"])
+    honest = float(loss(collapsed, collapsed, scale, bank_v, bank_t, pos_image=glob_v, pos_text=glob_t)["loss"])
+    assert shortcut < 0.1 and honest > 2.0
+
+
+def test_trainer_decomposable_objective_needs_the_global_views(tmp_path):
+    cfg, fed, model, dp = _dp_setup(tmp_path)
+    site = dp.inner.training_subset(fed.sites[0].train)
+    batch = make_collate(model)([site[i] for i in range(3)])
+    with pytest.raises(ValueError, match="global model's view"):
+        dp.inner.compute_loss(model, batch, dp.inner.begin(model, TrainTask(1, "full", 1), {}))
+    state = dp.inner.begin(model, TrainTask(1, "full", 1), {}, dataset=site)
+    terms = dp.inner.compute_loss(model, batch, state, reduction="none")
+    # At the job's start the current model is the global one: the same loss as with its own positives.
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
+            own = DecomposableContrastiveLoss()(out["image_emb"], out["text_emb"], model.logit_scale,
+                                                state["neg_image"], state["neg_text"], reduction="none")["loss"]
+            views = dp.inner.compute_loss(model, batch, state, reduction="none")["loss"]
+    finally:
+        model.train()
+    torch.testing.assert_close(views, own, rtol=1e-4, atol=1e-5)
+    assert terms["loss"].shape == (3,)
