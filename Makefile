@@ -42,7 +42,8 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_training.py
 	$(PY) benchmarks/bench_dp.py
-	@if [ -f benchmarks/bench_ckks.py ]; then $(PY) benchmarks/bench_ckks.py; fi
+	$(PY) benchmarks/bench_ckks.py
+	$(PY) benchmarks/bench_secagg_round.py
 
 clean-runs:
 	rm -rf runs
