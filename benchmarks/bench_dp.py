@@ -31,7 +31,7 @@ def one_mode(mode: str, config: str, steps: int, threads: int, overrides: list[s
 
     from secure_fedvlp.config import load_config
     from secure_fedvlp.flower.runtime import build_federation, build_model, configure_threads, resolve_device
-    from secure_fedvlp.methods.base import LocalTrainer
+    from secure_fedvlp.methods.base import LocalTrainer, TrainTask
     from secure_fedvlp.privacy.dpsgd import PrivateGradient
 
     configure_threads(threads)
@@ -42,7 +42,7 @@ def one_mode(mode: str, config: str, steps: int, threads: int, overrides: list[s
     model.train()
     trainer = LocalTrainer(cfg, device, fed.public)
     records = trainer.training_subset(fed.sites[0].train)
-    state = trainer.begin(model, None, {}, dataset=records)
+    state = trainer.begin(model, TrainTask(1, "full", steps), {}, dataset=records)
     loader = trainer.make_loader(records, model, torch.Generator().manual_seed(0))
     batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in next(iter(loader)).items()}
     b = int(batch["images"].shape[0])
@@ -100,9 +100,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{mode}: failed\n{out.stderr[-2000:]}")
             continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    if not rows:
+        print("every mode failed; see the errors above", file=sys.stderr)
+        return 1
     base = next((r for r in rows if r["mode"] == "non-private"), None)
-    print(f"config {args.config} {' '.join(args.set)}; device {rows[0]['device'] if rows else '?'}; batch {rows[0]['batch'] if rows else '?'}; "
-          f"threads {args.threads}; trained parameters {rows[0]['trained_params'] if rows else '?':,}; "
+    print(f"config {args.config} {' '.join(args.set)}; device {rows[0]['device']}; batch {rows[0]['batch']}; "
+          f"threads {args.threads}; trained parameters {rows[0]['trained_params']:,}; "
           f"median of {args.steps} steps after one warm-up")
     print("wall = median wall-clock ms per step (min-max); cpu = median process CPU ms per step, which other "
           "jobs on a shared machine inflate less; ratios are over the non-private step")
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         spread = f"({r['min_ms']:.0f}-{r['max_ms']:.0f})"
         print(f"{r['mode']:<12} {r['step_ms']:>8.0f} {spread:>14} {ratio:>7.2f} {r['cpu_ms']:>8.0f} {cratio:>6.2f} "
               f"{r['peak_rss_mib']:>13.0f} {cuda:>14}")
-    return 0
+    return 0 if len(rows) == len(MODES) else 1
 
 
 if __name__ == "__main__":
