@@ -200,6 +200,31 @@ def test_dp_fit_records_event_before_training_and_replay_matches(tmp_path):
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
 
 
+def test_restarted_client_resumes_its_history_and_budget(tmp_path):
+    """A client process that restarts (a new DPTrainer on the same ledger file) composes with what the
+    earlier process spent: never a fresh accountant, and the budget counts the earlier rounds."""
+    cfg, fed, model, dp = _dp_setup(tmp_path)
+    dp.fit(model, fed.sites[0].train, TrainTask(1, "full", 3), torch.Generator().manual_seed(0), federated_state(model))
+    first = dp.ledger.epsilon()
+    _, _, model2, restarted = _dp_setup(tmp_path)  # same ledger path, new trainer, new model object
+    m = restarted.fit(model2, fed.sites[0].train, TrainTask(2, "full", 3), torch.Generator().manual_seed(1),
+                      federated_state(model2))
+    events = restarted.ledger.events()
+    assert [e.round for e in events] == [1, 2]
+    assert m["epsilon"] > first
+    assert m["epsilon"] == pytest.approx(replay(tmp_path / "ledger.jsonl").get_epsilon(cfg.privacy.delta))
+    # a budget between one job's cost and two jobs' cost: the restarted trainer must refuse the second job
+    budget = 0.5 * (first + m["epsilon"])
+    _, _, model3, tight = _dp_setup(tmp_path / "tight", target_epsilon=budget)
+    tight.fit(model3, fed.sites[0].train, TrainTask(1, "full", 3), torch.Generator().manual_seed(0),
+              federated_state(model3))
+    _, _, model4, tight_restarted = _dp_setup(tmp_path / "tight", target_epsilon=budget)
+    with pytest.raises(PrivacyBudgetExhausted):
+        tight_restarted.fit(model4, fed.sites[0].train, TrainTask(2, "full", 3), torch.Generator().manual_seed(1),
+                            federated_state(model4))
+    assert len(tight_restarted.ledger.events()) == 1
+
+
 def test_budget_refused_before_any_step(tmp_path):
     cfg, fed, model, dp = _dp_setup(tmp_path, target_epsilon=0.5)
     before = federated_state(model)
