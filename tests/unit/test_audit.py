@@ -92,3 +92,89 @@ def test_mismatch_with_reported_epsilon_fails(run):
     (run / "report.json").write_text(json.dumps(rep))
     audit = audit_run(run)
     assert not audit.ok and any("mismatch" in p for c in audit.clients if c.client == "site1" for p in c.problems)
+
+
+# -- a run accounted with PLD: the claim is the PLD value, cross-checked by Opacus' PRV ----------------
+
+
+@pytest.fixture(scope="module")
+def pld_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("audit-pld")
+    cfg = tiny_cfg(tmp, "fedavg", privacy={"enabled": True, "target_epsilon": 4.0, "accountant": "pld"},
+                   train={"objective": "decomposable"}, federation={"num_rounds": 2})
+    strategy, result, rec, grid, init = run_method(cfg, tmp, rounds=2)
+    run_dir = tmp / "run"
+    (run_dir / "config.toml").write_text(dump_toml(config_to_dict(cfg)))
+    recorder = RunRecorder(run_dir)
+    for row in rec.rows:
+        recorder.record(row)
+    write_report(run_dir)
+    return run_dir
+
+
+@pytest.fixture
+def prun(pld_run, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(pld_run, dst)
+    return dst
+
+
+def _set_budget(run, value):
+    text = (run / "config.toml").read_text()
+    assert "target_epsilon = 4.0" in text
+    (run / "config.toml").write_text(text.replace("target_epsilon = 4.0", f"target_epsilon = {value!r}"))
+
+
+def test_pld_accounted_run_is_audited_against_its_own_claim(prun, capsys):
+    """A run calibrated and budgeted with PLD must pass although its (looser) RDP bound is above the budget."""
+    audit = audit_run(prun)
+    assert audit.ok, audit.to_dict()
+    for c in audit.clients:
+        assert c.claimed_accountant == "pld" and c.claimed == pytest.approx(c.epsilon_pld)
+        assert c.reported == pytest.approx(c.epsilon_pld)
+        assert c.epsilon_pld <= 4.0 < c.epsilon_rdp  # calibrated to the PLD target: RDP alone would fail it
+        assert abs(c.epsilon_pld - c.epsilon_prv) <= 0.02 * c.epsilon_pld  # the independent PRV cross-check
+    assert main(["audit", str(prun)]) == 0
+    assert "(pld)" in capsys.readouterr().out
+
+
+def test_pld_claim_over_budget_fails(prun):
+    pld = audit_run(prun).clients[0].claimed
+    _set_budget(prun, round(pld * 0.95, 6))
+    audit = audit_run(prun)
+    assert not audit.ok and any("budget exceeded" in p and "(pld)" in p for c in audit.clients for p in c.problems)
+
+
+def test_independent_bound_above_budget_is_a_note_not_a_failure(prun, capsys):
+    c = audit_run(prun).clients[0]
+    # Opacus' PRV reports an upper estimate (eps_error = 0.01): above the pessimistic PLD here
+    assert c.epsilon_prv > c.claimed
+    _set_budget(prun, round(0.5 * (c.claimed + c.epsilon_prv), 9))
+    audit = audit_run(prun)
+    assert audit.ok, audit.to_dict()
+    assert all(any("Opacus PRV" in n and "above the budget" in n for n in c.notes) for c in audit.clients)
+    assert main(["audit", str(prun)]) == 0
+    assert "note: Opacus PRV" in capsys.readouterr().out
+
+
+def test_pld_and_prv_disagreeing_fails(prun, monkeypatch):
+    import secure_fedvlp.privacy.audit as audit_mod
+
+    monkeypatch.setattr(audit_mod, "opacus_prv_epsilon", lambda events, delta: 1.5 * audit_mod.make_accountant(
+        "pld", events).get_epsilon(delta))
+    audit = audit_run(prun)
+    assert not audit.ok and any("PLD" in p and "PRV" in p and "disagree" in p for c in audit.clients for p in c.problems)
+
+
+def test_prv_matches_pld_on_a_known_history():
+    """The cross-check itself: Opacus' PRV on DP-SGD + Gaussian releases lands within 2 % of dp-accounting's PLD."""
+    from secure_fedvlp.privacy.audit import make_accountant, opacus_prv_epsilon
+    from secure_fedvlp.privacy.events import DPSGDEvent, GaussianEvent, PostProcessingEvent
+
+    events = [DPSGDEvent(noise_multiplier=1.2, sample_rate=0.1, steps=50, clip_norm=1.0, round=1),
+              GaussianEvent(sensitivity=1.0, sigma=10.0, what="report", round=1),
+              PostProcessingEvent(what="anchors", round=1)]
+    pld = make_accountant("pld", events).get_epsilon(1e-5)
+    prv = opacus_prv_epsilon(events, 1e-5)
+    assert 0 < pld and abs(prv - pld) <= 0.02 * pld
+    assert opacus_prv_epsilon([], 1e-5) == 0.0
