@@ -208,6 +208,13 @@ class PrivacyConfig:
     ``hooks`` (per-layer rules), ``functorch`` (vmap), or ``ghost`` (fast gradient clipping:
     per-sample gradient norms without per-sample gradients where Opacus can, then a second
     backward of the clipped loss; flat clipping only).  See ``secure_fedvlp.privacy.dpsgd``.
+
+    ``seeded_randomness``: by default DP-SGD's Poisson sampling and noise are drawn from
+    generators seeded from the operating system's CSPRNG for every local job, so nobody can
+    predict them.  ``true`` derives them from ``run.seed`` instead (bit-for-bit reproducible DP
+    runs, for tests and experiments); ``run.seed`` is in the config the server holds, so such a
+    run makes **no** DP claim against the server or anyone else who knows the seed (they could
+    regenerate the noise and the batches): the report says so and ``secure-fedvlp audit`` fails it.
     """
 
     enabled: bool = False
@@ -218,6 +225,7 @@ class PrivacyConfig:
     clipping: Literal["flat", "per_layer"] = "flat"
     grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks"
     secure_mode: bool = False
+    seeded_randomness: bool = False
     accountant: Literal["rdp", "pld"] = "rdp"
     # Noised scalar reports (FedDRA's DRO losses): per-record clip and noise multiplier.
     report_clip: float = 10.0

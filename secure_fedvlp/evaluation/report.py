@@ -119,9 +119,18 @@ def privacy_section(run_dir: Path) -> dict[str, Any] | None:
                              for k in ("DPSGDEvent", "GaussianEvent", "PostProcessingEvent")},
             "ledger": str(path.relative_to(run_dir)),
         }
+    not_covered = ["evaluation metrics on each site's test split (sent in clear; not a DP release)"]
+    seeded = bool(priv.get("seeded_randomness", False))
+    if seeded:
+        not_covered.insert(0, SEEDED_WARNING)
     return {"delta": delta, "accountant": accountant, "budget_epsilon": priv.get("target_epsilon"),
-            "clients": clients,
-            "not_covered": ["evaluation metrics on each site's test split (sent in clear; not a DP release)"]}
+            "seeded_randomness": seeded, "clients": clients, "not_covered": not_covered}
+
+
+#: What a run with ``privacy.seeded_randomness = true`` does not guarantee (report and audit).
+SEEDED_WARNING = ("privacy.seeded_randomness = true: DP-SGD's Poisson sampling and noise were derived from run.seed, "
+                  "which the server and anyone holding the config know; the epsilon below holds against nobody who "
+                  "knows the seed (reproducible run for tests and experiments, not a DP release)")
 
 
 def encryption_section(run_dir: Path) -> dict[str, Any] | None:
@@ -250,7 +259,10 @@ def _markdown(rep: dict[str, Any]) -> str:
             lines.append(f"| {site} | " + " | ".join(_f(v["final_per_finding"].get(f)) for f in findings) + " |")
     priv = rep.get("privacy")
     if priv:
-        lines += ["", f"## Privacy spent (sample-level DP, delta = {priv['delta']}, {priv['accountant']} accountant)", "",
+        lines += ["", f"## Privacy spent (sample-level DP, delta = {priv['delta']}, {priv['accountant']} accountant)", ""]
+        if priv.get("seeded_randomness"):
+            lines += [f"**Warning: {SEEDED_WARNING}.**", ""]
+        lines += [
                   f"Budget per client: epsilon = {priv['budget_epsilon']}. Recomputed from each client's ledger "
                   "(hash chain verified). Plot: `plots/epsilon_by_round.png`.", ""]
         rounds = sorted({r for c in priv["clients"].values() for r in c.get("epsilon_by_round", {})})

@@ -154,6 +154,10 @@ def audit_run(run_dir: str | Path) -> RunAudit:
     priv = tomllib.loads(cfg_path.read_text(encoding="utf-8")).get("privacy", {})
     delta = float(priv.get("delta", 1e-5))
     budget = float(priv["target_epsilon"]) if priv.get("enabled") else None
+    if priv.get("enabled") and priv.get("seeded_randomness"):
+        problems.append("privacy.seeded_randomness = true: the DP-SGD noise and Poisson sampling were derived from "
+                        "run.seed, which the server holds, so the run makes no DP claim against the server or anyone "
+                        "who knows the seed.")
     claim_kind = str(priv.get("accountant", "rdp"))
     if claim_kind not in ("rdp", "pld"):
         problems.append(f"privacy.accountant = {claim_kind!r} in {cfg_path} is not an accountant this audit knows "

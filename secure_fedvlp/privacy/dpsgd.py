@@ -253,11 +253,26 @@ class DPTrainer:
     def __getattr__(self, item: str) -> Any:
         return getattr(self.inner, item)
 
-    def _noise_generator(self, seed_from: torch.Generator) -> torch.Generator | None:
-        if self.privacy.secure_mode:
-            return None  # Opacus secure mode draws from its own CSPRNG
-        return torch.Generator(device=self.inner.device).manual_seed(int(torch.randint(0, 2**62, (1,),
-                                                                                        generator=seed_from)))
+    def private_generators(self, seed_from: torch.Generator) -> tuple[torch.Generator, torch.Generator]:
+        """Generators for Poisson sampling (CPU) and for the Gaussian noise (the training device).
+
+        Both must be unpredictable to every other party: privacy amplification by subsampling
+        assumes nobody knows which records a step used, and the Gaussian mechanism assumes nobody
+        knows the noise.  The job generator ``seed_from`` is derived from ``run.seed``, which the
+        server holds, so by default both are seeded from the OS CSPRNG (:func:`secrets.randbits`)
+        instead.  Only ``privacy.seeded_randomness = true`` derives them from ``seed_from``
+        (reproducible, and without a DP claim against anyone who knows the seed).  With
+        ``secure_mode`` the noise generator feeds Opacus' floating-point-attack mitigation
+        (2n Gaussian draws per value); the generator itself is torch's PRNG, not a CSPRNG
+        (``torchcsprng``, which Opacus' ``PrivacyEngine`` would use, has no build for this torch).
+        """
+        if self.privacy.seeded_randomness:
+            seeds = torch.randint(0, 2**62, (2,), generator=seed_from).tolist()
+        else:
+            seeds = [secrets.randbits(63), secrets.randbits(63)]
+        sampling = torch.Generator().manual_seed(int(seeds[0]))
+        noise = torch.Generator(device=self.inner.device).manual_seed(int(seeds[1]))
+        return sampling, noise
 
     def fit(self, model: nn.Module, dataset, task: TrainTask, generator: torch.Generator,
             global_state: Mapping[str, np.ndarray]) -> dict[str, float]:
@@ -281,13 +296,14 @@ class DPTrainer:
             p.requires_grad_(nm in names)
         model.train()
         state = inner.begin(model, task, global_state, dataset=dataset)  # before hooks: banks/views see a plain model
+        sampling_gen, noise_gen = self.private_generators(generator)
         params = [p for nm, p in model.named_parameters() if nm in names]
         base_opt = inner.make_optimizer(model, [nm for nm, _ in model.named_parameters() if nm in names])
         private = PrivateGradient(model, base_opt, mode=self.privacy.grad_sample_mode, clipping=self.privacy.clipping,
                                   clip_norm=self.privacy.clip_norm, noise_multiplier=self.noise_multiplier,
                                   expected_batch_size=max(1, int(round(q * n))),
-                                  generator=self._noise_generator(generator), secure_mode=self.privacy.secure_mode)
-        batches = _PoissonBatches(n, q, generator)
+                                  generator=noise_gen, secure_mode=self.privacy.secure_mode)
+        batches = _PoissonBatches(n, q, sampling_gen)
         collate = make_collate(model)
         sums: dict[str, float] = {}
         reg_sums: dict[str, float] = {}

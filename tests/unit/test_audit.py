@@ -178,3 +178,15 @@ def test_prv_matches_pld_on_a_known_history():
     prv = opacus_prv_epsilon(events, 1e-5)
     assert 0 < pld and abs(prv - pld) <= 0.02 * pld
     assert opacus_prv_epsilon([], 1e-5) == 0.0
+
+
+def test_seeded_randomness_run_fails_the_audit_and_the_report_says_why(run):
+    """privacy.seeded_randomness derives the noise and the batches from run.seed, which the server holds:
+    the run makes no DP claim, whatever its ledger says."""
+    text = (run / "config.toml").read_text()
+    assert "seeded_randomness = false" in text
+    (run / "config.toml").write_text(text.replace("seeded_randomness = false", "seeded_randomness = true"))
+    audit = audit_run(run)
+    assert not audit.ok and any("seeded_randomness" in p and "server" in p for p in audit.problems)
+    write_report(run)
+    assert "Warning: privacy.seeded_randomness = true" in (run / "report.md").read_text()

@@ -225,6 +225,31 @@ def test_restarted_client_resumes_its_history_and_budget(tmp_path):
     assert len(tight_restarted.ledger.events()) == 1
 
 
+@pytest.mark.parametrize("secure_mode", [False, True])
+def test_noise_and_batches_are_unpredictable_unless_seeded(tmp_path, secure_mode):
+    """The job generator is derived from run.seed, which the server holds: by default DP-SGD's batches and
+    noise must not follow from it (two fits from the same job seed differ); seeded_randomness makes them
+    reproducible (two fits agree exactly)."""
+    def fit_once(sub, seeded):
+        cfg, fed, model, dp = _dp_setup(tmp_path / sub, seeded_randomness=seeded, secure_mode=secure_mode)
+        torch.manual_seed(0)
+        dp.fit(model, fed.sites[0].train, TrainTask(1, "full", 2), torch.Generator().manual_seed(7),
+               federated_state(model))
+        return federated_state(model), dp
+
+    a, dp = fit_once("a", False)
+    b, _ = fit_once("b", False)
+    assert any(not np.array_equal(a[k], b[k]) for k in a)
+    s1, _ = fit_once("s1", True)
+    s2, _ = fit_once("s2", True)
+    assert all(np.array_equal(s1[k], s2[k]) for k in s1)
+    # the generators themselves: same job seed, different draws by default; equal when seeded
+    g1, g2 = dp.private_generators(torch.Generator().manual_seed(7)), dp.private_generators(
+        torch.Generator().manual_seed(7))
+    assert not torch.equal(torch.rand(8, generator=g1[0]), torch.rand(8, generator=g2[0]))
+    assert not torch.equal(torch.randn(8, generator=g1[1]), torch.randn(8, generator=g2[1]))
+
+
 def test_budget_refused_before_any_step(tmp_path):
     cfg, fed, model, dp = _dp_setup(tmp_path, target_epsilon=0.5)
     before = federated_state(model)
@@ -343,13 +368,14 @@ def test_ghost_clipped_gradient_equals_hooks_on_the_demo_model(tmp_path):
 
 def test_ghost_mode_dp_round_matches_hooks_mode_and_accounts_alike(tmp_path):
     """A full FedDRA round under DP-SGD in ghost and in hooks mode (same seeds, noise on): same
-    ledger (every DP-SGD and Gaussian event), same epsilon, and the same model up to rounding."""
+    ledger (every DP-SGD and Gaussian event), same epsilon, and the same model up to rounding.
+    Needs ``seeded_randomness``: by default the noise and the batches are unpredictable (CSPRNG)."""
     from secure_fedvlp.privacy import replay
 
     out = {}
     for mode in ("hooks", "ghost"):
         cfg = tiny_cfg(tmp_path / mode, "feddra", privacy={"enabled": True, "noise_multiplier": 1.0,
-                                                           "grad_sample_mode": mode},
+                                                           "grad_sample_mode": mode, "seeded_randomness": True},
                        train={"objective": "decomposable"})
         strategy, result, rec, grid, init = run_method(cfg, tmp_path / mode)
         ledgers = {s: replay(tmp_path / mode / "run" / "clients" / s / "privacy_ledger.jsonl")
