@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from secure_fedvlp.errors import LedgerError
-from secure_fedvlp.privacy.accountant import make_accountant
+from secure_fedvlp.privacy.accountant import NEGLIGIBLE_NOISE_MULTIPLIER, make_accountant
 from secure_fedvlp.privacy.ledger import read_ledger
 
 __all__ = ["ClientAudit", "RunAudit", "audit_run", "attach_empirical", "format_audit", "format_empirical",
@@ -101,8 +101,9 @@ def opacus_prv_epsilon(events, delta: float, eps_error: float = 0.01) -> float:
     """Epsilon of ``events`` by Opacus' PRV accountant (Gopi et al. 2021), independent of ``dp-accounting``.
 
     A DP-SGD event is ``steps`` sampled Gaussians ``(z, q)``; a Gaussian release is ``count``
-    Gaussians with ``q = 1``; post-processing costs nothing.  Returns ``inf`` for an event without
-    usable noise.
+    Gaussians with ``q = 1``; post-processing costs nothing.  Returns ``inf`` for an event with a
+    noise multiplier below :data:`~secure_fedvlp.privacy.accountant.NEGLIGIBLE_NOISE_MULTIPLIER`,
+    as every other accountant here does.
     """
     import warnings
 
@@ -115,11 +116,11 @@ def opacus_prv_epsilon(events, delta: float, eps_error: float = 0.01) -> float:
         if isinstance(e, DPSGDEvent):
             if e.sample_rate == 0.0 or e.steps == 0:
                 continue
-            if e.noise_multiplier <= 1e-6:
+            if e.noise_multiplier < NEGLIGIBLE_NOISE_MULTIPLIER:
                 return math.inf
             acc.history.append((float(e.noise_multiplier), float(e.sample_rate), int(e.steps)))
         elif isinstance(e, GaussianEvent):
-            if e.noise_multiplier <= 1e-6:
+            if e.noise_multiplier < NEGLIGIBLE_NOISE_MULTIPLIER:
                 return math.inf
             acc.history.append((float(e.noise_multiplier), 1.0, int(e.count)))
     if not acc.history:

@@ -12,10 +12,9 @@ from secure_fedvlp.privacy.audit import audit_run
 from tests.unit.test_methods_contract import run_method, tiny_cfg
 
 
-@pytest.fixture(scope="module")
-def clean_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("audit")
-    cfg = tiny_cfg(tmp, "fedaid", privacy={"enabled": True, "target_epsilon": 8.0},
+def _two_round_dp_run(tmp, method, **privacy):
+    """A real 2-round DP run of ``method`` (tiny config) with its config, metrics and report on disk."""
+    cfg = tiny_cfg(tmp, method, privacy={"enabled": True, **privacy},
                    train={"objective": "decomposable"}, federation={"num_rounds": 2})
     strategy, result, rec, grid, init = run_method(cfg, tmp, rounds=2)
     run_dir = tmp / "run"
@@ -25,6 +24,11 @@ def clean_run(tmp_path_factory):
         recorder.record(row)
     write_report(run_dir)
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory):
+    return _two_round_dp_run(tmp_path_factory.mktemp("audit"), "fedaid", target_epsilon=8.0)
 
 
 @pytest.fixture
@@ -99,17 +103,7 @@ def test_mismatch_with_reported_epsilon_fails(run):
 
 @pytest.fixture(scope="module")
 def pld_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("audit-pld")
-    cfg = tiny_cfg(tmp, "fedavg", privacy={"enabled": True, "target_epsilon": 4.0, "accountant": "pld"},
-                   train={"objective": "decomposable"}, federation={"num_rounds": 2})
-    strategy, result, rec, grid, init = run_method(cfg, tmp, rounds=2)
-    run_dir = tmp / "run"
-    (run_dir / "config.toml").write_text(dump_toml(config_to_dict(cfg)))
-    recorder = RunRecorder(run_dir)
-    for row in rec.rows:
-        recorder.record(row)
-    write_report(run_dir)
-    return run_dir
+    return _two_round_dp_run(tmp_path_factory.mktemp("audit-pld"), "fedavg", target_epsilon=4.0, accountant="pld")
 
 
 @pytest.fixture
