@@ -31,11 +31,16 @@ def clean_run(tmp_path_factory):
     return _two_round_dp_run(tmp_path_factory.mktemp("audit"), "fedaid", target_epsilon=8.0)
 
 
+def _fresh_copy(run_dir, tmp_path):
+    """A test's own copy of a module-scoped run, free to tamper with."""
+    dst = tmp_path / "copy"
+    shutil.copytree(run_dir, dst)
+    return dst
+
+
 @pytest.fixture
 def run(clean_run, tmp_path):
-    dst = tmp_path / "copy"
-    shutil.copytree(clean_run, dst)
-    return dst
+    return _fresh_copy(clean_run, tmp_path)
 
 
 def test_clean_run_passes_and_accountants_agree(run, capsys):
@@ -108,9 +113,7 @@ def pld_run(tmp_path_factory):
 
 @pytest.fixture
 def prun(pld_run, tmp_path):
-    dst = tmp_path / "copy"
-    shutil.copytree(pld_run, dst)
-    return dst
+    return _fresh_copy(pld_run, tmp_path)
 
 
 def _set_budget(run, value):
