@@ -9,12 +9,13 @@ STAMP := $(VENV)/.installed
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-slow test-all bench clean-runs help
+.PHONY: venv demo test test-slow test-all lint bench clean-runs help
 
 help:
 	@echo "make demo       create/reuse $(VENV), install, run configs/demo.toml"
 	@echo "make test       create/reuse $(VENV), install, run the default test suite"
 	@echo "make test-slow  tests marked slow (minutes)"
+	@echo "make lint       ruff (lint and format check) and the import-linter contracts"
 	@echo "make bench      benchmarks (timings and memory, printed)"
 
 $(STAMP): pyproject.toml
@@ -31,7 +32,7 @@ demo: $(STAMP)
 	$(VENV)/bin/secure-fedvlp run configs/demo.toml
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n auto --dist loadfile $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
@@ -39,11 +40,16 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
 bench: $(STAMP)
 	$(PY) benchmarks/bench_training.py
 	$(PY) benchmarks/bench_dp.py
 	$(PY) benchmarks/bench_ckks.py
-	$(PY) benchmarks/bench_secagg_round.py
+	$(PY) benchmarks/bench_encrypted_round.py
 
 clean-runs:
 	rm -rf runs

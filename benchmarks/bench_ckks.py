@@ -1,4 +1,4 @@
-"""Benchmark CKKS secure aggregation: bytes on the wire per model value and throughput.
+"""Benchmark CKKS-encrypted aggregation: bytes on the wire per model value and throughput.
 
 Runs the real path -- ``init_keys`` -> ``encrypt_update`` -> ``to_bytes`` -> ``aggregate_encrypted``
 (server context, parse + validate + sum) -> ``decrypt_aggregate`` -- for exact CKKS (one value per
@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from secure_fedvlp.secagg import (
+from secure_fedvlp.encryption import (
     QuantizedPacking,
     aggregate_encrypted,
     decrypt_aggregate,
@@ -64,11 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         clients = {cid: load_client_context(p) for cid, p in bundle.client_paths.items()}
         server = load_server_context(bundle.server_path)
 
-    print(f"preset={args.preset} N={params.poly_modulus_degree} chain={list(params.coeff_mod_bit_sizes)} "
-          f"security={params.security_bits}-bit symmetric={params.symmetric} threads={args.threads} "
-          f"values={args.values} clients={args.clients}")
-    header = (f"{'mode':<28}{'bytes/value':>12}{'MB/client':>11}{'enc val/s':>12}{'agg val/s':>12}"
-              f"{'dec val/s':>12}{'max|err|':>11}{'bound':>11}")
+    print(
+        f"preset={args.preset} N={params.poly_modulus_degree} chain={list(params.coeff_mod_bit_sizes)} "
+        f"security={params.security_bits}-bit symmetric={params.symmetric} threads={args.threads} "
+        f"values={args.values} clients={args.clients}"
+    )
+    header = (
+        f"{'mode':<28}{'bytes/value':>12}{'MB/client':>11}{'enc val/s':>12}{'agg val/s':>12}"
+        f"{'dec val/s':>12}{'max|err|':>11}{'bound':>11}"
+    )
     print(header)
     modes: list[tuple[str, QuantizedPacking | None]] = [("exact (1 value/slot)", None)]
     for b in args.value_bits:
@@ -95,12 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         t_dec = time.perf_counter() - t0
         err = float(np.max(np.abs(out - ref)))
         w = float(weights.sum())
-        bound = (packing.error_bound(args.clients, w) if packing is not None
-                 else exact_error_bound(params, args.clients, w))
+        bound = (
+            packing.error_bound(args.clients, w) if packing is not None else exact_error_bound(params, args.clients, w)
+        )
         per_value = nbytes / args.clients / args.values
-        print(f"{name:<28}{per_value:>12.2f}{nbytes / args.clients / 1e6:>11.1f}"
-              f"{args.values * args.clients / t_enc:>12.3g}{args.values * args.clients / t_agg:>12.3g}"
-              f"{args.values / t_dec:>12.3g}{err:>11.2e}{bound:>11.2e}")
+        print(
+            f"{name:<28}{per_value:>12.2f}{nbytes / args.clients / 1e6:>11.1f}"
+            f"{args.values * args.clients / t_enc:>12.3g}{args.values * args.clients / t_agg:>12.3g}"
+            f"{args.values / t_dec:>12.3g}{err:>11.2e}{bound:>11.2e}"
+        )
     return 0
 
 

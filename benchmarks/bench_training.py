@@ -19,11 +19,12 @@ import time
 import numpy as np
 import torch
 
+from secure_fedvlp.build import build_federation, build_model, configure_threads, resolve_device
 from secure_fedvlp.config import load_config
 from secure_fedvlp.evaluation.metrics import evaluate_split
-from secure_fedvlp.flower.runtime import build_federation, build_model, configure_threads, resolve_device
 from secure_fedvlp.methods import get_method
-from secure_fedvlp.methods.base import TrainTask, federated_state, load_federated_state, make_collate
+from secure_fedvlp.methods.trainer import TrainTask
+from secure_fedvlp.models.state import federated_state, load_federated_state
 
 
 def peak_rss_mib() -> float:
@@ -74,13 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     new_states, weights = [], []
     for s in fed.sites:
         load_federated_state(model, global_state)
-        m = trainer.fit(model, s.train, TrainTask(1, "full", cfg.train.local_steps),
-                        torch.Generator().manual_seed(1), global_state)
+        m = trainer.fit(
+            model, s.train, TrainTask(1, "full", cfg.train.local_steps), torch.Generator().manual_seed(1), global_state
+        )
         new_states.append(federated_state(model))
         weights.append(m["num-examples"])
     t_train = time.perf_counter() - t
     w = np.asarray(weights) / sum(weights)
-    agg = {k: sum(wi * st[k] for wi, st in zip(w, new_states)) for k in global_state}
+    agg = {k: sum(wi * st[k] for wi, st in zip(w, new_states, strict=True)) for k in global_state}
     load_federated_state(model, agg)
     t = time.perf_counter()
     for s in fed.all_sites():
@@ -91,12 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {device}  torch threads: {torch.get_num_threads()}  torch {torch.__version__}")
     print(f"parameters: {n_all:,} total, {n_fed:,} federated (trainable)")
     print(f"data generation/load: {t_data:.2f} s")
-    print(f"local step (batch {batch['images'].shape[0]}): median {statistics.median(times) * 1e3:.1f} ms "
-          f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}, n={len(times)})")
-    print(f"full round: train {len(fed.sites)} sites x {cfg.train.local_steps} steps = {t_train:.2f} s, "
-          f"evaluate {len(fed.all_sites())} sites = {t_eval:.2f} s, total {t_train + t_eval:.2f} s")
-    print(f"peak memory: {peak_rss_mib():.0f} MiB RSS"
-          + (f", CUDA {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device.type == "cuda" else ""))
+    print(
+        f"local step (batch {batch['images'].shape[0]}): median {statistics.median(times) * 1e3:.1f} ms "
+        f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}, n={len(times)})"
+    )
+    print(
+        f"full round: train {len(fed.sites)} sites x {cfg.train.local_steps} steps = {t_train:.2f} s, "
+        f"evaluate {len(fed.all_sites())} sites = {t_eval:.2f} s, total {t_train + t_eval:.2f} s"
+    )
+    print(
+        f"peak memory: {peak_rss_mib():.0f} MiB RSS"
+        + (f", CUDA {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device.type == "cuda" else "")
+    )
     return 0
 
 

@@ -1,7 +1,8 @@
 """Command line: ``secure-fedvlp run | sweep | keys init | export | audit | report``.
 
-``main(argv) -> int`` so tests call it directly (STYLE.md item 8).  Configuration is read
-here, once, and handed to the Flower apps as typed objects.
+``main(argv) -> int`` so tests call it directly.  Configuration is read here, once, and
+handed to the Flower apps as typed objects; a finished run is opened with
+:func:`~secure_fedvlp.layout.load_run`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from secure_fedvlp.errors import SecureFedVLPError
+from secure_fedvlp.layout import FinishedRun, RunLayout, load_run
 
 logger = logging.getLogger("secure_fedvlp.cli")
 
@@ -58,42 +60,54 @@ def _new_run_dir(output_dir: str, name: str) -> Path:
     return path
 
 
-def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = (), run_dir: str | None = None,
-                   verbose: bool = False) -> Path:
+def run_experiment(
+    config_path: str | os.PathLike, overrides: Sequence[str] = (), run_dir: str | None = None, verbose: bool = False
+) -> Path:
     """Run one federated experiment on Flower's Simulation Engine; return the run directory."""
     from secure_fedvlp.config import config_to_dict, dump_toml, load_config
 
     cfg = load_config(config_path, list(overrides))
     rdir = Path(run_dir) if run_dir else _new_run_dir(cfg.run.output_dir, cfg.run.name)
     rdir.mkdir(parents=True, exist_ok=True)
-    (rdir / "config.toml").write_text(dump_toml(config_to_dict(cfg)), encoding="utf-8")
-    _setup_logging(verbose, rdir / "log.txt")
+    layout = RunLayout(rdir)
+    layout.config.write_text(dump_toml(config_to_dict(cfg)), encoding="utf-8")
+    _setup_logging(verbose, layout.log)
     progress = logging.getLogger("secure_fedvlp.progress")
     progress.info("run directory: %s", rdir)
 
     # Flower keeps its state under FLWR_HOME; keep it inside the run, never in ~/.flwr.
-    os.environ.setdefault("FLWR_HOME", str(rdir / ".flwr"))
+    os.environ.setdefault("FLWR_HOME", str(layout.flwr_home))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
     from flwr.simulation import run_simulation
 
+    from secure_fedvlp.build import build_federation, expected_num_nodes, resolve_device
     from secure_fedvlp.flower.client_app import make_client_app
-    from secure_fedvlp.flower.runtime import RunSetup, build_federation, expected_num_nodes, resolve_device
+    from secure_fedvlp.flower.runtime import RunSetup
     from secure_fedvlp.flower.server_app import make_server_app
 
     t0 = time.perf_counter()
     fed = build_federation(cfg)  # generate / load once, so client processes only read the cache
-    progress.info("data ready in %.1fs: %d training sites + %s held-out (%s)", time.perf_counter() - t0,
-                  len(fed.sites), 1 if fed.heldout else 0,
-                  ", ".join(f"{s.name}: {len(s.train)} train / {len(s.test)} test" for s in fed.all_sites()))
+    progress.info(
+        "data ready in %.1fs: %d training sites + %s held-out (%s)",
+        time.perf_counter() - t0,
+        len(fed.sites),
+        1 if fed.heldout else 0,
+        ", ".join(f"{s.name}: {len(s.train)} train / {len(s.test)} test" for s in fed.all_sites()),
+    )
     if cfg.audit.canaries:  # the CLI plays the auditor: coins drawn and kept before anything trains
-        from secure_fedvlp.data.canaries import coins_path, prepare_canaries
+        from secure_fedvlp.evaluation.canary_files import prepare_canaries
 
         coins = prepare_canaries(cfg, rdir, [s.name for s in fed.sites])
-        progress.info("empirical audit: %d canaries, %d included at %s (coins kept by the auditor in %s)",
-                      coins["m"], sum(coins["included"]), coins["canary_site"], coins_path(rdir))
+        progress.info(
+            "empirical audit: %d canaries, %d included at %s (coins kept by the auditor in %s)",
+            coins["m"],
+            sum(coins["included"]),
+            coins["canary_site"],
+            layout.canary_coins,
+        )
     setup = RunSetup(cfg, rdir)
     auto_keys = cfg.encryption.enabled and not cfg.encryption.key_dir
     if cfg.encryption.enabled:
@@ -106,77 +120,99 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
     device = resolve_device(cfg.run.device)
     cpus = cfg.run.num_cpus or (os.cpu_count() or 1)
     backend_config = {
-        "client_resources": {"num_cpus": cfg.run.threads_per_client,
-                             "num_gpus": (1.0 / max(1, n_nodes)) if device.type == "cuda" else 0.0},
-        "init_args": {"num_cpus": cpus, "logging_level": "warning", "log_to_driver": verbose,
-                      "include_dashboard": False},
+        "client_resources": {
+            "num_cpus": cfg.run.threads_per_client,
+            "num_gpus": (1.0 / max(1, n_nodes)) if device.type == "cuda" else 0.0,
+        },
+        "init_args": {
+            "num_cpus": cpus,
+            "logging_level": "warning",
+            "log_to_driver": verbose,
+            "include_dashboard": False,
+        },
     }
-    run_simulation(server_app=make_server_app(provider), client_app=make_client_app(provider),
-                   num_supernodes=n_nodes, backend_config=backend_config, verbose_logging=verbose)
-    report = rdir / "report.md"
+    run_simulation(
+        server_app=make_server_app(provider),
+        client_app=make_client_app(provider),
+        num_supernodes=n_nodes,
+        backend_config=backend_config,
+        verbose_logging=verbose,
+    )
+    report = layout.report_md
     if not report.exists():
-        raise SecureFedVLPError(f"the run ended without writing {report}; see {rdir / 'log.txt'}.")
-    if auto_keys and (rdir / "model" / "global_model.ckks").exists():
+        raise SecureFedVLPError(f"the run ended without writing {report}; see {layout.log}.")
+    if auto_keys and layout.encrypted_model.exists():
         # Simulation: the CLI played the key authority, so it also plays the key holder who releases
         # the final model (in deployment a site runs `secure-fedvlp export` with its own key).
         from secure_fedvlp.evaluation.report import write_report
-        from secure_fedvlp.flower.secagg import client_key_path, export_model
+        from secure_fedvlp.wrappers.encryption import encryption_settings, export_model
 
         site = fed.sites[0].name
-        info = export_model(rdir, client_key_path(cfg, rdir, site))
+        info = export_model(rdir, encryption_settings(cfg, rdir).client_key(site))
         progress.info("final model decrypted by key holder %s: %s", site, info["decryption"])
         write_report(rdir)
     if cfg.audit.canaries:
-        _empirical_after_run(rdir, progress)
+        _empirical_after_run(FinishedRun(layout, cfg), progress)
     progress.info("finished in %.0fs", time.perf_counter() - t0)
     return rdir
 
 
-def _empirical_after_run(rdir: Path, progress: logging.Logger) -> None:
+def _empirical_after_run(run: FinishedRun, progress: logging.Logger) -> None:
     """The auditor's step after training: score the canaries under the released model, write
-    ``empirical_audit.json`` and put it in the report."""
+    the empirical audit (:attr:`RunLayout.empirical_audit`) and put it in the report."""
     from secure_fedvlp.evaluation.membership import write_empirical_audit
     from secure_fedvlp.evaluation.report import write_report
 
     try:
-        emp = write_empirical_audit(rdir)
+        emp = write_empirical_audit(run)
     except SecureFedVLPError as exc:  # e.g. an encrypted model nobody released: say so, keep the run
         logger.warning("empirical audit not computed: %s", exc)
         return
     claimed = emp["claimed_epsilon"]
-    progress.info("empirical audit: epsilon lower bound %.3f at %.0f%% confidence (%d/%d guesses correct) vs "
-                  "claimed epsilon %s at %s: %s", emp["epsilon_lower_bound"], 100 * emp["confidence"],
-                  emp["correct"], emp["guesses"], "none" if claimed is None else f"{claimed:.3f}",
-                  emp["canary_site"], emp["verdict"])
-    write_report(rdir)
+    progress.info(
+        "empirical audit: epsilon lower bound %.3f at %.0f%% confidence (%d/%d guesses correct) vs "
+        "claimed epsilon %s at %s: %s",
+        emp["epsilon_lower_bound"],
+        100 * emp["confidence"],
+        emp["correct"],
+        emp["guesses"],
+        "none" if claimed is None else f"{claimed:.3f}",
+        emp["canary_site"],
+        emp["verdict"],
+    )
+    write_report(run)
 
 
 def _prepare_keys(cfg, rdir: Path, sites: list[str], progress: logging.Logger) -> None:
     """Check the configured key directory, or create the run's keys (simulation: the CLI is the key authority)."""
-    from secure_fedvlp.flower.secagg import check_encryption_supported, client_key_path, key_dir
-    from secure_fedvlp.secagg.keys import SERVER_FILE, init_keys
-    from secure_fedvlp.secagg.params import preset
+    from secure_fedvlp.encryption.keys import init_keys
+    from secure_fedvlp.wrappers.encryption import check_encryption_supported, encryption_settings
 
     check_encryption_supported(cfg)
-    kdir = key_dir(cfg, rdir)
+    enc = encryption_settings(cfg, rdir)
+    kdir = enc.key_dir
     if cfg.encryption.key_dir:
-        missing = [str(p) for p in [kdir / SERVER_FILE, *(client_key_path(cfg, rdir, s) for s in sites)]
-                   if not p.exists()]
+        missing = [str(p) for p in [enc.server_context, *(enc.client_key(s) for s in sites)] if not p.exists()]
         if missing:
-            raise SecureFedVLPError(f"encryption.key_dir = {str(kdir)!r} lacks {missing}; create them with "
-                                    f"`secure-fedvlp keys init --out {kdir} --clients {','.join(sites)} "
-                                    f"--preset {cfg.encryption.preset}`.")
+            raise SecureFedVLPError(
+                f"encryption.key_dir = {str(kdir)!r} lacks {missing}; create them with "
+                f"`secure-fedvlp keys init --out {kdir} --clients {','.join(sites)} "
+                f"--preset {enc.preset}`."
+            )
         return
-    bundle = init_keys(kdir, sites, preset(cfg.encryption.preset))
-    progress.info("CKKS keys created in %s (fingerprint %s): one secret-key file per site, a key-less server "
-                  "context", kdir, bundle.fingerprint)
+    bundle = init_keys(kdir, sites, enc.params)
+    progress.info(
+        "CKKS keys created in %s (fingerprint %s): one secret-key file per site, a key-less server context",
+        kdir,
+        bundle.fingerprint,
+    )
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     import json as _json
 
     from secure_fedvlp.evaluation.report import write_report
-    from secure_fedvlp.flower.secagg import export_model
+    from secure_fedvlp.wrappers.encryption import export_model
 
     info = export_model(args.run_dir, args.key, out=args.out)
     if args.out is None:
@@ -186,19 +222,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    rdir = run_experiment(args.config, args.set or [], args.run_dir, args.verbose)
-    print(f"Report: {rdir / 'report.md'}")
-    print(f"        {rdir / 'report.json'}, plots in {rdir / 'plots'}")
+    layout = RunLayout(run_experiment(args.config, args.set or [], args.run_dir, args.verbose))
+    print(f"Report: {layout.report_md}")
+    print(f"        {layout.report_json}, plots in {layout.plots}")
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from secure_fedvlp.evaluation.report import write_report
 
-    rdir = Path(args.run_dir)
-    if not (rdir / "metrics.jsonl").exists():
-        raise SecureFedVLPError(f"{rdir} holds no metrics.jsonl; is it a run directory?")
-    md = write_report(rdir)
+    run = load_run(args.run_dir)
+    if not run.layout.metrics.exists():
+        raise SecureFedVLPError(
+            f"{run.root} holds no {run.layout.relative(run.layout.metrics)}; is it a run directory?"
+        )
+    md = write_report(run)
     print(md.read_text(encoding="utf-8"))
     return 0
 
@@ -219,8 +257,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys_init(args: argparse.Namespace) -> int:
-    from secure_fedvlp.secagg.keys import init_keys, load_server_context
-    from secure_fedvlp.secagg.params import preset, security_level
+    from secure_fedvlp.encryption.keys import init_keys, load_server_context
+    from secure_fedvlp.encryption.params import preset, security_level
 
     clients = [c.strip() for c in args.clients.split(",") if c.strip()]
     if not clients:
@@ -228,8 +266,11 @@ def _cmd_keys_init(args: argparse.Namespace) -> int:
     params = preset(args.preset)
     bundle = init_keys(args.out, clients, params, overwrite=args.overwrite)
     load_server_context(bundle.server_path)  # refuses a server file that holds a secret key
-    print(f"CKKS keys for {len(clients)} client(s) in {bundle.out_dir} (preset {args.preset}: N={params.poly_modulus_degree}, "
-          f"moduli {list(params.coeff_mod_bit_sizes)}, {security_level(params)}-bit security)")
+    print(
+        f"CKKS keys for {len(clients)} client(s) in {bundle.out_dir} "
+        f"(preset {args.preset}: N={params.poly_modulus_degree}, "
+        f"moduli {list(params.coeff_mod_bit_sizes)}, {security_level(params)}-bit security)"
+    )
     print(f"  server (no secret key): {bundle.server_path}")
     for cid, path in bundle.client_paths.items():
         print(f"  client {cid} (secret key, mode 0600): {path}")
@@ -250,7 +291,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         from secure_fedvlp.evaluation.membership import empirical_audit
 
         # Recomputed from the run's files (config, coins, released model, ledger): the audit does
-        # not take the run's own empirical_audit.json on trust.
+        # not take the run's own empirical audit file on trust.
         try:
             emp = empirical_audit(args.run_dir, beta=args.beta)
         except (SecureFedVLPError, ValueError) as exc:
@@ -276,8 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run one federated experiment from a TOML config")
     r.add_argument("config", help="experiment config (TOML), e.g. configs/demo.toml")
-    r.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set federation.num_rounds=5 (repeatable)")
+    r.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set federation.num_rounds=5 (repeatable)",
+    )
     r.add_argument("--run-dir", help="write the run here instead of run.output_dir/<name>-<time>")
     r.add_argument("-v", "--verbose", action="store_true", help="show Flower/Ray logs")
     r.set_defaults(func=_cmd_run)
@@ -288,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(func=_cmd_sweep)
     keys = sub.add_parser("keys", help="CKKS key material for a federation run")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
-    ki = ksub.add_parser("init", help="create a fresh CKKS context: one secret-key file per client, one public server file")
+    ki = ksub.add_parser(
+        "init", help="create a fresh CKKS context: one secret-key file per client, one public server file"
+    )
     ki.add_argument("--out", required=True, help="directory to write the key files and manifest into")
     ki.add_argument("--clients", required=True, help="comma-separated client (site) ids, e.g. site1,site2,site3")
     ki.add_argument("--preset", default="sum_only_128", help="CKKS parameter preset (default: sum_only_128)")
@@ -297,11 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
     au = sub.add_parser("audit", help="verify every client ledger of a run and recompute epsilon independently")
     au.add_argument("run_dir")
     au.add_argument("--json", action="store_true", help="machine-readable output")
-    au.add_argument("--empirical", action="store_true",
-                    help="also recompute the one-run empirical lower bound on epsilon from the run's canaries "
-                         "(audit.canaries > 0) and fail if it exceeds the claimed epsilon")
-    au.add_argument("--beta", type=_beta, default=0.05,
-                    help="1 - confidence of the empirical bound (default 0.05: 95%% confidence)")
+    au.add_argument(
+        "--empirical",
+        action="store_true",
+        help="also recompute the one-run empirical lower bound on epsilon from the run's canaries "
+        "(audit.canaries > 0) and fail if it exceeds the claimed epsilon",
+    )
+    au.add_argument(
+        "--beta", type=_beta, default=0.05, help="1 - confidence of the empirical bound (default 0.05: 95%% confidence)"
+    )
     au.set_defaults(func=_cmd_audit)
     ex = sub.add_parser("export", help="decrypt an encrypted run's final model for release (key holders only)")
     ex.add_argument("run_dir")

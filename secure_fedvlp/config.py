@@ -2,9 +2,9 @@
 
 A TOML file (``configs/*.toml``) plus ``--set key=value`` overrides is parsed into an
 :class:`ExperimentConfig`.  Unknown keys and values of the wrong type are rejected with
-a message naming the dotted key; every problem is collected before raising, so a user
-fixes them in one pass (STYLE.md items 7, 10, 11).  Nothing below the CLI / app entry
-points reads raw dicts.
+a message naming the dotted key; every problem is collected before raising (each section's
+range checks, and the checks across sections, report all their failures together), so a
+user fixes them in one pass.  Nothing below the CLI / app entry points reads raw dicts.
 """
 
 from __future__ import annotations
@@ -19,10 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from secure_fedvlp.data.synthetic import SyntheticSpec
+import tomli_w
+
+from secure_fedvlp.data.spec import SyntheticSpec
 from secure_fedvlp.errors import ConfigError
 
 __all__ = [
+    "declare_method",
+    "known_methods",
     "RunConfig",
     "DataConfig",
     "ModelConfig",
@@ -58,29 +62,66 @@ class RunConfig:
     num_cpus: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.threads_per_client >= 1, "run.threads_per_client", self.threads_per_client, "must be >= 1")
-        _check(self.num_cpus >= 0, "run.num_cpus", self.num_cpus, "must be >= 0")
+        check = _Checks()
+        check(self.threads_per_client >= 1, "run.threads_per_client", self.threads_per_client, "must be >= 1")
+        check(self.num_cpus >= 0, "run.num_cpus", self.num_cpus, "must be >= 0")
+        check.done()
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which data each site holds.
+    """Which data each site holds (sources, keys and file formats: ``docs/data.md``).
 
     ``source = "synthetic"`` uses the embedded generator (``[data.synthetic]``);
-    ``source = "manifest"`` reads a CSV/JSONL manifest of real images and reports.
+    ``source = "manifest"`` reads a CSV/JSONL manifest of real images and reports (``manifest_path``);
+    ``source = "mimic_cxr_jpg"`` / ``"chexpert"`` read those datasets in their published layout under
+    ``root``.  Real images are resized to ``data.synthetic.image_size``.  Paths are checked when the
+    data are loaded (at the sites), not here.
     """
 
-    source: Literal["synthetic", "manifest"] = "synthetic"
+    source: Literal["synthetic", "manifest", "mimic_cxr_jpg", "chexpert"] = "synthetic"
     cache_dir: str = ".cache/secure_fedvlp"
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
     manifest_path: str = ""
     image_root: str = ""
     heldout_site: str = ""
+    # Real sources: the site whose records (all splits) form the public reference set; "" = none.
+    public_site: str = ""
+    # mimic_cxr_jpg / chexpert: the dataset directory; mimic_cxr_jpg: the reports' directory ("" = root).
+    root: str = ""
+    reports_root: str = ""
+    # Real sources: how CheXpert-style -1 (uncertain) labels are read.
+    uncertain: Literal["negative", "positive", "error"] = "negative"
+    # mimic_cxr_jpg / chexpert: patients hashed into this many simulated sites; the first `limit` images (0 = all).
+    num_sites: int = 1
+    limit: int = 0
 
     def __post_init__(self) -> None:
-        if self.source == "manifest":
-            _check(bool(self.manifest_path), "data.manifest_path", self.manifest_path,
-                   "is required when data.source = 'manifest'")
+        check = _Checks()
+        check(
+            self.source != "manifest" or bool(self.manifest_path),
+            "data.manifest_path",
+            self.manifest_path,
+            "is required when data.source = 'manifest'",
+        )
+        check(self.num_sites >= 1, "data.num_sites", self.num_sites, "must be >= 1")
+        check(self.limit >= 0, "data.limit", self.limit, "must be >= 0 (0 = every image)")
+        check(
+            not self.public_site or self.public_site != self.heldout_site,
+            "data.public_site",
+            self.public_site,
+            "must differ from data.heldout_site",
+        )
+        if self.source in ("mimic_cxr_jpg", "chexpert"):
+            check(bool(self.root), "data.root", self.root, f"is required when data.source = {self.source!r}")
+            roles = bool(self.heldout_site) + bool(self.public_site)
+            check(
+                self.num_sites >= 1 + roles,
+                "data.num_sites",
+                self.num_sites,
+                f"must be >= {1 + roles} (one training site besides data.heldout_site / data.public_site)",
+            )
+        check.done()
 
 
 @dataclass(frozen=True)
@@ -117,12 +158,14 @@ class TrainConfig:
     grad_clip: float = 0.0  # plain gradient-norm clipping without DP; 0 = off
 
     def __post_init__(self) -> None:
-        _check(self.local_steps >= 1, "train.local_steps", self.local_steps, "must be >= 1")
-        _check(self.batch_size >= 2, "train.batch_size", self.batch_size, "must be >= 2")
-        _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
-        _check(self.text_lr >= 0, "train.text_lr", self.text_lr, "must be >= 0")
-        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
-        _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0")
+        check = _Checks()
+        check(self.local_steps >= 1, "train.local_steps", self.local_steps, "must be >= 1")
+        check(self.batch_size >= 2, "train.batch_size", self.batch_size, "must be >= 2")
+        check(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        check(self.text_lr >= 0, "train.text_lr", self.text_lr, "must be >= 0")
+        check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0")
+        check.done()
 
 
 @dataclass(frozen=True)
@@ -140,13 +183,14 @@ class FederationConfig:
     proximal_mu: float = 0.01
 
     def __post_init__(self) -> None:
-        _check(self.num_rounds >= 1, "federation.num_rounds", self.num_rounds, "must be >= 1")
-        _check(0.0 < self.fraction_train <= 1.0, "federation.fraction_train", self.fraction_train,
-               "must be in (0, 1]")
-        _check(self.min_train_clients >= 1, "federation.min_train_clients", self.min_train_clients, "must be >= 1")
-        _check(self.round_timeout_s > 0, "federation.round_timeout_s", self.round_timeout_s, "must be > 0")
-        _check(self.discovery_timeout_s > 0, "federation.discovery_timeout_s", self.discovery_timeout_s, "must be > 0")
-        _check(self.proximal_mu >= 0, "federation.proximal_mu", self.proximal_mu, "must be >= 0")
+        check = _Checks()
+        check(self.num_rounds >= 1, "federation.num_rounds", self.num_rounds, "must be >= 1")
+        check(0.0 < self.fraction_train <= 1.0, "federation.fraction_train", self.fraction_train, "must be in (0, 1]")
+        check(self.min_train_clients >= 1, "federation.min_train_clients", self.min_train_clients, "must be >= 1")
+        check(self.round_timeout_s > 0, "federation.round_timeout_s", self.round_timeout_s, "must be > 0")
+        check(self.discovery_timeout_s > 0, "federation.discovery_timeout_s", self.discovery_timeout_s, "must be > 0")
+        check(self.proximal_mu >= 0, "federation.proximal_mu", self.proximal_mu, "must be >= 0")
+        check.done()
 
 
 @dataclass(frozen=True)
@@ -159,9 +203,15 @@ class EvalConfig:
     split: Literal["test", "val"] = "test"
 
     def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
-        _check(len(self.recall_ks) > 0 and all(k >= 1 for k in self.recall_ks), "eval.recall_ks",
-               self.recall_ks, "must be a non-empty list of integers >= 1")
+        check = _Checks()
+        check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
+        check(
+            len(self.recall_ks) > 0 and all(k >= 1 for k in self.recall_ks),
+            "eval.recall_ks",
+            self.recall_ks,
+            "must be a non-empty list of integers >= 1",
+        )
+        check.done()
 
 
 @dataclass(frozen=True)
@@ -171,7 +221,7 @@ class FedDRAConfig:
     ``mode = "robust"`` is this project's reading of the paper: q persists across rounds
     and weights the aggregate.  ``mode = "faithful"`` reproduces the authors' released
     code: q is reset to uniform every round, used only to scale local losses, and the
-    aggregate is an unweighted mean (METHODS.md).
+    aggregate is an unweighted mean (docs/methods.md).
     """
 
     mode: Literal["robust", "faithful"] = "robust"
@@ -186,17 +236,19 @@ class FedDRAConfig:
     stage2_steps: int = 0  # FedDRA stage 2: whole network; 0 = train.local_steps
 
     def __post_init__(self) -> None:
-        _check(self.rho > 0, "feddra.rho", self.rho, "must be > 0")
-        _check(self.eta >= 0, "feddra.eta", self.eta, "must be >= 0")
-        _check(0 < self.holdout_fraction < 1, "feddra.holdout_fraction", self.holdout_fraction, "must be in (0, 1)")
-        _check(self.anchor_weight >= 0, "feddra.anchor_weight", self.anchor_weight, "must be >= 0")
-        _check(self.stage1_steps >= 1, "feddra.stage1_steps", self.stage1_steps, "must be >= 1")
-        _check(self.stage2_steps >= 0, "feddra.stage2_steps", self.stage2_steps, "must be >= 0")
+        check = _Checks()
+        check(self.rho > 0, "feddra.rho", self.rho, "must be > 0")
+        check(self.eta >= 0, "feddra.eta", self.eta, "must be >= 0")
+        check(0 < self.holdout_fraction < 1, "feddra.holdout_fraction", self.holdout_fraction, "must be in (0, 1)")
+        check(self.anchor_weight >= 0, "feddra.anchor_weight", self.anchor_weight, "must be >= 0")
+        check(self.stage1_steps >= 1, "feddra.stage1_steps", self.stage1_steps, "must be >= 1")
+        check(self.stage2_steps >= 0, "feddra.stage2_steps", self.stage2_steps, "must be >= 0")
+        check.done()
 
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """Sample-level DP for each client's records (DESIGN.md, "The privacy unit").
+    """Sample-level DP for each client's records (docs/design.md, "The privacy unit").
 
     With ``enabled = true`` every method's trainer is wrapped in DP-SGD (Opacus: per-sample
     clipping, Gaussian noise, Poisson sampling), every release is recorded in the client's
@@ -207,7 +259,7 @@ class PrivacyConfig:
     ``grad_sample_mode`` picks how Opacus clips per sample (same result, different cost):
     ``hooks`` (per-layer rules), ``functorch`` (vmap), or ``ghost`` (fast gradient clipping:
     per-sample gradient norms without per-sample gradients where Opacus can, then a second
-    backward of the clipped loss; flat clipping only).  See ``secure_fedvlp.privacy.dpsgd``.
+    backward of the clipped loss; flat clipping only).  See ``secure_fedvlp.wrappers.dpsgd``.
 
     ``seeded_randomness``: by default DP-SGD's Poisson sampling and noise are drawn from
     generators seeded from the operating system's CSPRNG for every local job, so nobody can
@@ -232,23 +284,37 @@ class PrivacyConfig:
     report_noise_multiplier: float = 2.0
 
     def __post_init__(self) -> None:
-        _check(self.target_epsilon > 0 and self.target_epsilon != float("inf"), "privacy.target_epsilon",
-               self.target_epsilon, "must be a positive finite number")
-        _check(0 < self.delta < 1, "privacy.delta", self.delta, "must be in (0, 1)")
-        _check(self.noise_multiplier >= 0, "privacy.noise_multiplier", self.noise_multiplier, "must be >= 0")
-        _check(self.clip_norm > 0, "privacy.clip_norm", self.clip_norm, "must be > 0")
-        _check(self.report_clip > 0, "privacy.report_clip", self.report_clip, "must be > 0")
-        _check(self.report_noise_multiplier > 0, "privacy.report_noise_multiplier", self.report_noise_multiplier,
-               "must be > 0")
-        _check(not (self.grad_sample_mode == "ghost" and self.clipping == "per_layer"), "privacy.grad_sample_mode",
-               self.grad_sample_mode, "cannot be 'ghost' with privacy.clipping = 'per_layer': ghost clipping clips each "
-               "record's whole gradient by one norm (use clipping = 'flat', or grad_sample_mode = 'hooks' for "
-               "per-layer clipping)")
+        check = _Checks()
+        check(
+            self.target_epsilon > 0 and self.target_epsilon != float("inf"),
+            "privacy.target_epsilon",
+            self.target_epsilon,
+            "must be a positive finite number",
+        )
+        check(0 < self.delta < 1, "privacy.delta", self.delta, "must be in (0, 1)")
+        check(self.noise_multiplier >= 0, "privacy.noise_multiplier", self.noise_multiplier, "must be >= 0")
+        check(self.clip_norm > 0, "privacy.clip_norm", self.clip_norm, "must be > 0")
+        check(self.report_clip > 0, "privacy.report_clip", self.report_clip, "must be > 0")
+        check(
+            self.report_noise_multiplier > 0,
+            "privacy.report_noise_multiplier",
+            self.report_noise_multiplier,
+            "must be > 0",
+        )
+        check(
+            not (self.grad_sample_mode == "ghost" and self.clipping == "per_layer"),
+            "privacy.grad_sample_mode",
+            self.grad_sample_mode,
+            "cannot be 'ghost' with privacy.clipping = 'per_layer': ghost clipping clips each "
+            "record's whole gradient by one norm (use clipping = 'flat', or grad_sample_mode = 'hooks' for "
+            "per-layer clipping)",
+        )
+        check.done()
 
 
 @dataclass(frozen=True)
 class EncryptionConfig:
-    """CKKS-encrypted aggregation with TenSEAL (DESIGN.md, "CKKS aggregation").
+    """CKKS-encrypted aggregation with TenSEAL (docs/design.md and docs/ckks.md).
 
     With ``enabled = true`` clients send weighted, encrypted updates (a Flower client mod),
     the server sums ciphertexts it cannot decrypt and keeps the global model encrypted (a
@@ -268,18 +334,24 @@ class EncryptionConfig:
     min_contributors: int = 2
 
     def __post_init__(self) -> None:
-        from secure_fedvlp.secagg.params import PRESETS
+        from secure_fedvlp.encryption.params import PRESETS
 
-        _check(self.preset in PRESETS, "encryption.preset", self.preset, f"must be one of {sorted(PRESETS)}")
-        _check(self.n_threads >= 0, "encryption.n_threads", self.n_threads, "must be >= 0")
-        _check(1 <= self.export_flooding_bits <= 128, "encryption.export_flooding_bits", self.export_flooding_bits,
-               "must be in [1, 128]")
-        _check(self.min_contributors >= 1, "encryption.min_contributors", self.min_contributors, "must be >= 1")
+        check = _Checks()
+        check(self.preset in PRESETS, "encryption.preset", self.preset, f"must be one of {sorted(PRESETS)}")
+        check(self.n_threads >= 0, "encryption.n_threads", self.n_threads, "must be >= 0")
+        check(
+            1 <= self.export_flooding_bits <= 128,
+            "encryption.export_flooding_bits",
+            self.export_flooding_bits,
+            "must be in [1, 128]",
+        )
+        check(self.min_contributors >= 1, "encryption.min_contributors", self.min_contributors, "must be >= 1")
+        check.done()
 
 
 @dataclass(frozen=True)
 class AnchorConfig:
-    """Noised global anchor features (issue 6): per-finding image and text anchors.
+    """Noised global anchor features: per-finding image and text anchors.
 
     Each round the current global model embeds every client's training records; each record's
     contribution (its embeddings under every finding it carries, plus a count) is clipped to
@@ -288,6 +360,12 @@ class AnchorConfig:
     ``noise = "server"`` adds it at the server (in the ciphertext domain when encryption is on;
     a trusted-aggregator mode otherwise); ``"distributed"`` has each client add a share and
     refuses to release an aggregate with fewer than ``min_contributors`` shares.
+
+    The trusted-aggregator mode (server noise without encryption) shows the server every site's
+    un-noised sum, so the anchors' DP claim does not hold against the server.  It is a
+    configuration error unless ``trust_server = true`` says so explicitly; the report, its
+    ``not_covered`` list and ``secure-fedvlp audit`` then state that the claim holds only against
+    parties other than the server.
     """
 
     enabled: bool = False
@@ -297,24 +375,36 @@ class AnchorConfig:
     min_contributors: int = 1
     use_as_negatives: bool = True  # the decomposable loss also draws negatives from the anchors
     use_for_guidance: bool = True  # FedDRA/FedAID guidance pulls towards the noised anchors
+    trust_server: bool = False  # accept the trusted-aggregator mode (server noise, no encryption)
+
+    def trusted_aggregator(self, encrypted: bool) -> bool:
+        """Whether the server sees each site's un-noised sum (server noise without encryption)."""
+        return self.noise == "server" and not encrypted
 
     def __post_init__(self) -> None:
-        _check(self.clip > 0, "anchors.clip", self.clip, "must be > 0")
-        _check(self.noise_multiplier > 0, "anchors.noise_multiplier", self.noise_multiplier, "must be > 0")
-        _check(self.min_contributors >= 1, "anchors.min_contributors", self.min_contributors, "must be >= 1")
-        _check(self.noise == "server" or self.min_contributors >= 2, "anchors.min_contributors",
-               self.min_contributors, "must be >= 2 with anchors.noise = 'distributed' (each share carries "
-               "1/(min_contributors - 1) of the variance, so that any min_contributors - 1 shares give the full noise)")
+        check = _Checks()
+        check(self.clip > 0, "anchors.clip", self.clip, "must be > 0")
+        check(self.noise_multiplier > 0, "anchors.noise_multiplier", self.noise_multiplier, "must be > 0")
+        check(self.min_contributors >= 1, "anchors.min_contributors", self.min_contributors, "must be >= 1")
+        check(
+            self.noise == "server" or self.min_contributors >= 2,
+            "anchors.min_contributors",
+            self.min_contributors,
+            "must be >= 2 with anchors.noise = 'distributed' (each share carries "
+            "1/(min_contributors - 1) of the variance, so that any min_contributors - 1 shares give the full noise)",
+        )
+        check.done()
 
 
 @dataclass(frozen=True)
 class AuditConfig:
-    """Empirical privacy audit (issue 7): canary records inserted at one client.
+    """Empirical privacy audit: canary records inserted at one client.
 
-    ``canaries`` random canary image-report pairs are generated; each is inserted into the
-    training data of ``canary_site`` with probability 1/2 (a fair coin per canary, seeded by
-    ``canary_seed``).  After training, a membership-inference score on every canary gives an
-    empirical lower bound on epsilon (Steinke, Nasr and Jagielski, 2023).
+    ``canaries`` random canary image-report pairs are generated from ``canary_seed``; each is
+    inserted into the training data of ``canary_site`` with probability 1/2 (a fair coin per
+    canary, drawn from the operating system's CSPRNG, never from the config).  After training, a
+    membership-inference score on every canary gives an empirical lower bound on epsilon (Steinke, Nasr
+    and Jagielski, 2023).
     """
 
     canaries: int = 0
@@ -322,8 +412,14 @@ class AuditConfig:
     canary_seed: int = 1234
 
     def __post_init__(self) -> None:
-        _check(self.canaries == 0 or self.canaries >= 2, "audit.canaries", self.canaries,
-               "must be 0 (no empirical audit) or >= 2 (each canary is scored against the others)")
+        check = _Checks()
+        check(
+            self.canaries == 0 or self.canaries >= 2,
+            "audit.canaries",
+            self.canaries,
+            "must be 0 (no empirical audit) or >= 2 (each canary is scored against the others)",
+        )
+        check.done()
 
 
 @dataclass(frozen=True)
@@ -343,34 +439,102 @@ class ExperimentConfig:
     audit: AuditConfig = field(default_factory=AuditConfig)
 
     def __post_init__(self) -> None:
-        from secure_fedvlp.methods.registry import list_methods  # late import: methods import this module
+        """The checks across sections, all reported together.
 
-        if self.federation.method not in list_methods():
-            raise _FieldError(f"'federation.method' must be one of {', '.join(list_methods())}. "
-                              f"Found {self.federation.method!r}.")
-        if self.privacy.enabled and self.train.objective == "infonce":
-            raise _FieldError(
-                "'train.objective' = 'infonce' cannot be used with 'privacy.enabled' = true: in-batch InfoNCE "
-                "makes each record's loss depend on every other record of its batch (they are its negatives), so "
-                "per-sample clipping does not bound one record's influence and the DP-SGD guarantee would not "
-                "hold. Set train.objective = 'decomposable' (negatives from the public reference set). Found "
-                "'infonce'.")
-        if self.train.objective == "decomposable" and self.data.source == "synthetic" \
-                and self.data.synthetic.public_size < 1:
-            raise _FieldError("'train.objective' = 'decomposable' needs a public reference set; "
-                              "set data.synthetic.public_size >= 1. Found 0.")
+        They run once every section is valid: a section that fails its own checks (or a value of the
+        wrong type) leaves nothing to compare, so its problems are reported first.
+        """
+        known = known_methods()
+        check = _Checks()
+        check(
+            self.federation.method in known,
+            "federation.method",
+            self.federation.method,
+            f"must be one of {', '.join(known)}",
+        )
+        check(
+            not (self.privacy.enabled and self.train.objective == "infonce"),
+            "train.objective",
+            self.train.objective,
+            "= 'infonce' cannot be used with 'privacy.enabled' = true: in-batch InfoNCE makes each record's loss "
+            "depend on every other record of its batch (they are its negatives), so per-sample clipping does not "
+            "bound one record's influence and the DP-SGD guarantee would not hold. Set train.objective = "
+            "'decomposable' (negatives from the public reference set)",
+        )
+        check(
+            not (
+                self.train.objective == "decomposable"
+                and self.data.source == "synthetic"
+                and self.data.synthetic.public_size < 1
+            ),
+            "data.synthetic.public_size",
+            self.data.synthetic.public_size,
+            "must be >= 1 with train.objective = 'decomposable', which takes "
+            "its negatives from the public reference set",
+        )
+        check(
+            not (
+                self.anchors.enabled
+                and self.anchors.trusted_aggregator(self.encryption.enabled)
+                and not self.anchors.trust_server
+            ),
+            "anchors.trust_server",
+            self.anchors.trust_server,
+            "must be true to run anchors with anchors.noise = 'server' and encryption.enabled = false: the server then "
+            "sees every site's un-noised anchor sum, so the anchors' DP claim would not hold against it. Turn "
+            "encryption on, use anchors.noise = 'distributed', or set anchors.trust_server = true to accept a claim "
+            "that holds only against parties other than the server",
+        )
+        check.done()
+
+
+# --------------------------------------------------------------------------- method names
+
+#: Entry-point group listing the methods' modules (``pyproject.toml``); the config reads only their names.
+METHOD_ENTRY_POINTS = "secure_fedvlp.methods"
+_DECLARED_METHODS: set[str] = set()
+
+
+def declare_method(name: str) -> None:
+    """Make ``name`` a valid ``federation.method`` (the method registry calls this when it registers one)."""
+    _DECLARED_METHODS.add(str(name))
+
+
+def known_methods() -> list[str]:
+    """Valid ``federation.method`` names: the installed entry points and every method registered in this process.
+
+    The config layer sits below the methods, so it knows them by name only, without importing them.
+    """
+    from importlib.metadata import entry_points
+
+    return sorted({ep.name for ep in entry_points(group=METHOD_ENTRY_POINTS)} | _DECLARED_METHODS)
 
 
 # --------------------------------------------------------------------------- helpers
 
 
 class _FieldError(ValueError):
-    """A single-field validation failure raised from ``__post_init__``."""
+    """The range failures of one section (or of the checks across sections), raised together from
+    ``__post_init__``; ``problems`` holds one sentence per failure, naming its key and value."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
 
 
-def _check(ok: bool, key: str, value: Any, why: str) -> None:
-    if not ok:
-        raise _FieldError(f"'{key}' {why}. Found {value!r}.")
+class _Checks:
+    """Collects a section's range checks: call it once per rule, then :meth:`done` raises every failure at once."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def __call__(self, ok: bool, key: str, value: Any, why: str) -> None:
+        if not ok:
+            self.problems.append(f"'{key}' {why}. Found {value!r}.")
+
+    def done(self) -> None:
+        if self.problems:
+            raise _FieldError(self.problems)
 
 
 def _type_name(tp: Any) -> str:
@@ -454,7 +618,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) ->
     try:
         return cls(**kwargs)
     except _FieldError as exc:
-        problems.append(str(exc))
+        problems.extend(exc.problems)
     except ConfigError as exc:  # nested specs (e.g. SyntheticSpec) validate themselves
         problems.extend(f"{prefix}: {p}" if prefix else p for p in exc.problems)
     except (TypeError, ValueError) as exc:
@@ -525,12 +689,14 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """Plain, JSON/TOML-serialisable nested dict of a config."""
+
     def conv(v: Any) -> Any:
         if dataclasses.is_dataclass(v):
             return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
         if isinstance(v, tuple):
             return [conv(x) for x in v]
         return v
+
     return conv(cfg)
 
 
@@ -541,31 +707,8 @@ def config_hash(cfg: Any) -> str:
 
 
 def dump_toml(data: dict[str, Any]) -> str:
-    """Serialise a nested dict of scalars/lists/tables as TOML (enough for resolved configs)."""
-    def fmt(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(fmt(x) for x in v) + "]"
-        raise TypeError(f"cannot write {type(v).__name__} to TOML")
+    """Serialise a nested dict of scalars/lists/tables as TOML (what :func:`read_toml` reads back).
 
-    lines: list[str] = []
-
-    def table(prefix: str, d: dict[str, Any]) -> None:
-        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
-        subs = {k: v for k, v in d.items() if isinstance(v, dict)}
-        if prefix:
-            lines.append(f"[{prefix}]")
-        for k, v in scalars.items():
-            lines.append(f"{k} = {fmt(v)}")
-        if prefix or scalars:
-            lines.append("")
-        for k, v in subs.items():
-            table(f"{prefix}.{k}" if prefix else k, v)
-
-    table("", data)
-    return "\n".join(lines)
+    Raises ``TypeError`` for a value TOML cannot hold (``None``, arbitrary objects).
+    """
+    return tomli_w.dumps(data)

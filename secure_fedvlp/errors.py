@@ -59,3 +59,7 @@ class KeyMaterialError(SecureFedVLPError):
 
 class CiphertextError(SecureFedVLPError, ValueError):
     """An encrypted contribution is malformed, from the wrong context, the wrong round, or the wrong size."""
+
+
+class NonFiniteModelError(SecureFedVLPError, ValueError):
+    """A received model holds NaN or infinite values; a site refuses it before any private record touches it."""

@@ -15,12 +15,20 @@ from flwr.serverapp import Grid
 class LoopbackGrid(Grid):
     """Delivers each message to ``client_app`` under the destination node's Context."""
 
-    def __init__(self, client_app, num_nodes: int, fail_nodes: Iterable[int] = (),
-                 fail_types: tuple[str, ...] = ("train",)) -> None:
+    def __init__(
+        self, client_app, num_nodes: int, fail_nodes: Iterable[int] = (), fail_types: tuple[str, ...] = ("train",)
+    ) -> None:
         self.client_app = client_app
-        self.contexts = {nid: Context(run_id=1, node_id=nid, node_config={"partition-id": nid - 1,
-                                                                           "num-partitions": num_nodes},
-                                      state=RecordDict(), run_config={}) for nid in range(1, num_nodes + 1)}
+        self.contexts = {
+            nid: Context(
+                run_id=1,
+                node_id=nid,
+                node_config={"partition-id": nid - 1, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for nid in range(1, num_nodes + 1)
+        }
         self.fail_nodes = set(fail_nodes)
         self.fail_types = fail_types
         self.sent: list[Message] = []

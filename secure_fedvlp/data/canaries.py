@@ -1,4 +1,4 @@
-"""Canary records for the empirical privacy audit (issue 7; Steinke, Nasr and Jagielski, 2023).
+"""Canary records for the empirical privacy audit (Steinke, Nasr and Jagielski, 2023).
 
 A canary is an image-report pair built to be unlike any real record and unlike every other
 canary, so that a model can only score it well by having *seen it*, never by having learnt the
@@ -14,31 +14,26 @@ The ``m`` canaries are a deterministic function of ``audit.canary_seed`` (the au
 them; the membership test assumes the attacker knows the candidates).  Which of them are
 *included* is decided by ``m`` fair coins drawn from the operating system's CSPRNG, never from
 the config, so nobody who knows the config (the server does) can derive them.  The auditor
-keeps the coins in ``<run_dir>/audit/canary_coins.json`` (mode 0600) and hands the canary site
-only the list of records to add to its training split (``<run_dir>/clients/<site>/canaries.json``;
-in deployment this file lives on the site's disk).  The site's training-set size, which the
-server sees as an aggregation weight, reveals how many canaries were included, not which.
+keeps the coins and hands the canary site only the list of records to add to its training split;
+those files of the run directory are written and read by
+:mod:`secure_fedvlp.evaluation.canary_files`.  The site's training-set size, which the server
+sees as an aggregation weight, reveals how many canaries were included, not which.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import secrets
-from dataclasses import replace
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from secure_fedvlp.data.types import FINDINGS, SiteData, VLPDataset
+from secure_fedvlp.data.types import FINDINGS, VLPDataset
 from secure_fedvlp.errors import ConfigError, DataError
 
-__all__ = ["CANARY_WORDS", "make_canaries", "draw_coins", "coins_path", "site_canaries_path", "prepare_canaries",
-           "read_coins", "insert_canaries", "resolve_canary_site", "concat_datasets"]
+__all__ = ["CANARY_WORDS", "make_canaries", "draw_coins", "resolve_canary_site", "concat_datasets"]
 
 #: Everyday words with no radiology meaning (each a single WordPiece token of the BERT vocabulary).
-CANARY_WORDS: tuple[str, ...] = tuple("""
+CANARY_WORDS: tuple[str, ...] = tuple(
+    """
 apple river violin harbour quartz lantern garden pepper rocket castle meadow canyon pillow marble candle
 window ladder basket dragon feather jacket kettle lemon mirror needle orange parrot pencil planet rabbit
 saddle silver spider sugar summer tiger tomato tunnel velvet wagon walnut winter yellow zebra anchor
@@ -51,10 +46,9 @@ canoe carrot cello chess cinema coconut comet cookie crayon crystal dolphin donk
 flute fox giraffe glove goat harp helmet hockey igloo jelly kangaroo kite koala lobster melon mitten moose
 noodle owl panda parade peach penguin piano pizza pumpkin raccoon radio rose sailor sausage scooter shark
 skate snail squirrel strawberry submarine swan tennis tulip vase waffle walrus whale wheat
-""".split())
+""".split()
+)
 
-COINS_FILE = "canary_coins.json"
-SITE_FILE = "canaries.json"
 _REPORT_WORDS = 10  # words per canary report
 
 
@@ -92,92 +86,16 @@ def draw_coins(m: int) -> np.ndarray:
     return np.array([(bits >> i) & 1 for i in range(m)], dtype=bool)
 
 
-def coins_path(run_dir: str | os.PathLike) -> Path:
-    """The auditor's secret: which canaries were included."""
-    return Path(run_dir) / "audit" / COINS_FILE
-
-
-def site_canaries_path(run_dir: str | os.PathLike, site: str) -> Path:
-    """What the canary site is given: the indices of the canaries it adds to its training split."""
-    return Path(run_dir) / "clients" / site / SITE_FILE
-
-
 def resolve_canary_site(cfg, train_sites: list[str]) -> str:
     """``audit.canary_site``, or the first training site when it is ``""``; must be a training site."""
     if not train_sites:
         raise ConfigError("the empirical audit needs a training site to hold the canaries; the federation has none.")
     site = cfg.audit.canary_site or train_sites[0]
     if site not in train_sites:
-        raise ConfigError(f"'audit.canary_site' must be one of the training sites ({', '.join(train_sites)}). "
-                          f"Found {site!r}.")
+        raise ConfigError(
+            f"'audit.canary_site' must be one of the training sites ({', '.join(train_sites)}). Found {site!r}."
+        )
     return site
-
-
-def _write_private(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(data, indent=1) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def prepare_canaries(cfg, run_dir: str | os.PathLike, train_sites: list[str],
-                     coins: np.ndarray | None = None) -> dict[str, Any] | None:
-    """The auditor's set-up before training: draw the coins (once per run directory) and hand the
-    canary site its list.  Returns the coin record, or None when ``audit.canaries = 0``.
-
-    ``coins`` (tests only) fixes the coins instead of drawing them from the CSPRNG.  An existing
-    coin file of the same canaries is kept (a run restarted in its directory keeps its coins);
-    one that disagrees with the config is an error.
-    """
-    a = cfg.audit
-    if a.canaries == 0:
-        return None
-    site = resolve_canary_site(cfg, train_sites)
-    path = coins_path(run_dir)
-    if path.exists():
-        rec = read_coins(run_dir)
-        if (rec["m"], rec["canary_seed"], rec["canary_site"]) != (a.canaries, a.canary_seed, site):
-            raise ConfigError(f"{path} holds coins for m={rec['m']}, canary_seed={rec['canary_seed']}, "
-                              f"site={rec['canary_site']!r}, but the config asks for m={a.canaries}, "
-                              f"canary_seed={a.canary_seed}, site={site!r}; use a fresh run directory.")
-    else:
-        source = "secrets (OS CSPRNG)"
-        if coins is None:
-            coins = draw_coins(a.canaries)
-        else:
-            coins = np.asarray(coins, dtype=bool)
-            if coins.shape != (a.canaries,):
-                raise ValueError(f"coins must be {a.canaries} booleans (audit.canaries). Found shape {coins.shape}.")
-            source = "given by the caller"
-        rec = {"m": a.canaries, "canary_seed": a.canary_seed, "canary_site": site,
-               "included": [int(c) for c in coins], "source": source}
-        _write_private(path, rec)
-    included = [i for i, c in enumerate(rec["included"]) if c]
-    _write_private(site_canaries_path(run_dir, site),
-                   {"canary_seed": a.canary_seed, "m": a.canaries, "include": included})
-    return rec
-
-
-def read_coins(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """The auditor's coin record of a run (validated)."""
-    path = coins_path(run_dir)
-    if not path.exists():
-        raise DataError(f"{path} is missing: this run has no canary coins (was it run with audit.canaries > 0 "
-                        "through `secure-fedvlp run`?).")
-    try:
-        rec = json.loads(path.read_text(encoding="utf-8"))
-        m, inc = int(rec["m"]), list(rec["included"])
-        int(rec["canary_seed"])
-        str(rec["canary_site"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"{path} is not a valid canary coin record: {exc}") from exc
-    if len(inc) != m or any(c not in (0, 1) for c in inc):
-        raise DataError(f"{path}: 'included' must hold m = {m} values of 0 or 1. Found {len(inc)} values.")
-    return rec
 
 
 def concat_datasets(a: VLPDataset, b: VLPDataset) -> VLPDataset:
@@ -190,35 +108,13 @@ def concat_datasets(a: VLPDataset, b: VLPDataset) -> VLPDataset:
     else:
         ma, mb = a.masks, b.masks
     masks = None if ma is None else np.concatenate([ma, mb])
-    return VLPDataset(a.site, np.concatenate([a.images, b.images]), a.reports + b.reports,
-                      np.concatenate([a.labels, b.labels]), masks, a.record_ids + b.record_ids,
-                      np.concatenate([a.has_image, b.has_image]), np.concatenate([a.has_text, b.has_text]))
-
-
-def insert_canaries(cfg, run_dir: str | os.PathLike, site: SiteData, train_sites: list[str]) -> SiteData:
-    """``site`` with its included canaries appended to its training split (unchanged elsewhere).
-
-    Called by every client; only the canary site's changes, and it reads only the list it was
-    given (:func:`site_canaries_path`), never the coins.
-    """
-    a = cfg.audit
-    if a.canaries == 0 or site.role != "train" or site.name != resolve_canary_site(cfg, train_sites):
-        return site
-    path = site_canaries_path(run_dir, site.name)
-    if not path.exists():
-        raise DataError(f"audit.canaries = {a.canaries} makes {site.name!r} the canary site, but {path} is "
-                        "missing; `secure-fedvlp run` creates it (the auditor's set-up) before training.")
-    try:
-        rec = json.loads(path.read_text(encoding="utf-8"))
-        include = [int(i) for i in rec["include"]]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"{path} is not a valid canary list: {exc}") from exc
-    if int(rec.get("m", -1)) != a.canaries or int(rec.get("canary_seed", -1)) != a.canary_seed:
-        raise DataError(f"{path} was made for m={rec.get('m')}, canary_seed={rec.get('canary_seed')}; the config "
-                        f"says m={a.canaries}, canary_seed={a.canary_seed}.")
-    if any(not 0 <= i < a.canaries for i in include) or len(set(include)) != len(include):
-        raise DataError(f"{path}: 'include' must hold distinct indices in [0, {a.canaries}).")
-    if not include:
-        return site
-    canaries = make_canaries(a.canaries, a.canary_seed, site.train.images.shape[1]).subset(include)
-    return replace(site, train=concat_datasets(site.train, canaries))
+    return VLPDataset(
+        a.site,
+        np.concatenate([a.images, b.images]),
+        a.reports + b.reports,
+        np.concatenate([a.labels, b.labels]),
+        masks,
+        a.record_ids + b.record_ids,
+        np.concatenate([a.has_image, b.has_image]),
+        np.concatenate([a.has_text, b.has_text]),
+    )

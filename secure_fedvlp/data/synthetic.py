@@ -29,7 +29,6 @@ import os
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
+from secure_fedvlp.data.spec import SyntheticSpec
 from secure_fedvlp.data.types import FINDINGS, Federation, SiteData, VLPDataset
-from secure_fedvlp.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -50,54 +49,40 @@ LESIONS = FINDINGS[1:]
 BASE_PREVALENCE = np.array([0.25, 0.22, 0.2, 0.12, 0.18])  # cardiomegaly, effusion, consolidation, ptx, nodule
 
 
-@dataclass(frozen=True)
-class SyntheticSpec:
-    """Size and heterogeneity of the synthetic federation."""
-
-    num_sites: int = 4
-    heldout_site: bool = True
-    train_per_site: int = 240
-    val_per_site: int = 48
-    test_per_site: int = 96
-    public_size: int = 256
-    image_size: int = 64
-    dirichlet_alpha: float = 0.5
-    missing_text_fraction: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        problems = []
-        for name in ("num_sites", "train_per_site", "val_per_site", "test_per_site", "image_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                problems.append(f"'data.synthetic.{name}' must be an integer >= 1. Found {v!r}.")
-        if isinstance(self.public_size, bool) or not isinstance(self.public_size, int) or self.public_size < 0:
-            problems.append(f"'data.synthetic.public_size' must be an integer >= 0. Found {self.public_size!r}.")
-        if isinstance(self.image_size, int) and not isinstance(self.image_size, bool) and self.image_size < 16:
-            problems.append(f"'data.synthetic.image_size' must be >= 16. Found {self.image_size!r}.")
-        if not (isinstance(self.dirichlet_alpha, (int, float)) and self.dirichlet_alpha > 0):
-            problems.append(f"'data.synthetic.dirichlet_alpha' must be > 0. Found {self.dirichlet_alpha!r}.")
-        if not (isinstance(self.missing_text_fraction, (int, float)) and 0 <= self.missing_text_fraction < 1):
-            problems.append("'data.synthetic.missing_text_fraction' must be in [0, 1). "
-                            f"Found {self.missing_text_fraction!r}.")
-        if problems:
-            raise ConfigError(problems)
-
-
 # ----------------------------------------------------------------------------- reports
 
 #: Synonyms per finding; each site's vocabulary picks a subset and a preferred order.
 SYNONYMS: dict[str, tuple[str, ...]] = {
-    "cardiomegaly": ("cardiomegaly", "enlarged cardiac silhouette", "the heart is enlarged",
-                     "increased cardiothoracic ratio"),
-    "pleural_effusion": ("{side} pleural effusion", "fluid in the {side} pleural space",
-                         "blunting of the {side} costophrenic angle", "{side} effusion"),
-    "consolidation": ("{side} consolidation", "airspace opacity in the {side} lung",
-                      "{side} lung consolidation", "patchy {side} airspace disease"),
-    "pneumothorax": ("{side} pneumothorax", "{side} apical pneumothorax", "collapsed {side} lung apex",
-                     "{side} pleural air"),
-    "nodule": ("{side} pulmonary nodule", "nodular opacity in the {side} lung", "{side} lung nodule",
-               "rounded density in the {side} lung"),
+    "cardiomegaly": (
+        "cardiomegaly",
+        "enlarged cardiac silhouette",
+        "the heart is enlarged",
+        "increased cardiothoracic ratio",
+    ),
+    "pleural_effusion": (
+        "{side} pleural effusion",
+        "fluid in the {side} pleural space",
+        "blunting of the {side} costophrenic angle",
+        "{side} effusion",
+    ),
+    "consolidation": (
+        "{side} consolidation",
+        "airspace opacity in the {side} lung",
+        "{side} lung consolidation",
+        "patchy {side} airspace disease",
+    ),
+    "pneumothorax": (
+        "{side} pneumothorax",
+        "{side} apical pneumothorax",
+        "collapsed {side} lung apex",
+        "{side} pleural air",
+    ),
+    "nodule": (
+        "{side} pulmonary nodule",
+        "nodular opacity in the {side} lung",
+        "{side} lung nodule",
+        "rounded density in the {side} lung",
+    ),
 }
 NEGATIONS: dict[str, tuple[str, ...]] = {
     "cardiomegaly": ("heart size is normal", "no cardiomegaly", "normal cardiac silhouette"),
@@ -106,8 +91,12 @@ NEGATIONS: dict[str, tuple[str, ...]] = {
     "pneumothorax": ("no pneumothorax", "no evidence of pneumothorax", "no pleural air"),
     "nodule": ("no pulmonary nodules", "no nodule", "no focal nodular opacity"),
 }
-NORMAL: tuple[str, ...] = ("no acute cardiopulmonary abnormality", "the lungs are clear",
-                           "normal chest radiograph", "no acute findings")
+NORMAL: tuple[str, ...] = (
+    "no acute cardiopulmonary abnormality",
+    "the lungs are clear",
+    "normal chest radiograph",
+    "no acute findings",
+)
 SIZES = ("small", "moderate", "large")
 
 
@@ -115,9 +104,19 @@ def _style(spec: SyntheticSpec, index: int, kind: str) -> dict[str, Any]:
     """Scanner and reporting style of a site (``kind``: train, heldout or public)."""
     rng = np.random.default_rng([spec.seed, 9_001, index, {"train": 0, "heldout": 1, "public": 2}[kind]])
     if kind == "public":
-        return {"contrast": 1.0, "gamma": 1.0, "noise": 0.02, "blur": 0.5, "native": max(spec.image_size, 64),
-                "offset": 0.0, "narrative": 0.5, "negation_rate": 0.5, "vocab": [0, 1, 2, 3], "with_size": 0.5,
-                "period": True}
+        return {
+            "contrast": 1.0,
+            "gamma": 1.0,
+            "noise": 0.02,
+            "blur": 0.5,
+            "native": max(spec.image_size, 64),
+            "offset": 0.0,
+            "narrative": 0.5,
+            "negation_rate": 0.5,
+            "vocab": [0, 1, 2, 3],
+            "with_size": 0.5,
+            "period": True,
+        }
     wide = 1.5 if kind == "heldout" else 1.0
     return {
         "contrast": float(rng.uniform(1 - 0.35 * wide, 1 + 0.35 * wide)),
@@ -147,8 +146,9 @@ def _prevalence(spec: SyntheticSpec, index: int, kind: str) -> np.ndarray:
     return np.clip(BASE_PREVALENCE * len(LESIONS) * w, 0.02, 0.75)
 
 
-def _report(labels: np.ndarray, sides: dict[str, str], sizes: dict[str, str], style: dict[str, Any],
-            rng: np.random.Generator) -> str:
+def _report(
+    labels: np.ndarray, sides: dict[str, str], sizes: dict[str, str], style: dict[str, Any], rng: np.random.Generator
+) -> str:
     vocab = style["vocab"]
     pos, neg = [], []
     for k, f in enumerate(LESIONS):
@@ -176,8 +176,9 @@ def _report(labels: np.ndarray, sides: dict[str, str], sizes: dict[str, str], st
 # ----------------------------------------------------------------------------- images
 
 
-def _render(labels: np.ndarray, style: dict[str, Any], out_size: int,
-            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]], list[dict[str, str]]]:
+def _render(
+    labels: np.ndarray, style: dict[str, Any], out_size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]], list[dict[str, str]]]:
     """Render ``len(labels)`` images at the site's native resolution, styled and resized."""
     n, res = labels.shape[0], int(style["native"])
     lin = np.linspace(-1.0, 1.0, res, dtype=np.float32)
@@ -226,8 +227,9 @@ def _render(labels: np.ndarray, style: dict[str, Any], out_size: int,
                 sides[i][f] = "right" if rng.random() < 0.5 else "left"
                 sizes[i][f] = SIZES[int(rng.integers(3))]
     side_is_left = {f: np.array([s.get(f) == "left" for s in sides]) for f in LESIONS}
-    size_scale = {f: np.array([1.0 + 0.45 * SIZES.index(s.get(f, "small")) for s in sizes], np.float32)
-                  for f in LESIONS}
+    size_scale = {
+        f: np.array([1.0 + 0.45 * SIZES.index(s.get(f, "small")) for s in sizes], np.float32) for f in LESIONS
+    }
 
     def which_lung(f):
         return np.where(side_is_left[f][:, None, None], left_lung, right_lung)
@@ -283,10 +285,17 @@ def _render(labels: np.ndarray, style: dict[str, Any], out_size: int,
     if res != out_size:
         t = F.interpolate(t, size=(out_size, out_size), mode="bilinear", align_corners=False, antialias=True)
         # max-pool when shrinking so small lesions stay in the mask
-        m = (F.adaptive_max_pool2d(m, out_size) if res > out_size
-             else F.interpolate(m, size=(out_size, out_size), mode="nearest"))
-    return (t.squeeze(1).clamp(0, 1).numpy().astype(np.float32), (m.squeeze(1).numpy() > 0.5).astype(np.uint8),
-            sides, sizes)
+        m = (
+            F.adaptive_max_pool2d(m, out_size)
+            if res > out_size
+            else F.interpolate(m, size=(out_size, out_size), mode="nearest")
+        )
+    return (
+        t.squeeze(1).clamp(0, 1).numpy().astype(np.float32),
+        (m.squeeze(1).numpy() > 0.5).astype(np.uint8),
+        sides,
+        sizes,
+    )
 
 
 def _labels(n: int, prevalence: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -296,22 +305,32 @@ def _labels(n: int, prevalence: np.ndarray, rng: np.random.Generator) -> np.ndar
     return lab
 
 
-def _split(spec: SyntheticSpec, name: str, index: int, kind: str, split: str, n: int,
-           missing_text: float = 0.0) -> VLPDataset:
-    rng = np.random.default_rng([spec.seed, index, {"train": 0, "heldout": 1, "public": 2}[kind],
-                                 {"train": 0, "val": 1, "test": 2}[split]])
+def _split(
+    spec: SyntheticSpec, name: str, index: int, kind: str, split: str, n: int, missing_text: float = 0.0
+) -> VLPDataset:
+    rng = np.random.default_rng(
+        [spec.seed, index, {"train": 0, "heldout": 1, "public": 2}[kind], {"train": 0, "val": 1, "test": 2}[split]]
+    )
     style = _style(spec, index, kind)
     labels = _labels(n, _prevalence(spec, index, kind), rng)
-    images, masks, sides, sizes = _render(labels, style, spec.image_size, rng) if n else (
-        np.zeros((0, spec.image_size, spec.image_size), np.float32),
-        np.zeros((0, spec.image_size, spec.image_size), np.uint8), [], [])
+    images, masks, sides, sizes = (
+        _render(labels, style, spec.image_size, rng)
+        if n
+        else (
+            np.zeros((0, spec.image_size, spec.image_size), np.float32),
+            np.zeros((0, spec.image_size, spec.image_size), np.uint8),
+            [],
+            [],
+        )
+    )
     reports = [_report(labels[i], sides[i], sizes[i], style, rng) for i in range(n)]
     has_text = np.ones(n, bool)
     if missing_text > 0 and n:
         has_text[rng.random(n) < missing_text] = False
         reports = [r if h else "" for r, h in zip(reports, has_text, strict=True)]
-    return VLPDataset(name, images, reports, labels, masks, [f"{name}/{split}/{i:06d}" for i in range(n)],
-                      np.ones(n, bool), has_text)
+    return VLPDataset(
+        name, images, reports, labels, masks, [f"{name}/{split}/{i:06d}" for i in range(n)], np.ones(n, bool), has_text
+    )
 
 
 def _generate(spec: SyntheticSpec) -> Federation:
@@ -319,15 +338,30 @@ def _generate(spec: SyntheticSpec) -> Federation:
     for i in range(spec.num_sites):
         name = f"site{i + 1}"
         miss = spec.missing_text_fraction if i == spec.num_sites - 1 else 0.0
-        sites.append(SiteData(name, "train", *(
-            _split(spec, name, i, "train", s, n, miss if s == "train" else 0.0)
-            for s, n in (("train", spec.train_per_site), ("val", spec.val_per_site), ("test", spec.test_per_site)))))
+        sites.append(
+            SiteData(
+                name,
+                "train",
+                *(
+                    _split(spec, name, i, "train", s, n, miss if s == "train" else 0.0)
+                    for s, n in (
+                        ("train", spec.train_per_site),
+                        ("val", spec.val_per_site),
+                        ("test", spec.test_per_site),
+                    )
+                ),
+            )
+        )
     heldout = None
     if spec.heldout_site:
         i = spec.num_sites
-        heldout = SiteData("heldout", "heldout", _split(spec, "heldout", i, "heldout", "train", 0),
-                           _split(spec, "heldout", i, "heldout", "val", spec.val_per_site),
-                           _split(spec, "heldout", i, "heldout", "test", spec.test_per_site))
+        heldout = SiteData(
+            "heldout",
+            "heldout",
+            _split(spec, "heldout", i, "heldout", "train", 0),
+            _split(spec, "heldout", i, "heldout", "val", spec.val_per_site),
+            _split(spec, "heldout", i, "heldout", "test", spec.test_per_site),
+        )
     public = _split(spec, "public", 0, "public", "train", spec.public_size) if spec.public_size else None
     return Federation(tuple(sites), heldout, public)
 
@@ -383,8 +417,12 @@ def _save(fed: Federation, spec: SyntheticSpec, path: Path) -> tuple[bytes, dict
     np.savez(buf, **arrays)
     blob = buf.getvalue()
     _atomic_write(path, blob)
-    side = {"generator_version": GENERATOR_VERSION, "spec": dataclasses.asdict(spec),
-            "npz_sha256": hashlib.sha256(blob).hexdigest(), "datasets": meta}
+    side = {
+        "generator_version": GENERATOR_VERSION,
+        "spec": dataclasses.asdict(spec),
+        "npz_sha256": hashlib.sha256(blob).hexdigest(),
+        "datasets": meta,
+    }
     _atomic_write(path.with_suffix(".json"), json.dumps(side).encode())
     return blob, side
 
@@ -404,14 +442,22 @@ def _from_blob(blob: bytes, side: dict[str, Any]) -> Federation:
         for key, m in side["datasets"].items():
             name, role, split = key.split("|")
             masks = z[f"{key}|masks"]
-            ds = VLPDataset(name, z[f"{key}|images"].astype(np.float32) / 65535, m["reports"],
-                            z[f"{key}|labels"].astype(np.float32), masks if masks.ndim == 3 else None,
-                            m["record_ids"], None, z[f"{key}|has_text"])
+            ds = VLPDataset(
+                name,
+                z[f"{key}|images"].astype(np.float32) / 65535,
+                m["reports"],
+                z[f"{key}|labels"].astype(np.float32),
+                masks if masks.ndim == 3 else None,
+                m["record_ids"],
+                None,
+                z[f"{key}|has_text"],
+            )
             sites.setdefault(name, {})[split] = ds
             roles[name] = role
     public = sites.pop("public", {}).get("train")
-    train = tuple(SiteData(n, "train", d["train"], d["val"], d["test"]) for n, d in sites.items()
-                  if roles[n] == "train")
+    train = tuple(
+        SiteData(n, "train", d["train"], d["val"], d["test"]) for n, d in sites.items() if roles[n] == "train"
+    )
     held = [SiteData(n, "heldout", d["train"], d["val"], d["test"]) for n, d in sites.items() if roles[n] == "heldout"]
     return Federation(train, held[0] if held else None, public)
 

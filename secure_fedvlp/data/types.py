@@ -15,8 +15,14 @@ from secure_fedvlp.errors import DataError
 __all__ = ["FINDINGS", "VLPDataset", "SiteData", "Federation"]
 
 #: The findings every dataset is mapped to, in label-column order.
-FINDINGS: tuple[str, ...] = ("no_finding", "cardiomegaly", "pleural_effusion", "consolidation", "pneumothorax",
-                             "nodule")
+FINDINGS: tuple[str, ...] = (
+    "no_finding",
+    "cardiomegaly",
+    "pleural_effusion",
+    "consolidation",
+    "pneumothorax",
+    "nodule",
+)
 
 
 class VLPDataset(Dataset):
@@ -32,9 +38,17 @@ class VLPDataset(Dataset):
     has_image, has_text : bool ``[N]`` (missing-modality support)
     """
 
-    def __init__(self, site: str, images: np.ndarray, reports: Sequence[str], labels: np.ndarray,
-                 masks: np.ndarray | None = None, record_ids: Sequence[str] | None = None,
-                 has_image: np.ndarray | None = None, has_text: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        site: str,
+        images: np.ndarray,
+        reports: Sequence[str],
+        labels: np.ndarray,
+        masks: np.ndarray | None = None,
+        record_ids: Sequence[str] | None = None,
+        has_image: np.ndarray | None = None,
+        has_text: np.ndarray | None = None,
+    ) -> None:
         n = len(reports)
         images = np.asarray(images, dtype=np.float32)
         labels = np.asarray(labels, dtype=np.float32)
@@ -51,8 +65,7 @@ class VLPDataset(Dataset):
         self.masks = None if masks is None else np.asarray(masks, dtype=np.uint8)
         self.record_ids = list(record_ids) if record_ids is not None else [f"{site}/{i:06d}" for i in range(n)]
         self.has_image = np.ones(n, bool) if has_image is None else np.asarray(has_image, bool)
-        self.has_text = (np.array([bool(r) for r in self.reports]) if has_text is None
-                         else np.asarray(has_text, bool))
+        self.has_text = np.array([bool(r) for r in self.reports]) if has_text is None else np.asarray(has_text, bool)
 
     def __len__(self) -> int:
         return len(self.reports)
@@ -73,9 +86,16 @@ class VLPDataset(Dataset):
     def subset(self, indices: Sequence[int] | np.ndarray) -> VLPDataset:
         """A new dataset holding the records at ``indices`` (in that order)."""
         idx = np.asarray(indices, dtype=np.int64)
-        return VLPDataset(self.site, self.images[idx], [self.reports[i] for i in idx], self.labels[idx],
-                          None if self.masks is None else self.masks[idx], [self.record_ids[i] for i in idx],
-                          self.has_image[idx], self.has_text[idx])
+        return VLPDataset(
+            self.site,
+            self.images[idx],
+            [self.reports[i] for i in idx],
+            self.labels[idx],
+            None if self.masks is None else self.masks[idx],
+            [self.record_ids[i] for i in idx],
+            self.has_image[idx],
+            self.has_text[idx],
+        )
 
     def prevalence(self) -> np.ndarray:
         """Fraction of records positive for each finding."""

@@ -4,7 +4,8 @@ The auditor's side of the one-run audit (Steinke, Nasr and Jagielski, 2023; the 
 :mod:`secure_fedvlp.privacy.empirical`, the canaries in :mod:`secure_fedvlp.data.canaries`):
 
 1. rebuild the ``m`` canaries from ``audit.canary_seed`` and load the **released** final model
-   (``model/federated_params.npz``), i.e. exactly what a model consumer sees;
+   (:attr:`RunLayout.model_params <secure_fedvlp.layout.RunLayout.model_params>`), i.e. exactly
+   what a model consumer sees;
 2. score every canary (:func:`canary_scores`): how strongly the model pairs the canary's image
    with *its own* report rather than with the other canaries' reports, and vice versa.  Each
    canary's image and report are random and unrelated to everything else, so only a model that
@@ -23,8 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tomllib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,28 +31,32 @@ import torch
 import torch.nn.functional as F
 
 from secure_fedvlp.errors import DataError, LedgerError
+from secure_fedvlp.layout import FinishedRun, RunLayout, load_run
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SCORE", "canary_scores", "load_final_model", "empirical_audit", "write_empirical_audit",
-           "EMPIRICAL_FILE", "DEFAULT_BETA"]
+__all__ = ["SCORE", "canary_scores", "load_final_model", "empirical_audit", "write_empirical_audit", "DEFAULT_BETA"]
 
-EMPIRICAL_FILE = "empirical_audit.json"
 #: 1 - confidence of the reported bound (after the Bonferroni correction over guess counts).
 DEFAULT_BETA = 0.05
-SCORE = ("canary-contrastive: 0.5 * (log-softmax of the canary's own image->report similarity among all m "
-         "canary reports + log-softmax of its report->image similarity among all m canary images), scaled by "
-         "the final model's logit scale")
+SCORE = (
+    "canary-contrastive: 0.5 * (log-softmax of the canary's own image->report similarity among all m "
+    "canary reports + log-softmax of its report->image similarity among all m canary images), scaled by "
+    "the final model's logit scale"
+)
 
 
 @torch.no_grad()
-def canary_scores(model: torch.nn.Module, canaries, *, batch_size: int = 64,
-                  device: torch.device | str = "cpu") -> np.ndarray:
+def canary_scores(
+    model: torch.nn.Module, canaries, *, batch_size: int = 64, device: torch.device | str = "cpu"
+) -> np.ndarray:
     """Membership score of every canary (higher = more likely trained on); see :data:`SCORE`."""
-    from secure_fedvlp.evaluation.metrics import embed_images, embed_texts
+    from secure_fedvlp.models.embed import embed_images, embed_texts
 
     if len(canaries) < 2:
-        raise ValueError(f"Canary scores need at least 2 canaries (the others are the negatives). Found {len(canaries)}.")
+        raise ValueError(
+            f"Canary scores need at least 2 canaries (the others are the negatives). Found {len(canaries)}."
+        )
     device = torch.device(device)
     was = model.training
     model.eval()
@@ -69,15 +72,20 @@ def canary_scores(model: torch.nn.Module, canaries, *, batch_size: int = 64,
 
 
 def load_final_model(cfg, run_dir: str | os.PathLike) -> torch.nn.Module:
-    """The released model of a run: the seeded architecture with ``model/federated_params.npz`` loaded."""
-    from secure_fedvlp.flower.runtime import build_model
-    from secure_fedvlp.methods.base import load_federated_state
+    """The released model of a run: the seeded architecture with its released parameters
+    (:attr:`RunLayout.model_params <secure_fedvlp.layout.RunLayout.model_params>`) loaded."""
+    from secure_fedvlp.build import build_model
+    from secure_fedvlp.models.state import load_federated_state
 
-    path = Path(run_dir) / "model" / "federated_params.npz"
+    layout = RunLayout(run_dir)
+    path = layout.model_params
     if not path.exists():
-        enc = Path(run_dir) / "model" / "global_model.ckks"
-        hint = (" The final model is still encrypted; a key holder releases it with `secure-fedvlp export "
-                f"{run_dir} --key KEYFILE`." if enc.exists() else "")
+        hint = (
+            " The final model is still encrypted; a key holder releases it with `secure-fedvlp export "
+            f"{run_dir} --key KEYFILE`."
+            if layout.encrypted_model.exists()
+            else ""
+        )
         raise DataError(f"{path} is missing: no released final model to audit.{hint}")
     model = build_model(cfg)
     with np.load(path) as npz:
@@ -85,13 +93,14 @@ def load_final_model(cfg, run_dir: str | os.PathLike) -> torch.nn.Module:
     return model
 
 
-def _claimed_epsilon(run_dir: Path, site: str, cfg) -> tuple[float | None, list[str]]:
+def _claimed_epsilon(run: FinishedRun, site: str) -> tuple[float | None, list[str]]:
     """The canary site's spent epsilon, replayed from its verified ledger (None if DP is off)."""
     from secure_fedvlp.privacy import make_accountant, read_ledger
 
+    cfg = run.cfg
     if not cfg.privacy.enabled:
         return None, []
-    path = run_dir / "clients" / site / "privacy_ledger.jsonl"
+    path = run.layout.ledger(site)
     if not path.exists():
         return None, [f"the canary site {site} has no privacy ledger ({path}): no claim to compare with."]
     try:
@@ -101,28 +110,30 @@ def _claimed_epsilon(run_dir: Path, site: str, cfg) -> tuple[float | None, list[
     return float(make_accountant(cfg.privacy.accountant, events).get_epsilon(cfg.privacy.delta)), []
 
 
-def empirical_audit(run_dir: str | os.PathLike, *, beta: float = DEFAULT_BETA) -> dict[str, Any]:
+def empirical_audit(run_dir: str | os.PathLike | FinishedRun, *, beta: float = DEFAULT_BETA) -> dict[str, Any]:
     """The one-run empirical audit of ``run_dir``, recomputed from its files.
 
-    Reads the run's config, the auditor's coins, the released model and (with DP on) the canary
+    Reads the run's config (:func:`~secure_fedvlp.layout.load_run`; a :class:`FinishedRun` already
+    open is used as it is), the auditor's coins, the released model and (with DP on) the canary
     site's ledger.  Raises :class:`~secure_fedvlp.errors.SecureFedVLPError` when one is missing.
     """
-    from secure_fedvlp.config import parse_config
-    from secure_fedvlp.data.canaries import make_canaries, read_coins
+    from secure_fedvlp.data.canaries import make_canaries
+    from secure_fedvlp.evaluation.canary_files import read_coins
     from secure_fedvlp.privacy.empirical import audit_from_scores, default_guess_counts, epsilon_lower_bound
 
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.toml"
-    if not cfg_path.exists():
-        raise DataError(f"{cfg_path} is missing: not a run directory.")
-    cfg = parse_config(tomllib.loads(cfg_path.read_text(encoding="utf-8")), source=str(cfg_path))
+    run = load_run(run_dir)
+    cfg, run_dir = run.cfg, run.root
     if cfg.audit.canaries == 0:
-        raise DataError(f"{run_dir} was run without canaries (audit.canaries = 0): there is nothing to audit "
-                        "empirically. Run with audit.canaries > 0 (e.g. configs/audit_canaries.toml).")
+        raise DataError(
+            f"{run_dir} was run without canaries (audit.canaries = 0): there is nothing to audit "
+            "empirically. Run with audit.canaries > 0 (e.g. configs/audit_canaries.toml)."
+        )
     coins = read_coins(run_dir)
     if (coins["m"], coins["canary_seed"]) != (cfg.audit.canaries, cfg.audit.canary_seed):
-        raise DataError(f"the coin record (m={coins['m']}, canary_seed={coins['canary_seed']}) does not match the "
-                        f"run's config (m={cfg.audit.canaries}, canary_seed={cfg.audit.canary_seed}).")
+        raise DataError(
+            f"the coin record (m={coins['m']}, canary_seed={coins['canary_seed']}) does not match the "
+            f"run's config (m={cfg.audit.canaries}, canary_seed={cfg.audit.canary_seed})."
+        )
     included = np.asarray(coins["included"], dtype=bool)
     # Manifest images are resized to data.synthetic.image_size too, so this is every run's image size.
     canaries = make_canaries(cfg.audit.canaries, cfg.audit.canary_seed, cfg.data.synthetic.image_size)
@@ -131,17 +142,20 @@ def empirical_audit(run_dir: str | os.PathLike, *, beta: float = DEFAULT_BETA) -
     delta = cfg.privacy.delta
     result = audit_from_scores(scores, included, beta=beta, delta=delta)
     choices = default_guess_counts(len(scores))
-    max_detectable = max(epsilon_lower_bound(len(scores), kp + km, kp + km, beta / len(choices), delta)
-                         for kp, km in choices)
+    max_detectable = max(
+        epsilon_lower_bound(len(scores), kp + km, kp + km, beta / len(choices), delta) for kp, km in choices
+    )
     site = str(coins["canary_site"])
-    claimed, problems = _claimed_epsilon(run_dir, site, cfg)
+    claimed, problems = _claimed_epsilon(run, site)
     if claimed is None:
         verdict = "no DP claim (privacy.enabled = false)" if not cfg.privacy.enabled else "no claim to compare with"
     elif result.epsilon_lower_bound > claimed:
         verdict = "FAIL"
-        problems.append(f"the empirical lower bound {result.epsilon_lower_bound:.4g} (confidence "
-                        f"{1 - beta:.0%}) exceeds the claimed epsilon {claimed:.4g} of site {site}: the run is not "
-                        "as private as its ledger says, or its accounting is wrong.")
+        problems.append(
+            f"the empirical lower bound {result.epsilon_lower_bound:.4g} (confidence "
+            f"{1 - beta:.0%}) exceeds the claimed epsilon {claimed:.4g} of site {site}: the run is not "
+            "as private as its ledger says, or its accounting is wrong."
+        )
     else:
         verdict = "OK"
     return {
@@ -158,10 +172,12 @@ def empirical_audit(run_dir: str | os.PathLike, *, beta: float = DEFAULT_BETA) -
     }
 
 
-def write_empirical_audit(run_dir: str | os.PathLike, *, beta: float = DEFAULT_BETA) -> dict[str, Any]:
-    """Compute the empirical audit and write ``run_dir/empirical_audit.json``."""
-    out = empirical_audit(run_dir, beta=beta)
-    path = Path(run_dir) / EMPIRICAL_FILE
+def write_empirical_audit(run_dir: str | os.PathLike | FinishedRun, *, beta: float = DEFAULT_BETA) -> dict[str, Any]:
+    """Compute the empirical audit and write it to the run's
+    :attr:`RunLayout.empirical_audit <secure_fedvlp.layout.RunLayout.empirical_audit>`."""
+    run = load_run(run_dir)
+    out = empirical_audit(run, beta=beta)
+    path = run.layout.empirical_audit
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=1, allow_nan=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)

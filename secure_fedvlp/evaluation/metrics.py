@@ -20,13 +20,14 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 
 from secure_fedvlp.data.types import FINDINGS
+from secure_fedvlp.models.embed import embed_images, embed_texts
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FINDING_PROMPTS", "binary_auroc", "embed_images", "embed_texts", "zero_shot_scores", "recall_at_k", "evaluate_split",
-           "MACRO_AUROC", "headline_metrics"]
+__all__ = ["FINDING_PROMPTS", "binary_auroc", "zero_shot_scores", "recall_at_k", "evaluate_split", "MACRO_AUROC"]
 
 MACRO_AUROC = "zs_auroc_macro"
 
@@ -61,26 +62,11 @@ FINDING_PROMPTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 
 def binary_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """AUROC of ``scores`` for binary ``labels`` (ties counted half); NaN if one class only."""
+    """AUROC of ``scores`` for binary ``labels`` (ties counted half, scikit-learn's); NaN if one class only."""
     labels = np.asarray(labels).astype(bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    n_pos = int(labels.sum())
-    n_neg = labels.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if labels.all() or not labels.any():
         return float("nan")
-    # Mann-Whitney U with average ranks for ties.
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(scores.size, dtype=np.float64)
-    sorted_scores = scores[order]
-    i = 0
-    while i < scores.size:
-        j = i
-        while j + 1 < scores.size and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = 0.5 * (i + j) + 1.0
-        i = j + 1
-    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64)))
 
 
 def zero_shot_scores(image_emb: torch.Tensor, pos_emb: torch.Tensor, neg_emb: torch.Tensor) -> torch.Tensor:
@@ -108,28 +94,9 @@ def recall_at_k(sim: torch.Tensor, match: torch.Tensor, ks: Sequence[int]) -> di
 
 
 @torch.no_grad()
-def embed_texts(model: torch.nn.Module, texts: Sequence[str], batch_size: int, device: torch.device) -> torch.Tensor:
-    """Normalised text embeddings of ``texts``, in batches, on CPU."""
-    chunks = []
-    for i in range(0, len(texts), batch_size):
-        tok = model.tokenize(list(texts[i : i + batch_size]))
-        chunks.append(model.encode_text(tok["input_ids"].to(device), tok["attention_mask"].to(device)).float().cpu())
-    return torch.cat(chunks) if chunks else torch.empty(0)
-
-
-@torch.no_grad()
-def embed_images(model: torch.nn.Module, images: np.ndarray, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Normalised image embeddings of ``[N, H, W]`` images, in batches, on CPU."""
-    chunks = []
-    for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).unsqueeze(1).to(device)
-        chunks.append(model.encode_image(x).float().cpu())
-    return torch.cat(chunks) if chunks else torch.empty(0)
-
-
-@torch.no_grad()
-def prompt_embeddings(model: torch.nn.Module, device: torch.device,
-                      batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_embeddings(
+    model: torch.nn.Module, device: torch.device, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (re-normalised) positive and negative prompt embeddings, ``[F, D]`` each."""
     pos, neg = [], []
     for finding in FINDINGS:
@@ -141,8 +108,14 @@ def prompt_embeddings(model: torch.nn.Module, device: torch.device,
 
 
 @torch.no_grad()
-def evaluate_split(model: torch.nn.Module, dataset, *, ks: Sequence[int] = (1, 5, 10), batch_size: int = 64,
-                   device: torch.device | str = "cpu") -> dict[str, float]:
+def evaluate_split(
+    model: torch.nn.Module,
+    dataset,
+    *,
+    ks: Sequence[int] = (1, 5, 10),
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
     """Zero-shot AUROC (per finding, macro) and retrieval Recall@K of ``model`` on ``dataset``.
 
     Returns a flat dict of floats; findings with a single class in the split are left out
@@ -182,12 +155,8 @@ def evaluate_split(model: torch.nn.Module, dataset, *, ks: Sequence[int] = (1, 5
             for k, v in recall_at_k(sim.T.contiguous(), match.T.contiguous(), ks).items():
                 out[f"t2i_R@{k}"] = v
             out["mean_R@5" if 5 in ks else f"mean_R@{ks[0]}"] = 0.5 * (
-                out[f"i2t_R@{5 if 5 in ks else ks[0]}"] + out[f"t2i_R@{5 if 5 in ks else ks[0]}"])
+                out[f"i2t_R@{5 if 5 in ks else ks[0]}"] + out[f"t2i_R@{5 if 5 in ks else ks[0]}"]
+            )
         return out
     finally:
         model.train(was_training)
-
-
-def headline_metrics() -> tuple[str, ...]:
-    """Metrics shown in tables and plots, in order."""
-    return (MACRO_AUROC, "i2t_R@5", "t2i_R@5", "mean_R@5")

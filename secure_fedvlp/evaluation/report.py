@@ -1,10 +1,11 @@
 """Run records and reports.
 
-The server-side :class:`RunRecorder` appends one JSON record per (round, phase, site) to
-``metrics.jsonl`` as the run goes (flushed and fsynced, so a crash loses nothing already
-measured).  :func:`write_report` turns that file into ``report.json``, ``report.md`` and
-PNG plots: final metrics beside the untrained (round-0) reference, per site, the worst
-training site, and the held-out site.
+The server-side :class:`RunRecorder` appends one JSON record per (round, phase, site) to the
+run's metrics file (:attr:`RunLayout.metrics <secure_fedvlp.layout.RunLayout.metrics>`) as the
+run goes (flushed and fsynced, so a crash loses nothing already measured).  :func:`write_report`
+turns that file into the JSON and Markdown reports and PNG plots: final metrics beside the
+untrained (round-0) reference, per site, the worst training site, and the held-out site.  The
+run's settings are its resolved config (:func:`~secure_fedvlp.layout.load_run`).
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from secure_fedvlp.evaluation.metrics import MACRO_AUROC
-from secure_fedvlp.methods.base import RoundRecorder
+from secure_fedvlp.layout import FinishedRun, RunLayout, load_run
+from secure_fedvlp.methods.strategy import RoundRecorder
+from secure_fedvlp.plotting import Line, Panel, RefLine, line_plot, save_figure
+from secure_fedvlp.privacy.anchors import claim_scope
 
 logger = logging.getLogger(__name__)
 progress_logger = logging.getLogger("secure_fedvlp.progress")
 
-__all__ = ["RunRecorder", "read_metrics", "build_report", "write_report", "HEADLINE"]
+__all__ = ["RunRecorder", "build_report", "write_report", "HEADLINE"]
 
 #: Metrics shown in the report tables, with their labels.
 HEADLINE: tuple[tuple[str, str], ...] = (
@@ -35,12 +39,12 @@ HEADLINE: tuple[tuple[str, str], ...] = (
 
 
 class RunRecorder(RoundRecorder):
-    """Appends records to ``run_dir/metrics.jsonl`` and shows progress."""
+    """Appends records to the run's metrics file and shows progress."""
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.run_dir / "metrics.jsonl"
+        self.path = RunLayout(self.run_dir).metrics
         self._lock = threading.Lock()
 
     def record(self, record: dict[str, Any]) -> None:
@@ -54,26 +58,6 @@ class RunRecorder(RoundRecorder):
         progress_logger.info(message)
 
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """All records of a run's ``metrics.jsonl`` (a torn last line is ignored with a warning)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines):
-                logger.warning("%s: ignoring a torn last line %d", path, i)
-            else:
-                raise
-    return out
-
-
 def _eval_by_round(records: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
     """site -> round -> evaluation record."""
     out: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
@@ -83,27 +67,22 @@ def _eval_by_round(records: list[dict[str, Any]]) -> dict[str, dict[int, dict[st
     return out
 
 
-def privacy_section(run_dir: Path) -> dict[str, Any] | None:
+def privacy_section(run: FinishedRun) -> dict[str, Any] | None:
     """Per-client epsilon by round, replayed from each client's (verified) ledger, and the budget.
 
     Returns None when the run has no ledgers (DP off).  A ledger that fails verification is
     reported as such (never silently skipped).
     """
-    import tomllib
-
     from secure_fedvlp.errors import LedgerError
     from secure_fedvlp.privacy import epsilon_curve, read_ledger
 
-    ledgers = sorted((run_dir / "clients").glob("*/privacy_ledger.jsonl"))
+    ledgers = run.ledgers()
     if not ledgers:
         return None
-    cfg_path = run_dir / "config.toml"
-    priv = tomllib.loads(cfg_path.read_text())["privacy"] if cfg_path.exists() else {}
-    delta = float(priv.get("delta", 1e-5))
-    accountant = str(priv.get("accountant", "rdp"))
+    priv = run.cfg.privacy
+    delta, accountant = priv.delta, priv.accountant
     clients: dict[str, Any] = {}
-    for path in ledgers:
-        site = path.parent.name
+    for site, path in ledgers.items():
         try:
             entries = read_ledger(path)
         except LedgerError as exc:
@@ -115,34 +94,47 @@ def privacy_section(run_dir: Path) -> dict[str, Any] | None:
             "epsilon_by_round": {int(r): float(e) for r, e in curve},
             "epsilon": float(curve[-1][1]) if curve else 0.0,
             "events": len(events),
-            "by_mechanism": {k: sum(1 for e in events if type(e).__name__ == k)
-                             for k in ("DPSGDEvent", "GaussianEvent", "PostProcessingEvent")},
-            "ledger": str(path.relative_to(run_dir)),
+            "by_mechanism": {
+                k: sum(1 for e in events if type(e).__name__ == k)
+                for k in ("DPSGDEvent", "GaussianEvent", "PostProcessingEvent")
+            },
+            "ledger": run.layout.relative(path),
         }
     not_covered = ["evaluation metrics on each site's test split (sent in clear; not a DP release)"]
-    seeded = bool(priv.get("seeded_randomness", False))
+    seeded = priv.seeded_randomness
     if seeded:
         not_covered.insert(0, SEEDED_WARNING)
-    return {"delta": delta, "accountant": accountant, "budget_epsilon": priv.get("target_epsilon"),
-            "seeded_randomness": seeded, "clients": clients, "not_covered": not_covered}
+    not_covered[:0] = claim_scope(run.cfg)
+    return {
+        "delta": delta,
+        "accountant": accountant,
+        "budget_epsilon": priv.target_epsilon,
+        "seeded_randomness": seeded,
+        "clients": clients,
+        "not_covered": not_covered,
+    }
 
 
 #: What a run with ``privacy.seeded_randomness = true`` does not guarantee (report and audit).
-SEEDED_WARNING = ("privacy.seeded_randomness = true: DP-SGD's Poisson sampling and noise were derived from run.seed, "
-                  "which the server and anyone holding the config know; the epsilon below holds against nobody who "
-                  "knows the seed (reproducible run for tests and experiments, not a DP release)")
+SEEDED_WARNING = (
+    "privacy.seeded_randomness = true: DP-SGD's Poisson sampling and noise were derived from run.seed, "
+    "which the server and anyone holding the config know; the epsilon below holds against nobody who "
+    "knows the seed (reproducible run for tests and experiments, not a DP release)"
+)
 
 
-def encryption_section(run_dir: Path) -> dict[str, Any] | None:
+def encryption_section(layout: RunLayout) -> dict[str, Any] | None:
     """CKKS aggregation of an encrypted run: per-round accepted/rejected contributions, upload
-    sizes, and how the final model was released (``model/export.json``)."""
-    rounds_path = run_dir / "secagg_rounds.json"
+    sizes, and how the final model was released (:attr:`RunLayout.export_info`)."""
+    rounds_path = layout.encryption_rounds
     if not rounds_path.exists():
         return None
+    from secure_fedvlp.encryption.keys import MANIFEST_NAME
+
     rounds = json.loads(rounds_path.read_text(encoding="utf-8"))
     sizes = [b for r in rounds for b in r.get("bytes_per_update", {}).values()]
-    export_path = run_dir / "model" / "export.json"
-    keys_manifest = run_dir / "keys" / "manifest.json"
+    export_path = layout.export_info
+    keys_manifest = layout.keys / MANIFEST_NAME
     return {
         "rounds": rounds,
         "mean_upload_bytes": (sum(sizes) / len(sizes)) if sizes else None,
@@ -151,10 +143,10 @@ def encryption_section(run_dir: Path) -> dict[str, Any] | None:
     }
 
 
-def empirical_section(run_dir: Path) -> dict[str, Any] | None:
-    """The run's empirical privacy audit (``empirical_audit.json``, written by the auditor's step after
-    training), without the per-canary scores; None when the run had no canaries."""
-    path = run_dir / "empirical_audit.json"
+def empirical_section(layout: RunLayout) -> dict[str, Any] | None:
+    """The run's empirical privacy audit (:attr:`RunLayout.empirical_audit`, written by the auditor's step
+    after training), without the per-canary scores; None when the run had no canaries."""
+    path = layout.empirical_audit
     if not path.exists():
         return None
     try:
@@ -165,10 +157,15 @@ def empirical_section(run_dir: Path) -> dict[str, Any] | None:
     return emp
 
 
-def build_report(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """Summarise a run: per-site final vs untrained, worst training site, held-out site."""
-    run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
+def build_report(run_dir: str | os.PathLike | FinishedRun) -> dict[str, Any]:
+    """Summarise a run: per-site final vs untrained, worst training site, held-out site.
+
+    ``run_dir`` is opened with :func:`~secure_fedvlp.layout.load_run` (a :class:`FinishedRun`, e.g.
+    the server's own resolved config, is used as it is).
+    """
+    run = load_run(run_dir)
+    layout = run.layout
+    records = run.metrics()
     evals = _eval_by_round(records)
     roles = {site: next(iter(rs.values())).get("role", "train") for site, rs in evals.items() if rs}
     keys = [k for k, _ in HEADLINE] + ["mean_R@5"]
@@ -203,18 +200,20 @@ def build_report(run_dir: str | os.PathLike) -> dict[str, Any]:
     for r in records:
         if r.get("phase") == "train" and r.get("status") == "ok" and "train_loss" in r:
             train_loss[r["site"]][int(r["round"])] = r["train_loss"]
-    config_path = run_dir / "config.toml"
-    stopped = {r["site"]: {"round": r["round"], "reason": r.get("reason", ""), "epsilon": r.get("epsilon")}
-               for r in records if r.get("status") == "budget_exhausted"}
+    stopped = {
+        r["site"]: {"round": r["round"], "reason": r.get("reason", ""), "epsilon": r.get("epsilon")}
+        for r in records
+        if r.get("status") == "budget_exhausted"
+    }
     return {
-        "privacy": privacy_section(run_dir),
-        "encryption": encryption_section(run_dir),
-        "empirical_audit": empirical_section(run_dir),
+        "privacy": privacy_section(run),
+        "encryption": encryption_section(layout),
+        "empirical_audit": empirical_section(layout),
         "anchors": [r for r in records if r.get("phase") == "anchors" and r.get("status") in ("released", "withheld")]
         or None,
         "stopped_clients": stopped,
-        "run_dir": str(run_dir),
-        "config": config_path.read_text(encoding="utf-8") if config_path.exists() else None,
+        "run_dir": str(layout.root),
+        "config": layout.config.read_text(encoding="utf-8") if layout.config.exists() else None,
         "final_round": final_round,
         "sites": sites,
         "summary_train_sites": summary,
@@ -231,6 +230,7 @@ def _f(x: Any) -> str:
 
 
 def _markdown(rep: dict[str, Any]) -> str:
+    layout = RunLayout(rep["run_dir"])
     lines = [f"# Run report: `{rep['run_dir']}`", "", f"Rounds completed: {rep['final_round']}.", ""]
     lines += ["## Final model vs untrained reference (test split of each site)", ""]
     header = "| site | role | " + " | ".join(f"{lab} (untrained -> final)" for _, lab in HEADLINE) + " |"
@@ -238,19 +238,27 @@ def _markdown(rep: dict[str, Any]) -> str:
     for site, v in rep["sites"].items():
         cells = [f"{_f(v['untrained'].get(k))} -> **{_f(v['final'].get(k))}**" for k, _ in HEADLINE]
         lines.append(f"| {site} | {v['role']} | " + " | ".join(cells) + " |")
-    lines += ["", "## Training sites: mean and worst site", "",
-              "| metric | mean untrained | mean final | worst site (final) | lowest site untrained | worst site final |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Training sites: mean and worst site",
+        "",
+        "| metric | mean untrained | mean final | worst site (final) | lowest site untrained | worst site final |",
+        "|---|---|---|---|---|---|",
+    ]
     for k, lab in HEADLINE:
         s = rep["summary_train_sites"].get(k)
         if s:
-            lines.append(f"| {lab} | {_f(s['mean_untrained'])} | {_f(s['mean_final'])} | {s['worst_site']} | "
-                         f"{_f(s['worst_untrained'])} | {_f(s['worst_final'])} |")
+            lines.append(
+                f"| {lab} | {_f(s['mean_untrained'])} | {_f(s['mean_final'])} | {s['worst_site']} | "
+                f"{_f(s['worst_untrained'])} | {_f(s['worst_final'])} |"
+            )
     if rep["heldout"]:
         lines += ["", "## Held-out site (never trains: out-of-distribution)", ""]
         for site, v in rep["heldout"].items():
-            lines.append(f"- **{site}**: " + ", ".join(
-                f"{lab} {_f(v['untrained'].get(k))} -> {_f(v['final'].get(k))}" for k, lab in HEADLINE))
+            lines.append(
+                f"- **{site}**: "
+                + ", ".join(f"{lab} {_f(v['untrained'].get(k))} -> {_f(v['final'].get(k))}" for k, lab in HEADLINE)
+            )
     lines += ["", "## Zero-shot AUROC per finding (final)", ""]
     findings = sorted({f for v in rep["sites"].values() for f in v["final_per_finding"]})
     if findings:
@@ -259,22 +267,33 @@ def _markdown(rep: dict[str, Any]) -> str:
             lines.append(f"| {site} | " + " | ".join(_f(v["final_per_finding"].get(f)) for f in findings) + " |")
     priv = rep.get("privacy")
     if priv:
-        lines += ["", f"## Privacy spent (sample-level DP, delta = {priv['delta']}, {priv['accountant']} accountant)", ""]
+        lines += [
+            "",
+            f"## Privacy spent (sample-level DP, delta = {priv['delta']}, {priv['accountant']} accountant)",
+            "",
+        ]
         if priv.get("seeded_randomness"):
             lines += [f"**Warning: {SEEDED_WARNING}.**", ""]
         lines += [
-                  f"Budget per client: epsilon = {priv['budget_epsilon']}. Recomputed from each client's ledger "
-                  "(hash chain verified). Plot: `plots/epsilon_by_round.png`.", ""]
+            f"Budget per client: epsilon = {priv['budget_epsilon']}. Recomputed from each client's ledger "
+            "(hash chain verified). Plot: `plots/epsilon_by_round.png`.",
+            "",
+        ]
         rounds = sorted({r for c in priv["clients"].values() for r in c.get("epsilon_by_round", {})})
-        lines += ["| client | " + " | ".join(f"round {r}" for r in rounds) + " | releases (DP-SGD / Gaussian) |",
-                  "|---|" + "---|" * (len(rounds) + 1)]
+        lines += [
+            "| client | " + " | ".join(f"round {r}" for r in rounds) + " | releases (DP-SGD / Gaussian) |",
+            "|---|" + "---|" * (len(rounds) + 1),
+        ]
         for site, c in priv["clients"].items():
             if "error" in c:
                 lines.append(f"| {site} | ledger FAILED verification: {c['error']} |")
                 continue
             cells = [_f(c["epsilon_by_round"].get(r)) for r in rounds]
-            lines.append(f"| {site} | " + " | ".join(cells) +
-                         f" | {c['by_mechanism']['DPSGDEvent']} / {c['by_mechanism']['GaussianEvent']} |")
+            lines.append(
+                f"| {site} | "
+                + " | ".join(cells)
+                + f" | {c['by_mechanism']['DPSGDEvent']} / {c['by_mechanism']['GaussianEvent']} |"
+            )
         lines += ["", "Not covered by DP (named, not hidden): " + "; ".join(priv["not_covered"]) + "."]
     emp = rep.get("empirical_audit")
     if emp:
@@ -287,49 +306,70 @@ def _markdown(rep: dict[str, Any]) -> str:
                 f"{emp['m']} canaries (random-noise images, random-word reports), each included with probability 1/2 "
                 f"at **{emp['canary_site']}** ({emp['members']} included; the coins stay with the auditor). Score: "
                 f"{emp['score']}. Best of {len(emp['choices'])} pre-set guess counts (Bonferroni): "
-                f"{emp['correct']}/{emp['guesses']} guesses correct (k+ = {emp['k_plus']}, k- = {emp['k_minus']}).", "",
-                "| empirical epsilon lower bound | confidence | delta | claimed epsilon (ledger) | most this audit can show "
-                "| verdict |", "|---|---|---|---|---|---|",
+                f"{emp['correct']}/{emp['guesses']} guesses correct (k+ = {emp['k_plus']}, k- = {emp['k_minus']}).",
+                "",
+                "| empirical epsilon lower bound | confidence | delta | claimed epsilon (ledger) "
+                "| most this audit can show | verdict |",
+                "|---|---|---|---|---|---|",
                 f"| **{emp['epsilon_lower_bound']:.3f}** | {emp['confidence']:.0%} | {emp['delta']:g} | "
                 f"{'none (DP off)' if claimed is None else f'{claimed:.3f}'} | {emp['max_detectable_epsilon']:.2f} | "
-                f"{emp['verdict']} |"]
+                f"{emp['verdict']} |",
+            ]
             lines += [f"- {p}" for p in emp.get("problems", [])]
     enc = rep.get("encryption")
     if enc:
         lines += ["", "## CKKS-encrypted aggregation", ""]
         if enc.get("keys"):
             k = enc["keys"]
-            lines.append(f"Context {k.get('fingerprint')} (N={k['params'].get('poly_modulus_degree')}, moduli "
-                         f"{k['params'].get('coeff_mod_bit_sizes')}, {k.get('security_bits')}-bit security).")
+            lines.append(
+                f"Context {k.get('fingerprint')} (N={k['params'].get('poly_modulus_degree')}, moduli "
+                f"{k['params'].get('coeff_mod_bit_sizes')}, {k.get('security_bits')}-bit security)."
+            )
         if enc.get("mean_upload_bytes"):
             lines.append(f"Mean encrypted upload: {enc['mean_upload_bytes'] / 2**20:.1f} MiB per client and stage.")
         for r in enc["rounds"]:
             rej = "; ".join(f"{s}: {why}" for s, why in r["rejected"].items())
-            lines.append(f"- round {r['round']} ({r['stage']}): summed {len(r['accepted'])} "
-                         f"({', '.join(r['accepted'])})" + (f"; dropped {rej}" if rej else ""))
+            lines.append(
+                f"- round {r['round']} ({r['stage']}): summed {len(r['accepted'])} "
+                f"({', '.join(r['accepted'])})" + (f"; dropped {rej}" if rej else "")
+            )
         ex = enc.get("export")
         if ex:
-            lines += ["", f"Final model released by a key holder: {ex['decryption']}; flooding sigma "
-                          f"{ex['flooding_sigma']:g}" + (f", fixed point 2^-{ex['fixed_point_bits']}, probability "
-                          f"that any value decodes wrongly <= {ex['model_failure_probability_bound']:.1e}"
-                          if "fixed_point_bits" in ex else f", {ex.get('flooding_bits')}-bit statistical security")
-                      + "."]
+            lines += [
+                "",
+                f"Final model released by a key holder: {ex['decryption']}; flooding sigma "
+                f"{ex['flooding_sigma']:g}"
+                + (
+                    f", fixed point 2^-{ex['fixed_point_bits']}, probability "
+                    f"that any value decodes wrongly <= {ex['model_failure_probability_bound']:.1e}"
+                    if "fixed_point_bits" in ex
+                    else f", {ex.get('flooding_bits')}-bit statistical security"
+                )
+                + ".",
+            ]
         else:
-            lines += ["", "The final model is encrypted (`model/global_model.ckks`); release it with "
-                          "`secure-fedvlp export RUN_DIR --key KEYFILE`."]
+            lines += [
+                "",
+                f"The final model is encrypted (`{layout.relative(layout.encrypted_model)}`); release it "
+                "with `secure-fedvlp export RUN_DIR --key KEYFILE`.",
+            ]
     if rep.get("anchors"):
         lines += ["", "## Noised global anchors", ""]
         for r in rep["anchors"]:
             if r["status"] == "released":
-                lines.append(f"- round {r['round']}: released from {', '.join(r['contributors'])}; {r['mode']}; "
-                             f"clip C_a = {r['clip']:g}, noise std {r['sigma_total']:g}, accounted in each "
-                             f"contributor's ledger as a Gaussian release with sigma {r['sigma_accounted']:g}")
+                lines.append(
+                    f"- round {r['round']}: released from {', '.join(r['contributors'])}; {r['mode']}; "
+                    f"clip C_a = {r['clip']:g}, noise std {r['sigma_total']:g}, accounted in each "
+                    f"contributor's ledger as a Gaussian release with sigma {r['sigma_accounted']:g}"
+                )
             else:
                 lines.append(f"- round {r['round']}: withheld ({r['reason']})")
     if rep.get("stopped_clients"):
         lines += ["", "## Clients stopped by their privacy budget", ""]
         for site, v in rep["stopped_clients"].items():
-            lines.append(f"- **{site}** stopped at round {v['round']} (epsilon spent {_f(v['epsilon'])}): {v['reason']}")
+            lines.append(
+                f"- **{site}** stopped at round {v['round']} (epsilon spent {_f(v['epsilon'])}): {v['reason']}"
+            )
     if rep["failures"]:
         lines += ["", "## Dropped or failed client replies", ""]
         for r in rep["failures"]:
@@ -337,86 +377,86 @@ def _markdown(rep: dict[str, Any]) -> str:
     if rep["train_loss"]:
         lines += ["", "Plots: `plots/metrics_over_rounds.png`, `plots/train_loss.png`.", ""]
     else:  # DP clients keep their training losses (un-noised functions of their records) to themselves
-        lines += ["", "Plots: `plots/metrics_over_rounds.png`. No training-loss plot: under DP the clients keep "
-                      "their losses locally (`clients/<site>/local_train_metrics.jsonl`).", ""]
+        lines += [
+            "",
+            "Plots: `plots/metrics_over_rounds.png`. No training-loss plot: under DP the clients keep "
+            f"their losses locally (`{layout.relative(layout.local_train_metrics('<site>'))}`).",
+            "",
+        ]
     return "\n".join(lines)
 
 
-def _line_plot(path: Path, series: dict[str, dict[int, float]], ylabel: str,
-               hline: tuple[float, str] | None = None) -> Path:
-    """One line per site over rounds (optionally a labelled horizontal reference line)."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for site, values in sorted(series.items()):
-        ax.plot(list(values), list(values.values()), marker="o", label=site)
-    if hline is not None:
-        ax.axhline(hline[0], color="red", linestyle="--", label=hline[1])
-    ax.set_xlabel("round")
-    ax.set_ylabel(ylabel)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def _plots(run_dir: Path, rep: dict[str, Any], records: list[dict[str, Any]]) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
     out_dir = run_dir / "plots"
     out_dir.mkdir(exist_ok=True)
     evals = _eval_by_round(records)
-    paths = []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, (key, label) in zip(axes, ((MACRO_AUROC, "zero-shot AUROC (macro)"), ("mean_R@5", "Recall@5 (mean i2t, t2i)")),
-                                strict=True):
+
+    def site_lines(key: str) -> list[Line]:
+        lines = []
         for site, rs in sorted(evals.items()):
             rounds = sorted(r for r in rs if key in rs[r])
-            if not rounds:
-                continue
-            held = rep["sites"].get(site, {}).get("role") == "heldout"
-            ax.plot(rounds, [rs[r][key] for r in rounds], marker="o", linestyle="--" if held else "-",
-                    label=f"{site} (held-out)" if held else site)
-        ax.set_xlabel("round (0 = untrained)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
-    axes[1].legend(fontsize=8)
-    fig.suptitle("Federated evaluation per site")
-    fig.tight_layout()
-    p = out_dir / "metrics_over_rounds.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+            if rounds:
+                held = rep["sites"].get(site, {}).get("role") == "heldout"
+                lines.append(
+                    Line(
+                        rounds,
+                        [rs[r][key] for r in rounds],
+                        linestyle="--" if held else "-",
+                        label=f"{site} (held-out)" if held else site,
+                    )
+                )
+        return lines
+
+    xlabel = "round (0 = untrained)"
+    panels = [
+        Panel(
+            site_lines(MACRO_AUROC),
+            xlabel=xlabel,
+            ylabel="zero-shot AUROC (macro)",
+            integer_x=True,
+            refs=(RefLine(0.5, linestyle=":"),),
+        ),
+        Panel(site_lines("mean_R@5"), xlabel=xlabel, ylabel="Recall@5 (mean i2t, t2i)", integer_x=True, legend=True),
+    ]
+    paths = [
+        save_figure(
+            out_dir / "metrics_over_rounds.png", panels, title="Federated evaluation per site", panel_size=(5.5, 4.0)
+        )
+    ]
     if rep["train_loss"]:
-        paths.append(_line_plot(out_dir / "train_loss.png", rep["train_loss"], "mean local training loss"))
+        paths.append(
+            line_plot(out_dir / "train_loss.png", rep["train_loss"], xlabel="round", ylabel="mean local training loss")
+        )
     priv = rep.get("privacy")
     if priv and priv["clients"]:
         series = {site: c["epsilon_by_round"] for site, c in priv["clients"].items() if c.get("epsilon_by_round")}
         budget = priv.get("budget_epsilon")
-        paths.append(_line_plot(out_dir / "epsilon_by_round.png", series, f"epsilon spent (delta={priv['delta']})",
-                                hline=(float(budget), "budget") if budget is not None else None))
+        ref = RefLine(float(budget), "budget", color="red", linewidth=None) if budget is not None else None
+        paths.append(
+            line_plot(
+                out_dir / "epsilon_by_round.png",
+                series,
+                xlabel="round",
+                ylabel=f"epsilon spent (delta={priv['delta']})",
+                ref=ref,
+            )
+        )
     return paths
 
 
-def write_report(run_dir: str | os.PathLike) -> Path:
-    """Write ``report.json``, ``report.md`` and plots for a run; return the path of report.md."""
-    run_dir = Path(run_dir)
-    rep = build_report(run_dir)
-    (run_dir / "report.json").write_text(json.dumps(rep, indent=2, sort_keys=True, allow_nan=True), encoding="utf-8")
-    md = run_dir / "report.md"
+def write_report(run_dir: str | os.PathLike | FinishedRun) -> Path:
+    """Write the JSON and Markdown reports and the plots of a run; return the path of the Markdown report.
+
+    ``run_dir`` as for :func:`build_report`.
+    """
+    run = load_run(run_dir)
+    layout = run.layout
+    rep = build_report(run)
+    layout.report_json.write_text(json.dumps(rep, indent=2, sort_keys=True, allow_nan=True), encoding="utf-8")
+    md = layout.report_md
     md.write_text(_markdown(rep), encoding="utf-8")
     try:
-        _plots(run_dir, rep, read_metrics(run_dir))
+        _plots(layout.root, rep, run.metrics())
     except Exception:  # a plotting failure must not lose the report
-        logger.exception("could not draw plots for %s", run_dir)
+        logger.exception("could not draw plots for %s", layout.root)
     return md

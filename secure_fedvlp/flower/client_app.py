@@ -9,68 +9,60 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
+from secure_fedvlp.build import build_federation, build_model, configure_threads, resolve_device
 from secure_fedvlp.config import config_hash
-from secure_fedvlp.errors import PrivacyBudgetExhausted
 from secure_fedvlp.data import SiteData
+from secure_fedvlp.errors import PrivacyBudgetExhausted
 from secure_fedvlp.evaluation.metrics import evaluate_split
-from secure_fedvlp.flower.runtime import (
-    ConfigProvider,
-    RunSetup,
-    build_federation,
-    build_model,
-    config_from_run_config,
-    configure_threads,
-    resolve_device,
-    resolve_site,
-)
-from secure_fedvlp.methods import get_method
-from secure_fedvlp.privacy.anchors import ANCHOR_QUERY, ANCHORS_KEY
-from secure_fedvlp.methods.base import (
+from secure_fedvlp.flower.runtime import ConfigProvider, RunSetup, config_from_run_config, resolve_site
+from secure_fedvlp.methods.trainer import TrainTask
+from secure_fedvlp.models.state import federated_state, load_federated_state
+from secure_fedvlp.wire import (
     ARRAYS_KEY,
+    BUDGET_EXHAUSTED,
     CONFIG_KEY,
+    EPSILON,
     INFO_KEY,
+    LOCAL_STEPS,
     METRICS_KEY,
-    NUM_EXAMPLES,
-    LocalTrainer,
-    TrainTask,
+    QUERY,
+    SERVER_ROUND,
+    SITE_INFO_QUERY,
+    STAGE,
     arrays_to_numpy,
-    federated_state,
-    load_federated_state,
     numpy_to_arrays,
 )
+from secure_fedvlp.wrappers.compose import client_parts
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClientRuntime", "make_client_app", "app", "ledger_path"]
-
-BUDGET_EXHAUSTED = "budget-exhausted"
-
-
-def ledger_path(run_dir, site: str):
-    """Where a site's privacy ledger lives (in deployment: on the site's own disk)."""
-    from pathlib import Path
-
-    return Path(run_dir) / "clients" / site / "privacy_ledger.jsonl"
+__all__ = ["ClientRuntime", "make_client_app", "app", "generic_errors_mod", "GENERIC_ERROR_REASON"]
 
 
 @dataclass
 class ClientRuntime:
-    """Per-process state of one site's client: its data, model and trainer, built once."""
+    """Per-process state of one site's client: its data, model, trainer and extensions, built once.
+
+    The wrappers the config asks for (DP-SGD around the trainer, the encryption state of the client
+    mod, the anchor client) come composed from :func:`~secure_fedvlp.wrappers.compose.client_parts`;
+    the handlers below treat them alike.
+    """
 
     setup: RunSetup
     site: SiteData
     model: torch.nn.Module
-    trainer: LocalTrainer
+    trainer: Any  # the method's LocalTrainer, or DPTrainer around it
     device: torch.device
-    secagg: Any = None  # ClientSecAgg when encryption is on
+    encryption: Any = None  # ClientEncryption when encryption is on (used by the client mod)
+    extensions: list[Any] = field(default_factory=list)  # answer extra queries, extend train tasks
 
     @classmethod
     def create(cls, setup: RunSetup, context: Context) -> ClientRuntime:
@@ -79,29 +71,20 @@ class ClientRuntime:
         federation = build_federation(cfg)
         site = resolve_site(context, federation)
         if cfg.audit.canaries:  # the canary site adds the canaries the auditor gave it
-            from secure_fedvlp.data.canaries import insert_canaries
+            from secure_fedvlp.evaluation.canary_files import insert_canaries
 
             site = insert_canaries(cfg, setup.run_dir, site, [s.name for s in federation.sites])
         device = resolve_device(cfg.run.device)
         model = build_model(cfg).to(device)
-        trainer = get_method(cfg.federation.method).trainer(cfg, device, federation.public)
-        if cfg.privacy.enabled and site.role == "train":  # a held-out site releases no DP output
-            from secure_fedvlp.privacy.dpsgd import DPTrainer, client_noise_multiplier, make_ledger
-
-            path = ledger_path(setup.run_dir, site.name)
-            make_ledger(path, site.name, cfg.privacy)  # create (or resume and verify) it now
-            z, q = client_noise_multiplier(cfg, len(trainer.training_subset(site.train)))
-            logger.info("site %s: DP-SGD noise multiplier %.4f, sample rate %.4f, budget eps=%g delta=%g",
-                        site.name, z, q, cfg.privacy.target_epsilon, cfg.privacy.delta)
-            trainer = DPTrainer(trainer, path, site.name, z, q, cfg.privacy)
-        secagg = None
-        if cfg.encryption.enabled:
-            from secure_fedvlp.flower.secagg import ClientSecAgg
-
-            secagg = ClientSecAgg.load(cfg, setup.run_dir, site.name, federated_state(model))
-        logger.info("Client for site %s (%s) ready on %s%s", site.name, site.role, device,
-                    " (CKKS encryption on)" if secagg is not None else "")
-        return cls(setup, site, model, trainer, device, secagg)
+        parts = client_parts(cfg, setup.run_dir, site, federated_state(model), device, federation.public)
+        logger.info(
+            "Client for site %s (%s) ready on %s%s",
+            site.name,
+            site.role,
+            device,
+            " (CKKS encryption on)" if parts.encryption is not None else "",
+        )
+        return cls(setup, site, model, parts.trainer, device, parts.encryption, parts.extensions)
 
     # -- handlers ------------------------------------------------------------------
     def info(self) -> ConfigRecord:
@@ -109,8 +92,13 @@ class ClientRuntime:
 
     def _exhausted(self, exc: Exception) -> RecordDict:
         logger.warning("site %s stops: %s", self.site.name, exc)
-        return RecordDict({METRICS_KEY: MetricRecord({BUDGET_EXHAUSTED: 1.0, "epsilon": self.trainer.ledger.epsilon()}),
-                           CONFIG_KEY: ConfigRecord({"reason": str(exc)}), INFO_KEY: self.info()})
+        return RecordDict(
+            {
+                METRICS_KEY: MetricRecord({BUDGET_EXHAUSTED: 1.0, EPSILON: self.trainer.ledger.epsilon()}),
+                CONFIG_KEY: ConfigRecord({"reason": str(exc)}),
+                INFO_KEY: self.info(),
+            }
+        )
 
     def train(self, msg: Message) -> RecordDict:
         try:
@@ -122,19 +110,15 @@ class ClientRuntime:
         if self.site.role != "train":
             raise RuntimeError(f"site {self.site.name!r} is a held-out site and never trains.")
         cfg = msg.content[CONFIG_KEY]
-        reserved = {"server-round", "stage", "local-steps"}
-        task = TrainTask(server_round=int(cfg["server-round"]), stage=str(cfg.get("stage", "full")),
-                         steps=int(cfg.get("local-steps", self.setup.cfg.train.local_steps)),
-                         options={k: float(v) for k, v in cfg.items()
-                                  if k not in reserved and isinstance(v, (int, float))})
-        if ANCHORS_KEY in msg.content.array_records:
-            from dataclasses import replace
-
-            from secure_fedvlp.data.types import FINDINGS
-            from secure_fedvlp.privacy.anchors import bank_from_record
-
-            task = replace(task, anchors=bank_from_record(msg.content[ANCHORS_KEY], len(FINDINGS),
-                                                          int(self.model.spec.embed_dim), self.setup.cfg))
+        reserved = {SERVER_ROUND, STAGE, LOCAL_STEPS}
+        task = TrainTask(
+            server_round=int(cfg[SERVER_ROUND]),
+            stage=str(cfg.get(STAGE, "full")),
+            steps=int(cfg.get(LOCAL_STEPS, self.setup.cfg.train.local_steps)),
+            options={k: float(v) for k, v in cfg.items() if k not in reserved and isinstance(v, (int, float))},
+        )
+        for ext in self.extensions:
+            task = ext.extend_task(self, msg, task)
         global_state = arrays_to_numpy(msg.content[ARRAYS_KEY])
         load_federated_state(self.model, global_state)
         seed = _job_seed(self.setup.cfg.run.seed, self.site.name, task)
@@ -144,53 +128,30 @@ class ClientRuntime:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)
             metrics = self.trainer.fit(self.model, self.site.train, task, gen, global_state)
-        return RecordDict({ARRAYS_KEY: numpy_to_arrays(federated_state(self.model)),
-                           METRICS_KEY: MetricRecord(metrics), INFO_KEY: self.info()})
+        return RecordDict(
+            {
+                ARRAYS_KEY: numpy_to_arrays(federated_state(self.model)),
+                METRICS_KEY: MetricRecord(metrics),
+                INFO_KEY: self.info(),
+            }
+        )
 
     def query(self, msg: Message) -> RecordDict:
-        """Answer a query: ``site-info`` here, anything else by the method's trainer."""
+        """Answer a query: ``site-info`` here, an extension's kind by the extension, anything else by the trainer."""
         cfg = msg.content[CONFIG_KEY]
-        kind = str(cfg.get("query", "site-info"))
-        if kind == "site-info":
+        kind = str(cfg.get(QUERY, SITE_INFO_QUERY))
+        if kind == SITE_INFO_QUERY:
             return RecordDict({INFO_KEY: self.info()})
-        if kind == ANCHOR_QUERY:
-            try:
-                return self.anchor_contribution(msg)
-            except PrivacyBudgetExhausted as exc:
-                return self._exhausted(exc)
-        if ARRAYS_KEY in msg.content.array_records:
-            load_federated_state(self.model, arrays_to_numpy(msg.content[ARRAYS_KEY]))
         try:
+            for ext in self.extensions:
+                if kind in ext.queries:
+                    return ext.answer(self, msg)
+            if ARRAYS_KEY in msg.content.array_records:
+                load_federated_state(self.model, arrays_to_numpy(msg.content[ARRAYS_KEY]))
             metrics = self.trainer.answer_query(kind, self.model, self.site, cfg)
         except PrivacyBudgetExhausted as exc:
             return self._exhausted(exc)
         return RecordDict({METRICS_KEY: MetricRecord(metrics), INFO_KEY: self.info()})
-
-    def anchor_contribution(self, msg: Message) -> RecordDict:
-        """This site's clipped anchor sum (privacy/anchors.py), recorded in its ledger first."""
-        from flwr.app import Array, ArrayRecord
-
-        from secure_fedvlp.privacy.anchors import ANCHORS_KEY, SUM_KEY, anchor_event, site_contribution
-
-        if self.site.role != "train":
-            raise RuntimeError(f"site {self.site.name!r} is a held-out site and contributes no anchors.")
-        cfg = self.setup.cfg
-        if not cfg.anchors.enabled:
-            raise RuntimeError("the server asked for anchors but anchors.enabled is false in this site's config.")
-        rnd = int(msg.content[CONFIG_KEY]["server-round"])
-        load_federated_state(self.model, arrays_to_numpy(msg.content[ARRAYS_KEY]))
-        metrics: dict[str, float] = {}
-        if cfg.privacy.enabled:
-            ledger = self.trainer.ledger
-            ledger.record(anchor_event(cfg, rnd))  # before the release: refused if over budget, nothing sent
-            metrics["epsilon"] = ledger.epsilon()
-        data = self.trainer.training_subset(self.site.train)
-        vec = site_contribution(self.model, data, cfg, self.device,
-                                fixed_point_bits=self.secagg.fixed_point_bits if self.secagg is not None else None)
-        metrics[NUM_EXAMPLES] = float(len(data))
-        return RecordDict({ANCHORS_KEY: ArrayRecord({SUM_KEY: Array(vec.astype(np.float64))}),
-                           METRICS_KEY: MetricRecord(metrics), CONFIG_KEY: ConfigRecord({"server-round": rnd}),
-                           INFO_KEY: self.info()})
 
     def evaluate(self, msg: Message) -> RecordDict:
         load_federated_state(self.model, arrays_to_numpy(msg.content[ARRAYS_KEY]))
@@ -224,18 +185,37 @@ def get_runtime(provider: ConfigProvider, context: Context) -> ClientRuntime:
         return _RUNTIMES[key]
 
 
+#: The only error text a site sends: what went wrong stays in the site's own log, because an error message
+#: can carry private information (which records overflowed under a crafted model, a file name, a count).
+GENERIC_ERROR_REASON = "the site could not process this request; the details are in the site's own log"
+
+
+def generic_errors_mod(msg: Message, context: Context, call_next) -> Message:
+    """Outermost client mod: any exception becomes a generic error reply; details go to the site's log only."""
+    try:
+        return call_next(msg, context)
+    except Exception:  # noqa: BLE001 - every failure is answered alike
+        logger.exception(
+            "site (node %s) failed on a %s message of run %s",
+            context.node_id,
+            msg.metadata.message_type,
+            msg.metadata.run_id,
+        )
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=GENERIC_ERROR_REASON), reply_to=msg)
+
+
 def make_client_app(provider: ConfigProvider = config_from_run_config) -> ClientApp:
     """A ClientApp whose config comes from ``provider(context)``.
 
-    The secure-aggregation mod is always installed; it passes messages through untouched
+    The encryption mod is always installed; it passes messages through untouched
     unless the run's config turns encryption on.
     """
-    from secure_fedvlp.flower.secagg import make_secagg_mod
+    from secure_fedvlp.wrappers.encryption import make_encryption_mod
 
     def runtime(context: Context) -> ClientRuntime:
         return get_runtime(provider, context)
 
-    client_app = ClientApp(mods=[make_secagg_mod(runtime)])
+    client_app = ClientApp(mods=[generic_errors_mod, make_encryption_mod(runtime)])
 
     @client_app.query()
     def query(msg: Message, context: Context) -> Message:

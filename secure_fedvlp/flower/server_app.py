@@ -12,10 +12,13 @@ import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from secure_fedvlp.build import build_model, expected_num_nodes
 from secure_fedvlp.evaluation.report import RunRecorder, write_report
-from secure_fedvlp.flower.runtime import ConfigProvider, build_model, config_from_run_config, expected_num_nodes
-from secure_fedvlp.methods import get_method
-from secure_fedvlp.methods.base import arrays_to_numpy, federated_state, numpy_to_arrays
+from secure_fedvlp.flower.runtime import ConfigProvider, config_from_run_config
+from secure_fedvlp.layout import FinishedRun, RunLayout
+from secure_fedvlp.models.state import federated_state
+from secure_fedvlp.wire import arrays_to_numpy, numpy_to_arrays
+from secure_fedvlp.wrappers.compose import strategy_class
 
 logger = logging.getLogger(__name__)
 
@@ -32,49 +35,57 @@ def make_server_app(provider: ConfigProvider = config_from_run_config) -> Server
         cfg, run_dir = setup.cfg, setup.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         recorder = RunRecorder(run_dir)
+        run = FinishedRun(RunLayout(run_dir), cfg)  # the report reads this config, not a copy on disk
         model = build_model(cfg)
         initial = numpy_to_arrays(federated_state(model))
         n_values = int(sum(v.size for v in arrays_to_numpy(initial).values()))
-        recorder.progress(f"method={cfg.federation.method} rounds={cfg.federation.num_rounds} "
-                          f"federated parameters={n_values:,}")
-        strategy_cls = get_method(cfg.federation.method).strategy
+        recorder.progress(
+            f"method={cfg.federation.method} rounds={cfg.federation.num_rounds} federated parameters={n_values:,}"
+        )
+        strategy = strategy_class(cfg)(cfg, recorder)
         if cfg.encryption.enabled:
-            from secure_fedvlp.flower.secagg import encrypted_strategy, load_server_secagg
+            from secure_fedvlp.wrappers.encryption import encryption_settings, load_server_encryption
 
-            strategy = encrypted_strategy(strategy_cls)(cfg, recorder)
-            strategy.setup_secagg(load_server_secagg(cfg, run_dir), arrays_to_numpy(initial))
-            recorder.progress(f"CKKS encrypted aggregation on (context {strategy.secagg_ctx.fingerprint}, "
-                              f"fixed point 2^-{strategy.secagg_bits})")
-        else:
-            strategy = strategy_cls(cfg, recorder)
-        result = strategy.start(grid, initial, num_rounds=cfg.federation.num_rounds,
-                                timeout=cfg.federation.round_timeout_s, expected_nodes=expected_num_nodes(cfg))
+            settings = encryption_settings(cfg, run_dir)
+            strategy.setup_encryption(settings, load_server_encryption(settings), arrays_to_numpy(initial))
+            recorder.progress(
+                f"CKKS encrypted aggregation on (context {strategy.encryption_ctx.fingerprint}, "
+                f"fixed point 2^-{strategy.encryption_bits})"
+            )
+        result = strategy.start(
+            grid,
+            initial,
+            num_rounds=cfg.federation.num_rounds,
+            timeout=cfg.federation.round_timeout_s,
+            expected_nodes=expected_num_nodes(cfg),
+        )
         final_record = result.arrays if result.arrays is not None else initial
-        model_dir = run_dir / "model"
+        model_dir = run.layout.model_dir
         model_dir.mkdir(exist_ok=True)
         if cfg.encryption.enabled:
-            from secure_fedvlp.flower.secagg import is_encrypted, save_encrypted_model
+            from secure_fedvlp.wrappers.encryption import is_encrypted, save_encrypted_model
 
-            _write_secagg_stats(run_dir, strategy.secagg_stats)
+            _write_encryption_stats(run.layout, strategy.encryption_stats)
             if is_encrypted(final_record):
-                save_encrypted_model(final_record, model_dir, cfg)
-                write_report(run_dir)
+                save_encrypted_model(final_record, run.layout, cfg)
+                write_report(run)
                 return
         final = arrays_to_numpy(final_record)
-        np.savez(model_dir / "federated_params.npz", **final)
-        (model_dir / "README.txt").write_text(
+        np.savez(run.layout.model_params, **final)
+        run.layout.model_readme.write_text(
             f"Federated parameters of model config {cfg.model.name!r} after {cfg.federation.num_rounds} rounds.\n"
-            "Load with secure_fedvlp.flower.runtime.build_model(cfg) and "
-            "secure_fedvlp.methods.base.load_federated_state(model, dict(np.load(path))).\n")
-        write_report(run_dir)
+            "Load with secure_fedvlp.build.build_model(cfg) and "
+            "secure_fedvlp.models.state.load_federated_state(model, dict(np.load(path))).\n"
+        )
+        write_report(run)
 
     return server_app
 
 
-def _write_secagg_stats(run_dir, stats) -> None:
+def _write_encryption_stats(layout: RunLayout, stats) -> None:
     import json
 
-    (run_dir / "secagg_rounds.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
+    layout.encryption_rounds.write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
 
 
 app = make_server_app()

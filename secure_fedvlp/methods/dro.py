@@ -76,8 +76,9 @@ def project_simplex(w: Sequence[float]) -> np.ndarray:
     return np.maximum(w - css[k] / (k + 1.0), 0.0)
 
 
-def project_chi2_ball(w: Sequence[float], rho: float, centre: Sequence[float] | None = None,
-                      tol: float = 1e-12) -> np.ndarray:
+def project_chi2_ball(
+    w: Sequence[float], rho: float, centre: Sequence[float] | None = None, tol: float = 1e-12
+) -> np.ndarray:
     """Euclidean projection of ``w`` onto ``{q in simplex: chi2(q || centre) <= rho}``.
 
     A point already in the set is returned unchanged (up to float rounding).
@@ -107,8 +108,9 @@ def project_chi2_ball(w: Sequence[float], rho: float, centre: Sequence[float] | 
     return _p_of(w, c, hi, tol)
 
 
-def mirror_ascent_step(q: Sequence[float], losses: Sequence[float], eta: float, rho: float,
-                       centre: Sequence[float] | None = None) -> np.ndarray:
+def mirror_ascent_step(
+    q: Sequence[float], losses: Sequence[float], eta: float, rho: float, centre: Sequence[float] | None = None
+) -> np.ndarray:
     """One exponentiated-gradient ascent step on ``sum q_k L_k``, projected onto the ball."""
     q = np.asarray(q, np.float64)
     losses = np.asarray(losses, np.float64)

@@ -38,21 +38,15 @@ from flwr.serverapp import Grid
 from torch import nn
 
 from secure_fedvlp.config import ExperimentConfig
-from secure_fedvlp.methods.base import (
-    ARRAYS_KEY,
-    CONFIG_KEY,
-    METRICS_KEY,
-    NUM_EXAMPLES,
-    LocalTrainer,
-    RoundRecorder,
-    TrainTask,
-    VLPStrategy,
-    make_collate,
-)
 from secure_fedvlp.methods.dro import centre_weights, mirror_ascent_step
 from secure_fedvlp.methods.registry import register_method
-from secure_fedvlp.privacy.anchors import guidance_targets
+from secure_fedvlp.methods.strategy import RoundRecorder, VLPStrategy
+from secure_fedvlp.methods.trainer import LocalTrainer, TrainTask
+from secure_fedvlp.models.state import make_collate
 from secure_fedvlp.objectives import AnchorGuidanceLoss
+from secure_fedvlp.privacy.anchors import guidance_targets
+from secure_fedvlp.privacy.plan import ReleasePlan, StagePlan
+from secure_fedvlp.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +81,9 @@ class FedDRATrainer(LocalTrainer):
         return super().training_subset(dataset.subset(hold))
 
     # -- local objective ----------------------------------------------------------------
-    def begin(self, model: nn.Module, task: TrainTask, global_state: Mapping[str, np.ndarray],
-              dataset=None) -> dict[str, Any]:
+    def begin(
+        self, model: nn.Module, task: TrainTask, global_state: Mapping[str, np.ndarray], dataset=None
+    ) -> dict[str, Any]:
         state = super().begin(model, task, global_state, dataset=dataset)
         state["loss_scale"] = float(task.options.get(LOSS_SCALE, 1.0))
         if self.cfg.feddra.anchor_weight > 0:
@@ -99,27 +94,35 @@ class FedDRATrainer(LocalTrainer):
             state["anchor"] = anchor
         return state
 
-    def compute_loss(self, model: nn.Module, batch: dict[str, Any], state: dict[str, Any],
-                     reduction: str = "mean") -> dict[str, torch.Tensor]:
+    def compute_loss(
+        self, model: nn.Module, batch: dict[str, Any], state: dict[str, Any], reduction: str = "mean"
+    ) -> dict[str, torch.Tensor]:
         terms = super().compute_loss(model, batch, state, reduction=reduction)
         scale = state.get("loss_scale", 1.0)
         if scale != 1.0:
             terms["loss"] = terms["loss"] * scale
         return terms
 
-    def extra_terms(self, model: nn.Module, batch: dict[str, Any], out: dict[str, torch.Tensor],
-                    state: dict[str, Any], reduction: str = "mean") -> dict[str, torch.Tensor]:
+    def extra_terms(
+        self,
+        model: nn.Module,
+        batch: dict[str, Any],
+        out: dict[str, torch.Tensor],
+        state: dict[str, Any],
+        reduction: str = "mean",
+    ) -> dict[str, torch.Tensor]:
         extra: dict[str, torch.Tensor] = {}
         anchor = state.get("anchor")
         if anchor is not None:
             with torch.no_grad():
                 a = anchor(batch["images"], batch["input_ids"], batch["attention_mask"])
-            terms = self.anchor_loss(out["image_emb"], out["text_emb"], a["image_emb"], a["text_emb"],
-                                     reduction=reduction)
+            terms = self.anchor_loss(
+                out["image_emb"], out["text_emb"], a["image_emb"], a["text_emb"], reduction=reduction
+            )
             extra["anchor"] = self.cfg.feddra.anchor_weight * terms["loss"]
         bank = state.get("anchor_bank")
         if bank is not None and self.cfg.anchors.use_for_guidance and self.cfg.feddra.anchor_weight > 0:
-            # Guidance by the noised global anchors (issue 6): each record is pulled towards the anchors
+            # Guidance by the noised global anchors: each record is pulled towards the anchors
             # of its own findings (a function of the record and of a DP release only: decomposable).
             img_t, txt_t, has = guidance_targets(batch["labels"], bank)
             per = ((out["image_emb"] - img_t) ** 2).mean(-1) + ((out["text_emb"] - txt_t) ** 2).mean(-1)
@@ -153,8 +156,16 @@ class FedDRATrainer(LocalTrainer):
                     loss = self.objective(out["image_emb"], out["text_emb"], model.logit_scale)["loss"]
                     values.append(loss.expand(len(items)))
                 else:
-                    values.append(self.objective(out["image_emb"], out["text_emb"], model.logit_scale,
-                                                 state["neg_image"], state["neg_text"], reduction="none")["loss"])
+                    values.append(
+                        self.objective(
+                            out["image_emb"],
+                            out["text_emb"],
+                            model.logit_scale,
+                            state["neg_image"],
+                            state["neg_text"],
+                            reduction="none",
+                        )["loss"]
+                    )
         finally:
             model.train()
         return torch.cat(values).cpu() if values else torch.zeros(0)
@@ -210,9 +221,19 @@ class FedDRAStrategy(VLPStrategy):
     def update_weights(self, server_round: int, grid: Grid, arrays: ArrayRecord, timeout: float) -> None:
         """Query DRO losses of the new global model and take one mirror-ascent step on q."""
         nodes = self.train_nodes()
-        msgs = [Message(RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord(
-            {"query": DRO_LOSS_QUERY, "server-round": server_round})}), dst_node_id=nid,
-            message_type=MessageType.QUERY) for nid in nodes]
+        msgs = [
+            Message(
+                RecordDict(
+                    {
+                        ARRAYS_KEY: arrays,
+                        CONFIG_KEY: ConfigRecord({"query": DRO_LOSS_QUERY, "server-round": server_round}),
+                    }
+                ),
+                dst_node_id=nid,
+                message_type=MessageType.QUERY,
+            )
+            for nid in nodes
+        ]
         losses: dict[str, float] = {}
         for reply in grid.send_and_receive(msgs, timeout=timeout):
             site = self.site_name(reply)
@@ -244,28 +265,33 @@ class FedDRAStrategy(VLPStrategy):
         self.recorder.record({"round": server_round, "phase": "dro", "losses": losses, "weights": dict(self.q)})
 
     # -- rounds -------------------------------------------------------------------------
-    def stage_config(self, server_round: int, stage: str) -> ConfigRecord:
-        cfg = super().stage_config(server_round, stage)
-        if stage == "align":
-            cfg["local-steps"] = self.dra.stage1_steps
-        else:
-            cfg["local-steps"] = self.dra.stage2_steps or self.cfg.train.local_steps
-        return cfg
+    @classmethod
+    def release_plan(cls, cfg: ExperimentConfig) -> ReleasePlan:
+        """FedDRA: an ``align`` stage of ``feddra.stage1_steps`` then a ``full`` stage of
+        ``feddra.stage2_steps`` (``train.local_steps`` when 0); FedAID: the ``full`` stage only.
+        Both ask each site for one noised DRO-loss report per round."""
+        full = StagePlan("full", cfg.feddra.stage2_steps or cfg.train.local_steps)
+        stages = (StagePlan("align", cfg.feddra.stage1_steps), full) if cls.two_stage else (full,)
+        return ReleasePlan(stages=stages, reports=(DRO_LOSS_QUERY,))
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         messages = []
         for nid in self.sample_train_nodes(server_round):
             node_cfg = ConfigRecord(dict(config))
             node_cfg[LOSS_SCALE] = float(self.loss_scale(self.sites[nid].site))
-            messages.append(Message(RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: node_cfg}), dst_node_id=nid,
-                                    message_type=MessageType.TRAIN))
+            messages.append(
+                Message(
+                    RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: node_cfg}),
+                    dst_node_id=nid,
+                    message_type=MessageType.TRAIN,
+                )
+            )
         return messages
 
     def train_round(self, server_round: int, grid: Grid, arrays: ArrayRecord, timeout: float) -> ArrayRecord:
-        if self.two_stage:
-            arrays = self.run_stage(server_round, "align", grid, arrays, timeout)
-        arrays = self.run_stage(server_round, "full", grid, arrays, timeout)
+        arrays = super().train_round(server_round, grid, arrays, timeout)
         self.update_weights(server_round, grid, arrays, timeout)
         return arrays
 
@@ -277,7 +303,15 @@ class FedAIDStrategy(FedDRAStrategy):
     two_stage = False
 
 
-register_method("feddra", FedDRAStrategy, FedDRATrainer,
-                "Distributionally robust alignment: chi-square DRO weights, anchor guidance, two-stage rounds.")
-register_method("fedaid", FedAIDStrategy, FedDRATrainer,
-                "Align as Ideal: FedDRA's DRO weights and anchor guidance in one stage per round.")
+register_method(
+    "feddra",
+    FedDRAStrategy,
+    FedDRATrainer,
+    "Distributionally robust alignment: chi-square DRO weights, anchor guidance, two-stage rounds.",
+)
+register_method(
+    "fedaid",
+    FedAIDStrategy,
+    FedDRATrainer,
+    "Align as Ideal: FedDRA's DRO weights and anchor guidance in one stage per round.",
+)

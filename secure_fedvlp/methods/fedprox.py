@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from secure_fedvlp.methods.base import LocalTrainer, TrainTask, VLPStrategy
 from secure_fedvlp.methods.registry import register_method
+from secure_fedvlp.methods.strategy import VLPStrategy
+from secure_fedvlp.methods.trainer import LocalTrainer, TrainTask
 
 __all__ = ["FedProxTrainer"]
 
@@ -25,12 +26,16 @@ class FedProxTrainer(LocalTrainer):
 
     name = "fedprox"
 
-    def begin(self, model: nn.Module, task: TrainTask, global_state: Mapping[str, np.ndarray],
-              dataset=None) -> dict[str, Any]:
+    def begin(
+        self, model: nn.Module, task: TrainTask, global_state: Mapping[str, np.ndarray], dataset=None
+    ) -> dict[str, Any]:
         state = super().begin(model, task, global_state, dataset=dataset)
         params = dict(model.named_parameters())
-        state["global_params"] = {n: torch.as_tensor(np.asarray(v), device=params[n].device, dtype=params[n].dtype)
-                                  for n, v in global_state.items() if params[n].requires_grad}
+        state["global_params"] = {
+            n: torch.as_tensor(np.asarray(v), device=params[n].device, dtype=params[n].dtype)
+            for n, v in global_state.items()
+            if params[n].requires_grad
+        }
         return state
 
     def regularizer(self, model: nn.Module, state: dict[str, Any]) -> dict[str, torch.Tensor]:

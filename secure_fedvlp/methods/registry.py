@@ -1,12 +1,25 @@
-"""Registry of federated methods: name -> (server strategy class, client trainer class)."""
+"""Registry of federated methods: name -> (server strategy class, client trainer class).
+
+Built-in methods register themselves when :mod:`secure_fedvlp.methods` is imported (use
+``get_method``/``list_methods`` from there); third-party methods are found through the
+``secure_fedvlp.methods`` entry-point group (each entry point names a module that calls
+:func:`register_method` when imported).  Registering a name also
+declares it to the config layer (:func:`secure_fedvlp.config.declare_method`), so a config
+naming it validates.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 
+from secure_fedvlp.config import ExperimentConfig, declare_method
 from secure_fedvlp.errors import ConfigError
+from secure_fedvlp.privacy.plan import ReleasePlan
 
-__all__ = ["MethodSpec", "register_method", "get_method", "list_methods"]
+__all__ = ["MethodSpec", "register_method", "get_method", "list_methods", "load_entry_points", "ENTRY_POINT_GROUP"]
+
+ENTRY_POINT_GROUP = "secure_fedvlp.methods"
 
 
 @dataclass(frozen=True)
@@ -18,6 +31,10 @@ class MethodSpec:
     trainer: type
     description: str = ""
 
+    def plan(self, cfg: ExperimentConfig) -> ReleasePlan:
+        """What a training site releases per round under this method (the strategy's declaration)."""
+        return self.strategy.release_plan(cfg)
+
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
@@ -28,25 +45,30 @@ def register_method(name: str, strategy: type, trainer: type, description: str =
         raise ValueError(f"method {name!r} is already registered.")
     spec = MethodSpec(name, strategy, trainer, description)
     _REGISTRY[name] = spec
+    declare_method(name)
     return spec
 
 
-def _ensure_loaded() -> None:
-    # Importing the package registers the built-in methods.
-    import secure_fedvlp.methods  # noqa: F401
+def load_entry_points() -> None:
+    """Import every method module listed in the ``secure_fedvlp.methods`` entry-point group (third-party methods)."""
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in _REGISTRY:
+            ep.load()
 
 
 def get_method(name: str) -> MethodSpec:
     """The method registered as ``name``; :class:`ConfigError` listing valid names otherwise."""
-    _ensure_loaded()
+    if name not in _REGISTRY:
+        load_entry_points()
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ConfigError(f"'federation.method' = {name!r} is not a known method "
-                          f"(known: {', '.join(sorted(_REGISTRY))}).") from None
+        raise ConfigError(
+            f"'federation.method' = {name!r} is not a known method (known: {', '.join(sorted(_REGISTRY))})."
+        ) from None
 
 
 def list_methods() -> list[str]:
-    """Names of all registered methods."""
-    _ensure_loaded()
+    """Names of all registered methods (built-in and entry points)."""
+    load_entry_points()
     return sorted(_REGISTRY)

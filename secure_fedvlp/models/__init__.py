@@ -4,5 +4,12 @@ from secure_fedvlp.models import grad_samplers  # noqa: F401  (registers Opacus 
 from secure_fedvlp.models.factory import create_model, default_text_weights_dir, get_model_spec, list_models
 from secure_fedvlp.models.vlp import LogitScale, ModelSpec, VLPModel
 
-__all__ = ["create_model", "default_text_weights_dir", "get_model_spec", "list_models", "LogitScale", "ModelSpec",
-           "VLPModel"]
+__all__ = [
+    "create_model",
+    "default_text_weights_dir",
+    "get_model_spec",
+    "list_models",
+    "LogitScale",
+    "ModelSpec",
+    "VLPModel",
+]

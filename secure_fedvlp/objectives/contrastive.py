@@ -28,11 +28,14 @@ class InfoNCELoss(nn.Module):
 
     couples_samples = True
 
-    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: nn.Module,
-                reduction: str = "mean") -> dict[str, torch.Tensor]:
+    def forward(
+        self, image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: nn.Module, reduction: str = "mean"
+    ) -> dict[str, torch.Tensor]:
         if reduction != "mean":
-            raise ValueError("in-batch InfoNCE has no per-record loss (each record's term depends on the whole "
-                             f"batch); only reduction='mean' is defined. Found {reduction!r}.")
+            raise ValueError(
+                "in-batch InfoNCE has no per-record loss (each record's term depends on the whole "
+                f"batch); only reduction='mean' is defined. Found {reduction!r}."
+            )
         logits = logit_scale(image_emb @ text_emb.T)
         target = torch.arange(logits.shape[0], device=logits.device)
         i2t = F.cross_entropy(logits, target)
@@ -67,15 +70,24 @@ class DecomposableContrastiveLoss(nn.Module):
 
     couples_samples = False
 
-    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: nn.Module,
-                neg_image_bank: torch.Tensor, neg_text_bank: torch.Tensor,
-                reduction: str = "mean", pos_image: torch.Tensor | None = None,
-                pos_text: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        logit_scale: nn.Module,
+        neg_image_bank: torch.Tensor,
+        neg_text_bank: torch.Tensor,
+        reduction: str = "mean",
+        pos_image: torch.Tensor | None = None,
+        pos_text: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none'; found {reduction!r}.")
         if neg_image_bank.ndim != 2 or neg_text_bank.ndim != 2 or neg_text_bank.shape[0] == 0:
-            raise ValueError("negative banks must be non-empty [K, D] matrices; "
-                             f"found {tuple(neg_image_bank.shape)} and {tuple(neg_text_bank.shape)}.")
+            raise ValueError(
+                "negative banks must be non-empty [K, D] matrices; "
+                f"found {tuple(neg_image_bank.shape)} and {tuple(neg_text_bank.shape)}."
+            )
         for name, pos_ in (("pos_image", pos_image), ("pos_text", pos_text)):
             if pos_ is not None and pos_.shape != image_emb.shape:
                 raise ValueError(f"{name} must be [B, D] = {tuple(image_emb.shape)}; found {tuple(pos_.shape)}.")

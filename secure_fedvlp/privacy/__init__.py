@@ -22,7 +22,7 @@ from secure_fedvlp.privacy.accountant import (
     make_accountant,
     register_accountant,
 )
-from secure_fedvlp.privacy.budget import Budget, BudgetGuard, check_release
+from secure_fedvlp.privacy.budget import Budget, check_release
 from secure_fedvlp.privacy.calibration import calibrate_gaussian_sigma, calibrate_noise_multiplier
 from secure_fedvlp.privacy.events import (
     EVENT_TYPES,
@@ -65,7 +65,6 @@ __all__ = [
     "make_accountant",
     "register_accountant",
     "Budget",
-    "BudgetGuard",
     "check_release",
     "calibrate_gaussian_sigma",
     "calibrate_noise_multiplier",

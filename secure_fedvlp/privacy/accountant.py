@@ -1,12 +1,12 @@
 """Privacy accountants: a history of immutable events and a pure epsilon query.
 
-Every accountant here follows one contract (STYLE.md item 4; ``dp_accounting``'s
+Every accountant here follows one contract (``dp_accounting``'s
 ``PrivacyAccountant`` and Opacus' ``IAccountant``):
 
 * :meth:`PrivacyAccountant.compose` appends one event to :attr:`~PrivacyAccountant.history`
   (a tuple; events are frozen) and updates a cache;
 * :meth:`PrivacyAccountant.get_epsilon` is pure: it never mutates the accountant, so calling
-  it twice returns the same value and leaves the history unchanged (Opacus issue #535 was a
+  it twice returns the same value and leaves the history unchanged (Opacus bug pytorch/opacus#535 was a
   query that mutated state);
 * :meth:`PrivacyAccountant.state_dict` / :meth:`PrivacyAccountant.load_state_dict` round-trip
   through JSON-ready dicts of events.
@@ -40,7 +40,8 @@ import functools
 import logging
 import math
 import warnings
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence, TypeVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -205,7 +206,9 @@ class PrivacyAccountant(abc.ABC):
             logger.warning(
                 "Loading %s state saved with options %s into an accountant with options %s; "
                 "epsilon is recomputed with the current options.",
-                self.mechanism, dict(opts), self.options(),
+                self.mechanism,
+                dict(opts),
+                self.options(),
             )
         events = [event_from_dict(d) for d in state_dict["history"]]
         self._history = []

@@ -1,6 +1,6 @@
 """Noised global anchor features: a per-finding image and text anchor bank, released under DP.
 
-What is released (issue 6; DESIGN.md, "The privacy unit")
+What is released
 --------------------------------------------------------
 Each round, before training, every training site embeds its training records with the current
 global model.  Record ``r`` with multi-hot findings ``y_r`` and unit-norm embeddings ``v_r``
@@ -17,26 +17,30 @@ the noised image (text) sum, kept only where the noised count is clearly positiv
 Who adds the noise (``anchors.noise``)
 --------------------------------------
 * ``"server"`` with CKKS on: sites encrypt ``S_k``; the server sums ciphertexts and adds the
-  Gaussian in the ciphertext domain (:func:`~secure_fedvlp.secagg.add_plaintext_noise`); it
+  Gaussian in the ciphertext domain (:func:`~secure_fedvlp.encryption.add_plaintext_noise`); it
   never holds a plaintext anchor, and sites only ever decrypt the noised sum.
 * ``"server"`` with CKKS off: **trusted-aggregator mode**: the server sees each ``S_k`` in clear
   and adds the noise before broadcasting.  The DP guarantee then holds against the other sites
   and model consumers, not against the server; the report labels it.
 * ``"distributed"``: each site adds its own share ``N(0, (z C_a)^2 / (t - 1))``, ``t =
   anchors.min_contributors >= 2``, and an aggregate of fewer than ``t`` contributions is
-  discarded.  Any ``t - 1`` honest shares then carry the full variance, so a site that knows its
-  own share (a curious client), or a server that colludes with one site, still faces ``z C_a``.
-  A dropout only removes shares from an aggregate that still has ``>= t`` of them.  Without CKKS
-  the server sees each site's individually noised ``S_k``, whose noise is only the share's: the
-  ledger then records that smaller sigma (the release as the server sees it), never the total.
+  discarded.  Any ``t - 1`` honest shares carry the full variance, so a site that knows its own
+  share (a curious client) still faces ``z C_a`` in an aggregate of ``t`` honest contributions.
+  But nothing lets a site check how many contributions an aggregate really holds: without CKKS the
+  server sees each ``S_k`` with only its own share of the noise, and with CKKS every site holds the
+  one secret key, so a server that forwards a single site's ciphertext as "the aggregate", or that
+  colludes with any site, sees that site's sum with its share only.  The ledger therefore records
+  the share's sigma in distributed mode, encrypted or not (the release as the weakest view sees it).
 
 Accounting
 ----------
 Every contributing site records a :class:`~secure_fedvlp.privacy.events.GaussianEvent`
 (sensitivity ``C_a``, the sigma above, ``what = "anchors"``) in its ledger **before** it sends
 ``S_k``; a budget that cannot afford it refuses the release and the site sends nothing.  With
-CKKS on, contributions are rounded to the fixed-point grid; the clip is tightened by the
-largest rounding displacement so that the rounded contribution still has norm ``<= C_a``.
+CKKS on, a site's sum is rounded to the fixed-point grid; each record is clipped to ``C_a`` minus
+twice the largest rounding displacement, so that the rounded sums of neighbouring datasets are
+still at most ``C_a`` apart (:func:`effective_clip`).  Distributed noise is accounted at one
+share's sigma whether or not the sums are encrypted (see :func:`anchor_event`).
 """
 
 from __future__ import annotations
@@ -49,24 +53,25 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from secure_fedvlp.config import ExperimentConfig
 from secure_fedvlp.privacy.events import GaussianEvent
 
 __all__ = [
     "ANCHOR_QUERY",
+    "TRUSTED_SERVER_SCOPE",
+    "claim_scope",
     "ANCHORS_KEY",
     "SUM_KEY",
     "AnchorBank",
     "anchor_dim",
     "anchor_event",
     "planned_anchor_events",
+    "share_noise",
     "share_sigma",
     "total_sigma",
     "effective_clip",
     "record_contributions",
-    "site_contribution",
     "server_noise",
     "decode_anchors",
     "guidance_targets",
@@ -78,6 +83,20 @@ ANCHOR_QUERY = "anchors"
 ANCHORS_KEY = "anchors"
 #: Array (inside that record) holding a plaintext contribution or bank.
 SUM_KEY = "anchor-sum"
+
+
+#: What a run in the trusted-aggregator mode (``anchors.trust_server = true``) does not claim.
+TRUSTED_SERVER_SCOPE = (
+    "anchors.trust_server = true: the server added the anchor noise without encryption and saw every site's "
+    "un-noised anchor sum, so the epsilon below holds only against parties other than the server (other sites, "
+    "model consumers, the network)"
+)
+
+
+def claim_scope(cfg: ExperimentConfig) -> list[str]:
+    """Limits of the run's DP claim that the anchors configuration implies (empty when there are none)."""
+    a = cfg.anchors
+    return [TRUSTED_SERVER_SCOPE] if a.enabled and a.trusted_aggregator(cfg.encryption.enabled) else []
 
 
 def anchor_dim(num_findings: int, emb_dim: int) -> int:
@@ -99,9 +118,11 @@ def share_sigma(cfg: ExperimentConfig) -> float:
 def anchor_event(cfg: ExperimentConfig, server_round: int) -> GaussianEvent:
     """The release one site records before sending its contribution (see the module docstring)."""
     a = cfg.anchors
-    sigma = total_sigma(cfg)
-    if a.noise == "distributed" and not cfg.encryption.enabled:
-        sigma = share_sigma(cfg)  # the server sees this site's sum with its own share only
+    # Distributed noise is accounted at one share, encrypted or not: all sites share one CKKS key and
+    # no site can check how many contributions an aggregate holds, so a server that forwards a single
+    # site's ciphertext, or that colludes with a key-holding site, sees that site's sum with only its
+    # own share of the noise.
+    sigma = share_sigma(cfg) if a.noise == "distributed" else total_sigma(cfg)
     return GaussianEvent(sensitivity=float(a.clip), sigma=sigma, what="anchors", round=int(server_round))
 
 
@@ -113,23 +134,36 @@ def planned_anchor_events(cfg: ExperimentConfig) -> list[GaussianEvent]:
 
 
 def effective_clip(cfg: ExperimentConfig, dim: int, fixed_point_bits: int | None) -> float:
-    """Clip applied before rounding to the ``2**-f`` grid, so that the rounded contribution has norm <= C_a."""
+    """Per-record clip when a site's sum is rounded to the ``2**-f`` grid before it is encrypted.
+
+    Rounding moves a sum by at most ``slack = sqrt(dim) * 2**-(f+1)`` in L2, and the sums of two
+    neighbouring datasets are rounded independently, so their rounded values can differ by the
+    record's contribution plus ``2 * slack`` (one sum rounded down, the other up).  Clipping each
+    record to ``C_a - 2 * slack`` keeps the sensitivity of the rounded sum at ``C_a``, the value the
+    ledger records.
+    """
     clip = float(cfg.anchors.clip)
     if fixed_point_bits is None:
         return clip
-    slack = math.sqrt(dim) * 2.0 ** -(fixed_point_bits + 1)  # largest L2 displacement of rounding
-    if slack >= 0.5 * clip:
-        raise ValueError(f"anchors.clip = {clip} is too small for the fixed-point grid 2^-{fixed_point_bits} "
-                         f"over {dim} values (rounding alone moves a contribution by up to {slack:.2e}).")
-    return clip - slack
+    slack = math.sqrt(dim) * 2.0 ** -(fixed_point_bits + 1)  # largest L2 displacement of rounding one sum
+    if 2.0 * slack >= 0.5 * clip:
+        raise ValueError(
+            f"anchors.clip = {clip} is too small for the fixed-point grid 2^-{fixed_point_bits} "
+            f"over {dim} values (rounding two neighbouring sums moves them apart by up to "
+            f"{2 * slack:.2e})."
+        )
+    return clip - 2.0 * slack
 
 
-def record_contributions(image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor,
-                         clip: float) -> torch.Tensor:
+def record_contributions(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor, clip: float
+) -> torch.Tensor:
     """Per-record clipped contributions ``[N, F * (2 D + 1)]`` from unit-norm embeddings and multi-hot labels."""
     if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
-        raise ValueError(f"image and text embeddings must be [N, D] alike; found {tuple(image_emb.shape)} and "
-                         f"{tuple(text_emb.shape)}.")
+        raise ValueError(
+            f"image and text embeddings must be [N, D] alike; found {tuple(image_emb.shape)} and "
+            f"{tuple(text_emb.shape)}."
+        )
     if labels.ndim != 2 or labels.shape[0] != image_emb.shape[0]:
         raise ValueError(f"labels must be [N, F] with N = {image_emb.shape[0]}; found {tuple(labels.shape)}.")
     n = image_emb.shape[0]
@@ -140,47 +174,18 @@ def record_contributions(image_emb: torch.Tensor, text_emb: torch.Tensor, labels
     return c * torch.clamp(clip / norms.clamp_min(1e-12), max=1.0)
 
 
-@torch.no_grad()
-def site_contribution(model: nn.Module, dataset, cfg: ExperimentConfig, device: torch.device, *,
-                      fixed_point_bits: int | None = None, generator: torch.Generator | None = None) -> np.ndarray:
-    """A site's contribution ``S_k`` (float64): clipped per record, summed, plus its share in distributed mode."""
-    from secure_fedvlp.methods.base import make_collate
-
-    labels_all = torch.as_tensor(np.asarray(dataset.labels), dtype=torch.float32)
-    emb_dim = int(model.spec.embed_dim)
-    dim = anchor_dim(labels_all.shape[1], emb_dim)
-    clip = effective_clip(cfg, dim, fixed_point_bits)
-    was = model.training
-    model.eval()
-    total = torch.zeros(dim, dtype=torch.float64)
-    try:
-        collate = make_collate(model)
-        bs = cfg.eval.batch_size
-        for start in range(0, len(dataset), bs):
-            items = [dataset[i] for i in range(start, min(start + bs, len(dataset)))]
-            b = collate(items)
-            out = model(b["images"].to(device), b["input_ids"].to(device), b["attention_mask"].to(device))
-            c = record_contributions(out["image_emb"].float().cpu(), out["text_emb"].float().cpu(), b["labels"], clip)
-            total += c.double().sum(0)
-    finally:
-        model.train(was)
-    if cfg.anchors.noise == "distributed":
-        gen = generator if generator is not None else torch.Generator().manual_seed(_fresh_seed())
-        total += share_sigma(cfg) * torch.randn(dim, generator=gen, dtype=torch.float64)
-    return total.numpy()
+def share_noise(cfg: ExperimentConfig, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """One site's noise share in distributed mode, ``N(0, share_sigma^2 I)`` (float64)."""
+    return share_sigma(cfg) * torch.randn(int(dim), generator=generator, dtype=torch.float64)
 
 
 def server_noise(cfg: ExperimentConfig, dim: int, generator: np.random.Generator) -> np.ndarray:
     """The server's Gaussian, ``N(0, (z C_a)^2 I)`` (``"server"`` mode only)."""
     if cfg.anchors.noise != "server":
-        raise ValueError(f"the server adds anchor noise only with anchors.noise = 'server'; found {cfg.anchors.noise!r}.")
+        raise ValueError(
+            f"the server adds anchor noise only with anchors.noise = 'server'; found {cfg.anchors.noise!r}."
+        )
     return generator.normal(0.0, total_sigma(cfg), size=int(dim))
-
-
-def _fresh_seed() -> int:
-    import secrets
-
-    return secrets.randbits(62)
 
 
 @dataclass(frozen=True)
@@ -201,8 +206,10 @@ def decode_anchors(vector: np.ndarray, num_findings: int, emb_dim: int, cfg: Exp
     """Post-processing of the noised bank: per-finding directions where the noised count is > 3 sigma."""
     v = np.asarray(vector, dtype=np.float64).reshape(-1)
     if v.size != anchor_dim(num_findings, emb_dim):
-        raise ValueError(f"anchor bank has {v.size} values; expected {anchor_dim(num_findings, emb_dim)} "
-                         f"({num_findings} findings x (2 x {emb_dim} + 1)).")
+        raise ValueError(
+            f"anchor bank has {v.size} values; expected {anchor_dim(num_findings, emb_dim)} "
+            f"({num_findings} findings x (2 x {emb_dim} + 1))."
+        )
     if not np.all(np.isfinite(v)):
         raise ValueError("anchor bank holds non-finite values.")
     m = torch.from_numpy(v.reshape(num_findings, 2 * emb_dim + 1)).float()
@@ -210,7 +217,7 @@ def decode_anchors(vector: np.ndarray, num_findings: int, emb_dim: int, cfg: Exp
     noise_count = total_sigma(cfg) * (1.0 if cfg.anchors.noise == "server" else 1.5)
     keep = torch.nonzero(counts > max(1.0, 3.0 * noise_count)).reshape(-1)
     img = F.normalize(m[keep, :emb_dim], dim=-1)
-    txt = F.normalize(m[keep, emb_dim:2 * emb_dim], dim=-1)
+    txt = F.normalize(m[keep, emb_dim : 2 * emb_dim], dim=-1)
     return AnchorBank(img, txt, keep, counts, num_findings)
 
 

@@ -12,8 +12,9 @@ For every client that took part in training, :func:`audit_run`:
    checks that an independent implementation of the same analysis agrees with it (Opacus RDP vs
    ``dp-accounting`` RDP within :data:`RDP_TOLERANCE`; for a PLD claim, PLD vs Opacus PRV within
    :data:`PRV_TOLERANCE`), that PLD is at most the RDP bound (up to :data:`PLD_SLACK`), that the
-   claim is within the run's budget, and that it equals what the run reported in ``report.json``
-   (within :data:`REPORT_TOLERANCE` relative).
+   claim is within the run's budget, and that it equals what the run reported in its report
+   (:attr:`RunLayout.report_json <secure_fedvlp.layout.RunLayout.report_json>`, within
+   :data:`REPORT_TOLERANCE` relative).
 
 Every accountant's value is a valid upper bound on the true epsilon, so the smallest of them
 holds; the budget is enforced (by the training run, and here) with the run's own accountant. When
@@ -22,24 +23,35 @@ implementations differ by their order grids or discretisation, well inside the t
 audit says so in a note and still passes.
 
 A client that trained but has no ledger is a failure.  Nothing here trusts the training
-process beyond the files it left.
+process beyond the files it left; the run's settings are its resolved config, read by
+:func:`~secure_fedvlp.layout.load_run`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import tomllib
+import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from secure_fedvlp.errors import LedgerError
+from secure_fedvlp.errors import LedgerError, SecureFedVLPError
+from secure_fedvlp.layout import FinishedRun, load_run
 from secure_fedvlp.privacy.accountant import NEGLIGIBLE_NOISE_MULTIPLIER, make_accountant
+from secure_fedvlp.privacy.anchors import claim_scope
 from secure_fedvlp.privacy.ledger import read_ledger
 
-__all__ = ["ClientAudit", "RunAudit", "audit_run", "attach_empirical", "format_audit", "format_empirical",
-           "RDP_TOLERANCE", "PLD_SLACK", "PRV_TOLERANCE", "REPORT_TOLERANCE"]
+__all__ = [
+    "ClientAudit",
+    "RunAudit",
+    "audit_run",
+    "attach_empirical",
+    "format_audit",
+    "format_empirical",
+    "RDP_TOLERANCE",
+    "PLD_SLACK",
+    "PRV_TOLERANCE",
+    "REPORT_TOLERANCE",
+]
 
 #: Relative agreement required between the two RDP implementations (measured worst case 0.71 %
 #: over z in [0.8, 4], eps <= 20; see tests/unit/test_privacy_accounting.py).
@@ -84,6 +96,8 @@ class RunAudit:
     problems: list[str] = field(default_factory=list)
     #: The one-run empirical audit (``--empirical``): see :mod:`secure_fedvlp.evaluation.membership`.
     empirical: dict[str, Any] | None = None
+    #: Limits of the claim the configuration implies (printed; they do not fail the audit).
+    scope: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -130,59 +144,65 @@ def opacus_prv_epsilon(events, delta: float, eps_error: float = 0.01) -> float:
         return float(acc.get_epsilon(delta, eps_error=eps_error))
 
 
-def _trained_clients(run_dir: Path) -> set[str]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return set()
-    out = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if r.get("phase") == "train" and r.get("status") in ("ok", "budget_exhausted"):
-            out.add(r["site"])
-    return out
+def _trained_clients(records: list[dict[str, Any]]) -> set[str]:
+    """The sites whose training replies the run recorded (including those stopped by their budget)."""
+    return {
+        r["site"]
+        for r in records
+        if r.get("phase") == "train" and r.get("status") in ("ok", "budget_exhausted") and "site" in r
+    }
 
 
-def audit_run(run_dir: str | Path) -> RunAudit:
-    """Audit every client ledger of ``run_dir`` (see the module docstring)."""
-    run_dir = Path(run_dir)
+def audit_run(run_dir: str | os.PathLike | FinishedRun) -> RunAudit:
+    """Audit every client ledger of ``run_dir`` (see the module docstring).
+
+    A directory that is not a run directory, or whose config is missing or invalid, gives an audit
+    that fails with the problem named (nothing to recompute without the run's settings).
+    """
+    try:
+        run = load_run(run_dir)
+    except SecureFedVLPError as exc:
+        return RunAudit(
+            str(run_dir.root if isinstance(run_dir, FinishedRun) else run_dir), float("nan"), None, [], [str(exc)]
+        )
+    layout, priv = run.layout, run.cfg.privacy
     problems: list[str] = []
-    cfg_path = run_dir / "config.toml"
-    if not cfg_path.exists():
-        return RunAudit(str(run_dir), float("nan"), None, [], [f"{cfg_path} is missing: not a run directory."])
-    priv = tomllib.loads(cfg_path.read_text(encoding="utf-8")).get("privacy", {})
-    delta = float(priv.get("delta", 1e-5))
-    budget = float(priv["target_epsilon"]) if priv.get("enabled") else None
-    if priv.get("enabled") and priv.get("seeded_randomness"):
-        problems.append("privacy.seeded_randomness = true: the DP-SGD noise and Poisson sampling were derived from "
-                        "run.seed, which the server holds, so the run makes no DP claim against the server or anyone "
-                        "who knows the seed.")
-    claim_kind = str(priv.get("accountant", "rdp"))
-    if claim_kind not in ("rdp", "pld"):
-        problems.append(f"privacy.accountant = {claim_kind!r} in {cfg_path} is not an accountant this audit knows "
-                        "('rdp' or 'pld'); the claim is audited as RDP.")
-        claim_kind = "rdp"
-    if not priv.get("enabled"):
+    delta = priv.delta
+    budget = priv.target_epsilon if priv.enabled else None
+    if priv.enabled and priv.seeded_randomness:
+        problems.append(
+            "privacy.seeded_randomness = true: the DP-SGD noise and Poisson sampling were derived from "
+            "run.seed, which the server holds, so the run makes no DP claim against the server or anyone "
+            "who knows the seed."
+        )
+    claim_kind = priv.accountant
+    if not priv.enabled:
         problems.append("privacy.enabled is false in the run's config: the run made no DP claim to audit.")
     reported: dict[str, float] = {}
-    rep_path = run_dir / "report.json"
-    if rep_path.exists():
-        rep = json.loads(rep_path.read_text(encoding="utf-8"))
-        for site, c in ((rep.get("privacy") or {}).get("clients") or {}).items():
-            if "epsilon" in c:
-                reported[site] = float(c["epsilon"])
-    else:
-        problems.append(f"{rep_path} is missing: nothing reported to compare with.")
+    try:
+        rep = run.report()
+        if rep is None:
+            problems.append(f"{layout.report_json} is missing: nothing reported to compare with.")
+    except SecureFedVLPError as exc:  # a report that is not valid JSON
+        rep = None
+        problems.append(f"{exc} Nothing reported to compare with.")
+    for site, c in (((rep or {}).get("privacy") or {}).get("clients") or {}).items():
+        if "epsilon" in c:
+            reported[site] = float(c["epsilon"])
+    try:
+        trained = _trained_clients(run.metrics())
+    except SecureFedVLPError as exc:
+        trained = set()
+        problems.append(f"{exc} The clients that trained cannot be checked against the ledgers.")
 
-    ledgers = {p.parent.name: p for p in sorted((run_dir / "clients").glob("*/privacy_ledger.jsonl"))}
+    ledgers = run.ledgers()
     audits = []
-    for site in sorted(_trained_clients(run_dir) - set(ledgers)):
-        audits.append(ClientAudit(site, "", problems=[f"client {site} trained but has no ledger "
-                                                      f"({run_dir / 'clients' / site / 'privacy_ledger.jsonl'})."]))
+    for site in sorted(trained - set(ledgers)):
+        audits.append(
+            ClientAudit(site, "", problems=[f"client {site} trained but has no ledger ({layout.ledger(site)})."])
+        )
     for site, path in ledgers.items():
-        a = ClientAudit(site, str(path.relative_to(run_dir)), claimed_accountant=claim_kind, reported=reported.get(site))
+        a = ClientAudit(site, layout.relative(path), claimed_accountant=claim_kind, reported=reported.get(site))
         audits.append(a)
         try:
             events = [e.event for e in read_ledger(path, client_id=site)]
@@ -202,29 +222,41 @@ def audit_run(run_dir: str | Path) -> RunAudit:
         rdp, alt, pld, prv = a.epsilon_rdp, a.epsilon_dp_accounting_rdp, a.epsilon_pld, a.epsilon_prv
         a.claimed = claim = rdp if claim_kind == "rdp" else pld
         if events and abs(rdp - alt) > RDP_TOLERANCE * max(rdp, 1e-12):
-            a.problems.append(f"accountants disagree: Opacus RDP {rdp:.6g} vs dp-accounting RDP {alt:.6g} "
-                              f"(tolerance {RDP_TOLERANCE:.0%}).")
+            a.problems.append(
+                f"accountants disagree: Opacus RDP {rdp:.6g} vs dp-accounting RDP {alt:.6g} "
+                f"(tolerance {RDP_TOLERANCE:.0%})."
+            )
         if events and pld > rdp * (1 + PLD_SLACK):
             a.problems.append(f"PLD epsilon {pld:.6g} exceeds the RDP bound {rdp:.6g} beyond discretisation slack.")
-        if events and claim_kind == "pld" and prv is not None and math.isfinite(pld) \
-                and abs(pld - prv) > PRV_TOLERANCE * max(pld, 1e-12):
-            a.problems.append(f"accountants disagree: dp-accounting PLD {pld:.6g} vs Opacus PRV {prv:.6g} "
-                              f"(tolerance {PRV_TOLERANCE:.0%}).")
+        if (
+            events
+            and claim_kind == "pld"
+            and prv is not None
+            and math.isfinite(pld)
+            and abs(pld - prv) > PRV_TOLERANCE * max(pld, 1e-12)
+        ):
+            a.problems.append(
+                f"accountants disagree: dp-accounting PLD {pld:.6g} vs Opacus PRV {prv:.6g} "
+                f"(tolerance {PRV_TOLERANCE:.0%})."
+            )
         if budget is not None and claim > budget * (1 + 1e-9):
             a.problems.append(f"budget exceeded: epsilon {claim:.6g} ({claim_kind}) > {budget:g} at delta {delta:g}.")
         elif budget is not None:
             checks = [("dp-accounting RDP", alt)] if claim_kind == "rdp" else [("Opacus PRV", prv)]
             for name, value in checks:
                 if value is not None and value > budget * (1 + 1e-9):
-                    a.notes.append(f"{name} gives {value:.6g}, {100 * (value / budget - 1):.2f} % above the budget "
-                                   f"{budget:g} (the claim, {claim_kind} {claim:.6g}, is within it; the two agree "
-                                   "within the stated tolerance and each is an upper bound, so the smaller holds).")
+                    a.notes.append(
+                        f"{name} gives {value:.6g}, {100 * (value / budget - 1):.2f} % above the budget "
+                        f"{budget:g} (the claim, {claim_kind} {claim:.6g}, is within it; the two agree "
+                        "within the stated tolerance and each is an upper bound, so the smaller holds)."
+                    )
         if a.reported is None:
             a.problems.append("the run reported no epsilon for this client.")
         elif not math.isclose(a.reported, claim, rel_tol=REPORT_TOLERANCE, abs_tol=1e-12):
-            a.problems.append(f"mismatch: the run reported epsilon {a.reported:.6g}, the ledger gives {claim:.6g} "
-                              f"({claim_kind}).")
-    return RunAudit(str(run_dir), delta, budget, audits, problems)
+            a.problems.append(
+                f"mismatch: the run reported epsilon {a.reported:.6g}, the ledger gives {claim:.6g} ({claim_kind})."
+            )
+    return RunAudit(str(layout.root), delta, budget, audits, problems, scope=claim_scope(run.cfg))
 
 
 def attach_empirical(audit: RunAudit, empirical: dict[str, Any]) -> RunAudit:
@@ -236,18 +268,23 @@ def attach_empirical(audit: RunAudit, empirical: dict[str, Any]) -> RunAudit:
 
 def format_audit(audit: RunAudit) -> str:
     """A human-readable table."""
-    lines = [f"Privacy audit of {audit.run_dir} (delta = {audit.delta:g}, budget epsilon = {audit.budget_epsilon})", "",
-             f"{'client':<10} {'events':>6} {'RDP':>9} {'RDP (dp-acc)':>13} {'PLD':>9} {'PRV':>9} {'claimed':>15} "
-             f"{'reported':>9}  verdict"]
+    lines = [
+        f"Privacy audit of {audit.run_dir} (delta = {audit.delta:g}, budget epsilon = {audit.budget_epsilon})",
+        "",
+        f"{'client':<10} {'events':>6} {'RDP':>9} {'RDP (dp-acc)':>13} {'PLD':>9} {'PRV':>9} {'claimed':>15} "
+        f"{'reported':>9}  verdict",
+    ]
 
     def f(x: float | None) -> str:
         return "-" if x is None else f"{x:.4f}"
 
     for c in audit.clients:
         claimed = f"{f(c.claimed)} ({c.claimed_accountant})" if c.claimed is not None else "-"
-        lines.append(f"{c.client:<10} {c.events:>6} {f(c.epsilon_rdp):>9} {f(c.epsilon_dp_accounting_rdp):>13} "
-                     f"{f(c.epsilon_pld):>9} {f(c.epsilon_prv):>9} {claimed:>15} {f(c.reported):>9}  "
-                     f"{'OK' if c.ok else 'FAIL'}")
+        lines.append(
+            f"{c.client:<10} {c.events:>6} {f(c.epsilon_rdp):>9} {f(c.epsilon_dp_accounting_rdp):>13} "
+            f"{f(c.epsilon_pld):>9} {f(c.epsilon_prv):>9} {claimed:>15} {f(c.reported):>9}  "
+            f"{'OK' if c.ok else 'FAIL'}"
+        )
         for p in c.problems:
             lines.append(f"           - {p}")
         for n in c.notes:
@@ -256,7 +293,10 @@ def format_audit(audit: RunAudit) -> str:
         lines += ["", format_empirical(audit.empirical)]
     for p in audit.problems:
         lines.append(f"run: {p}")
-    lines += ["", "AUDIT PASSED" if audit.ok else "AUDIT FAILED"]
+    for s in audit.scope:
+        lines.append(f"claim scope: {s}")
+    verdict = "AUDIT PASSED" if audit.ok else "AUDIT FAILED"
+    lines += ["", f"{verdict} (only against parties other than the server)" if audit.scope and audit.ok else verdict]
     return "\n".join(lines)
 
 
@@ -265,12 +305,15 @@ def format_empirical(emp: dict[str, Any]) -> str:
     claimed = emp.get("claimed_epsilon")
     claim = f"{claimed:.4f} ({emp['accountant']} accountant, ledger)" if claimed is not None else "none"
     auc = emp.get("auc")
-    return "\n".join([
-        f"Empirical audit (Steinke, Nasr and Jagielski 2023, one run): {emp['m']} canaries, {emp['members']} included "
-        f"at {emp['canary_site']}; {emp['correct']}/{emp['guesses']} guesses correct "
-        f"(k+={emp['k_plus']}, k-={emp['k_minus']}), score AUC {('n/a' if auc is None or math.isnan(auc) else f'{auc:.3f}')}",
-        f"  epsilon lower bound {emp['epsilon_lower_bound']:.4f} at {emp['confidence']:.0%} confidence "
-        f"(delta = {emp['delta']:g}; at most {emp['max_detectable_epsilon']:.2f} detectable with this many canaries)"
-        f"  vs claimed epsilon {claim}  ->  {emp['verdict']}",
-    ])
-
+    auc_text = "n/a" if auc is None or math.isnan(auc) else f"{auc:.3f}"
+    return "\n".join(
+        [
+            f"Empirical audit (Steinke, Nasr and Jagielski 2023, one run): {emp['m']} canaries, "
+            f"{emp['members']} included at {emp['canary_site']}; {emp['correct']}/{emp['guesses']} guesses correct "
+            f"(k+={emp['k_plus']}, k-={emp['k_minus']}), score AUC {auc_text}",
+            f"  epsilon lower bound {emp['epsilon_lower_bound']:.4f} at {emp['confidence']:.0%} confidence "
+            f"(delta = {emp['delta']:g}; at most {emp['max_detectable_epsilon']:.2f} detectable with this many "
+            "canaries)"
+            f"  vs claimed epsilon {claim}  ->  {emp['verdict']}",
+        ]
+    )

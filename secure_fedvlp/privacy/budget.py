@@ -9,14 +9,15 @@ epsilon of ``history + [event]`` without mutating anything and raises
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from secure_fedvlp.errors import ConfigError, PrivacyBudgetExhausted
 from secure_fedvlp.privacy.accountant import PrivacyAccountant, make_accountant
 from secure_fedvlp.privacy.events import PrivacyEvent, check_event
 
-__all__ = ["Budget", "check_release", "BudgetGuard"]
+__all__ = ["Budget", "check_release"]
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class Budget:
         return {"epsilon": self.epsilon, "delta": self.delta}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Budget":
+    def from_dict(cls, data: Mapping[str, Any]) -> Budget:
         """Inverse of :meth:`to_dict`; rejects unknown or missing keys."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"A budget must be a mapping. Found {type(data).__name__}.", source="privacy budget")
@@ -121,43 +122,3 @@ def check_release(
             f"epsilon {budget.epsilon:g}; the release was refused and nothing was recorded."
         )
     return projected
-
-
-class BudgetGuard:
-    """A budget bound to an accountant: ``guard.check(event)`` before, ``guard.commit(event)`` after.
-
-    The ledger is the durable guard; this in-memory one serves code paths without a ledger
-    (simulations, sweeps).
-
-    Parameters
-    ----------
-    budget
-        The client's budget.
-    accountant
-        Accountant name or instance (an instance is used and mutated by :meth:`commit`).
-    client_id
-        Named in error messages.
-    """
-
-    def __init__(self, budget: Budget, accountant: str | PrivacyAccountant = "rdp", client_id: str | None = None) -> None:
-        self.budget = budget
-        self.accountant = accountant if isinstance(accountant, PrivacyAccountant) else make_accountant(accountant)
-        self.client_id = client_id
-
-    def check(self, event: PrivacyEvent) -> float:
-        """Projected epsilon with ``event``; raises :class:`PrivacyBudgetExhausted` if over."""
-        return check_release(self.accountant, event, self.budget, client_id=self.client_id)
-
-    def commit(self, event: PrivacyEvent) -> float:
-        """Check, then compose ``event``; returns the new epsilon."""
-        projected = self.check(event)
-        self.accountant.compose(event)
-        return projected
-
-    def spent(self) -> float:
-        """Epsilon spent so far at the budget's delta."""
-        return self.accountant.get_epsilon(self.budget.delta)
-
-    def remaining(self) -> float:
-        """Budget epsilon minus the epsilon spent (can be negative if a history was loaded)."""
-        return self.budget.epsilon - self.spent()

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
+from secure_fedvlp.config import PrivacyConfig
 from secure_fedvlp.errors import PrivacyBudgetExhausted, PrivacyError
 from secure_fedvlp.privacy.accountant import PrivacyAccountant, _resolve, check_delta
 from secure_fedvlp.privacy.events import (
@@ -23,8 +25,9 @@ from secure_fedvlp.privacy.events import (
     PrivacyEvent,
     check_event,
 )
+from secure_fedvlp.privacy.plan import ReleasePlan
 
-__all__ = ["calibrate_noise_multiplier", "calibrate_gaussian_sigma"]
+__all__ = ["calibrate_noise_multiplier", "calibrate_gaussian_sigma", "calibrate_plan"]
 
 logger = logging.getLogger(__name__)
 
@@ -209,3 +212,25 @@ def calibrate_gaussian_sigma(
         return base.projected_epsilon(d, [GaussianEvent(sens, sigma, "calibration", 0, count)])
 
     return _bisect_noise(eps_of, target, tol, float(max_noise_multiplier) * sens, f"Gaussian release x{count}")
+
+
+def calibrate_plan(privacy: PrivacyConfig, plan: ReleasePlan, num_rounds: int, sample_rate: float) -> float:
+    """DP-SGD noise multiplier for a site that releases ``plan`` in each of ``num_rounds`` rounds.
+
+    ``privacy.noise_multiplier > 0`` is returned as given.  Otherwise the smallest multiplier is
+    calibrated (never overshooting) so that every planned release (every stage's DP-SGD steps,
+    every noised report, every wrapper's release) fits ``(privacy.target_epsilon, privacy.delta)``.
+    """
+    if privacy.noise_multiplier > 0:
+        return float(privacy.noise_multiplier)
+    prior = plan.gaussian_events(
+        num_rounds, report_clip=privacy.report_clip, report_noise_multiplier=privacy.report_noise_multiplier
+    )
+    return calibrate_noise_multiplier(
+        privacy.target_epsilon,
+        privacy.delta,
+        sample_rate,
+        plan.steps_per_round * int(num_rounds),
+        accountant=privacy.accountant,
+        prior_events=prior,
+    )

@@ -35,8 +35,14 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-__all__ = ["p_value", "epsilon_lower_bound", "guesses_from_scores", "audit_from_scores", "EmpiricalAudit",
-           "default_guess_counts"]
+__all__ = [
+    "p_value",
+    "epsilon_lower_bound",
+    "guesses_from_scores",
+    "audit_from_scores",
+    "EmpiricalAudit",
+    "default_guess_counts",
+]
 
 #: Bisection stops once the bracket on epsilon is this narrow (the result is its lower end,
 #: so the bound is never overstated by the search).
@@ -49,8 +55,9 @@ def _check_counts(m: int, r: int, v: int) -> None:
     if not (isinstance(m, (int, np.integer)) and isinstance(r, (int, np.integer)) and isinstance(v, (int, np.integer))):
         raise TypeError(f"m, r and v must be integers. Found m={m!r}, r={r!r}, v={v!r}.")
     if not 0 <= v <= r <= m:
-        raise ValueError(f"Counts must satisfy 0 <= correct guesses v <= guesses r <= canaries m. "
-                         f"Found m={m}, r={r}, v={v}.")
+        raise ValueError(
+            f"Counts must satisfy 0 <= correct guesses v <= guesses r <= canaries m. Found m={m}, r={r}, v={v}."
+        )
 
 
 def p_value(m: int, r: int, v: int, eps: float, delta: float = 0.0) -> float:
@@ -109,15 +116,16 @@ def guesses_from_scores(scores: Sequence[float], k_plus: int, k_minus: int) -> n
     s = np.asarray(scores, dtype=np.float64)
     m = s.size
     if k_plus < 0 or k_minus < 0 or k_plus + k_minus > m:
-        raise ValueError(f"Need k_plus, k_minus >= 0 and k_plus + k_minus <= m = {m}. "
-                         f"Found k_plus={k_plus}, k_minus={k_minus}.")
+        raise ValueError(
+            f"Need k_plus, k_minus >= 0 and k_plus + k_minus <= m = {m}. Found k_plus={k_plus}, k_minus={k_minus}."
+        )
     if not np.isfinite(s).all():
         raise ValueError("Membership scores must be finite.")
     order = np.argsort(-s, kind="stable")  # highest first
     g = np.zeros(m, dtype=np.int64)
     g[order[:k_plus]] = 1
     if k_minus:
-        g[order[m - k_minus:]] = -1
+        g[order[m - k_minus :]] = -1
     return g
 
 
@@ -167,8 +175,14 @@ class EmpiricalAudit:
         return d
 
 
-def audit_from_scores(scores: Sequence[float], included: Sequence[bool], *, beta: float = 0.05,
-                      delta: float = 0.0, choices: Sequence[tuple[int, int]] | None = None) -> EmpiricalAudit:
+def audit_from_scores(
+    scores: Sequence[float],
+    included: Sequence[bool],
+    *,
+    beta: float = 0.05,
+    delta: float = 0.0,
+    choices: Sequence[tuple[int, int]] | None = None,
+) -> EmpiricalAudit:
     """Empirical lower bound from membership scores (higher = "more likely a member") and the true coins.
 
     Every ``(k_plus, k_minus)`` in ``choices`` (default :func:`default_guess_counts`) is tested at
@@ -199,10 +213,19 @@ def audit_from_scores(scores: Sequence[float], included: Sequence[bool], *, beta
             best = row
     auc = None
     if 0 < inc.sum() < m:
-        from secure_fedvlp.evaluation.metrics import binary_auroc
+        from sklearn.metrics import roc_auc_score
 
-        auc = binary_auroc(inc, s)
-    return EmpiricalAudit(m=m, members=int(inc.sum()), beta=beta, delta=delta,
-                          epsilon_lower_bound=best["epsilon_lower_bound"], k_plus=best["k_plus"],
-                          k_minus=best["k_minus"], guesses=best["guesses"], correct=best["correct"], choices=tried,
-                          auc=auc)
+        auc = float(roc_auc_score(inc, s))
+    return EmpiricalAudit(
+        m=m,
+        members=int(inc.sum()),
+        beta=beta,
+        delta=delta,
+        epsilon_lower_bound=best["epsilon_lower_bound"],
+        k_plus=best["k_plus"],
+        k_minus=best["k_minus"],
+        guesses=best["guesses"],
+        correct=best["correct"],
+        choices=tried,
+        auc=auc,
+    )

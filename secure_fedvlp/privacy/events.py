@@ -6,7 +6,7 @@ construction and round-trips through JSON (:meth:`to_dict` / :func:`event_from_d
 file a client writes is exactly what an auditor replays.
 
 The privacy unit is one image-report pair at one client (add/remove-one adjacency; see
-``DESIGN.md``, "The privacy unit").  Three kinds of release exist:
+``docs/design.md``, "The privacy unit").  Three kinds of release exist:
 
 ``DPSGDEvent``
     ``steps`` DP-SGD steps with Poisson sampling at ``sample_rate`` and Gaussian noise of
@@ -24,8 +24,9 @@ The privacy unit is one image-report pair at one client (add/remove-one adjacenc
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
-from typing import Any, ClassVar, Mapping, Union
+from typing import Any, ClassVar
 
 from secure_fedvlp.errors import PrivacyError
 
@@ -127,7 +128,7 @@ class _EventBase:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "PrivacyEvent":
+    def from_dict(cls, data: Mapping[str, Any]) -> PrivacyEvent:
         """Build and validate an event from :meth:`to_dict` output.
 
         Raises
@@ -286,11 +287,9 @@ class PostProcessingEvent(_EventBase):
         return True
 
 
-PrivacyEvent = Union[DPSGDEvent, GaussianEvent, PostProcessingEvent]
+PrivacyEvent = DPSGDEvent | GaussianEvent | PostProcessingEvent
 
-EVENT_TYPES: dict[str, type] = {
-    cls.type_name: cls for cls in (DPSGDEvent, GaussianEvent, PostProcessingEvent)
-}
+EVENT_TYPES: dict[str, type] = {cls.type_name: cls for cls in (DPSGDEvent, GaussianEvent, PostProcessingEvent)}
 
 
 def event_from_dict(data: Mapping[str, Any]) -> PrivacyEvent:
@@ -306,9 +305,7 @@ def event_from_dict(data: Mapping[str, Any]) -> PrivacyEvent:
     tname = data.get("type")
     cls = EVENT_TYPES.get(tname) if isinstance(tname, str) else None
     if cls is None:
-        raise InvalidPrivacyParameter(
-            f"Event type must be one of {sorted(EVENT_TYPES)}. Found {tname!r}."
-        )
+        raise InvalidPrivacyParameter(f"Event type must be one of {sorted(EVENT_TYPES)}. Found {tname!r}.")
     return cls.from_dict(data)  # type: ignore[attr-defined,no-any-return]
 
 
@@ -316,7 +313,6 @@ def check_event(event: Any) -> PrivacyEvent:
     """Return ``event`` if it is a privacy event, else raise ``TypeError`` naming its type."""
     if not isinstance(event, (DPSGDEvent, GaussianEvent, PostProcessingEvent)):
         raise TypeError(
-            "Event must be a DPSGDEvent, GaussianEvent or PostProcessingEvent. "
-            f"Found {type(event).__name__}."
+            f"Event must be a DPSGDEvent, GaussianEvent or PostProcessingEvent. Found {type(event).__name__}."
         )
     return event

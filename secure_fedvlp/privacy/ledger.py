@@ -53,9 +53,10 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from secure_fedvlp.errors import LedgerError, PrivacyError
 from secure_fedvlp.privacy.accountant import PrivacyAccountant, make_accountant
@@ -259,8 +260,9 @@ def _parse_lines(path: Path, client_id: str | None) -> tuple[list[LedgerEntry], 
     return entries, owner, offset
 
 
-def _check_against_head(path: Path, entries: list[LedgerEntry], head: dict[str, Any] | None, owner: str | None,
-                        require_head: bool) -> int:
+def _check_against_head(
+    path: Path, entries: list[LedgerEntry], head: dict[str, Any] | None, owner: str | None, require_head: bool
+) -> int:
     """Compare parsed entries with the head file; return how many entries the head lags (0 or 1)."""
     hp = head_path(path)
     if head is None:
@@ -294,7 +296,8 @@ def _check_against_head(path: Path, entries: list[LedgerEntry], head: dict[str, 
     if lag == 1:
         logger.warning(
             "Ledger %s is one entry ahead of its head file (a crash between the append and the head "
-            "update); the extra entry counts, which can only over-count.", path,
+            "update); the extra entry counts, which can only over-count.",
+            path,
         )
     return lag
 
@@ -351,7 +354,9 @@ def _verify(
     return entries, LedgerHead(owner, n, last)
 
 
-def read_ledger(path: str | os.PathLike[str], *, client_id: str | None = None, require_head: bool = True) -> list[LedgerEntry]:
+def read_ledger(
+    path: str | os.PathLike[str], *, client_id: str | None = None, require_head: bool = True
+) -> list[LedgerEntry]:
     """Verify and return every entry of a ledger file."""
     p = Path(path)
     entries, owner, _ = _parse_lines(p, client_id)
@@ -379,7 +384,7 @@ def replay(
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")
 
 
 class PrivacyLedger:
@@ -447,7 +452,7 @@ class PrivacyLedger:
         accountant: str = "rdp",
         accountant_options: Mapping[str, Any] | None = None,
         repair: bool = False,
-    ) -> "PrivacyLedger":
+    ) -> PrivacyLedger:
         """Resume an existing ledger (verified first); the client id is read from the files."""
         p = Path(path)
         if not p.exists():
@@ -460,7 +465,9 @@ class PrivacyLedger:
             except LedgerError as exc:
                 if not (repair and hasattr(exc, "partial_tail_offset")):
                     raise
-                raise LedgerError(f"Ledger {p} has a partial last line and no head file; cannot repair safely.") from exc
+                raise LedgerError(
+                    f"Ledger {p} has a partial last line and no head file; cannot repair safely."
+                ) from exc
         if owner is None:
             raise LedgerError(f"Ledger {p} is empty and has no head file; its client is unknown.")
         return cls(p, owner, budget, accountant=accountant, accountant_options=accountant_options, repair=repair)
@@ -502,7 +509,9 @@ class PrivacyLedger:
             if spent > self.budget.epsilon:
                 logger.warning(
                     "Client %r has already spent epsilon %.6g > budget %g; every further release will be refused.",
-                    self.client_id, spent, self.budget.epsilon,
+                    self.client_id,
+                    spent,
+                    self.budget.epsilon,
                 )
 
     def _repair_tail(self, tail_at: int, head: dict[str, Any]) -> tuple[list[LedgerEntry], str | None, int]:
@@ -555,12 +564,6 @@ class PrivacyLedger:
                 raise LedgerError("Ledger.epsilon needs a delta when the ledger has no budget.")
             delta = self.budget.delta
         return self._accountant.get_epsilon(delta)
-
-    def remaining_epsilon(self) -> float:
-        """Budget epsilon minus epsilon spent (needs a budget)."""
-        if self.budget is None:
-            raise LedgerError("Ledger has no budget.")
-        return self.budget.epsilon - self.epsilon()
 
     def verify(self, *, expected_count: int | None = None, expected_head_hash: str | None = None) -> LedgerHead:
         """Re-read and verify the files; also check they still match what this object wrote."""

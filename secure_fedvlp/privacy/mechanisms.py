@@ -73,7 +73,8 @@ def clip_per_sample(values: torch.Tensor, max_norm: float) -> tuple[torch.Tensor
     """Clip each sample (row of ``values``) to L2 norm at most ``max_norm``.
 
     The factor is exactly 1 for samples already inside the ball (zero vectors included; no
-    division by zero, no NaN, also in the backward pass) and ``max_norm / norm`` otherwise.  After clipping each norm is ``<= max_norm`` up to one floating-point rounding.
+    division by zero, no NaN, also in the backward pass) and ``max_norm / norm`` otherwise.  After
+    clipping each norm is ``<= max_norm`` up to one floating-point rounding.
 
     Parameters
     ----------

@@ -18,22 +18,48 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _run(script: str, *args: str, timeout: int = 600) -> str:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert out.returncode == 0, f"{script} exited {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out.stdout
 
 
 def test_bench_dp_runs_every_mode(tmp_path):
-    text = _run("bench_dp.py", "--config", "configs/tiny.toml", "--steps", "1", "--threads", "1",
-                "--set", "train.objective=decomposable", "--set", f"data.cache_dir={tmp_path}")
+    text = _run(
+        "bench_dp.py",
+        "--config",
+        "configs/tiny.toml",
+        "--steps",
+        "1",
+        "--threads",
+        "1",
+        "--set",
+        "train.objective=decomposable",
+        "--set",
+        f"data.cache_dir={tmp_path}",
+    )
     for mode in ("non-private", "hooks", "functorch", "ghost"):
         assert any(line.startswith(mode + " ") for line in text.splitlines()), (mode, text)
 
 
 def test_bench_training_runs(tmp_path):
-    text = _run("bench_training.py", "--config", "configs/tiny.toml", "--threads", "1", "--repeats", "1",
-                "--set", f"data.cache_dir={tmp_path}")
+    text = _run(
+        "bench_training.py",
+        "--config",
+        "configs/tiny.toml",
+        "--threads",
+        "1",
+        "--repeats",
+        "1",
+        "--set",
+        f"data.cache_dir={tmp_path}",
+    )
     assert "step" in text and "MiB" in text, text
 
 
@@ -43,6 +69,6 @@ def test_bench_ckks_runs():
 
 
 @pytest.mark.slow
-def test_bench_secagg_round_runs(tmp_path):
-    text = _run("bench_secagg_round.py", "--config", "configs/tiny.toml", "--rounds", "1", timeout=1200)
+def test_bench_encrypted_round_runs(tmp_path):
+    text = _run("bench_encrypted_round.py", "--config", "configs/tiny.toml", "--rounds", "1", timeout=1200)
     assert "encrypted" in text.lower(), text

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from secure_fedvlp.cli import main
+from secure_fedvlp.errors import KeyMaterialError
 
 
 @pytest.fixture(scope="module")
@@ -12,15 +13,20 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     cache = tmp_path_factory.mktemp("cache")
     run_dir = out / "tiny"
-    rc = main(["run", "configs/tiny.toml", "--run-dir", str(run_dir),
-               "--set", f"data.cache_dir={cache}"])
+    rc = main(["run", "configs/tiny.toml", "--run-dir", str(run_dir), "--set", f"data.cache_dir={cache}"])
     assert rc == 0
     return run_dir
 
 
 def test_run_writes_everything(tiny_run):
-    for name in ("config.toml", "metrics.jsonl", "report.json", "report.md", "plots/metrics_over_rounds.png",
-                 "model/federated_params.npz"):
+    for name in (
+        "config.toml",
+        "metrics.jsonl",
+        "report.json",
+        "report.md",
+        "plots/metrics_over_rounds.png",
+        "model/federated_params.npz",
+    ):
         assert (tiny_run / name).exists(), name
 
 
@@ -55,12 +61,42 @@ def tiny_dp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs_dp")
     cache = tmp_path_factory.mktemp("cache_dp")
     run_dir = out / "tiny_dp"
-    rc = main(["run", "configs/tiny.toml", "--run-dir", str(run_dir), "--set", f"data.cache_dir={cache}",
-               "--set", "federation.method=fedaid", "--set", "train.objective=decomposable",
-               "--set", "privacy.enabled=true", "--set", "privacy.target_epsilon=8.0",
-               "--set", "anchors.enabled=true"])
+    rc = main(
+        [
+            "run",
+            "configs/tiny.toml",
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            f"data.cache_dir={cache}",
+            "--set",
+            "federation.method=fedaid",
+            "--set",
+            "train.objective=decomposable",
+            "--set",
+            "privacy.enabled=true",
+            "--set",
+            "privacy.target_epsilon=8.0",
+            "--set",
+            "anchors.enabled=true",
+            "--set",
+            "anchors.trust_server=true",
+        ]
+    )
     assert rc == 0
     return run_dir
+
+
+def test_trusted_aggregator_anchors_are_stated_in_the_report_and_the_audit(tiny_dp_run, capsys):
+    """Server-added anchor noise without encryption: the run had to opt in, and the report's not_covered and the
+    audit both say the claim holds only against parties other than the server."""
+    rep = json.loads((tiny_dp_run / "report.json").read_text())
+    assert any("only against parties other than the server" in s for s in rep["privacy"]["not_covered"])
+    capsys.readouterr()
+    assert main(["audit", str(tiny_dp_run)]) == 0
+    out = capsys.readouterr().out
+    assert "claim scope: anchors.trust_server = true" in out
+    assert "AUDIT PASSED (only against parties other than the server)" in out
 
 
 def test_dp_run_reports_epsilon_per_client_within_budget(tiny_dp_run):
@@ -69,7 +105,7 @@ def test_dp_run_reports_epsilon_per_client_within_budget(tiny_dp_run):
     rep = json.loads((tiny_dp_run / "report.json").read_text())
     priv = rep["privacy"]
     assert set(priv["clients"]) == {"site1", "site2"}  # training sites only; the held-out site releases nothing
-    for site, c in priv["clients"].items():
+    for c in priv["clients"].values():
         # per round: one DP-SGD job, the DRO-loss report and the anchor release
         assert c["by_mechanism"]["DPSGDEvent"] == 2 and c["by_mechanism"]["GaussianEvent"] == 4
         assert 0 < c["epsilon"] <= 8.0
@@ -85,27 +121,43 @@ def tiny_encrypted_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs_enc")
     cache = tmp_path_factory.mktemp("cache_enc")
     run_dir = out / "tiny_enc"
-    rc = main(["run", "configs/tiny.toml", "--run-dir", str(run_dir), "--set", f"data.cache_dir={cache}",
-               "--set", "federation.method=feddra", "--set", "encryption.enabled=true",
-               "--set", "privacy.enabled=true", "--set", "train.objective=decomposable",
-               "--set", "anchors.enabled=true"])
+    rc = main(
+        [
+            "run",
+            "configs/tiny.toml",
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            f"data.cache_dir={cache}",
+            "--set",
+            "federation.method=feddra",
+            "--set",
+            "encryption.enabled=true",
+            "--set",
+            "privacy.enabled=true",
+            "--set",
+            "train.objective=decomposable",
+            "--set",
+            "anchors.enabled=true",
+        ]
+    )
     assert rc == 0
     return run_dir
 
 
 def test_encrypted_run_end_to_end_server_keeps_only_ciphertexts(tiny_encrypted_run):
     """`secure-fedvlp run` with encryption on: real Simulation Engine, real CKKS, FedDRA's robust weights."""
-    from secure_fedvlp.secagg import AggregateCiphertext, decrypt_aggregate, load_server_context
+    from secure_fedvlp.encryption import AggregateCiphertext, decrypt_aggregate, load_server_context
 
     run_dir = tiny_encrypted_run
-    stats = json.loads((run_dir / "secagg_rounds.json").read_text())
+    stats = json.loads((run_dir / "encryption_rounds.json").read_text())
     assert stats and all(sorted(s["accepted"]) == ["site1", "site2"] and not s["rejected"] for s in stats)
     # FedDRA's two stages per round, each aggregated under encryption
     assert {s["stage"] for s in stats} == {"align", "full"}
     # the server's final model is a ciphertext its own context cannot decrypt
     server = load_server_context(run_dir / "keys" / "server.ctx")
     agg = AggregateCiphertext.from_bytes((run_dir / "model" / "global_model.ckks").read_bytes(), server)
-    with pytest.raises(Exception):
+    with pytest.raises(KeyMaterialError, match="cannot decrypt"):
         decrypt_aggregate(server, agg)
     # a key holder released it, exactly, and the report says how
     export = json.loads((run_dir / "model" / "export.json").read_text())
@@ -117,6 +169,6 @@ def test_encrypted_run_end_to_end_server_keeps_only_ciphertexts(tiny_encrypted_r
     md = (run_dir / "report.md").read_text()
     assert "CKKS-encrypted aggregation" in md and "ciphertext domain" in md
     # DP-SGD, DRO reports and anchors composed in each site's ledger
-    for site, c in rep["privacy"]["clients"].items():
+    for c in rep["privacy"]["clients"].values():
         ledger = [json.loads(x) for x in (run_dir / c["ledger"]).read_text().splitlines()]
         assert [e["event"]["what"] for e in ledger if e["event"].get("what") == "anchors"] == ["anchors"] * 2

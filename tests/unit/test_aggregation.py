@@ -5,7 +5,8 @@ import pytest
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from secure_fedvlp.config import parse_config
-from secure_fedvlp.methods.base import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, SiteInfo, VLPStrategy, numpy_to_arrays
+from secure_fedvlp.methods.strategy import SiteInfo, VLPStrategy
+from secure_fedvlp.wire import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, numpy_to_arrays
 
 
 class _Rec:
@@ -20,10 +21,13 @@ class _Rec:
 
 
 def _reply(node_id, arrays, n, **extra_metrics):
-    out = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node_id,
-                  message_type=MessageType.TRAIN)
-    content = RecordDict({ARRAYS_KEY: numpy_to_arrays({k: np.asarray(v, np.float32) for k, v in arrays.items()}),
-                          METRICS_KEY: MetricRecord({NUM_EXAMPLES: float(n), **extra_metrics})})
+    out = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node_id, message_type=MessageType.TRAIN)
+    content = RecordDict(
+        {
+            ARRAYS_KEY: numpy_to_arrays({k: np.asarray(v, np.float32) for k, v in arrays.items()}),
+            METRICS_KEY: MetricRecord({NUM_EXAMPLES: float(n), **extra_metrics}),
+        }
+    )
     return Message(content, reply_to=out)
 
 
@@ -38,13 +42,14 @@ def test_fedavg_is_example_weighted_mean():
     updates = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in ref.items()} for _ in range(3)]
     counts = [10, 30, 60]
     s = _strategy()
-    replies = [_reply(i + 1, u, n) for i, (u, n) in enumerate(zip(updates, counts))]
-    s.sites = {r.metadata.src_node_id: SiteInfo(r.metadata.src_node_id, f"s{i}", "train", 1)
-               for i, r in enumerate(replies)}
+    replies = [_reply(i + 1, u, n) for i, (u, n) in enumerate(zip(updates, counts, strict=True))]
+    s.sites = {
+        r.metadata.src_node_id: SiteInfo(r.metadata.src_node_id, f"s{i}", "train", 1) for i, r in enumerate(replies)
+    }
     agg, metrics = s.aggregate_train(1, replies, reference=numpy_to_arrays(ref))
     w = np.array(counts, float) / sum(counts)
     for k in ref:
-        expected = sum(wi * u[k] for wi, u in zip(w, updates))
+        expected = sum(wi * u[k] for wi, u in zip(w, updates, strict=True))
         np.testing.assert_allclose(agg[k].numpy(), expected, rtol=1e-6, atol=1e-6)
     assert metrics[NUM_EXAMPLES] == 100.0
 

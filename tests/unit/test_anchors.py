@@ -1,4 +1,4 @@
-"""Noised global anchor features (issue 6): clipping, noise, accounting before broadcast, CKKS.
+"""Noised global anchor features: clipping, noise, accounting before broadcast, CKKS.
 
 Real ClientApp, real strategies, real Opacus ledgers and real TenSEAL ciphertexts on tiny
 models; only the transport is in-process (tests/loopback.py).
@@ -18,10 +18,9 @@ from scipy import stats
 
 from secure_fedvlp.config import parse_config
 from secure_fedvlp.data.types import FINDINGS
-from secure_fedvlp.errors import ConfigError
-from secure_fedvlp.flower.client_app import ledger_path
-from secure_fedvlp.flower.secagg import CIPHERTEXT_KEY, client_key_path, is_encrypted
-from secure_fedvlp.methods.base import ARRAYS_KEY
+from secure_fedvlp.encryption import AggregateCiphertext, decrypt_aggregate, load_client_context
+from secure_fedvlp.errors import ConfigError, KeyMaterialError
+from secure_fedvlp.layout import RunLayout
 from secure_fedvlp.privacy import replay
 from secure_fedvlp.privacy.anchors import (
     ANCHORS_KEY,
@@ -33,21 +32,25 @@ from secure_fedvlp.privacy.anchors import (
     record_contributions,
     server_noise,
     share_sigma,
-    site_contribution,
     total_sigma,
 )
-from secure_fedvlp.secagg import AggregateCiphertext, decrypt_aggregate, load_client_context
+from secure_fedvlp.wrappers.anchors import site_contribution
+from secure_fedvlp.wrappers.encryption import CIPHERTEXT_KEY, encryption_settings, is_encrypted
+from tests.unit.test_encryption_flower import TamperingGrid, _keys
+from tests.unit.test_encryption_flower import run as run_fed
 from tests.unit.test_methods_contract import tiny_cfg
-from tests.unit.test_secagg_flower import TamperingGrid, _keys
-from tests.unit.test_secagg_flower import run as run_fed
 
 #: False-alarm rate of every statistical test in this file (two-sided).
 ALPHA = 1e-6
 
 
 def anchor_cfg(tmp_path, method="fedavg", encrypted=False, privacy=True, **anchors):
-    extra = {"anchors": {"enabled": True, "clip": 0.5, "noise_multiplier": 2.0, **anchors},
-             "federation": {"method": method, "num_rounds": 2}}
+    # without encryption, server-added noise is the trusted-aggregator mode: these tests opt in explicitly
+    anchors.setdefault("trust_server", not encrypted and anchors.get("noise", "server") == "server")
+    extra = {
+        "anchors": {"enabled": True, "clip": 0.5, "noise_multiplier": 2.0, **anchors},
+        "federation": {"method": method, "num_rounds": 2},
+    }
     if privacy:
         extra["privacy"] = {"enabled": True, "target_epsilon": 50.0}
         extra["train"] = {"objective": "decomposable"}
@@ -81,7 +84,7 @@ def test_each_record_contribution_is_clipped_to_c_a(n, d, clip, seed):
 
 def test_anchor_noise_std_matches_sigma_times_clip():
     """Server noise: sample std equals z * C_a (chi-square test at ALPHA); a 5 % error would be caught."""
-    cfg = parse_config({"anchors": {"enabled": True, "clip": 0.7, "noise_multiplier": 1.3}})
+    cfg = parse_config({"anchors": {"enabled": True, "trust_server": True, "clip": 0.7, "noise_multiplier": 1.3}})
     sigma = total_sigma(cfg)
     assert sigma == pytest.approx(0.7 * 1.3)
     x = server_noise(cfg, 20_000, np.random.default_rng(1))
@@ -91,8 +94,17 @@ def test_anchor_noise_std_matches_sigma_times_clip():
 
 
 def test_distributed_shares_sum_to_the_full_noise_without_any_one_share():
-    cfg = parse_config({"anchors": {"enabled": True, "clip": 1.0, "noise_multiplier": 2.0, "noise": "distributed",
-                                    "min_contributors": 3}})
+    cfg = parse_config(
+        {
+            "anchors": {
+                "enabled": True,
+                "clip": 1.0,
+                "noise_multiplier": 2.0,
+                "noise": "distributed",
+                "min_contributors": 3,
+            }
+        }
+    )
     assert share_sigma(cfg) == pytest.approx(2.0 / np.sqrt(2))
     # any t - 1 = 2 shares give the full variance
     g = np.random.default_rng(0)
@@ -100,8 +112,9 @@ def test_distributed_shares_sum_to_the_full_noise_without_any_one_share():
     assert variance_pvalue(x, total_sigma(cfg)) > ALPHA
     # without CKKS the server sees one site's share only: that smaller sigma is what is accounted
     assert anchor_event(cfg, 1).sigma == pytest.approx(share_sigma(cfg))
+    # with CKKS too: every site holds the key and none can count an aggregate's contributions
     enc = parse_config({"anchors": cfg.anchors.__dict__, "encryption": {"enabled": True}})
-    assert anchor_event(enc, 1).sigma == pytest.approx(total_sigma(cfg))
+    assert anchor_event(enc, 1).sigma == pytest.approx(share_sigma(cfg))
 
 
 def test_distributed_noise_needs_two_contributors():
@@ -110,7 +123,7 @@ def test_distributed_noise_needs_two_contributors():
 
 
 def test_adding_or_removing_one_record_moves_a_site_sum_by_at_most_c_a(tmp_path):
-    from secure_fedvlp.flower.runtime import build_federation, build_model
+    from secure_fedvlp.build import build_federation, build_model
 
     cfg = anchor_cfg(tmp_path, privacy=False)
     site = build_federation(cfg).sites[0].train
@@ -121,10 +134,10 @@ def test_adding_or_removing_one_record_moves_a_site_sum_by_at_most_c_a(tmp_path)
 
 
 def test_decoded_anchors_and_guidance_targets_are_per_record():
-    cfg = parse_config({"anchors": {"enabled": True, "clip": 1.0, "noise_multiplier": 0.1}})
+    cfg = parse_config({"anchors": {"enabled": True, "trust_server": True, "clip": 1.0, "noise_multiplier": 0.1}})
     d, nf = 4, len(FINDINGS)
     m = np.zeros((nf, 2 * d + 1))
-    m[1, :d], m[1, d:2 * d], m[1, -1] = [3, 0, 0, 0], [0, 3, 0, 0], 10.0  # finding 1: well populated
+    m[1, :d], m[1, d : 2 * d], m[1, -1] = [3, 0, 0, 0], [0, 3, 0, 0], 10.0  # finding 1: well populated
     m[2, -1] = 0.2  # finding 2: count within the noise, dropped
     bank = decode_anchors(m.reshape(-1), nf, d, cfg)
     assert bank.findings.tolist() == [1]
@@ -160,32 +173,37 @@ class LedgerCheckingGrid(TamperingGrid):
             if reply.content.metric_records.get("metrics", {}).get("budget-exhausted"):
                 continue
             rnd = int(cfgrec["server-round"])
-            lines = [json.loads(x) for x in ledger_path(self.run_dir, site).read_text().splitlines() if x.strip()]
-            events = [e for e in lines if e.get("event", {}).get("what") == "anchors"
-                      and e["event"].get("round") == rnd]
+            lines = [json.loads(x) for x in RunLayout(self.run_dir).ledger(site).read_text().splitlines() if x.strip()]
+            events = [
+                e for e in lines if e.get("event", {}).get("what") == "anchors" and e["event"].get("round") == rnd
+            ]
             assert events, f"{site}: anchor contribution of round {rnd} sent before its ledger entry"
             self.seen_before_release.append((site, rnd))
         return replies
 
 
 def _run_with_ledger_check(cfg, run_dir, rounds=2, encrypted=False):
+    from secure_fedvlp.build import build_model, expected_num_nodes
     from secure_fedvlp.flower.client_app import make_client_app
-    from secure_fedvlp.flower.runtime import RunSetup, build_model, expected_num_nodes
-    from secure_fedvlp.flower.secagg import encrypted_strategy, load_server_secagg
-    from secure_fedvlp.methods import get_method
-    from secure_fedvlp.methods.base import federated_state, numpy_to_arrays
+    from secure_fedvlp.flower.runtime import RunSetup
+    from secure_fedvlp.models.state import federated_state
+    from secure_fedvlp.wire import numpy_to_arrays
+    from secure_fedvlp.wrappers.compose import strategy_class
+    from secure_fedvlp.wrappers.encryption import encryption_settings, load_server_encryption
     from tests.unit.test_methods_contract import ListRecorder
 
     setup = RunSetup(cfg, run_dir)
     grid = LedgerCheckingGrid(make_client_app(lambda ctx: setup), expected_num_nodes(cfg), cfg=cfg, run_dir=run_dir)
     rec = ListRecorder()
-    cls = get_method(cfg.federation.method).strategy
+    assert cfg.encryption.enabled == encrypted
     init = federated_state(build_model(cfg))
-    strategy = (encrypted_strategy(cls) if encrypted else cls)(cfg, rec)
+    strategy = strategy_class(cfg)(cfg, rec)
     if encrypted:
-        strategy.setup_secagg(load_server_secagg(cfg, run_dir), init)
-    result = strategy.start(grid, numpy_to_arrays(init), num_rounds=rounds, timeout=60,
-                            expected_nodes=expected_num_nodes(cfg))
+        settings = encryption_settings(cfg, run_dir)
+        strategy.setup_encryption(settings, load_server_encryption(settings), init)
+    result = strategy.start(
+        grid, numpy_to_arrays(init), num_rounds=rounds, timeout=60, expected_nodes=expected_num_nodes(cfg)
+    )
     return strategy, result, rec, grid
 
 
@@ -204,8 +222,8 @@ def test_anchor_release_is_in_the_ledger_before_broadcast(encrypted, tmp_path):
     train = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
     assert train and all(ANCHORS_KEY in m.content.array_records for m in train)
     for site in ("site1", "site2"):
-        acc = replay(ledger_path(tmp_path / "run", site))
-        lines = [json.loads(x) for x in ledger_path(tmp_path / "run", site).read_text().splitlines()]
+        acc = replay(RunLayout(tmp_path / "run").ledger(site))
+        lines = [json.loads(x) for x in RunLayout(tmp_path / "run").ledger(site).read_text().splitlines()]
         whats = [ln["event"].get("what") for ln in lines if "event" in ln]
         assert whats.count("anchors") == 2, whats
         assert acc.get_epsilon(cfg.privacy.delta) > 0
@@ -213,16 +231,20 @@ def test_anchor_release_is_in_the_ledger_before_broadcast(encrypted, tmp_path):
 
 def test_budget_that_cannot_afford_the_anchors_sends_nothing(tmp_path):
     # sigma = 0.05 * C_a: one release costs far more than the budget of 50
-    cfg = tiny_cfg(tmp_path, "fedavg", anchors={"enabled": True, "clip": 1.0, "noise_multiplier": 0.05},
-                   privacy={"enabled": True, "target_epsilon": 50.0, "noise_multiplier": 1.0},
-                   train={"objective": "decomposable"})
+    cfg = tiny_cfg(
+        tmp_path,
+        "fedavg",
+        anchors={"enabled": True, "clip": 1.0, "noise_multiplier": 0.05, "trust_server": True},
+        privacy={"enabled": True, "target_epsilon": 50.0, "noise_multiplier": 1.0},
+        train={"objective": "decomposable"},
+    )
     strategy, result, rec, grid = _run_with_ledger_check(cfg, tmp_path / "run", rounds=1)
     stopped = [r for r in rec.rows if r.get("status") == "budget_exhausted"]
     assert {r["site"] for r in stopped} == {"site1", "site2"} and all(r["phase"] == "anchors" for r in stopped)
     assert grid.seen_before_release == []  # no contribution reached the server
     assert strategy.current_anchors is None
     for site in ("site1", "site2"):
-        assert '"anchors"' not in ledger_path(tmp_path / "run", site).read_text()
+        assert '"anchors"' not in RunLayout(tmp_path / "run").ledger(site).read_text()
 
 
 def _as_dict(cfg):
@@ -233,15 +255,17 @@ def _as_dict(cfg):
 
 def test_server_never_holds_plaintext_anchors_under_ckks(tmp_path):
     """With CKKS on: contributions and the bank are ciphertexts in the server; only key holders see noised anchors."""
-    from secure_fedvlp.flower.runtime import build_federation, build_model
-    from secure_fedvlp.flower.secagg import fixed_point_bits
-    from secure_fedvlp.methods.base import federated_state, load_federated_state
+    from secure_fedvlp.build import build_federation, build_model
+    from secure_fedvlp.models.state import federated_state, load_federated_state
 
     cfg = anchor_cfg(tmp_path, "fedavg", encrypted=True, privacy=False, noise_multiplier=1.0)
     _keys(cfg, tmp_path / "run")
     strategy, result, rec, grid = run_fed(cfg, tmp_path / "run", encrypted=True)
-    anchor_replies = [r for r in grid.replies if r.metadata.message_type == MessageType.QUERY
-                      and ANCHORS_KEY in r.content.array_records]
+    anchor_replies = [
+        r
+        for r in grid.replies
+        if r.metadata.message_type == MessageType.QUERY and ANCHORS_KEY in r.content.array_records
+    ]
     assert len(anchor_replies) == 2
     assert all(set(r.content[ANCHORS_KEY].keys()) == {CIPHERTEXT_KEY} for r in anchor_replies)
     bank_msgs = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
@@ -252,12 +276,14 @@ def test_server_never_holds_plaintext_anchors_under_ckks(tmp_path):
     for v in vars(strategy).values():
         assert not (isinstance(v, np.ndarray) and v.size == dim)
     # the server's context cannot decrypt the bank; a key holder can, and finds it noised
-    bank = AggregateCiphertext.from_bytes(strategy.current_anchors[CIPHERTEXT_KEY].numpy().tobytes(),
-                                          strategy.secagg_ctx)
-    with pytest.raises(Exception):
-        decrypt_aggregate(strategy.secagg_ctx, bank, total_weight=1.0)
-    key = load_client_context(client_key_path(cfg, tmp_path / "run", "site1"))
-    noised = decrypt_aggregate(key, bank, total_weight=1.0, fixed_point_bits=fixed_point_bits(cfg))
+    bank = AggregateCiphertext.from_bytes(
+        strategy.current_anchors[CIPHERTEXT_KEY].numpy().tobytes(), strategy.encryption_ctx
+    )
+    with pytest.raises(KeyMaterialError, match="cannot decrypt"):
+        decrypt_aggregate(strategy.encryption_ctx, bank, total_weight=1.0)
+    settings = encryption_settings(cfg, tmp_path / "run")
+    key = load_client_context(settings.client_key("site1"))
+    noised = decrypt_aggregate(key, bank, total_weight=1.0, fixed_point_bits=settings.fixed_point_bits)
     # the un-noised sum, recomputed as the sites did with the round's global model
     fed = build_federation(cfg)
     model = build_model(cfg)
@@ -265,17 +291,25 @@ def test_server_never_holds_plaintext_anchors_under_ckks(tmp_path):
     from secure_fedvlp.methods import get_method
 
     trainer = get_method("fedavg").trainer(cfg, torch.device("cpu"), fed.public)
-    clean = sum(site_contribution(model, trainer.training_subset(s.train), cfg, torch.device("cpu"),
-                                  fixed_point_bits=fixed_point_bits(cfg)) for s in fed.sites)
+    clean = sum(
+        site_contribution(
+            model,
+            trainer.training_subset(s.train),
+            cfg,
+            torch.device("cpu"),
+            fixed_point_bits=settings.fixed_point_bits,
+        )
+        for s in fed.sites
+    )
     noise = noised - clean
     assert variance_pvalue(noise, total_sigma(cfg)) > ALPHA
 
 
 def test_anchors_are_used_as_negatives_and_guidance(tmp_path):
     """FedDRA under DP with anchors: the bank reaches the trainer, extends the negatives, adds guidance."""
-    from secure_fedvlp.flower.runtime import build_federation, build_model
-    from secure_fedvlp.methods.base import TrainTask
+    from secure_fedvlp.build import build_federation, build_model
     from secure_fedvlp.methods.feddra import FedDRATrainer
+    from secure_fedvlp.methods.trainer import TrainTask
 
     cfg = anchor_cfg(tmp_path, "feddra", privacy=False, noise_multiplier=0.01)
     cfg = parse_config({**_as_dict(cfg), "train": {"objective": "decomposable"}})
@@ -288,7 +322,7 @@ def test_anchors_are_used_as_negatives_and_guidance(tmp_path):
     plain = trainer.begin(model, TrainTask(1, "full", 1), {})
     with_bank = trainer.begin(model, TrainTask(1, "full", 1, anchors=bank), {})
     assert with_bank["neg_text"].shape[0] == plain["neg_text"].shape[0] + len(bank)
-    from secure_fedvlp.methods.base import make_collate
+    from secure_fedvlp.models.state import make_collate
 
     batch = make_collate(model)([fed.sites[0].train[i] for i in range(4)])
     out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
@@ -320,20 +354,32 @@ class FailAnchorQueries(LedgerCheckingGrid):
 
 @pytest.mark.parametrize("dropout", [False, True], ids=["all", "one-drops"])
 def test_distributed_shares_and_the_effect_of_a_dropout(dropout, tmp_path):
+    from secure_fedvlp.build import build_model, expected_num_nodes
     from secure_fedvlp.flower.client_app import make_client_app
-    from secure_fedvlp.flower.runtime import RunSetup, build_model, expected_num_nodes
-    from secure_fedvlp.methods import get_method
-    from secure_fedvlp.methods.base import federated_state, numpy_to_arrays
+    from secure_fedvlp.flower.runtime import RunSetup
+    from secure_fedvlp.models.state import federated_state
+    from secure_fedvlp.wire import numpy_to_arrays
+    from secure_fedvlp.wrappers.compose import strategy_class
     from tests.unit.test_methods_contract import ListRecorder
 
     cfg = anchor_cfg(tmp_path, "fedavg", noise="distributed", min_contributors=2)
     setup = RunSetup(cfg, tmp_path / "run")
-    grid = FailAnchorQueries(make_client_app(lambda ctx: setup), expected_num_nodes(cfg), cfg=cfg,
-                             run_dir=tmp_path / "run", fail=1 if dropout else None)
+    grid = FailAnchorQueries(
+        make_client_app(lambda ctx: setup),
+        expected_num_nodes(cfg),
+        cfg=cfg,
+        run_dir=tmp_path / "run",
+        fail=1 if dropout else None,
+    )
     rec = ListRecorder()
-    strategy = get_method("fedavg").strategy(cfg, rec)
-    strategy.start(grid, numpy_to_arrays(federated_state(build_model(cfg))), num_rounds=1, timeout=60,
-                   expected_nodes=expected_num_nodes(cfg))
+    strategy = strategy_class(cfg)(cfg, rec)
+    strategy.start(
+        grid,
+        numpy_to_arrays(federated_state(build_model(cfg))),
+        num_rounds=1,
+        timeout=60,
+        expected_nodes=expected_num_nodes(cfg),
+    )
     row = [r for r in rec.rows if r.get("phase") == "anchors" and r.get("status") in ("released", "withheld")][0]
     if dropout:  # one share left: fewer than min_contributors, so nothing is released
         assert row["status"] == "withheld" and "min_contributors = 2" in row["reason"]
@@ -344,3 +390,67 @@ def test_distributed_shares_and_the_effect_of_a_dropout(dropout, tmp_path):
         assert row["sigma_total"] >= total_sigma(cfg)
         # without CKKS the server sees one site's share only: that is what each ledger records
         assert row["sigma_accounted"] == pytest.approx(share_sigma(cfg))
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plaintext", "ckks"])
+def test_distributed_noise_is_accounted_at_one_share_even_under_ckks(encrypted, tmp_path):
+    """All sites share one CKKS key and no site can count an aggregate's contributions, so a server that
+    forwards one site's ciphertext (or colludes with a site) sees that sum with its own share only: the
+    ledger must account the share's sigma, not the total (t = 3: sigma / sqrt(2))."""
+    cfg = parse_config(
+        {
+            "anchors": {
+                "enabled": True,
+                "clip": 1.0,
+                "noise_multiplier": 2.0,
+                "noise": "distributed",
+                "min_contributors": 3,
+            },
+            "encryption": {"enabled": encrypted, "min_contributors": 2},
+            "data": {"synthetic": {"num_sites": 3}},
+        }
+    )
+    ev = anchor_event(cfg, 1)
+    assert ev.sigma == pytest.approx(share_sigma(cfg)) and ev.sigma == pytest.approx(2.0 / np.sqrt(2))
+    assert ev.sigma < total_sigma(cfg)
+
+
+def test_rounded_neighbouring_sums_stay_within_the_anchor_clip():
+    """A site's sum is rounded to the fixed-point grid before encryption; two neighbouring sums rounded in
+    opposite directions must still be at most C_a apart (the sensitivity the ledger records).  The
+    adversarial case: every coordinate of one sum sits just below a half step (rounds down) and of the
+    other just above (rounds up), with the record's contribution as large as the clip allows."""
+    from secure_fedvlp.privacy.anchors import effective_clip
+
+    cfg = parse_config({"anchors": {"enabled": True, "trust_server": True, "clip": 1.0}})
+    dim, bits = 390, 10
+    g = 2.0**-bits
+    clip = effective_clip(cfg, dim, bits)
+    t = 1e-9
+    m = np.floor((clip / np.sqrt(dim) - 2 * t) / g)  # the contribution per coordinate: m steps plus 2t
+    s = np.full(dim, 0.5 * g - t)
+    c = np.full(dim, m * g + 2 * t)
+    assert np.linalg.norm(c) <= clip
+    # choose the largest contribution along the diagonal that the clip allows, then round both sums
+    rounded = lambda x: np.round(x / g) * g  # noqa: E731
+    assert np.linalg.norm(rounded(s + c) - rounded(s)) <= cfg.anchors.clip + 1e-12
+    # the adversarial pattern really does add a step per coordinate beyond the contribution itself
+    assert np.linalg.norm(rounded(s + c) - rounded(s)) > np.linalg.norm(c) + 0.9 * np.sqrt(dim) * g
+
+
+def test_trusted_aggregator_anchors_need_an_explicit_opt_in():
+    """Server noise without encryption shows the server every site's un-noised sum: refused unless the user
+    accepts a claim that holds only against the other parties, and every alternative is named."""
+    with pytest.raises(ConfigError, match=r"anchors.trust_server.*un-noised anchor sum.*distributed") as exc:
+        parse_config({"anchors": {"enabled": True}})
+    assert "Found False" in str(exc.value)
+    for ok in (
+        {"anchors": {"enabled": True, "trust_server": True}},
+        {"anchors": {"enabled": True}, "encryption": {"enabled": True}},
+        {"anchors": {"enabled": True, "noise": "distributed", "min_contributors": 2}},
+    ):
+        parse_config(ok)
+    from secure_fedvlp.privacy.anchors import claim_scope
+
+    assert claim_scope(parse_config({"anchors": {"enabled": True, "trust_server": True}}))
+    assert not claim_scope(parse_config({"anchors": {"enabled": True}, "encryption": {"enabled": True}}))

@@ -14,8 +14,13 @@ from tests.unit.test_methods_contract import run_method, tiny_cfg
 
 def _two_round_dp_run(tmp, method, **privacy):
     """A real 2-round DP run of ``method`` (tiny config) with its config, metrics and report on disk."""
-    cfg = tiny_cfg(tmp, method, privacy={"enabled": True, **privacy},
-                   train={"objective": "decomposable"}, federation={"num_rounds": 2})
+    cfg = tiny_cfg(
+        tmp,
+        method,
+        privacy={"enabled": True, **privacy},
+        train={"objective": "decomposable"},
+        federation={"num_rounds": 2},
+    )
     strategy, result, rec, grid, init = run_method(cfg, tmp, rounds=2)
     run_dir = tmp / "run"
     (run_dir / "config.toml").write_text(dump_toml(config_to_dict(cfg)))
@@ -157,10 +162,15 @@ def test_independent_bound_above_budget_is_a_note_not_a_failure(prun, capsys):
 def test_pld_and_prv_disagreeing_fails(prun, monkeypatch):
     import secure_fedvlp.privacy.audit as audit_mod
 
-    monkeypatch.setattr(audit_mod, "opacus_prv_epsilon", lambda events, delta: 1.5 * audit_mod.make_accountant(
-        "pld", events).get_epsilon(delta))
+    monkeypatch.setattr(
+        audit_mod,
+        "opacus_prv_epsilon",
+        lambda events, delta: 1.5 * audit_mod.make_accountant("pld", events).get_epsilon(delta),
+    )
     audit = audit_run(prun)
-    assert not audit.ok and any("PLD" in p and "PRV" in p and "disagree" in p for c in audit.clients for p in c.problems)
+    assert not audit.ok and any(
+        "PLD" in p and "PRV" in p and "disagree" in p for c in audit.clients for p in c.problems
+    )
 
 
 def test_prv_matches_pld_on_a_known_history():
@@ -168,9 +178,11 @@ def test_prv_matches_pld_on_a_known_history():
     from secure_fedvlp.privacy.audit import make_accountant, opacus_prv_epsilon
     from secure_fedvlp.privacy.events import DPSGDEvent, GaussianEvent, PostProcessingEvent
 
-    events = [DPSGDEvent(noise_multiplier=1.2, sample_rate=0.1, steps=50, clip_norm=1.0, round=1),
-              GaussianEvent(sensitivity=1.0, sigma=10.0, what="report", round=1),
-              PostProcessingEvent(what="anchors", round=1)]
+    events = [
+        DPSGDEvent(noise_multiplier=1.2, sample_rate=0.1, steps=50, clip_norm=1.0, round=1),
+        GaussianEvent(sensitivity=1.0, sigma=10.0, what="report", round=1),
+        PostProcessingEvent(what="anchors", round=1),
+    ]
     pld = make_accountant("pld", events).get_epsilon(1e-5)
     prv = opacus_prv_epsilon(events, 1e-5)
     assert 0 < pld and abs(prv - pld) <= 0.02 * pld
@@ -187,3 +199,30 @@ def test_seeded_randomness_run_fails_the_audit_and_the_report_says_why(run):
     assert not audit.ok and any("seeded_randomness" in p and "server" in p for p in audit.problems)
     write_report(run)
     assert "Warning: privacy.seeded_randomness = true" in (run / "report.md").read_text()
+
+
+def test_a_directory_that_is_not_a_run_is_named_by_every_reader(tmp_path, capsys):
+    """audit, report and the empirical audit open a run the same way (layout.load_run) and say what is missing."""
+    from secure_fedvlp.errors import ConfigError, DataError
+    from secure_fedvlp.evaluation.membership import empirical_audit
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for where in (empty, tmp_path / "nowhere"):
+        audit = audit_run(where)
+        assert not audit.ok and audit.clients == [] and audit.run_dir == str(where)
+        assert len(audit.problems) == 1 and str(where) in audit.problems[0], audit.problems
+        assert main(["audit", str(where)]) == 1
+        assert "AUDIT FAILED" in capsys.readouterr().out
+        assert main(["report", str(where)]) == 2
+        assert str(where) in capsys.readouterr().err
+        with pytest.raises(DataError, match=str(where)):
+            empirical_audit(where)
+    assert "config.toml is missing" in audit_run(empty).problems[0]
+    (empty / "config.toml").write_text("[privacy]\ndelta = 2.0\n")  # out of range: an invalid config
+    audit = audit_run(empty)
+    assert not audit.ok and "privacy.delta" in audit.problems[0] and "2.0" in audit.problems[0]
+    with pytest.raises(ConfigError, match="privacy.delta"):
+        empirical_audit(empty)
+    assert main(["report", str(empty)]) == 2
+    assert "privacy.delta" in capsys.readouterr().err

@@ -11,24 +11,18 @@ import stat
 import numpy as np
 import pytest
 
+from secure_fedvlp.build import build_federation, build_model
 from secure_fedvlp.cli import main
 from secure_fedvlp.config import config_to_dict, dump_toml, load_config
-from secure_fedvlp.data.canaries import (
-    CANARY_WORDS,
-    coins_path,
-    insert_canaries,
-    make_canaries,
-    prepare_canaries,
-    read_coins,
-    site_canaries_path,
-)
+from secure_fedvlp.data.canaries import CANARY_WORDS, make_canaries
 from secure_fedvlp.errors import ConfigError, DataError
+from secure_fedvlp.evaluation.canary_files import insert_canaries, prepare_canaries, read_coins
 from secure_fedvlp.evaluation.membership import canary_scores, empirical_audit, write_empirical_audit
 from secure_fedvlp.evaluation.report import RunRecorder, write_report
-from secure_fedvlp.flower.runtime import build_federation, build_model
-from secure_fedvlp.methods.base import arrays_to_numpy
-from secure_fedvlp.privacy.dpsgd import make_ledger
+from secure_fedvlp.layout import RunLayout
 from secure_fedvlp.privacy.events import DPSGDEvent
+from secure_fedvlp.wire import arrays_to_numpy
+from secure_fedvlp.wrappers.dpsgd import make_ledger
 from tests.unit.test_methods_contract import run_method, tiny_cfg
 
 
@@ -61,9 +55,9 @@ def test_coins_stay_with_the_auditor_and_the_site_gets_its_list(tmp_path):
     run_dir = tmp_path / "run"
     rec = prepare_canaries(cfg, run_dir, ["site1", "site2"])
     assert len(rec["included"]) == 16 and rec["source"].startswith("secrets")
-    for path in (coins_path(run_dir), site_canaries_path(run_dir, "site1")):
+    for path in (RunLayout(run_dir).canary_coins, RunLayout(run_dir).site_canaries("site1")):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    site_list = json.loads(site_canaries_path(run_dir, "site1").read_text())
+    site_list = json.loads(RunLayout(run_dir).site_canaries("site1").read_text())
     assert site_list["include"] == [i for i, c in enumerate(rec["included"]) if c]
     assert "included" not in site_list  # the site learns its records, not the coins of the others
     # a restart in the same directory keeps the coins; a different request is refused
@@ -92,21 +86,36 @@ def test_only_the_canary_site_adds_exactly_its_included_canaries(tmp_path):
     names = [s.name for s in fed.sites]
     new1 = insert_canaries(cfg, run_dir, s1, names)
     assert len(new1.train) == len(s1.train) + coins.sum()
-    assert new1.train.record_ids[len(s1.train):] == [f"canary/{i:05d}" for i in np.flatnonzero(coins)]
+    assert new1.train.record_ids[len(s1.train) :] == [f"canary/{i:05d}" for i in np.flatnonzero(coins)]
     assert new1.test is s1.test and new1.val is s1.val  # evaluation splits untouched
     assert insert_canaries(cfg, run_dir, s2, names) is s2
-    site_canaries_path(run_dir, "site1").unlink()
+    RunLayout(run_dir).site_canaries("site1").unlink()
     with pytest.raises(DataError, match="canaries.json is missing"):
         insert_canaries(cfg, run_dir, s1, names)
 
 
 def _leaky_run(tmp_path, rounds, **extra):
     """Train with canaries through the real ClientApp; lay the run out as `secure-fedvlp run` does."""
-    cfg = tiny_cfg(tmp_path, "fedavg", audit={"canaries": 64, "canary_site": "site1", "canary_seed": 11},
-                   data={"synthetic": {"num_sites": 2, "heldout_site": False, "train_per_site": 32, "val_per_site": 4,
-                                       "test_per_site": 8, "public_size": 8, "image_size": 32, "seed": 3}},
-                   train={"local_steps": 20, "batch_size": 16, "lr": 3e-3, "text_lr": 1e-3},
-                   eval={"every_round": False}, **extra)
+    cfg = tiny_cfg(
+        tmp_path,
+        "fedavg",
+        audit={"canaries": 64, "canary_site": "site1", "canary_seed": 11},
+        data={
+            "synthetic": {
+                "num_sites": 2,
+                "heldout_site": False,
+                "train_per_site": 32,
+                "val_per_site": 4,
+                "test_per_site": 8,
+                "public_size": 8,
+                "image_size": 32,
+                "seed": 3,
+            }
+        },
+        train={"local_steps": 20, "batch_size": 16, "lr": 3e-3, "text_lr": 1e-3},
+        eval={"every_round": False},
+        **extra,
+    )
     run_dir = tmp_path / "run"
     coins = np.random.default_rng(0).random(64) < 0.5
     prepare_canaries(cfg, run_dir, ["site1", "site2"], coins=coins)
@@ -164,8 +173,9 @@ def test_a_false_claim_fails_the_audit(leaky_run, tmp_path, capsys):
     cfg, src, _ = leaky_run
     run_dir = tmp_path / "claims_dp"
     shutil.copytree(src, run_dir)
-    claimed = load_config(run_dir / "config.toml", ["privacy.enabled=true", "privacy.target_epsilon=0.3",
-                                                    "train.objective=decomposable"])
+    claimed = load_config(
+        run_dir / "config.toml", ["privacy.enabled=true", "privacy.target_epsilon=0.3", "train.objective=decomposable"]
+    )
     (run_dir / "config.toml").write_text(dump_toml(config_to_dict(claimed)))
     for site in ("site1", "site2"):  # ledgers claiming much noise (a well-formed, hash-chained lie)
         led = make_ledger(run_dir / "clients" / site / "privacy_ledger.jsonl", site, claimed.privacy)
@@ -190,7 +200,7 @@ def test_empirical_audit_names_what_is_missing(leaky_run, tmp_path, capsys):
     (run_dir / "model" / "federated_params.npz").unlink()
     with pytest.raises(DataError, match="no released final model"):
         empirical_audit(run_dir)
-    coins_path(run_dir).unlink()
+    RunLayout(run_dir).canary_coins.unlink()
     with pytest.raises(DataError, match="canary_coins.json is missing"):
         empirical_audit(run_dir)
     assert main(["audit", str(run_dir), "--empirical"]) == 1
@@ -204,8 +214,9 @@ def test_empirical_audit_names_what_is_missing(leaky_run, tmp_path, capsys):
     assert "--beta must be in (0, 1)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bad,match", [({"canaries": 1}, "'audit.canaries' must be 0"),
-                                       ({"canaries": -3}, "'audit.canaries' must be 0")])
+@pytest.mark.parametrize(
+    "bad,match", [({"canaries": 1}, "'audit.canaries' must be 0"), ({"canaries": -3}, "'audit.canaries' must be 0")]
+)
 def test_bad_audit_config_is_named(tmp_path, bad, match):
     with pytest.raises(ConfigError, match=match):
         tiny_cfg(tmp_path, "fedavg", audit=bad)

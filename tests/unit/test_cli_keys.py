@@ -5,8 +5,8 @@ import stat
 import pytest
 
 from secure_fedvlp.cli import main
+from secure_fedvlp.encryption.keys import load_client_context, load_server_context
 from secure_fedvlp.errors import KeyMaterialError
-from secure_fedvlp.secagg.keys import load_client_context, load_server_context
 
 
 def test_keys_init_writes_private_client_files_and_public_server_file(tmp_path, capsys):

@@ -72,8 +72,7 @@ def test_nested_dataclass_errors_propagate():
 
 
 def test_overrides_parse_toml_values():
-    data = apply_overrides({}, ["federation.num_rounds=7", "run.name=abc", "eval.recall_ks=[1, 2]",
-                               "train.lr=1e-4"])
+    data = apply_overrides({}, ["federation.num_rounds=7", "run.name=abc", "eval.recall_ks=[1, 2]", "train.lr=1e-4"])
     cfg = parse_config(data)
     assert cfg.federation.num_rounds == 7 and cfg.run.name == "abc"
     assert cfg.eval.recall_ks == (1, 2) and cfg.train.lr == pytest.approx(1e-4)
@@ -104,3 +103,68 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
 def test_unknown_method_is_rejected_when_the_config_is_read():
     with pytest.raises(ConfigError, match=r"federation.method.*fedavg.*'fedsgd'"):
         parse_config({"federation": {"method": "fedsgd"}})
+
+
+def _named(problems, key, value):
+    """The one problem that names ``key`` and ends with the value found."""
+    hits = [p for p in problems if f"'{key}'" in p and p.endswith(f"Found {value!r}.")]
+    assert len(hits) == 1, (key, value, problems)
+    return hits[0]
+
+
+def test_every_range_problem_is_reported_at_once():
+    """Several bad values in one section and in several sections: one error names every key and value."""
+    bad = {
+        "train": {"local_steps": 0, "batch_size": 1, "lr": -1.0, "grad_clip": -0.5},
+        "federation": {"num_rounds": 0, "fraction_train": 1.5},
+        "privacy": {"delta": 2.0, "clip_norm": 0.0, "grad_sample_mode": "ghost", "clipping": "per_layer"},
+        "audit": {"canaries": 1},
+    }
+    with pytest.raises(ConfigError) as e:
+        parse_config(bad)
+    expected = [
+        ("train.local_steps", 0),
+        ("train.batch_size", 1),
+        ("train.lr", -1.0),
+        ("train.grad_clip", -0.5),
+        ("federation.num_rounds", 0),
+        ("federation.fraction_train", 1.5),
+        ("privacy.delta", 2.0),
+        ("privacy.clip_norm", 0.0),
+        ("privacy.grad_sample_mode", "ghost"),
+        ("audit.canaries", 1),
+    ]
+    assert len(e.value.problems) == len(expected), e.value.problems
+    text = str(e.value)
+    assert f"({len(expected)} problems)" in text
+    for key, value in expected:
+        assert _named(e.value.problems, key, value) in text
+
+
+def test_a_section_built_directly_names_all_its_problems():
+    from secure_fedvlp.config import TrainConfig
+
+    with pytest.raises(ValueError) as e:
+        TrainConfig(lr=0.0, weight_decay=-1.0)
+    assert "'train.lr' must be > 0. Found 0.0." in str(e.value)
+    assert "'train.weight_decay' must be >= 0. Found -1.0." in str(e.value)
+
+
+def test_problems_across_sections_are_reported_together():
+    with pytest.raises(ConfigError) as e:
+        parse_config(
+            {"federation": {"method": "fedsgd"}, "privacy": {"enabled": True}, "train": {"objective": "infonce"}}
+        )
+    assert len(e.value.problems) == 2, e.value.problems
+    assert "fedavg" in _named(e.value.problems, "federation.method", "fedsgd")
+    assert "privacy.enabled" in _named(e.value.problems, "train.objective", "infonce")
+    with pytest.raises(ConfigError) as e:
+        parse_config(
+            {
+                "federation": {"method": "fedsgd"},
+                "train": {"objective": "decomposable"},
+                "data": {"synthetic": {"public_size": 0}},
+            }
+        )
+    assert len(e.value.problems) == 2, e.value.problems
+    assert "decomposable" in _named(e.value.problems, "data.synthetic.public_size", 0)

@@ -14,7 +14,8 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from secure_fedvlp.data import FINDINGS, load_chexpert, load_manifest, load_mimic_cxr_jpg
-from secure_fedvlp.data.manifest import extract_report_sections, load_image, template_report
+from secure_fedvlp.data.adapters import extract_report_sections, template_report
+from secure_fedvlp.data.images import load_image
 from secure_fedvlp.errors import DataError
 
 GRAD = np.tile(np.linspace(0, 255, 40, dtype=np.uint8), (20, 1))  # 20 x 40, dark left -> bright right
@@ -81,14 +82,28 @@ def test_csv_manifest_per_finding_columns_builds_federation(tmp_path):
     _jpeg(tmp_path / "b.jpg")
     _dicom(tmp_path / "c.dcm", np.full((8, 8), 7, np.uint16) + np.eye(8, dtype=np.uint16))
     rows = []
-    for i, (img, site, split) in enumerate([("a.png", "A", "train"), ("b.jpg", "A", "validate"),
-                                            ("c.dcm", "A", "test"), ("a.png", "B", "train"), ("b.jpg", "C", "")]):
+    for i, (img, site, split) in enumerate(
+        [
+            ("a.png", "A", "train"),
+            ("b.jpg", "A", "validate"),
+            ("c.dcm", "A", "test"),
+            ("a.png", "B", "train"),
+            ("b.jpg", "C", ""),
+        ]
+    ):
         row = {"image": img, "report": f"report {i}", "site": site, "split": split}
-        row.update({"No Finding": "", "Cardiomegaly": "1" if i == 0 else "0", "Pleural Effusion": "-1",
-                    "consolidation": "", "pneumothorax": "1.0" if i == 3 else "", "Lung Lesion": ""})
+        row.update(
+            {
+                "No Finding": "",
+                "Cardiomegaly": "1" if i == 0 else "0",
+                "Pleural Effusion": "-1",
+                "consolidation": "",
+                "pneumothorax": "1.0" if i == 3 else "",
+                "Lung Lesion": "",
+            }
+        )
         rows.append(row)
-    fed = load_manifest(_write_csv(tmp_path / "m.csv", rows), image_size=24, heldout_site="C",
-                        uncertain="negative")
+    fed = load_manifest(_write_csv(tmp_path / "m.csv", rows), image_size=24, heldout_site="C", uncertain="negative")
     assert [s.name for s in fed.sites] == ["A", "B"] and fed.heldout.name == "C" and fed.heldout.role == "heldout"
     a = fed.site("A")
     assert (len(a.train), len(a.val), len(a.test)) == (1, 1, 1)
@@ -105,10 +120,17 @@ def test_csv_manifest_per_finding_columns_builds_federation(tmp_path):
 
 def test_jsonl_manifest_with_labels_column_gz_and_missing_text(tmp_path):
     _png(tmp_path / "a.png")
-    recs = [{"image": "a.png", "report": "Cardiomegaly and left effusion.", "labels": "cardiomegaly|pleural_effusion",
-             "site": "s1", "split": "train"},
-            {"image": "a.png", "report": "", "labels": "", "site": "s1", "split": "train"},
-            {"image": "a.png", "report": "Normal.", "labels": "No Finding", "site": "pub", "split": "test"}]
+    recs = [
+        {
+            "image": "a.png",
+            "report": "Cardiomegaly and left effusion.",
+            "labels": "cardiomegaly|pleural_effusion",
+            "site": "s1",
+            "split": "train",
+        },
+        {"image": "a.png", "report": "", "labels": "", "site": "s1", "split": "train"},
+        {"image": "a.png", "report": "Normal.", "labels": "No Finding", "site": "pub", "split": "test"},
+    ]
     path = tmp_path / "m.jsonl.gz"
     with gzip.open(path, "wt") as fh:
         fh.write("\n".join(json.dumps(r) for r in recs) + "\n\n")
@@ -123,10 +145,12 @@ def test_jsonl_manifest_with_labels_column_gz_and_missing_text(tmp_path):
 def _bad_manifest(tmp_path):
     _png(tmp_path / "ok.png")
     (tmp_path / "broken.png").write_bytes(b"this is not a png")
-    rows = [{"image": "ok.png", "report": "fine", "labels": "nodule", "site": "A"},
-            {"image": "missing.png", "report": "fine", "labels": "nodule", "site": "A"},
-            {"image": "ok.png", "report": "   ", "labels": "", "site": "A"},
-            {"image": "ok.png", "report": "fine", "labels": "fibrosis", "site": "A"}]
+    rows = [
+        {"image": "ok.png", "report": "fine", "labels": "nodule", "site": "A"},
+        {"image": "missing.png", "report": "fine", "labels": "nodule", "site": "A"},
+        {"image": "ok.png", "report": "   ", "labels": "", "site": "A"},
+        {"image": "ok.png", "report": "fine", "labels": "fibrosis", "site": "A"},
+    ]
     return _write_csv(tmp_path / "bad.csv", rows)
 
 
@@ -139,8 +163,10 @@ def test_row_problems_are_collected_and_name_file_row_and_value(tmp_path):
     assert "row 3 (line 4)" in msg and "'report' is empty" in msg  # empty report
     assert "row 4 (line 5)" in msg and "fibrosis" in msg  # unknown label
     # the unreadable image is found once the table is clean
-    rows = [{"image": "ok.png", "report": "r", "labels": "", "site": "A"},
-            {"image": "broken.png", "report": "r", "labels": "", "site": "A"}]
+    rows = [
+        {"image": "ok.png", "report": "r", "labels": "", "site": "A"},
+        {"image": "broken.png", "report": "r", "labels": "", "site": "A"},
+    ]
     with pytest.raises(DataError, match=r"(?s)unreadable\.csv.*row 2 \(line 3\).*broken\.png"):
         load_manifest(_write_csv(tmp_path / "unreadable.csv", rows), image_size=16)
 
@@ -180,8 +206,9 @@ MIMIC_REPORT = """                                 FINAL REPORT
 
 
 def test_report_section_extraction():
-    assert extract_report_sections(MIMIC_REPORT) == ("The heart is enlarged. Small left pleural effusion. "
-                                                     "Cardiomegaly with small left effusion.")
+    assert extract_report_sections(MIMIC_REPORT) == (
+        "The heart is enlarged. Small left pleural effusion. Cardiomegaly with small left effusion."
+    )
     assert extract_report_sections(MIMIC_REPORT, ("impression",)) == "Cardiomegaly with small left effusion."
     assert extract_report_sections("no headings at all") == ""
 
@@ -191,16 +218,21 @@ def test_report_section_extraction():
 def test_template_report_mentions_exactly_the_positives(flags):
     lab = np.array([float(not any(flags)), *map(float, flags)])
     text = template_report(lab).lower()
-    for flag, word in zip(flags, ("cardiomegaly", "pleural effusion", "consolidation", "pneumothorax", "lung nodule"),
-                          strict=True):
+    for flag, word in zip(
+        flags, ("cardiomegaly", "pleural effusion", "consolidation", "pneumothorax", "lung nodule"), strict=True
+    ):
         assert (f"no {word}" not in text) == flag
     assert ("no acute" in text) == (not any(flags))
 
 
 def _mimic_layout(tmp_path):
     root = tmp_path / "mimic"
-    studies = [("10000032", "50414267", "d1", "PA", "train"), ("10000032", "50414267", "d2", "LATERAL", "train"),
-               ("11000011", "51111111", "d3", "AP", "validate"), ("12000022", "52222222", "d4", "PA", "test")]
+    studies = [
+        ("10000032", "50414267", "d1", "PA", "train"),
+        ("10000032", "50414267", "d2", "LATERAL", "train"),
+        ("11000011", "51111111", "d3", "AP", "validate"),
+        ("12000022", "52222222", "d4", "PA", "test"),
+    ]
     meta, split, labels = [], [], []
     for subj, study, dicom, view, sp in studies:
         d = root / "files" / f"p{subj[:2]}" / f"p{subj}" / f"s{study}"
@@ -210,11 +242,22 @@ def _mimic_layout(tmp_path):
         split.append({"dicom_id": dicom, "study_id": study, "subject_id": subj, "split": sp})
     (root / "files/p10/p10000032/s50414267.txt").write_text(MIMIC_REPORT)
     (root / "files/p11/p11000011/s51111111.txt").write_text(" FINDINGS: Lungs are clear.\n")
-    cols = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Lung Lesion", "No Finding",
-            "Pleural Effusion", "Pneumothorax", "Support Devices"]
-    for subj, study, vals in [("10000032", "50414267", {"Cardiomegaly": "1.0", "Pleural Effusion": "-1.0"}),
-                              ("11000011", "51111111", {"No Finding": "1.0"}),
-                              ("12000022", "52222222", {"Lung Lesion": "1.0", "Atelectasis": "1.0"})]:
+    cols = [
+        "Atelectasis",
+        "Cardiomegaly",
+        "Consolidation",
+        "Edema",
+        "Lung Lesion",
+        "No Finding",
+        "Pleural Effusion",
+        "Pneumothorax",
+        "Support Devices",
+    ]
+    for subj, study, vals in [
+        ("10000032", "50414267", {"Cardiomegaly": "1.0", "Pleural Effusion": "-1.0"}),
+        ("11000011", "51111111", {"No Finding": "1.0"}),
+        ("12000022", "52222222", {"Lung Lesion": "1.0", "Atelectasis": "1.0"}),
+    ]:
         labels.append({"subject_id": subj, "study_id": study, **{c: vals.get(c, "") for c in cols}})
     _write_csv(root / "mimic-cxr-2.0.0-metadata.csv", meta)
     _write_csv(root / "mimic-cxr-2.0.0-split.csv", split)
@@ -244,18 +287,30 @@ def test_mimic_cxr_jpg_adapter(tmp_path):
 
 def test_chexpert_adapter_template_or_no_text(tmp_path):
     root = tmp_path / "CheXpert-v1.0-small"
-    rows = {"train.csv": [("train/patient00001/study1/view1_frontal.jpg", "Frontal", {"Cardiomegaly": "1.0"}),
-                          ("train/patient00001/study1/view2_lateral.jpg", "Lateral", {}),
-                          ("train/patient00002/study1/view1_frontal.jpg", "Frontal", {"Lung Lesion": "-1.0"})],
-            "valid.csv": [("valid/patient64541/study1/view1_frontal.jpg", "Frontal", {"No Finding": "1.0"})]}
+    rows = {
+        "train.csv": [
+            ("train/patient00001/study1/view1_frontal.jpg", "Frontal", {"Cardiomegaly": "1.0"}),
+            ("train/patient00001/study1/view2_lateral.jpg", "Lateral", {}),
+            ("train/patient00002/study1/view1_frontal.jpg", "Frontal", {"Lung Lesion": "-1.0"}),
+        ],
+        "valid.csv": [("valid/patient64541/study1/view1_frontal.jpg", "Frontal", {"No Finding": "1.0"})],
+    }
     cols = ["No Finding", "Cardiomegaly", "Lung Lesion", "Pleural Effusion", "Consolidation", "Pneumothorax"]
     for table, entries in rows.items():
         out = []
         for rel, view, vals in entries:
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             _jpeg(root / rel)
-            out.append({"Path": f"CheXpert-v1.0-small/{rel}", "Sex": "Female", "Age": "68", "Frontal/Lateral": view,
-                        "AP/PA": "AP", **{c: vals.get(c, "") for c in cols}})
+            out.append(
+                {
+                    "Path": f"CheXpert-v1.0-small/{rel}",
+                    "Sex": "Female",
+                    "Age": "68",
+                    "Frontal/Lateral": view,
+                    "AP/PA": "AP",
+                    **{c: vals.get(c, "") for c in cols},
+                }
+            )
         _write_csv(root / table, out)
     fed = load_chexpert(root, image_size=16, val_fraction=0.0, uncertain="positive")
     s = fed.site("chexpert")

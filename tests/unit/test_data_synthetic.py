@@ -7,13 +7,17 @@ from secure_fedvlp.data import FINDINGS, SyntheticSpec, generate_federation, sit
 from secure_fedvlp.data.synthetic import NEGATIONS, NORMAL, SYNONYMS
 from secure_fedvlp.errors import ConfigError
 
-SMALL = SyntheticSpec(num_sites=3, train_per_site=40, val_per_site=8, test_per_site=16, public_size=8,
-                      image_size=32, seed=5)
+SMALL = SyntheticSpec(
+    num_sites=3, train_per_site=40, val_per_site=8, test_per_site=16, public_size=8, image_size=32, seed=5
+)
 
 
 def _arrays(fed):
-    return [(s.name, split.images, split.labels, split.reports) for s in fed.all_sites()
-            for split in (s.train, s.val, s.test)]
+    return [
+        (s.name, split.images, split.labels, split.reports)
+        for s in fed.all_sites()
+        for split in (s.train, s.val, s.test)
+    ]
 
 
 def test_deterministic_by_seed():
@@ -44,8 +48,9 @@ def test_cache_hit_and_corrupt_cache_regenerated(tmp_path):
 
 
 def test_site_intensity_statistics_follow_scanner_style():
-    spec = SyntheticSpec(num_sites=4, train_per_site=60, val_per_site=4, test_per_site=4, public_size=0,
-                         image_size=32, seed=0)
+    spec = SyntheticSpec(
+        num_sites=4, train_per_site=60, val_per_site=4, test_per_site=4, public_size=0, image_size=32, seed=0
+    )
     fed = generate_federation(spec)
     stds = [s.train.images.std() for s in fed.sites]
     contrasts = [site_style(spec, i)["contrast"] for i in range(4)]
@@ -56,17 +61,30 @@ def test_site_intensity_statistics_follow_scanner_style():
 
 def test_prevalence_skew_grows_as_alpha_shrinks():
     def spread(alpha):
-        spec = SyntheticSpec(num_sites=4, train_per_site=150, val_per_site=2, test_per_site=2, public_size=0,
-                             image_size=16, dirichlet_alpha=alpha, heldout_site=False, seed=2)
+        spec = SyntheticSpec(
+            num_sites=4,
+            train_per_site=150,
+            val_per_site=2,
+            test_per_site=2,
+            public_size=0,
+            image_size=16,
+            dirichlet_alpha=alpha,
+            heldout_site=False,
+            seed=2,
+        )
         prev = np.stack([s.train.prevalence()[1:] for s in generate_federation(spec).sites])
         return prev.std(axis=0).mean()
+
     assert spread(0.2) > 2 * spread(100.0)
 
 
 def _mentions(report, finding):
     low = report.lower()
-    return any(p.format(side=side).split(" ")[-1] in low and p.format(side=side).lower() in low
-               for p in SYNONYMS[finding] for side in ("left", "right"))
+    return any(
+        p.format(side=side).split(" ")[-1] in low and p.format(side=side).lower() in low
+        for p in SYNONYMS[finding]
+        for side in ("left", "right")
+    )
 
 
 def test_reports_consistent_with_labels_and_masks():
@@ -91,13 +109,14 @@ def test_missing_text_and_heldout_options():
     assert fed.heldout is None
     last = fed.sites[-1].train
     frac = 1 - last.has_text.mean()
-    assert 0.25 < frac < 0.75 and all(r == "" for r, h in zip(last.reports, last.has_text) if not h)
+    assert 0.25 < frac < 0.75 and all(r == "" for r, h in zip(last.reports, last.has_text, strict=True) if not h)
     assert fed.sites[0].train.has_text.all()
     assert generate_federation(SMALL).heldout.role == "heldout"
 
 
-@pytest.mark.parametrize("field,value", [("num_sites", 0), ("dirichlet_alpha", 0.0), ("image_size", 8),
-                                         ("missing_text_fraction", 1.0)])
+@pytest.mark.parametrize(
+    "field,value", [("num_sites", 0), ("dirichlet_alpha", 0.0), ("image_size", 8), ("missing_text_fraction", 1.0)]
+)
 def test_spec_validation_names_field(field, value):
     with pytest.raises(ConfigError, match=field):
         SyntheticSpec(**{field: value})

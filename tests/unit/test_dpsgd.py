@@ -5,31 +5,41 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
+from secure_fedvlp.build import build_federation, build_model
 from secure_fedvlp.config import parse_config
 from secure_fedvlp.errors import ConfigError, PrivacyBudgetExhausted
-from secure_fedvlp.flower.runtime import build_federation, build_model
-from secure_fedvlp.methods.base import LocalTrainer, TrainTask, federated_state, make_collate
 from secure_fedvlp.methods.feddra import FedDRATrainer
+from secure_fedvlp.methods.trainer import LocalTrainer, TrainTask
 from secure_fedvlp.models import create_model
+from secure_fedvlp.models.state import federated_state, make_collate
 from secure_fedvlp.objectives import AnchorGuidanceLoss, DecomposableContrastiveLoss, InfoNCELoss
 from secure_fedvlp.privacy import replay
-from secure_fedvlp.privacy.dpsgd import DPTrainer, client_noise_multiplier
-from secure_fedvlp.methods.base import arrays_to_numpy
+from secure_fedvlp.wire import arrays_to_numpy
+from secure_fedvlp.wrappers.compose import release_plan
+from secure_fedvlp.wrappers.dpsgd import DPTrainer, client_noise_multiplier
 from tests.unit.test_methods_contract import run_method, tiny_cfg
 
 
 def _batch(model, n=5, seed=0, size=32):
     g = torch.Generator().manual_seed(seed)
-    texts = ["no acute findings", "small left effusion. no pneumothorax", "the heart is enlarged",
-             "right apical pneumothorax", "a nodular density in the left lung", "patchy right airspace disease"]
+    texts = [
+        "no acute findings",
+        "small left effusion. no pneumothorax",
+        "the heart is enlarged",
+        "right apical pneumothorax",
+        "a nodular density in the left lung",
+        "patchy right airspace disease",
+    ]
     tok = model.tokenize([texts[(seed + i) % len(texts)] for i in range(n)])
     return torch.rand(n, 1, size, size, generator=g), tok["input_ids"], tok["attention_mask"]
 
 
 def _banks(dim, k=7, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.nn.functional.normalize(torch.randn(k, dim, generator=g), dim=-1),
-            torch.nn.functional.normalize(torch.randn(k, dim, generator=g), dim=-1))
+    return (
+        torch.nn.functional.normalize(torch.randn(k, dim, generator=g), dim=-1),
+        torch.nn.functional.normalize(torch.randn(k, dim, generator=g), dim=-1),
+    )
 
 
 def _loss_fn(model, anchor_out, banks):
@@ -38,8 +48,13 @@ def _loss_fn(model, anchor_out, banks):
     def f(m, x, ids, mask, idx):
         out = m(x, ids, mask)
         total = loss(out["image_emb"], out["text_emb"], model.logit_scale, *banks)["loss"]
-        return total + anchor(out["image_emb"], out["text_emb"], anchor_out["image_emb"][idx],
-                              anchor_out["text_emb"][idx])["loss"]
+        return (
+            total
+            + anchor(out["image_emb"], out["text_emb"], anchor_out["image_emb"][idx], anchor_out["text_emb"][idx])[
+                "loss"
+            ]
+        )
+
     return f
 
 
@@ -179,12 +194,16 @@ def test_pitfall_eval_mode_text_tower_gives_no_activations_and_factory_returns_t
 
 
 def _dp_setup(tmp_path, **privacy):
-    cfg = tiny_cfg(tmp_path, "fedavg", privacy={"enabled": True, "noise_multiplier": 1.0, **privacy},
-                   train={"objective": "decomposable"})
+    cfg = tiny_cfg(
+        tmp_path,
+        "fedavg",
+        privacy={"enabled": True, "noise_multiplier": 1.0, **privacy},
+        train={"objective": "decomposable"},
+    )
     fed = build_federation(cfg)
     model = build_model(cfg)
     inner = LocalTrainer(cfg, torch.device("cpu"), fed.public)
-    z, q = client_noise_multiplier(cfg, len(inner.training_subset(fed.sites[0].train)))
+    z, q = client_noise_multiplier(cfg, release_plan(cfg), len(inner.training_subset(fed.sites[0].train)))
     return cfg, fed, model, DPTrainer(inner, tmp_path / "ledger.jsonl", "site1", z, q, cfg.privacy)
 
 
@@ -207,8 +226,9 @@ def test_restarted_client_resumes_its_history_and_budget(tmp_path):
     dp.fit(model, fed.sites[0].train, TrainTask(1, "full", 3), torch.Generator().manual_seed(0), federated_state(model))
     first = dp.ledger.epsilon()
     _, _, model2, restarted = _dp_setup(tmp_path)  # same ledger path, new trainer, new model object
-    m = restarted.fit(model2, fed.sites[0].train, TrainTask(2, "full", 3), torch.Generator().manual_seed(1),
-                      federated_state(model2))
+    m = restarted.fit(
+        model2, fed.sites[0].train, TrainTask(2, "full", 3), torch.Generator().manual_seed(1), federated_state(model2)
+    )
     events = restarted.ledger.events()
     assert [e.round for e in events] == [1, 2]
     assert m["epsilon"] > first
@@ -216,12 +236,18 @@ def test_restarted_client_resumes_its_history_and_budget(tmp_path):
     # a budget between one job's cost and two jobs' cost: the restarted trainer must refuse the second job
     budget = 0.5 * (first + m["epsilon"])
     _, _, model3, tight = _dp_setup(tmp_path / "tight", target_epsilon=budget)
-    tight.fit(model3, fed.sites[0].train, TrainTask(1, "full", 3), torch.Generator().manual_seed(0),
-              federated_state(model3))
+    tight.fit(
+        model3, fed.sites[0].train, TrainTask(1, "full", 3), torch.Generator().manual_seed(0), federated_state(model3)
+    )
     _, _, model4, tight_restarted = _dp_setup(tmp_path / "tight", target_epsilon=budget)
     with pytest.raises(PrivacyBudgetExhausted):
-        tight_restarted.fit(model4, fed.sites[0].train, TrainTask(2, "full", 3), torch.Generator().manual_seed(1),
-                            federated_state(model4))
+        tight_restarted.fit(
+            model4,
+            fed.sites[0].train,
+            TrainTask(2, "full", 3),
+            torch.Generator().manual_seed(1),
+            federated_state(model4),
+        )
     assert len(tight_restarted.ledger.events()) == 1
 
 
@@ -230,11 +256,13 @@ def test_noise_and_batches_are_unpredictable_unless_seeded(tmp_path, secure_mode
     """The job generator is derived from run.seed, which the server holds: by default DP-SGD's batches and
     noise must not follow from it (two fits from the same job seed differ); seeded_randomness makes them
     reproducible (two fits agree exactly)."""
+
     def fit_once(sub, seeded):
         cfg, fed, model, dp = _dp_setup(tmp_path / sub, seeded_randomness=seeded, secure_mode=secure_mode)
         torch.manual_seed(0)
-        dp.fit(model, fed.sites[0].train, TrainTask(1, "full", 2), torch.Generator().manual_seed(7),
-               federated_state(model))
+        dp.fit(
+            model, fed.sites[0].train, TrainTask(1, "full", 2), torch.Generator().manual_seed(7), federated_state(model)
+        )
         return federated_state(model), dp
 
     a, dp = fit_once("a", False)
@@ -244,8 +272,10 @@ def test_noise_and_batches_are_unpredictable_unless_seeded(tmp_path, secure_mode
     s2, _ = fit_once("s2", True)
     assert all(np.array_equal(s1[k], s2[k]) for k in s1)
     # the generators themselves: same job seed, different draws by default; equal when seeded
-    g1, g2 = dp.private_generators(torch.Generator().manual_seed(7)), dp.private_generators(
-        torch.Generator().manual_seed(7))
+    g1, g2 = (
+        dp.private_generators(torch.Generator().manual_seed(7)),
+        dp.private_generators(torch.Generator().manual_seed(7)),
+    )
     assert not torch.equal(torch.rand(8, generator=g1[0]), torch.rand(8, generator=g2[0]))
     assert not torch.equal(torch.randn(8, generator=g1[1]), torch.randn(8, generator=g2[1]))
 
@@ -261,24 +291,57 @@ def test_budget_refused_before_any_step(tmp_path):
 
 
 def test_calibrated_noise_fits_the_whole_run(tmp_path):
-    cfg = tiny_cfg(tmp_path, "feddra", privacy={"enabled": True, "target_epsilon": 4.0},
-                   train={"objective": "decomposable"})
-    z, q = client_noise_multiplier(cfg, 18)
+    cfg = tiny_cfg(
+        tmp_path, "feddra", privacy={"enabled": True, "target_epsilon": 4.0}, train={"objective": "decomposable"}
+    )
+    plan = release_plan(cfg)
+    z, q = client_noise_multiplier(cfg, plan, 18)
     from secure_fedvlp.privacy import epsilon_from_events
-    from secure_fedvlp.privacy.dpsgd import planned_reports, planned_steps_per_round
-    from secure_fedvlp.privacy.events import DPSGDEvent
 
-    events = [DPSGDEvent(z, q, planned_steps_per_round(cfg), cfg.privacy.clip_norm, r)
-              for r in range(1, cfg.federation.num_rounds + 1)] + planned_reports(cfg)
+    p = cfg.privacy
+    events = plan.events(
+        cfg.federation.num_rounds,
+        noise_multiplier=z,
+        sample_rate=q,
+        clip_norm=p.clip_norm,
+        report_clip=p.report_clip,
+        report_noise_multiplier=p.report_noise_multiplier,
+    )
     eps = epsilon_from_events(events, cfg.privacy.delta)
     assert eps <= 4.0 and eps > 3.9
+
+
+def test_fedaid_calibrated_for_the_steps_it_trains(tmp_path):
+    """FedAID trains feddra.stage2_steps per round; calibrated for train.local_steps instead, every site ran out
+    of budget in round 2 of 3 (local_steps = 2, stage2_steps = 6).  Calibrated from its plan, the run spends
+    its budget exactly over the planned rounds."""
+    cfg = tiny_cfg(
+        tmp_path,
+        "fedaid",
+        privacy={"enabled": True, "target_epsilon": 8.0},
+        train={"objective": "decomposable", "local_steps": 2},
+        feddra={"stage1_steps": 1, "stage2_steps": 6},
+        federation={"num_rounds": 3},
+    )
+    strategy, result, rec, grid, init = run_method(cfg, tmp_path, rounds=3)
+    assert not [r for r in rec.rows if r.get("status") == "budget_exhausted"]
+    ledgers = sorted((tmp_path / "run" / "clients").glob("*/privacy_ledger.jsonl"))
+    assert len(ledgers) == 2
+    for path in ledgers:
+        acc = replay(path)
+        assert [e.steps for e in acc.history if type(e).__name__ == "DPSGDEvent"] == [6, 6, 6]
+        assert 8.0 - 0.01 <= acc.get_epsilon(cfg.privacy.delta) <= 8.0
 
 
 def test_dp_run_end_to_end_ledgers_and_stopped_client(tmp_path):
     # FedAID under DP: training steps and noised DRO reports land in each client's ledger;
     # a budget too small for round 2 stops the clients, and the run goes on and says so.
-    cfg = tiny_cfg(tmp_path, "fedaid", privacy={"enabled": True, "noise_multiplier": 1.5, "target_epsilon": 4.6},
-                   train={"objective": "decomposable"})
+    cfg = tiny_cfg(
+        tmp_path,
+        "fedaid",
+        privacy={"enabled": True, "noise_multiplier": 1.5, "target_epsilon": 4.6},
+        train={"objective": "decomposable"},
+    )
     strategy, result, rec, grid, init = run_method(cfg, tmp_path, rounds=3)
     ledgers = sorted((tmp_path / "run" / "clients").glob("*/privacy_ledger.jsonl"))
     assert len(ledgers) == 2
@@ -298,11 +361,18 @@ def test_dp_run_end_to_end_ledgers_and_stopped_client(tmp_path):
 
 def _private_grad(model, per_record_loss_fn, mode, clip_norm, batch_size):
     """``.grad`` after one noise-free PrivateGradient backward in ``mode`` (and the ghost norms)."""
-    from secure_fedvlp.privacy.dpsgd import PrivateGradient
+    from secure_fedvlp.wrappers.dpsgd import PrivateGradient
 
     params = [p for p in model.parameters() if p.requires_grad]
-    pg = PrivateGradient(model, torch.optim.SGD(params, lr=0.0), mode=mode, clipping="flat", clip_norm=clip_norm,
-                         noise_multiplier=0.0, expected_batch_size=batch_size)
+    pg = PrivateGradient(
+        model,
+        torch.optim.SGD(params, lr=0.0),
+        mode=mode,
+        clipping="flat",
+        clip_norm=clip_norm,
+        noise_multiplier=0.0,
+        expected_batch_size=batch_size,
+    )
     try:
         pg.zero_grad()
         pg.backward(per_record_loss_fn(pg.module))
@@ -327,15 +397,29 @@ def test_ghost_clipped_gradient_equals_hooks_on_the_demo_model(tmp_path):
     per-record objective (contrastive with public negatives + anchor guidance), noise 0:
     ghost clipping's clipped, summed gradient equals hooks mode's, with the clip norm set
     so that some records are clipped and some are not."""
-    from secure_fedvlp.flower.runtime import build_federation
+    from secure_fedvlp.build import build_federation
 
-    cfg = parse_config({"model": {"name": "demo"}, "run": {"device": "cpu", "seed": 0},
-                        "data": {"cache_dir": str(tmp_path / "cache"),
-                                 "synthetic": {"num_sites": 1, "heldout_site": False, "train_per_site": 8,
-                                               "val_per_site": 2, "test_per_site": 2, "public_size": 16,
-                                               "image_size": 64}},
-                        "train": {"objective": "decomposable"}, "federation": {"method": "feddra"},
-                        "privacy": {"enabled": True}})
+    cfg = parse_config(
+        {
+            "model": {"name": "demo"},
+            "run": {"device": "cpu", "seed": 0},
+            "data": {
+                "cache_dir": str(tmp_path / "cache"),
+                "synthetic": {
+                    "num_sites": 1,
+                    "heldout_site": False,
+                    "train_per_site": 8,
+                    "val_per_site": 2,
+                    "test_per_site": 2,
+                    "public_size": 16,
+                    "image_size": 64,
+                },
+            },
+            "train": {"objective": "decomposable"},
+            "federation": {"method": "feddra"},
+            "privacy": {"enabled": True},
+        }
+    )
     torch.manual_seed(0)
     model = build_model(cfg)
     for m in model.modules():
@@ -362,8 +446,9 @@ def test_ghost_clipped_gradient_equals_hooks_on_the_demo_model(tmp_path):
     ghost, _ = _private_grad(model, per_record_loss, "ghost", clip, 6)
     assert len(hooks) > 20 and any(n.startswith("text_encoder.") for n in hooks)
     _assert_same_gradient(hooks, ghost)
-    assert not any(hasattr(p, "_norm_sample") or getattr(p, "grad_sample", None) is not None
-                   for p in model.parameters())
+    assert not any(
+        hasattr(p, "_norm_sample") or getattr(p, "grad_sample", None) is not None for p in model.parameters()
+    )
 
 
 def test_ghost_mode_dp_round_matches_hooks_mode_and_accounts_alike(tmp_path):
@@ -374,12 +459,16 @@ def test_ghost_mode_dp_round_matches_hooks_mode_and_accounts_alike(tmp_path):
 
     out = {}
     for mode in ("hooks", "ghost"):
-        cfg = tiny_cfg(tmp_path / mode, "feddra", privacy={"enabled": True, "noise_multiplier": 1.0,
-                                                           "grad_sample_mode": mode, "seeded_randomness": True},
-                       train={"objective": "decomposable"})
+        cfg = tiny_cfg(
+            tmp_path / mode,
+            "feddra",
+            privacy={"enabled": True, "noise_multiplier": 1.0, "grad_sample_mode": mode, "seeded_randomness": True},
+            train={"objective": "decomposable"},
+        )
         strategy, result, rec, grid, init = run_method(cfg, tmp_path / mode)
-        ledgers = {s: replay(tmp_path / mode / "run" / "clients" / s / "privacy_ledger.jsonl")
-                   for s in ("site1", "site2")}
+        ledgers = {
+            s: replay(tmp_path / mode / "run" / "clients" / s / "privacy_ledger.jsonl") for s in ("site1", "site2")
+        }
         out[mode] = (result.arrays, {s: (a.history, a.get_epsilon(1e-5)) for s, a in ledgers.items()}, rec)
     assert out["hooks"][1] == out["ghost"][1]
     assert all(len(h) == 3 for h, _ in out["ghost"][1].values())  # align + full DP-SGD, one DRO report
@@ -392,7 +481,7 @@ def test_ghost_mode_dp_round_matches_hooks_mode_and_accounts_alike(tmp_path):
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 def test_empty_poisson_batch_releases_noise_only(tmp_path, monkeypatch, mode):
-    from secure_fedvlp.privacy import dpsgd
+    from secure_fedvlp.wrappers import dpsgd
 
     cfg, fed, model, dp = _dp_setup(tmp_path, grad_sample_mode=mode)
     monkeypatch.setattr(dpsgd._PoissonBatches, "next", lambda self: [])
@@ -405,16 +494,27 @@ def test_empty_poisson_batch_releases_noise_only(tmp_path, monkeypatch, mode):
 
 def test_ghost_with_per_layer_clipping_is_a_config_error():
     with pytest.raises(ConfigError, match="cannot be 'ghost' with privacy.clipping = 'per_layer'"):
-        parse_config({"privacy": {"enabled": True, "grad_sample_mode": "ghost", "clipping": "per_layer"},
-                      "train": {"objective": "decomposable"}})
+        parse_config(
+            {
+                "privacy": {"enabled": True, "grad_sample_mode": "ghost", "clipping": "per_layer"},
+                "train": {"objective": "decomposable"},
+            }
+        )
 
 
 def test_private_gradient_needs_one_loss_per_record():
-    from secure_fedvlp.privacy.dpsgd import PrivateGradient
+    from secure_fedvlp.wrappers.dpsgd import PrivateGradient
 
     lin = torch.nn.Linear(3, 1)
-    pg = PrivateGradient(lin, torch.optim.SGD(lin.parameters(), lr=0.1), mode="ghost", clipping="flat",
-                         clip_norm=1.0, noise_multiplier=0.0, expected_batch_size=4)
+    pg = PrivateGradient(
+        lin,
+        torch.optim.SGD(lin.parameters(), lr=0.1),
+        mode="ghost",
+        clipping="flat",
+        clip_norm=1.0,
+        noise_multiplier=0.0,
+        expected_batch_size=4,
+    )
     try:
         with pytest.raises(ValueError, match="one loss per record"):
             pg.backward(pg.module(torch.randn(4, 3)).mean())
@@ -455,8 +555,14 @@ def test_trainer_decomposable_objective_needs_the_global_views(tmp_path):
     try:
         with torch.no_grad():
             out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
-            own = DecomposableContrastiveLoss()(out["image_emb"], out["text_emb"], model.logit_scale,
-                                                state["neg_image"], state["neg_text"], reduction="none")["loss"]
+            own = DecomposableContrastiveLoss()(
+                out["image_emb"],
+                out["text_emb"],
+                model.logit_scale,
+                state["neg_image"],
+                state["neg_text"],
+                reduction="none",
+            )["loss"]
             views = dp.inner.compute_loss(model, batch, state, reduction="none")["loss"]
     finally:
         model.train()

@@ -21,13 +21,21 @@ radii = st.floats(0.01, 3.0)
 def _slow_reference(w, rho, c):
     """SLSQP on the same convex problem: an independent (slow) reference."""
     n = w.size
-    cons = [{"type": "eq", "fun": lambda p: p.sum() - 1.0},
-            {"type": "ineq", "fun": lambda p: rho - 0.5 * np.sum((p - c) ** 2 / c)}]
+    cons = [
+        {"type": "eq", "fun": lambda p: p.sum() - 1.0},
+        {"type": "ineq", "fun": lambda p: rho - 0.5 * np.sum((p - c) ** 2 / c)},
+    ]
     best = None
     for x0 in (c, np.clip(project_simplex(w), 1e-6, None)):
-        r = minimize(lambda p: 0.5 * np.sum((p - w) ** 2), x0 / x0.sum(), jac=lambda p: p - w,
-                     bounds=[(0, 1)] * n, constraints=cons, method="SLSQP",
-                     options={"ftol": 1e-14, "maxiter": 500})
+        r = minimize(
+            lambda p: 0.5 * np.sum((p - w) ** 2),
+            x0 / x0.sum(),
+            jac=lambda p: p - w,
+            bounds=[(0, 1)] * n,
+            constraints=cons,
+            method="SLSQP",
+            options={"ftol": 1e-14, "maxiter": 500},
+        )
         if best is None or r.fun < best.fun:
             best = r
     return best.x

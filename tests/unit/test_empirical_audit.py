@@ -66,8 +66,12 @@ def test_delta_term_matches_a_direct_loop_and_lowers_the_bound():
 
 
 @settings(max_examples=60, deadline=None)
-@given(r=st.integers(1, 300), data=st.data(), beta=st.sampled_from([0.01, 0.05, 0.1]),
-       delta=st.sampled_from([0.0, 1e-6, 1e-4]))
+@given(
+    r=st.integers(1, 300),
+    data=st.data(),
+    beta=st.sampled_from([0.01, 0.05, 0.1]),
+    delta=st.sampled_from([0.0, 1e-6, 1e-4]),
+)
 def test_monotone_in_correct_guesses(r, data, beta, delta):
     v = data.draw(st.integers(0, r - 1))
     m = data.draw(st.integers(r, 2 * r))
@@ -111,7 +115,8 @@ def test_audit_from_scores_perfect_separation_and_bonferroni():
     n_choices = len(default_guess_counts(100))
     assert audit.correct == audit.guesses  # every guess right
     assert audit.epsilon_lower_bound == pytest.approx(
-        epsilon_lower_bound(100, audit.guesses, audit.guesses, 0.05 / n_choices), abs=1e-9)
+        epsilon_lower_bound(100, audit.guesses, audit.guesses, 0.05 / n_choices), abs=1e-9
+    )
     assert audit.auc == pytest.approx(1.0)
     # uninformative scores: the bound stays at or near 0
     rng = np.random.default_rng(1)

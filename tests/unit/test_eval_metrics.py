@@ -40,3 +40,9 @@ def test_recall_counts_identical_texts_as_hits():
 def test_recall_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shapes differ"):
         recall_at_k(torch.zeros(2, 3), torch.zeros(3, 2, dtype=torch.bool), (1,))
+
+
+def test_auroc_hand_computed_with_a_tie():
+    # positives score 0.8 and 0.4, negatives 0.4 and 0.1: of the 4 (pos, neg) pairs 3 are ordered and 1 is
+    # tied (counted half), so AUROC = 3.5 / 4.
+    assert binary_auroc(np.array([1, 0, 1, 0]), np.array([0.8, 0.4, 0.4, 0.1])) == pytest.approx(0.875)

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from secure_fedvlp.flower.runtime import build_federation, build_model
-from secure_fedvlp.methods.base import TrainTask, federated_state
+from secure_fedvlp.build import build_federation, build_model
 from secure_fedvlp.methods.feddra import FedDRATrainer
+from secure_fedvlp.methods.trainer import TrainTask
+from secure_fedvlp.models.state import federated_state
 from tests.unit.test_methods_contract import run_method, tiny_cfg
 
 
@@ -16,8 +17,7 @@ def test_stage1_leaves_every_backbone_parameter_bit_identical(tmp_path):
     site = build_federation(cfg).sites[0]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = FedDRATrainer(cfg, torch.device("cpu"))
-    trainer.fit(model, site.train, TrainTask(1, "align", 3), torch.Generator().manual_seed(0),
-                federated_state(model))
+    trainer.fit(model, site.train, TrainTask(1, "align", 3), torch.Generator().manual_seed(0), federated_state(model))
     groups = model.parameter_groups()
     for n in groups["backbone"]:
         assert torch.equal(before[n], dict(model.named_parameters())[n]), n

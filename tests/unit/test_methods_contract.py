@@ -12,11 +12,15 @@ import numpy as np
 import pytest
 from flwr.app import MessageType
 
+from secure_fedvlp.build import build_model, expected_num_nodes
 from secure_fedvlp.config import parse_config
 from secure_fedvlp.flower.client_app import make_client_app
-from secure_fedvlp.flower.runtime import RunSetup, build_model, expected_num_nodes
-from secure_fedvlp.methods import get_method, list_methods
-from secure_fedvlp.methods.base import RoundRecorder, arrays_to_numpy, federated_state, numpy_to_arrays
+from secure_fedvlp.flower.runtime import RunSetup
+from secure_fedvlp.methods import list_methods
+from secure_fedvlp.methods.strategy import RoundRecorder
+from secure_fedvlp.models.state import federated_state
+from secure_fedvlp.wire import arrays_to_numpy, numpy_to_arrays
+from secure_fedvlp.wrappers.compose import strategy_class
 from tests.loopback import LoopbackGrid
 
 
@@ -31,9 +35,19 @@ class ListRecorder(RoundRecorder):
 def tiny_cfg(tmp_path, method, **extra):
     data = {
         "run": {"seed": 0, "device": "cpu"},
-        "data": {"cache_dir": str(tmp_path / "cache"),
-                 "synthetic": {"num_sites": 2, "heldout_site": True, "train_per_site": 20, "val_per_site": 4,
-                               "test_per_site": 12, "public_size": 8, "image_size": 32, "seed": 3}},
+        "data": {
+            "cache_dir": str(tmp_path / "cache"),
+            "synthetic": {
+                "num_sites": 2,
+                "heldout_site": True,
+                "train_per_site": 20,
+                "val_per_site": 4,
+                "test_per_site": 12,
+                "public_size": 8,
+                "image_size": 32,
+                "seed": 3,
+            },
+        },
         "model": {"name": "tiny"},
         "train": {"local_steps": 2, "batch_size": 6},
         "federation": {"method": method, "num_rounds": 1},
@@ -49,7 +63,7 @@ def run_method(cfg, tmp_path, rounds=1, fail_nodes=()):
     client_app = make_client_app(lambda ctx: setup)
     grid = LoopbackGrid(client_app, expected_num_nodes(cfg), fail_nodes=fail_nodes)
     rec = ListRecorder()
-    strategy = get_method(cfg.federation.method).strategy(cfg, rec)
+    strategy = strategy_class(cfg)(cfg, rec)
     init = numpy_to_arrays(federated_state(build_model(cfg)))
     result = strategy.start(grid, init, num_rounds=rounds, timeout=60, expected_nodes=expected_num_nodes(cfg))
     return strategy, result, rec, grid, init
@@ -88,11 +102,13 @@ def dp_run(request, tmp_path_factory):
     """One DP-SGD round of each method through the real ClientApp (shared by the DP tests below)."""
     method = request.param
     tmp_path = tmp_path_factory.mktemp(f"dp-{method}")
-    cfg = tiny_cfg(tmp_path, method, privacy={"enabled": True, "target_epsilon": 8.0},
-                   train={"objective": "decomposable"})
+    cfg = tiny_cfg(
+        tmp_path, method, privacy={"enabled": True, "target_epsilon": 8.0}, train={"objective": "decomposable"}
+    )
     strategy, result, rec, grid, init = run_method(cfg, tmp_path)
-    return SimpleNamespace(method=method, cfg=cfg, tmp_path=tmp_path, strategy=strategy, result=result, rec=rec,
-                           grid=grid, init=init)
+    return SimpleNamespace(
+        method=method, cfg=cfg, tmp_path=tmp_path, strategy=strategy, result=result, rec=rec, grid=grid, init=init
+    )
 
 
 def test_every_method_trains_under_dp_sgd_with_a_ledger(dp_run):
@@ -109,12 +125,26 @@ def test_every_method_trains_under_dp_sgd_with_a_ledger(dp_run):
         assert stages == (["align", "full"] if method == "feddra" else ["full"])
 
 
+def test_each_ledger_records_exactly_the_methods_release_plan(dp_run):
+    """What the real client recorded in round 1 is what the method's plan declares (and calibration consumed)."""
+    from secure_fedvlp.privacy import replay
+    from secure_fedvlp.wrappers.compose import release_plan
+
+    plan = release_plan(dp_run.cfg)
+    for site in ("site1", "site2"):
+        events = replay(dp_run.tmp_path / "run" / "clients" / site / "privacy_ledger.jsonl").history
+        dpsgd = [(e.stage, e.steps) for e in events if type(e).__name__ == "DPSGDEvent"]
+        assert dpsgd == [(s.stage, s.steps) for s in plan.stages]
+        gaussians = [e for e in events if type(e).__name__ == "GaussianEvent"]
+        assert len(gaussians) == len(plan.reports) + len(plan.releases)
+
+
 def test_dp_replies_carry_no_unnoised_loss(dp_run):
     """Under DP a reply carries only covered or public values: no training loss computed on private
     records without noise (by name, and by value against what the client kept locally); the only
     loss that leaves is the noised DRO report, and each one is in the ledger."""
     from secure_fedvlp.privacy import replay
-    from secure_fedvlp.privacy.dpsgd import RELEASED_TRAIN_METRICS
+    from secure_fedvlp.wrappers.dpsgd import RELEASED_TRAIN_METRICS
 
     site_of = {nid: s.site for nid, s in dp_run.strategy.sites.items()}
     local: dict[str, list[float]] = {}
@@ -128,12 +158,17 @@ def test_dp_replies_carry_no_unnoised_loss(dp_run):
     for reply in train_replies:
         site = site_of[reply.metadata.src_node_id]
         metrics = dict(reply.content["metrics"])
-        assert set(metrics) <= RELEASED_TRAIN_METRICS, f"{site} released {sorted(set(metrics) - RELEASED_TRAIN_METRICS)}"
+        assert set(metrics) <= RELEASED_TRAIN_METRICS, (
+            f"{site} released {sorted(set(metrics) - RELEASED_TRAIN_METRICS)}"
+        )
         assert not any("loss" in k for k in metrics)
         for v in metrics.values():
             assert not any(math.isclose(v, x, rel_tol=1e-9, abs_tol=0.0) for x in local[site])
-    reports = [m for m in dp_run.grid.replies if m.metadata.message_type == MessageType.QUERY
-               and "metrics" in m.content.metric_records]
+    reports = [
+        m
+        for m in dp_run.grid.replies
+        if m.metadata.message_type == MessageType.QUERY and "metrics" in m.content.metric_records
+    ]
     for site in ("site1", "site2"):
         sent = [m for m in reports if site_of[m.metadata.src_node_id] == site]
         for m in sent:

@@ -58,20 +58,25 @@ def test_demo_loads_real_minilm_offline_with_locked_lower_layers(demo):
 def test_cached_prefix_equals_the_full_forward_and_is_padding_invariant(demo):
     demo.eval()
     try:
-        texts = ["no acute findings", "small left effusion. no pneumothorax",
-                 "the heart is enlarged with a large right pleural effusion and no pneumothorax"]
+        texts = [
+            "no acute findings",
+            "small left effusion. no pneumothorax",
+            "the heart is enlarged with a large right pleural effusion and no pneumothorax",
+        ]
         tok = demo.tokenize(texts)
         cached = demo.encode_text(tok["input_ids"], tok["attention_mask"])  # fills the cache
         again = demo.encode_text(tok["input_ids"], tok["attention_mask"])  # served from it
-        hidden = demo.text_encoder.encoder(input_ids=tok["input_ids"],
-                                           attention_mask=tok["attention_mask"]).last_hidden_state
+        hidden = demo.text_encoder.encoder(
+            input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]
+        ).last_hidden_state
         mask = tok["attention_mask"].unsqueeze(-1).float()
         full = nn.functional.normalize(demo.text_head((hidden * mask).sum(1) / mask.sum(1)), dim=-1)
         torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(again, cached)
         one = demo.tokenize(texts[:1])
-        torch.testing.assert_close(demo.encode_text(one["input_ids"], one["attention_mask"])[0], cached[0],
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            demo.encode_text(one["input_ids"], one["attention_mask"])[0], cached[0], rtol=1e-5, atol=1e-6
+        )
     finally:
         demo.train()
 

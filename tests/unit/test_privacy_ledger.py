@@ -67,7 +67,7 @@ def test_line_format_and_chain(filled: PrivacyLedger, ledger_path: Path):
     assert [o["seq"] for o in objs] == list(range(len(EVENTS)))
     assert set(objs[0]) == {"seq", "prev_hash", "hash", "time", "client_id", "event"}
     assert objs[0]["prev_hash"] == genesis_hash("site-1") != genesis_hash("site-2")
-    for a, b in zip(objs, objs[1:]):
+    for a, b in zip(objs, objs[1:], strict=False):
         assert b["prev_hash"] == a["hash"]
     assert objs[1]["event"] == EVENTS[1].to_dict()
     head = json.loads(head_path(ledger_path).read_text())
@@ -128,7 +128,9 @@ def test_budget_refusal_writes_nothing(ledger_path: Path):
     led = PrivacyLedger(ledger_path, "site-7", Budget(1.0, DELTA))
     led.record(GaussianEvent(1.0, 10.0, "anchor_features", 0))
     before = ledger_path.read_bytes(), head_path(ledger_path).read_bytes()
-    with pytest.raises(PrivacyBudgetExhausted, match=r"Client 'site-7' would reach epsilon [0-9.]+ .* budget epsilon 1"):
+    with pytest.raises(
+        PrivacyBudgetExhausted, match=r"Client 'site-7' would reach epsilon [0-9.]+ .* budget epsilon 1"
+    ):
         led.record(DPSGDEvent(0.8, 0.1, 1000, 1.0, 1))
     assert (ledger_path.read_bytes(), head_path(ledger_path).read_bytes()) == before
     assert len(led) == 1

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 from secure_fedvlp import sweep as sweep_mod
+from secure_fedvlp.config import load_config
 from secure_fedvlp.errors import ConfigError
-from secure_fedvlp.sweep import cell_id, load_sweep, run_sweep
+from secure_fedvlp.sweep import cell_id, load_sweep, run_sweep, runner
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 
@@ -15,16 +16,24 @@ CONFIGS = Path(__file__).parents[2] / "configs"
 def _sweep_file(tmp_path, grid='"federation.method" = ["fedavg", "fedprox"]\n"run.seed" = [0, 1]'):
     (tmp_path / "base.toml").write_text((CONFIGS / "tiny.toml").read_text())
     p = tmp_path / "s.toml"
-    p.write_text(f'[sweep]\nname = "t"\nbase = "base.toml"\noutput_dir = "{tmp_path / "out"}"\n'
-                 f'group_by = "federation.method"\n\n[sweep.grid]\n{grid}\n')
+    p.write_text(
+        f'[sweep]\nname = "t"\nbase = "base.toml"\noutput_dir = "{tmp_path / "out"}"\n'
+        f'group_by = "federation.method"\n\n[sweep.grid]\n{grid}\n'
+    )
     return p
 
 
 def _fake_report(cell_dir, auroc):
+    """A finished cell's run directory: its resolved config and a report."""
     cell_dir.mkdir(parents=True, exist_ok=True)
-    rep = {"summary_train_sites": {"zs_auroc_macro": {"mean_final": auroc, "worst_final": auroc - 0.1,
-                                                      "mean_untrained": 0.5}},
-           "heldout": {}, "sites": {}}
+    (cell_dir / "config.toml").write_text((CONFIGS / "tiny.toml").read_text())
+    rep = {
+        "summary_train_sites": {
+            "zs_auroc_macro": {"mean_final": auroc, "worst_final": auroc - 0.1, "mean_untrained": 0.5}
+        },
+        "heldout": {},
+        "sites": {},
+    }
     (cell_dir / "report.json").write_text(json.dumps(rep))
 
 
@@ -48,7 +57,7 @@ def test_resume_skips_finished_cells_and_summarises(tmp_path, monkeypatch):
         _fake_report(run_dir, 0.6)
         return 0
 
-    monkeypatch.setattr(sweep_mod.subprocess, "call", fake_call)
+    monkeypatch.setattr(runner.subprocess, "call", fake_call)
     run_sweep(spec)
     assert cell_id(done) not in ran and len(ran) == 3  # the finished cell was not redone
     ran.clear()
@@ -72,7 +81,7 @@ def test_failed_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
         _fake_report(Path(cmd[cmd.index("--run-dir") + 1]), 0.6)
         return 0
 
-    monkeypatch.setattr(sweep_mod.subprocess, "call", fake_call)
+    monkeypatch.setattr(runner.subprocess, "call", fake_call)
     run_sweep(spec)
     state = json.loads((spec.root / "sweep_state.json").read_text())
     assert sorted(v["returncode"] for v in state.values()) == [0, 0, 0, 3]
@@ -81,17 +90,22 @@ def test_failed_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- the epsilon axis
 
+
 def _eps_sweep_file(tmp_path, grid, extra=""):
-    base = (CONFIGS / "tiny.toml").read_text().replace('lr = 1e-3', 'lr = 1e-3\nobjective = "decomposable"')
+    base = (CONFIGS / "tiny.toml").read_text().replace("lr = 1e-3", 'lr = 1e-3\nobjective = "decomposable"')
     (tmp_path / "base.toml").write_text(base)
     p = tmp_path / "eps.toml"
-    p.write_text(f'[sweep]\nname = "e"\nbase = "base.toml"\noutput_dir = "{tmp_path / "out"}"\n'
-                 f'group_by = "federation.method"\n{extra}\n[sweep.grid]\n{grid}\n')
+    p.write_text(
+        f'[sweep]\nname = "e"\nbase = "base.toml"\noutput_dir = "{tmp_path / "out"}"\n'
+        f'group_by = "federation.method"\n{extra}\n[sweep.grid]\n{grid}\n'
+    )
     return p
 
 
-EPS_GRID = ('"federation.method" = ["fedavg", "fedprox"]\n"privacy.target_epsilon" = [1.0, 8.0, "none"]\n'
-            '"privacy.clip_norm" = [0.5, 2.0]\n"run.seed" = [0, 1]')
+EPS_GRID = (
+    '"federation.method" = ["fedavg", "fedprox"]\n"privacy.target_epsilon" = [1.0, 8.0, "none"]\n'
+    '"privacy.clip_norm" = [0.5, 2.0]\n"run.seed" = [0, 1]'
+)
 
 
 def test_epsilon_axis_turns_dp_on_and_off_and_runs_no_dp_once_per_seed(tmp_path):
@@ -102,8 +116,11 @@ def test_epsilon_axis_turns_dp_on_and_off_and_runs_no_dp_once_per_seed(tmp_path)
     assert len(cells) == 2 * (2 * 2 + 2) * 2
     no_dp = [c for c in cells if c["privacy.target_epsilon"] == "none"]
     assert len(no_dp) == 8 and all("privacy.clip_norm" not in c for c in no_dp)
-    assert sweep_mod.cell_overrides(spec, no_dp[0]) == ['federation.method="fedavg"', "run.seed=0",
-                                                        "privacy.enabled=false"]
+    assert sweep_mod.cell_overrides(spec, no_dp[0]) == [
+        'federation.method="fedavg"',
+        "run.seed=0",
+        "privacy.enabled=false",
+    ]
     no_dp = [c for c in no_dp if c["sweep.no_dp"] == "in-batch"]
     dp_cell = next(c for c in cells if c["privacy.target_epsilon"] == 1.0)
     over = sweep_mod.cell_overrides(spec, dp_cell)
@@ -114,13 +131,16 @@ def test_epsilon_axis_turns_dp_on_and_off_and_runs_no_dp_once_per_seed(tmp_path)
     assert len({cell_id(c) for c in cells}) == len(cells)
 
 
-@pytest.mark.parametrize("grid,extra,match", [
-    ('"privacy.target_epsilon" = [0.0, 1.0]', "", "positive numbers or \"none\""),
-    ('"privacy.target_epsilon" = ["lots"]', "", "found 'lots'"),
-    ('"privacy.target_epsilon" = [1.0]\n"privacy.enabled" = [true]', "", "already turns DP on"),
-    ('"run.seed" = [0]', '\n[sweep.no_dp.x]\n"train.objective" = "infonce"\n', "has no \"privacy.target_epsilon\""),
-    ('"privacy.target_epsilon" = [1.0]', '\n[sweep.no_dp]\nx = 1\n', "one table per non-private variant"),
-])
+@pytest.mark.parametrize(
+    "grid,extra,match",
+    [
+        ('"privacy.target_epsilon" = [0.0, 1.0]', "", 'positive numbers or "none"'),
+        ('"privacy.target_epsilon" = ["lots"]', "", "found 'lots'"),
+        ('"privacy.target_epsilon" = [1.0]\n"privacy.enabled" = [true]', "", "already turns DP on"),
+        ('"run.seed" = [0]', '\n[sweep.no_dp.x]\n"train.objective" = "infonce"\n', 'has no "privacy.target_epsilon"'),
+        ('"privacy.target_epsilon" = [1.0]', "\n[sweep.no_dp]\nx = 1\n", "one table per non-private variant"),
+    ],
+)
 def test_bad_epsilon_axes_are_named(tmp_path, grid, extra, match):
     with pytest.raises(ConfigError, match=match):
         load_sweep(_eps_sweep_file(tmp_path, grid, extra))
@@ -138,8 +158,7 @@ def test_dp_cells_are_validated_like_any_config(tmp_path):
 def _fake_dp_report(cell_dir, auroc, eps):
     _fake_report(cell_dir, auroc)
     rep = json.loads((cell_dir / "report.json").read_text())
-    rep["summary_train_sites"]["mean_R@5"] = {"mean_final": auroc / 4, "worst_final": auroc / 5,
-                                              "mean_untrained": 0.1}
+    rep["summary_train_sites"]["mean_R@5"] = {"mean_final": auroc / 4, "worst_final": auroc / 5, "mean_untrained": 0.1}
     if eps is not None:
         rep["privacy"] = {"clients": {"site1": {"epsilon": eps * 0.99}, "site2": {"epsilon": eps * 0.98}}}
     (cell_dir / "report.json").write_text(json.dumps(rep))
@@ -160,15 +179,17 @@ def test_epsilon_sweep_summarises_the_tradeoff_and_resumes(tmp_path, monkeypatch
         _fake_dp_report(run_dir, auroc + 0.02 * seed, eps)
         return 0
 
-    monkeypatch.setattr(sweep_mod.subprocess, "call", fake_call)
+    monkeypatch.setattr(runner.subprocess, "call", fake_call)
     run_sweep(spec)
     assert len(ran) == 24
     ran.clear()
     run_sweep(spec)
     assert ran == []  # resumed: nothing redone
     summary = json.loads((spec.root / "summary.json").read_text())
-    rows = {(r["series"].get("federation.method"), r["series"].get("privacy.clip_norm"), r["epsilon"], r["variant"]): r
-            for r in summary["tradeoff"]}
+    rows = {
+        (r["series"].get("federation.method"), r["series"].get("privacy.clip_norm"), r["epsilon"], r["variant"]): r
+        for r in summary["tradeoff"]
+    }
     r8 = rows[("fedavg", "0.5", "8.0", None)]
     assert r8["n"] == 2 and r8["mean/zs_auroc_macro"]["min"] == pytest.approx(0.58)
     assert r8["mean/zs_auroc_macro"]["max"] == pytest.approx(0.60) and r8["epsilon_spent_max"]["mean"] == 7.92
@@ -178,3 +199,21 @@ def test_epsilon_sweep_summarises_the_tradeoff_and_resumes(tmp_path, monkeypatch
     md = (spec.root / "summary.md").read_text()
     assert "Privacy-utility trade-off" in md and "| fedavg | no DP: in-batch | 2 |" in md
     assert (spec.root / "tradeoff.png").stat().st_size > 10_000 and (spec.root / "summary.png").exists()
+
+
+def test_cell_overrides_read_back_as_the_grid_values(tmp_path):
+    grid = '"federation.method" = ["fedavg"]\n"eval.recall_ks" = [[1, 5], [5, 10]]\n"eval.every_round" = [false]'
+    spec = load_sweep(_sweep_file(tmp_path, grid=grid))
+    cfgs = [load_config(spec.base, sweep_mod.cell_overrides(spec, c)) for c in spec.cells()]
+    assert [(c.eval.recall_ks, c.eval.every_round) for c in cfgs] == [((1, 5), False), ((5, 10), False)]
+
+
+def test_a_cell_whose_run_directory_cannot_be_read_counts_as_missing(tmp_path, caplog):
+    spec = load_sweep(_sweep_file(tmp_path))
+    for i, cell in enumerate(spec.cells()):
+        _fake_report(spec.cell_run(cell).root, 0.6)
+        if i == 0:
+            spec.cell_run(cell).config.unlink()  # a report without the run's config
+    summary = sweep_mod.summarise_sweep(spec)
+    assert summary["missing_cells"] == spec.cells()[:1] and summary["groups"]["fedavg"]["n"] == 1
+    assert "cannot be read" in caplog.text

@@ -17,8 +17,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 TM = ROOT / "threat_models"
 DOCS = sorted(p for p in TM.glob("*.md") if p.name != "README.md")
-SHAPE = ["## TL;DR", "## Parties and trust", "## Attacker capabilities", "## What is protected",
-         "## What is not protected"]
+SHAPE = [
+    "## TL;DR",
+    "## Parties and trust",
+    "## Attacker capabilities",
+    "## What is protected",
+    "## What is not protected",
+]
 #: A backticked reference: `tests/unit/test_x.py::test_name`, `test_x.py::test_name`, `::test_name`
 #: (same file as the previous reference) or `tests/unit/test_x.py` (the whole file).
 REF = re.compile(r"`((?:tests/)?[\w/]*test_\w+\.py)?(?:::(\w+))?[^`]*`")
@@ -74,8 +79,15 @@ def check_refs(text: str, where: str) -> int:
 
 def test_every_adversary_of_the_design_has_a_document():
     names = {p.stem for p in DOCS}
-    assert {"honest_but_curious_server", "curious_client", "server_colluding_with_client", "network_eavesdropper",
-            "model_consumer", "malicious_client", "failing_client"} <= names
+    assert {
+        "honest_but_curious_server",
+        "curious_client",
+        "server_colluding_with_client",
+        "network_eavesdropper",
+        "model_consumer",
+        "malicious_client",
+        "failing_client",
+    } <= names
     index = (TM / "README.md").read_text(encoding="utf-8")
     for p in DOCS:
         assert f"({p.name})" in index, f"threat_models/README.md does not link {p.name}"

@@ -1,4 +1,4 @@
-"""CKKS secure aggregation (TenSEAL CKKS vectors, sum-only server).
+"""CKKS-encrypted aggregation (TenSEAL CKKS vectors, sum-only server).
 
 Parties: a key authority (:func:`init_keys`) creates one context per federation run; clients hold
 the secret key (file mode 0600) and encrypt their weighted, already clipped and noised updates
@@ -6,10 +6,11 @@ the secret key (file mode 0600) and encrypt their weighted, already clipped and 
 adds ciphertexts (:func:`aggregate_encrypted`, :func:`add_plaintext_noise`); clients decrypt and
 divide by the total weight (:func:`decrypt_aggregate`).  Packing several quantised values per slot
 (:class:`QuantizedPacking`) cuts the bytes per model value from ~32 to ~8-11.  Anything decrypted
-that leaves the key holders is noise-flooded first (:func:`noise_flood_for_export`).
+that leaves the key holders is either exact on the fixed-point grid it was encoded on (it then carries
+no CKKS error term) or noise-flooded first (:func:`noise_flood_for_export`).
 """
 
-from secure_fedvlp.secagg.aggregate import (
+from secure_fedvlp.encryption.aggregate import (
     AggregateCiphertext,
     AggregationResult,
     add_plaintext_noise,
@@ -19,17 +20,17 @@ from secure_fedvlp.secagg.aggregate import (
     flooding_sigma,
     noise_flood_for_export,
 )
-from secure_fedvlp.secagg.envelope import EncryptedUpdate, validate
-from secure_fedvlp.secagg.keys import (
+from secure_fedvlp.encryption.envelope import EncryptedUpdate, validate
+from secure_fedvlp.encryption.keys import (
+    EncryptionContext,
     KeyBundle,
-    SecAggContext,
     context_fingerprint,
     init_keys,
     load_client_context,
     load_manifest,
     load_server_context,
 )
-from secure_fedvlp.secagg.packing import (
+from secure_fedvlp.encryption.packing import (
     QuantizedPacking,
     UpdateLayout,
     codec_id,
@@ -41,7 +42,7 @@ from secure_fedvlp.secagg.packing import (
     num_vectors,
     unflatten_update,
 )
-from secure_fedvlp.secagg.params import PRESETS, CKKSParams, preset, security_level
+from secure_fedvlp.encryption.params import PRESETS, CKKSParams, preset, security_level
 
 __all__ = [
     "AggregateCiphertext",
@@ -51,7 +52,7 @@ __all__ = [
     "KeyBundle",
     "PRESETS",
     "QuantizedPacking",
-    "SecAggContext",
+    "EncryptionContext",
     "UpdateLayout",
     "add_plaintext_noise",
     "aggregate_encrypted",

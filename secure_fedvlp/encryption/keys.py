@@ -33,17 +33,18 @@ import secrets
 import stat
 import struct
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import tenseal as ts
 
+from secure_fedvlp.encryption.params import CKKSParams
 from secure_fedvlp.errors import ConfigError, KeyMaterialError
-from secure_fedvlp.secagg.params import CKKSParams
 
 __all__ = [
-    "SecAggContext",
+    "EncryptionContext",
     "KeyBundle",
     "init_keys",
     "load_client_context",
@@ -70,13 +71,13 @@ def _public_bytes(ctx: ts.Context, symmetric: bool) -> bytes:
     )
 
 
-def context_fingerprint(ctx: "ts.Context | SecAggContext", context_id: str | None = None) -> str:
+def context_fingerprint(ctx: ts.Context | EncryptionContext, context_id: str | None = None) -> str:
     """Fingerprint of a context: stable across serialise/deserialise, equal for client and server.
 
     Parameters
     ----------
     ctx
-        A :class:`SecAggContext` (its ``context_id`` is used) or a bare ``tenseal.Context``
+        A :class:`EncryptionContext` (its ``context_id`` is used) or a bare ``tenseal.Context``
         together with ``context_id``.
     context_id
         The run nonce from the key files / manifest; required for a bare context.
@@ -86,7 +87,7 @@ def context_fingerprint(ctx: "ts.Context | SecAggContext", context_id: str | Non
     str
         32 hex characters (128 bits of sha256).
     """
-    if isinstance(ctx, SecAggContext):
+    if isinstance(ctx, EncryptionContext):
         context_id = ctx.context_id
         symmetric = ctx.params.symmetric
         tctx = ctx.context
@@ -110,7 +111,7 @@ def _is_symmetric(ctx: ts.Context) -> bool:
 
 
 @dataclass(frozen=True)
-class SecAggContext:
+class EncryptionContext:
     """A TenSEAL context together with the run identity it belongs to.
 
     Attributes
@@ -242,9 +243,7 @@ def _check_client_ids(client_ids: Iterable[str]) -> list[str]:
         problems.append("client_ids must not be empty.")
     bad = [c for c in ids if not isinstance(c, str) or not _CLIENT_ID_RE.match(c)]
     if bad:
-        problems.append(
-            f"Client ids must match {_CLIENT_ID_RE.pattern} (they become file names). Found {bad!r}."
-        )
+        problems.append(f"Client ids must match {_CLIENT_ID_RE.pattern} (they become file names). Found {bad!r}.")
     dup = sorted({c for c in ids if ids.count(c) > 1}, key=str)
     if dup:
         problems.append(f"Client ids must be unique. Duplicates: {dup!r}.")
@@ -309,7 +308,7 @@ def init_keys(
         save_public_key=not params.symmetric, save_secret_key=True, save_galois_keys=False, save_relin_keys=False
     )
     client_blob = _frame({**base, "role": "client"}, secret_body)
-    for cid, path in client_paths.items():
+    for path in client_paths.values():
         _write_private(path, client_blob, overwrite)
     server_blob = _frame({**base, "role": "server"}, _public_bytes(ctx, params.symmetric))
     _write_public(server_path, server_blob)
@@ -323,7 +322,11 @@ def init_keys(
     _write_public(manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     log.info(
         "Created CKKS run context %s (fingerprint %s, N=%d, %d clients, %d-bit security).",
-        context_id, fingerprint, params.poly_modulus_degree, len(ids), params.security_bits,
+        context_id,
+        fingerprint,
+        params.poly_modulus_degree,
+        len(ids),
+        params.security_bits,
     )
     return KeyBundle(out, manifest_path, server_path, client_paths, fingerprint, context_id)
 
@@ -350,7 +353,7 @@ def _read(path: Path) -> bytes:
         raise KeyMaterialError(f"Cannot read key material {path}: {e}.") from e
 
 
-def _wrap(header: dict[str, Any], ctx: ts.Context, role: str, path: Path) -> SecAggContext:
+def _wrap(header: dict[str, Any], ctx: ts.Context, role: str, path: Path) -> EncryptionContext:
     try:
         params = CKKSParams.from_dict(header["params"])
         context_id = str(header["context_id"])
@@ -361,12 +364,12 @@ def _wrap(header: dict[str, Any], ctx: ts.Context, role: str, path: Path) -> Sec
         raise KeyMaterialError(
             f"{path}: recomputed fingerprint {fp} differs from the recorded {header.get('fingerprint')}."
         )
-    return SecAggContext(ctx, context_id, params, role, fp)
+    return EncryptionContext(ctx, context_id, params, role, fp)
 
 
 def load_client_context(
     path: str | os.PathLike[str], *, n_threads: int | None = None, strict_permissions: bool = True
-) -> SecAggContext:
+) -> EncryptionContext:
     """Load a client key file (context with secret key).
 
     Parameters
@@ -406,7 +409,7 @@ def load_client_context(
     return _wrap(header, ctx, "client", p)
 
 
-def load_server_context(path: str | os.PathLike[str], *, n_threads: int | None = None) -> SecAggContext:
+def load_server_context(path: str | os.PathLike[str], *, n_threads: int | None = None) -> EncryptionContext:
     """Load the server's context and refuse it if it can decrypt.
 
     Raises

@@ -1,4 +1,4 @@
-"""CKKS parameters for sum-only secure aggregation.
+"""CKKS parameters for sum-only encrypted aggregation.
 
 The server in secure_fedvlp only *adds* ciphertexts (and plaintext noise vectors); it never
 multiplies.  A sum needs no rescaling, so the modulus chain can be as short as SEAL allows: one
@@ -35,7 +35,7 @@ Presets (``PRESETS``):
     (SEAL's zstd cannot compress uniformly random 60-bit residues stored in 64-bit words).
     Exact (unpacked) mode: fresh noise std is ~2**7.7 coefficient units, i.e. ~2e-7 per slot at
     scale 2**30; measured max |error| of the decrypted weighted mean over 1M values and 4 clients:
-    9.5e-7 (analytic high-probability bound 3.7e-6, :func:`~secure_fedvlp.secagg.packing.exact_error_bound`).
+    9.5e-7 (analytic high-probability bound 3.7e-6, :func:`~secure_fedvlp.encryption.packing.exact_error_bound`).
     The weighted *sum* must stay below ``2**(60-2-30) = 2**28`` in absolute value.
     Packed mode (10-bit values, <= 8 clients, 3 values per slot): 10.8 bytes/value, max |error| of the
     mean 1.9e-3 for values in [-1, 1] (bound 1.9e-3: quantisation only, the CKKS error is rounded away).
@@ -57,8 +57,9 @@ server's context then holds no key material at all, only the parameters.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from secure_fedvlp.errors import ConfigError
 
@@ -87,8 +88,9 @@ _SEAL_ERROR_STD = 3.2
 _PARAM_FIELDS = ("poly_modulus_degree", "coeff_mod_bit_sizes", "global_scale_bits", "n_threads", "symmetric")
 
 
-def security_level(params: "CKKSParams | None" = None, *, poly_modulus_degree: int | None = None,
-                   total_log_q: int | None = None) -> int:
+def security_level(
+    params: CKKSParams | None = None, *, poly_modulus_degree: int | None = None, total_log_q: int | None = None
+) -> int:
     """Strongest HE-standard security level (bits) the parameters meet.
 
     Parameters
@@ -206,7 +208,7 @@ class CKKSParams:
         return d
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "CKKSParams":
+    def from_dict(cls, data: Mapping[str, Any]) -> CKKSParams:
         """Build from a dict, rejecting unknown keys with a message naming them."""
         unknown = sorted(set(data) - set(_PARAM_FIELDS))
         missing = [k for k in ("poly_modulus_degree", "coeff_mod_bit_sizes", "global_scale_bits") if k not in data]

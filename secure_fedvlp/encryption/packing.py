@@ -48,13 +48,14 @@ import hashlib
 import json
 import math
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from secure_fedvlp.encryption.params import CKKSParams, fresh_noise_std
 from secure_fedvlp.errors import CiphertextError, ConfigError
-from secure_fedvlp.secagg.params import CKKSParams, fresh_noise_std
 
 __all__ = [
     "LayoutEntry",
@@ -118,10 +119,12 @@ class UpdateLayout:
         return {"kind": self.kind, "entries": [[e.name, list(e.shape), e.dtype] for e in self.entries]}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "UpdateLayout":
+    def from_dict(cls, data: Mapping[str, Any]) -> UpdateLayout:
         """Inverse of :meth:`to_dict`."""
-        return cls(tuple(LayoutEntry(str(n), tuple(int(x) for x in s), str(d)) for n, s, d in data["entries"]),
-                   str(data["kind"]))
+        return cls(
+            tuple(LayoutEntry(str(n), tuple(int(x) for x in s), str(d)) for n, s, d in data["entries"]),
+            str(data["kind"]),
+        )
 
     def layout_hash(self) -> str:
         """sha256 (32 hex chars) of the canonical description; sent with every update."""
@@ -230,7 +233,7 @@ class QuantizedPacking:
         max_clients: int,
         max_weight: float = 1.0,
         digits_per_slot: int | None = None,
-    ) -> "QuantizedPacking":
+    ) -> QuantizedPacking:
         """Derive a packing for ``params``; raise :class:`ConfigError` if it cannot fit.
 
         Parameters
@@ -279,8 +282,15 @@ class QuantizedPacking:
                 f"digits_per_slot must be in [1, {fit}] for these parameters. Found {digits_per_slot!r}.",
                 source="QuantizedPacking",
             )
-        return cls(int(value_bits), float(bound), int(max_clients), float(max_weight), digit_bits,
-                   int(digits_per_slot), int(scale_bits))
+        return cls(
+            int(value_bits),
+            float(bound),
+            int(max_clients),
+            float(max_weight),
+            digit_bits,
+            int(digits_per_slot),
+            int(scale_bits),
+        )
 
     @property
     def levels(self) -> int:
@@ -304,9 +314,13 @@ class QuantizedPacking:
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible description."""
         return {
-            "value_bits": self.value_bits, "bound": self.bound, "max_clients": self.max_clients,
-            "max_weight": self.max_weight, "digit_bits": self.digit_bits,
-            "digits_per_slot": self.digits_per_slot, "scale_bits": self.scale_bits,
+            "value_bits": self.value_bits,
+            "bound": self.bound,
+            "max_clients": self.max_clients,
+            "max_weight": self.max_weight,
+            "digit_bits": self.digit_bits,
+            "digits_per_slot": self.digits_per_slot,
+            "scale_bits": self.scale_bits,
         }
 
 
@@ -316,8 +330,10 @@ def codec_id(params: CKKSParams, packing: QuantizedPacking | None, fixed_point_b
         fp = f"/f{int(fixed_point_bits)}" if fixed_point_bits is not None else ""
         return f"exact/s{params.global_scale_bits}{fp}"
     p = packing
-    return (f"packed/b{p.value_bits}/B{p.bound!r}/K{p.max_clients}/w{p.max_weight!r}"
-            f"/d{p.digit_bits}x{p.digits_per_slot}/s{p.scale_bits}")
+    return (
+        f"packed/b{p.value_bits}/B{p.bound!r}/K{p.max_clients}/w{p.max_weight!r}"
+        f"/d{p.digit_bits}x{p.digits_per_slot}/s{p.scale_bits}"
+    )
 
 
 def num_vectors(num_values: int, slots: int, packing: QuantizedPacking | None = None) -> int:

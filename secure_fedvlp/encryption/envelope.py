@@ -3,7 +3,7 @@
 An :class:`EncryptedUpdate` carries public metadata (context fingerprint, round id, stage, opaque
 client id, number of model values, layout hash, codec id, the client's weight) and a list of
 serialised TenSEAL CKKS vectors, one ciphertext each.  The TenSEAL context is *not* included: it
-travels once per run (:mod:`secure_fedvlp.secagg.keys`).
+travels once per run (:mod:`secure_fedvlp.encryption.keys`).
 
 Weight in the clear (default).  In plaintext FedAvg the server sees ``num_examples`` anyway, and
 knowing the weights lets it compute the total weight of exactly the updates it accepted (dropouts
@@ -24,14 +24,15 @@ import hashlib
 import json
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import tenseal as ts
 
+from secure_fedvlp.encryption.keys import EncryptionContext
+from secure_fedvlp.encryption.packing import QuantizedPacking, num_vectors
 from secure_fedvlp.errors import CiphertextError
-from secure_fedvlp.secagg.keys import SecAggContext
-from secure_fedvlp.secagg.packing import QuantizedPacking, num_vectors
 
 __all__ = ["EncryptedUpdate", "validate", "max_ciphertext_bytes", "load_vector"]
 
@@ -160,16 +161,21 @@ class EncryptedUpdate:
     def to_bytes(self) -> bytes:
         """Serialise (see the module docstring for the framing)."""
         header = {
-            "fingerprint": self.fingerprint, "round_id": int(self.round_id), "stage": self.stage,
-            "client_id": self.client_id, "num_values": int(self.num_values), "layout_hash": self.layout_hash,
-            "codec": self.codec, "weight": self.weight,
+            "fingerprint": self.fingerprint,
+            "round_id": int(self.round_id),
+            "stage": self.stage,
+            "client_id": self.client_id,
+            "num_values": int(self.num_values),
+            "layout_hash": self.layout_hash,
+            "codec": self.codec,
+            "weight": self.weight,
             "has_weight_ciphertext": self.weight_ciphertext is not None,
         }
         blobs = list(self.ciphertexts) + ([self.weight_ciphertext] if self.weight_ciphertext is not None else [])
         return _frame(KIND_UPDATE, header, blobs)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "EncryptedUpdate":
+    def from_bytes(cls, data: bytes) -> EncryptedUpdate:
         """Parse :meth:`to_bytes` output.
 
         Raises
@@ -196,16 +202,18 @@ class EncryptedUpdate:
         return cls(fp, rid, stage, cid, nv, lh, codec, None if w is None else float(w), tuple(blobs), wct)
 
 
-def max_ciphertext_bytes(ctx: SecAggContext) -> int:
+def max_ciphertext_bytes(ctx: EncryptionContext) -> int:
     """Upper bound on one serialised single-ciphertext CKKS vector (size check before parsing)."""
     p = ctx.params
     return 2 * p.poly_modulus_degree * len(p.coeff_mod_bit_sizes[:-1]) * 8 + 64 * 1024
 
 
-def load_vector(ctx: SecAggContext, blob: bytes, what: str) -> ts.CKKSVector:
+def load_vector(ctx: EncryptionContext, blob: bytes, what: str) -> ts.CKKSVector:
     """Deserialise one CKKS vector against ``ctx``; :class:`CiphertextError` naming ``what`` on failure."""
     if len(blob) > max_ciphertext_bytes(ctx):
-        raise CiphertextError(f"{what} is {len(blob)} bytes, more than one ciphertext can be ({max_ciphertext_bytes(ctx)}).")
+        raise CiphertextError(
+            f"{what} is {len(blob)} bytes, more than one ciphertext can be ({max_ciphertext_bytes(ctx)})."
+        )
     try:
         vec = ts.ckks_vector_from(ctx.context, bytes(blob))
         size = vec.size()
@@ -220,7 +228,7 @@ def load_vector(ctx: SecAggContext, blob: bytes, what: str) -> ts.CKKSVector:
 
 def validate(
     update: EncryptedUpdate,
-    server_ctx: SecAggContext,
+    server_ctx: EncryptionContext,
     *,
     expected_round: int,
     expected_num_values: int,

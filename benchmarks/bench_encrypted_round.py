@@ -4,10 +4,10 @@ Runs the same federated experiment twice in one process, back to back -- once wi
 ``encryption.enabled = false`` and once with it on (keys created for the run) -- and reads the
 per-round train wall time the server records (``metrics.jsonl``, ``phase = "round"``: from
 configuring the round to the new global model, encryption, the encrypted sum and the clients'
-decryption included).  Round 1 is kept out of the median (first-use costs).  The ratio is the
-target of issue 5 (aim: at most 1.2x).
+decryption included).  Round 1 is kept out of the median (first-use costs).  The aim for the
+ratio is at most 1.2x.
 
-    python benchmarks/bench_secagg_round.py [--config configs/demo.toml] [--rounds 3] [--method fedavg]
+    python benchmarks/bench_encrypted_round.py [--config configs/demo.toml] [--rounds 3] [--method fedavg]
 """
 
 from __future__ import annotations
@@ -21,10 +21,13 @@ from pathlib import Path
 
 
 def round_times(run_dir: Path) -> list[float]:
-    from secure_fedvlp.evaluation.report import read_metrics
+    from secure_fedvlp.layout import RunLayout, read_metrics
 
-    return [float(r["train_seconds"]) for r in read_metrics(run_dir)
-            if r.get("phase") == "round" and "train_seconds" in r]
+    return [
+        float(r["train_seconds"])
+        for r in read_metrics(RunLayout(run_dir).metrics)
+        if r.get("phase") == "round" and "train_seconds" in r
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,9 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for enc in (False, True):
             run_dir = Path(tmp) / ("encrypted" if enc else "plaintext")
-            run_experiment(args.config, [f"federation.num_rounds={args.rounds}", f"federation.method={args.method}",
-                                         f"encryption.enabled={str(enc).lower()}", "eval.every_round=false"],
-                           run_dir=str(run_dir))
+            run_experiment(
+                args.config,
+                [
+                    f"federation.num_rounds={args.rounds}",
+                    f"federation.method={args.method}",
+                    f"encryption.enabled={str(enc).lower()}",
+                    "eval.every_round=false",
+                ],
+                run_dir=str(run_dir),
+            )
             t = round_times(run_dir)
             if not t:
                 print(f"error: no round timings in {run_dir}/metrics.jsonl", file=sys.stderr)

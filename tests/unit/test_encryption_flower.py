@@ -1,6 +1,6 @@
 """CKKS aggregation wired into Flower: client mod + strategy wrapper, on every method.
 
-Real ClientApp (with the secagg mod), real strategies, real TenSEAL ciphertexts, real tiny
+Real ClientApp (with the encryption mod), real strategies, real TenSEAL ciphertexts, real tiny
 models; only the transport is in-process (tests/loopback.py).
 """
 
@@ -8,32 +8,33 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, MessageType
+from flwr.app import Array, ArrayRecord, MessageType
 
+from secure_fedvlp.build import build_model, expected_num_nodes
+from secure_fedvlp.encryption import AggregateCiphertext, EncryptedUpdate, init_keys, load_client_context, preset
+from secure_fedvlp.encryption.keys import SERVER_FILE
 from secure_fedvlp.flower.client_app import make_client_app
-from secure_fedvlp.flower.runtime import RunSetup, build_model, expected_num_nodes
-from secure_fedvlp.flower.secagg import (
+from secure_fedvlp.flower.runtime import RunSetup
+from secure_fedvlp.methods import list_methods
+from secure_fedvlp.models.state import federated_state
+from secure_fedvlp.wire import ARRAYS_KEY, arrays_to_numpy, numpy_to_arrays
+from secure_fedvlp.wrappers.compose import strategy_class
+from secure_fedvlp.wrappers.encryption import (
     CIPHERTEXT_KEY,
-    client_key_path,
-    encrypted_strategy,
+    encryption_settings,
     export_model,
     is_encrypted,
-    key_dir,
-    load_server_secagg,
+    load_server_encryption,
 )
-from secure_fedvlp.methods import get_method, list_methods
-from secure_fedvlp.methods.base import ARRAYS_KEY, arrays_to_numpy, federated_state, numpy_to_arrays
-from secure_fedvlp.secagg import AggregateCiphertext, EncryptedUpdate, init_keys, load_client_context, preset
-from secure_fedvlp.secagg.keys import SERVER_FILE
 from tests.loopback import LoopbackGrid
 from tests.unit.test_methods_contract import ListRecorder, tiny_cfg
 
 
 def _keys(cfg, run_dir):
-    from secure_fedvlp.flower.runtime import build_federation
+    from secure_fedvlp.build import build_federation
 
     sites = [s.name for s in build_federation(cfg).all_sites()]
-    init_keys(key_dir(cfg, run_dir), sites, preset(cfg.encryption.preset))
+    init_keys(encryption_settings(cfg, run_dir).key_dir, sites, preset(cfg.encryption.preset))
 
 
 class TamperingGrid(LoopbackGrid):
@@ -48,24 +49,29 @@ class TamperingGrid(LoopbackGrid):
         if self.tamper is None:
             return replies
         nid, fn = self.tamper
-        return [fn(r) if r.metadata.src_node_id == nid and r.metadata.message_type == MessageType.TRAIN
-                and not r.has_error() else r for r in replies]
+        return [
+            fn(r)
+            if r.metadata.src_node_id == nid and r.metadata.message_type == MessageType.TRAIN and not r.has_error()
+            else r
+            for r in replies
+        ]
 
 
 def run(cfg, run_dir, *, encrypted, rounds=1, fail_nodes=(), tamper=None):
     setup = RunSetup(cfg, run_dir)
-    grid = TamperingGrid(make_client_app(lambda ctx: setup), expected_num_nodes(cfg), fail_nodes=fail_nodes,
-                         tamper=tamper)
+    grid = TamperingGrid(
+        make_client_app(lambda ctx: setup), expected_num_nodes(cfg), fail_nodes=fail_nodes, tamper=tamper
+    )
     rec = ListRecorder()
-    cls = get_method(cfg.federation.method).strategy
+    assert cfg.encryption.enabled == encrypted
     init_state = federated_state(build_model(cfg))
+    strategy = strategy_class(cfg)(cfg, rec)
     if encrypted:
-        strategy = encrypted_strategy(cls)(cfg, rec)
-        strategy.setup_secagg(load_server_secagg(cfg, run_dir), init_state)
-    else:
-        strategy = cls(cfg, rec)
-    result = strategy.start(grid, numpy_to_arrays(init_state), num_rounds=rounds, timeout=60,
-                            expected_nodes=expected_num_nodes(cfg))
+        settings = encryption_settings(cfg, run_dir)
+        strategy.setup_encryption(settings, load_server_encryption(settings), init_state)
+    result = strategy.start(
+        grid, numpy_to_arrays(init_state), num_rounds=rounds, timeout=60, expected_nodes=expected_num_nodes(cfg)
+    )
     return strategy, result, rec, grid
 
 
@@ -79,10 +85,11 @@ def enc_cfg(tmp_path, method="fedavg", **extra):
 
 
 def decrypt_final(cfg, run_dir, arrays):
-    ctx = load_client_context(client_key_path(cfg, run_dir, "site1"))
-    from secure_fedvlp.flower.secagg import ClientSecAgg
+    settings = encryption_settings(cfg, run_dir)
+    ctx = load_client_context(settings.client_key("site1"))
+    from secure_fedvlp.wrappers.encryption import ClientEncryption
 
-    sa = ClientSecAgg.load(cfg, run_dir, "site1", federated_state(build_model(cfg)))
+    sa = ClientEncryption.load(settings, "site1", federated_state(build_model(cfg)))
     assert sa.ctx.fingerprint == ctx.fingerprint
     return sa.decrypt_global(arrays)
 
@@ -129,7 +136,7 @@ def test_server_process_holds_only_ciphertexts(tmp_path):
 
     strategy, result, rec, grid = run(cfg, tmp_path / "run", encrypted=True, tamper=(1, record))
     assert seen and all(is_encrypted(r.content[ARRAYS_KEY]) and len(r.content[ARRAYS_KEY]) == 1 for r in seen)
-    server_ctx = strategy.secagg_ctx
+    server_ctx = strategy.encryption_ctx
     assert not server_ctx.can_decrypt
     agg = AggregateCiphertext.from_bytes(result.arrays[CIPHERTEXT_KEY].numpy().tobytes(), server_ctx)
     with pytest.raises(ValueError):  # TenSEAL: the context holds no secret key
@@ -148,8 +155,21 @@ def _replace_blob(reply, fn):
 
 def _reframe(blob, **changes):
     upd = EncryptedUpdate.from_bytes(blob)
-    fields = {f: getattr(upd, f) for f in ("fingerprint", "round_id", "stage", "client_id", "num_values",
-                                             "layout_hash", "codec", "weight", "ciphertexts", "weight_ciphertext")}
+    fields = {
+        f: getattr(upd, f)
+        for f in (
+            "fingerprint",
+            "round_id",
+            "stage",
+            "client_id",
+            "num_values",
+            "layout_hash",
+            "codec",
+            "weight",
+            "ciphertexts",
+            "weight_ciphertext",
+        )
+    }
     fields.update(changes)
     return EncryptedUpdate(**fields).to_bytes()
 
@@ -173,11 +193,10 @@ def test_bad_contribution_is_dropped_with_reason_and_round_goes_on(case, tmp_pat
     fn, needle = BAD_INPUTS[case]
     cfg = enc_cfg(tmp_path)
     _keys(cfg, tmp_path / "run")
-    strategy, result, rec, grid = run(cfg, tmp_path / "run", encrypted=True,
-                                      tamper=(1, lambda r: _replace_blob(r, fn)))
+    strategy, result, rec, grid = run(cfg, tmp_path / "run", encrypted=True, tamper=(1, lambda r: _replace_blob(r, fn)))
     dropped = [r for r in rec.rows if r.get("status") == "dropped"]
     assert len(dropped) == 1 and needle in dropped[0]["reason"], dropped
-    stats = strategy.secagg_stats[-1]
+    stats = strategy.encryption_stats[-1]
     assert len(stats["accepted"]) == 1 and dropped[0]["site"] in stats["rejected"]
     assert is_encrypted(result.arrays)  # the round produced an aggregate from the other site
 
@@ -200,9 +219,9 @@ def test_dropout_leaves_aggregate_over_those_who_replied(tmp_path):
     cfg = enc_cfg(tmp_path)
     _keys(cfg, tmp_path / "enc")
     strategy, result, rec, grid = run(cfg, tmp_path / "enc", encrypted=True, fail_nodes=[1])
-    survivors = strategy.secagg_stats[-1]["accepted"]
+    survivors = strategy.encryption_stats[-1]["accepted"]
     assert len(survivors) == 1
-    agg = AggregateCiphertext.from_bytes(result.arrays[CIPHERTEXT_KEY].numpy().tobytes(), strategy.secagg_ctx)
+    agg = AggregateCiphertext.from_bytes(result.arrays[CIPHERTEXT_KEY].numpy().tobytes(), strategy.encryption_ctx)
     reply = [r for r in rec.rows if r.get("phase") == "train" and r["status"] == "ok"][0]
     assert agg.total_weight == pytest.approx(reply["num-examples"])  # only the survivor's weight
     # and the decrypted model equals that site's own parameters (its weight cancels)
@@ -219,20 +238,23 @@ def test_aggregate_of_too_few_contributors_is_discarded_and_global_kept(tmp_path
     _keys(cfg, tmp_path / "enc")
     init = numpy_to_arrays(federated_state(build_model(cfg)))
     strategy, result, rec, grid = run(cfg, tmp_path / "enc", encrypted=True, fail_nodes=[1])
-    stats = strategy.secagg_stats[-1]
+    stats = strategy.encryption_stats[-1]
     assert stats["accepted"] == [] and any("min_contributors" in why for why in stats["rejected"].values())
     assert not is_encrypted(result.arrays)  # still the (public) initial model, never an aggregate
     assert all(np.array_equal(result.arrays[k].numpy(), init[k].numpy()) for k in init.keys())
     dropped = [r for r in rec.rows if r.get("status") == "dropped"]
     assert any("min_contributors" in r["reason"] for r in dropped)
     # no train message of a later round could carry it either: nothing was stored
-    assert all(is_encrypted(m.content[ARRAYS_KEY]) is False for m in grid.sent
-               if m.metadata.message_type == MessageType.EVALUATE)
+    assert all(
+        is_encrypted(m.content[ARRAYS_KEY]) is False
+        for m in grid.sent
+        if m.metadata.message_type == MessageType.EVALUATE
+    )
 
 
 def test_too_few_sites_for_min_contributors_is_a_config_error(tmp_path):
     from secure_fedvlp.errors import ConfigError
-    from secure_fedvlp.flower.secagg import check_encryption_supported
+    from secure_fedvlp.wrappers.encryption import check_encryption_supported
 
     cfg = enc_cfg(tmp_path, encryption={"min_contributors": 3})
     with pytest.raises(ConfigError, match="min_contributors = 3 but the run has only 2"):
@@ -244,7 +266,7 @@ def test_feddra_robust_weights_travel_to_clients_and_weight_the_ciphertexts(tmp_
     _keys(cfg, tmp_path / "run")
     strategy, result, rec, grid = run(cfg, tmp_path / "run", encrypted=True)
     train_msgs = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
-    weights = {m.metadata.dst_node_id: float(m.content["config"]["secagg-weight"]) for m in train_msgs}
+    weights = {m.metadata.dst_node_id: float(m.content["config"]["encryption-weight"]) for m in train_msgs}
     total = sum(s.num_train for s in strategy.sites.values() if s.role == "train")
     # round 1 uses the initial (uniform) q: each weight is q_k * total
     assert all(w == pytest.approx(0.5 * total) for w in weights.values())
@@ -255,26 +277,27 @@ def test_missing_keys_and_secret_server_context_are_refused(tmp_path):
 
     cfg = enc_cfg(tmp_path)
     with pytest.raises(KeyMaterialError, match="keys init"):
-        load_server_secagg(cfg, tmp_path / "nokeys")
+        load_server_encryption(encryption_settings(cfg, tmp_path / "nokeys"))
     _keys(cfg, tmp_path / "run")
     # a client key file copied into the server's place is refused
-    kd = key_dir(cfg, tmp_path / "run")
-    (kd / SERVER_FILE).write_bytes(client_key_path(cfg, tmp_path / "run", "site1").read_bytes())
+    settings = encryption_settings(cfg, tmp_path / "run")
+    (settings.key_dir / SERVER_FILE).write_bytes(settings.client_key("site1").read_bytes())
     with pytest.raises(KeyMaterialError):
-        load_server_secagg(cfg, tmp_path / "run")
+        load_server_encryption(settings)
 
 
 def test_export_decrypts_exactly_and_reports_the_release(tmp_path):
     from secure_fedvlp.config import config_to_dict, dump_toml
-    from secure_fedvlp.flower.secagg import save_encrypted_model
+    from secure_fedvlp.layout import RunLayout
+    from secure_fedvlp.wrappers.encryption import save_encrypted_model
 
     cfg = enc_cfg(tmp_path)
     rdir = tmp_path / "run"
     _keys(cfg, rdir)
     _, result, _, _ = run(cfg, rdir, encrypted=True)
     (rdir / "config.toml").write_text(dump_toml(config_to_dict(cfg)))
-    save_encrypted_model(result.arrays, rdir / "model", cfg)
-    info = export_model(rdir, client_key_path(cfg, rdir, "site2"))
+    save_encrypted_model(result.arrays, RunLayout(rdir), cfg)
+    info = export_model(rdir, encryption_settings(cfg, rdir).client_key("site2"))
     assert info["decryption"].startswith("exact") and info["flooding_sigma"] == 0.0
     assert info["model_failure_probability_bound"] < 1e-20
     exported = dict(np.load(rdir / "model" / "federated_params.npz"))

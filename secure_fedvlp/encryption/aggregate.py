@@ -23,26 +23,27 @@ be noise-flooded first (:func:`noise_flood_for_export`) or be an exact function 
   most ``||e||_2 / (2 sigma)`` (Pinsker on ``KL = ||e||^2 / (2 sigma^2)``), so
   ``sigma = ||e||_2 * 2**(kappa - 1)`` gives ``2**-kappa`` per release (:func:`flooding_sigma`;
   use ``kappa >= 40`` for the statistical security parameter and multiply by the number of
-  releases).  With the default preset the per-coordinate error is ~2e-7, so ``||e||_2 ~ 2e-4`` over 1M
-  values and ``kappa = 40`` needs ``sigma ~ 1e8``: statistical flooding destroys model weights.  The practical options are (i) export a model
-  aggregated with the packed codec, (ii) export a model that the key holders re-quantise to a grid
-  much coarser than ``e`` *and* flood with ``kappa`` chosen accordingly, or (iii) accept a smaller
-  ``kappa`` -- OpenFHE's ``NOISE_FLOODING_DECRYPT`` mode makes the same trade-off.  The function
-  takes ``sigma`` explicitly; pick it with :func:`flooding_sigma` and write the choice down.
+  releases).  With the default preset the per-coordinate error is ~2e-7, so ``||e||_2 ~ 2e-4`` over
+  1M values and ``kappa = 40`` needs ``sigma ~ 1e8``: statistical flooding destroys model weights.
+  The practical options are (i) export a model aggregated with the packed codec, (ii) export a model
+  that the key holders re-quantise to a grid much coarser than ``e`` *and* flood with ``kappa``
+  chosen accordingly, or (iii) accept a smaller ``kappa`` -- OpenFHE's ``NOISE_FLOODING_DECRYPT``
+  mode makes the same trade-off. The function takes ``sigma`` explicitly; pick it with
+  :func:`flooding_sigma` and write the choice down.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Mapping, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import tenseal as ts
 
-from secure_fedvlp.errors import CiphertextError, KeyMaterialError
-from secure_fedvlp.secagg.envelope import (
+from secure_fedvlp.encryption.envelope import (
     KIND_AGGREGATE,
     EncryptedUpdate,
     _field,
@@ -51,14 +52,15 @@ from secure_fedvlp.secagg.envelope import (
     load_vector,
     validate,
 )
-from secure_fedvlp.secagg.keys import SecAggContext
-from secure_fedvlp.secagg.packing import (
+from secure_fedvlp.encryption.keys import EncryptionContext
+from secure_fedvlp.encryption.packing import (
     QuantizedPacking,
     codec_id,
     decode_sums,
     encode_chunks,
     num_vectors,
 )
+from secure_fedvlp.errors import CiphertextError, KeyMaterialError
 
 __all__ = [
     "AggregateCiphertext",
@@ -74,12 +76,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def _encrypt(ctx: SecAggContext, chunk: np.ndarray, scale_bits: int) -> ts.CKKSVector:
+def _encrypt(ctx: EncryptionContext, chunk: np.ndarray, scale_bits: int) -> ts.CKKSVector:
     return ts.ckks_vector(ctx.context, chunk.tolist(), float(2**scale_bits))
 
 
 def encrypt_update(
-    client_ctx: SecAggContext,
+    client_ctx: EncryptionContext,
     vector: np.ndarray,
     weight: float,
     round_id: int,
@@ -117,7 +119,7 @@ def encrypt_update(
     max_clients
         Exact mode: refuse weighted values that ``max_clients`` contributions could overflow.
     fixed_point_bits
-        Exact mode: encode on the ``2**-f`` grid (:func:`~secure_fedvlp.secagg.packing.fixed_point_bits_for`),
+        Exact mode: encode on the ``2**-f`` grid (:func:`~secure_fedvlp.encryption.packing.fixed_point_bits_for`),
         so that decryption is exact.
 
     Returns
@@ -129,8 +131,16 @@ def encrypt_update(
     if not isinstance(round_id, int) or isinstance(round_id, bool) or round_id < 0:
         raise ValueError(f"round_id must be an integer >= 0. Found {round_id!r}.")
     vec = np.asarray(vector, dtype=np.float64).reshape(-1)
-    chunks = encode_chunks(vec, float(weight), client_ctx.slots, packing, rng,
-                           params=client_ctx.params, max_clients=max_clients, fixed_point_bits=fixed_point_bits)
+    chunks = encode_chunks(
+        vec,
+        float(weight),
+        client_ctx.slots,
+        packing,
+        rng,
+        params=client_ctx.params,
+        max_clients=max_clients,
+        fixed_point_bits=fixed_point_bits,
+    )
     scale_bits = packing.scale_bits if packing is not None else client_ctx.params.global_scale_bits
     blobs = tuple(_encrypt(client_ctx, c, scale_bits).serialize() for c in chunks)
     wblob = None
@@ -140,10 +150,16 @@ def encrypt_update(
         wblob = _encrypt(client_ctx, wchunk, client_ctx.params.global_scale_bits).serialize()
     log.debug("Encrypted update for round %d stage %s into %d ciphertexts.", round_id, stage, len(blobs))
     return EncryptedUpdate(
-        fingerprint=client_ctx.fingerprint, round_id=round_id, stage=stage, client_id=client_id,
-        num_values=int(vec.size), layout_hash=layout_hash,
+        fingerprint=client_ctx.fingerprint,
+        round_id=round_id,
+        stage=stage,
+        client_id=client_id,
+        num_values=int(vec.size),
+        layout_hash=layout_hash,
         codec=codec_id(client_ctx.params, packing, fixed_point_bits),
-        weight=None if encrypt_weight else float(weight), ciphertexts=blobs, weight_ciphertext=wblob,
+        weight=None if encrypt_weight else float(weight),
+        ciphertexts=blobs,
+        weight_ciphertext=wblob,
     )
 
 
@@ -183,10 +199,16 @@ class AggregateCiphertext:
         """Serialise (same framing as :meth:`EncryptedUpdate.to_bytes`), e.g. to keep it on the server
         or send it to the clients."""
         header = {
-            "fingerprint": self.fingerprint, "round_id": int(self.round_id), "stage": self.stage,
-            "num_values": int(self.num_values), "layout_hash": self.layout_hash, "codec": self.codec,
-            "contributors": list(self.contributors), "total_weight": self.total_weight,
-            "has_weight_ciphertext": self.weight_vector is not None, "noised": self.noised,
+            "fingerprint": self.fingerprint,
+            "round_id": int(self.round_id),
+            "stage": self.stage,
+            "num_values": int(self.num_values),
+            "layout_hash": self.layout_hash,
+            "codec": self.codec,
+            "contributors": list(self.contributors),
+            "total_weight": self.total_weight,
+            "has_weight_ciphertext": self.weight_vector is not None,
+            "noised": self.noised,
         }
         blobs = [v.serialize() for v in self.vectors]
         if self.weight_vector is not None:
@@ -194,7 +216,7 @@ class AggregateCiphertext:
         return _frame(KIND_AGGREGATE, header, blobs)
 
     @classmethod
-    def from_bytes(cls, data: bytes, ctx: SecAggContext) -> "AggregateCiphertext":
+    def from_bytes(cls, data: bytes, ctx: EncryptionContext) -> AggregateCiphertext:
         """Parse and load against ``ctx`` (client or server); the fingerprint must match ``ctx``."""
         what = "encrypted aggregate"
         header, blobs = _unframe(data, KIND_AGGREGATE)
@@ -211,10 +233,17 @@ class AggregateCiphertext:
             wvec = load_vector(ctx, blobs.pop(), f"{what}: weight ciphertext")
         vectors = [load_vector(ctx, b, f"{what}: ciphertext {i}") for i, b in enumerate(blobs)]
         return cls(
-            fp, _field(header, "round_id", (int,), what), _field(header, "stage", (str,), what),
-            _field(header, "num_values", (int,), what), _field(header, "layout_hash", (str,), what),
-            _field(header, "codec", (str,), what), tuple(str(c) for c in contributors),
-            None if tw is None else float(tw), vectors, wvec, bool(header.get("noised", False)),
+            fp,
+            _field(header, "round_id", (int,), what),
+            _field(header, "stage", (str,), what),
+            _field(header, "num_values", (int,), what),
+            _field(header, "layout_hash", (str,), what),
+            _field(header, "codec", (str,), what),
+            tuple(str(c) for c in contributors),
+            None if tw is None else float(tw),
+            vectors,
+            wvec,
+            bool(header.get("noised", False)),
         )
 
 
@@ -227,7 +256,7 @@ class AggregationResult(NamedTuple):
 
 
 def aggregate_encrypted(
-    server_ctx: SecAggContext,
+    server_ctx: EncryptionContext,
     updates: Mapping[str, EncryptedUpdate | bytes],
     *,
     round_id: int,
@@ -286,13 +315,19 @@ def aggregate_encrypted(
                     f"Packing capacity reached: at most max_clients={packing.max_clients} contributions can be summed."
                 )
             vectors, wvec = validate(
-                upd, server_ctx, expected_round=round_id, expected_num_values=num_values, expected_stage=stage,
-                expected_layout_hash=layout_hash, packing=packing, expected_codec=expected_codec,
+                upd,
+                server_ctx,
+                expected_round=round_id,
+                expected_num_values=num_values,
+                expected_stage=stage,
+                expected_layout_hash=layout_hash,
+                packing=packing,
+                expected_codec=expected_codec,
                 encrypted_weight=encrypted_weight,
             )
             # Add into new objects so that a failing addition (e.g. scale or level mismatch) leaves the
             # running sum untouched.
-            new_sums = vectors if sums is None else [a + v for a, v in zip(sums, vectors)]
+            new_sums = vectors if sums is None else [a + v for a, v in zip(sums, vectors, strict=True)]
             new_w = wvec if wsum is None or wvec is None else wsum + wvec
         except CiphertextError as e:
             rejected[str(sender)] = str(e)
@@ -312,9 +347,16 @@ def aggregate_encrypted(
         return AggregationResult(None, accepted, rejected)
     log.info("Round %d: summed %d contributions, rejected %d.", round_id, len(accepted), len(rejected))
     aggregate = AggregateCiphertext(
-        fingerprint=server_ctx.fingerprint, round_id=round_id, stage=stage or "update", num_values=num_values,
-        layout_hash=layout_hash or "", codec=expected_codec, contributors=tuple(accepted),
-        total_weight=None if encrypted_weight else total_weight, vectors=sums, weight_vector=wsum,
+        fingerprint=server_ctx.fingerprint,
+        round_id=round_id,
+        stage=stage or "update",
+        num_values=num_values,
+        layout_hash=layout_hash or "",
+        codec=expected_codec,
+        contributors=tuple(accepted),
+        total_weight=None if encrypted_weight else total_weight,
+        vectors=sums,
+        weight_vector=wsum,
     )
     return AggregationResult(aggregate, accepted, rejected)
 
@@ -348,12 +390,12 @@ def add_plaintext_noise(aggregate: AggregateCiphertext, noise_vector: np.ndarray
     slots = aggregate.vectors[0].size()
     padded = np.zeros(len(aggregate.vectors) * slots)
     padded[: noise.size] = noise
-    new_vectors = [v + chunk.tolist() for v, chunk in zip(aggregate.vectors, padded.reshape(-1, slots))]
+    new_vectors = [v + chunk.tolist() for v, chunk in zip(aggregate.vectors, padded.reshape(-1, slots), strict=True)]
     return replace(aggregate, vectors=new_vectors, noised=True)
 
 
 def decrypt_aggregate(
-    client_ctx: SecAggContext,
+    client_ctx: EncryptionContext,
     aggregate: AggregateCiphertext,
     total_weight: float | None = None,
     *,

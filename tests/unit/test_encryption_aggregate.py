@@ -10,8 +10,7 @@ import tenseal as ts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from secure_fedvlp.errors import CiphertextError, KeyMaterialError
-from secure_fedvlp.secagg import (
+from secure_fedvlp.encryption import (
     AggregateCiphertext,
     EncryptedUpdate,
     QuantizedPacking,
@@ -28,6 +27,7 @@ from secure_fedvlp.secagg import (
     preset,
     validate,
 )
+from secure_fedvlp.errors import CiphertextError, KeyMaterialError
 
 PARAMS = preset()
 IDS = ["c0", "c1", "c2", "c3"]
@@ -44,7 +44,7 @@ def run(tmp_path_factory):
 def _encrypt_all(clients, vals, weights, round_id=1, packing=None, **kw):
     return {
         cid: encrypt_update(clients[cid], v, w, round_id, client_id=cid, packing=packing, **kw).to_bytes()
-        for cid, v, w in zip(IDS, vals, weights)
+        for cid, v, w in zip(IDS, vals, weights, strict=False)
     }
 
 
@@ -98,7 +98,7 @@ def test_encrypted_weight_option(run):
     weights = [3.0, 10.0, 7.0]
     ups = {
         cid: encrypt_update(clients[cid], v, w, 2, client_id=cid, encrypt_weight=True)
-        for cid, v, w in zip(IDS, vals, weights)
+        for cid, v, w in zip(IDS, vals, weights, strict=False)
     }
     assert all(u.weight is None for u in ups.values())
     res = aggregate_encrypted(server, ups, round_id=2, num_values=100, encrypted_weight=True)
@@ -128,7 +128,7 @@ def test_each_bad_update_is_dropped_with_its_reason_and_the_rest_aggregate(run, 
     n = 200
     rng = np.random.default_rng(11)
     vals = rng.uniform(-1, 1, size=(4, n))
-    good = {cid: encrypt_update(clients[cid], v, 1.0, 5, client_id=cid) for cid, v in zip(IDS, vals)}
+    good = {cid: encrypt_update(clients[cid], v, 1.0, 5, client_id=cid) for cid, v in zip(IDS, vals, strict=False)}
     good_bytes = {cid: u.to_bytes() for cid, u in good.items()}
 
     other = init_keys(tmp_path / "other", ["x"], PARAMS)  # another run's context, same parameters
@@ -258,8 +258,12 @@ def test_packed_aggregate_exact_at_full_capacity(run):
     _, clients, server = run
     p = QuantizedPacking.for_params(PARAMS, 10, 1.0, 8)
     n = PARAMS.slots * p.digits_per_slot
-    ups = {f"s{i}": encrypt_update(clients["c0"], np.full(n, 1.0 if i % 2 else 0.999), 1.0, 1,
-                                   client_id=f"s{i}", packing=p) for i in range(8)}
+    ups = {
+        f"s{i}": encrypt_update(
+            clients["c0"], np.full(n, 1.0 if i % 2 else 0.999), 1.0, 1, client_id=f"s{i}", packing=p
+        )
+        for i in range(8)
+    }
     res = aggregate_encrypted(server, ups, round_id=1, num_values=n, packing=p)
     assert res.rejected == {}
     out = decrypt_aggregate(clients["c1"], res.aggregate, packing=p)
@@ -272,7 +276,7 @@ def test_fixed_point_decryption_is_exact(run, n, k, seed, noised):
     """Fixed-point exact mode: the decrypted sum equals the sum of the grid-rounded weighted values
     bit for bit (the CKKS error is rounded away), also after server-side plaintext noise, and
     the weighted mean is within k * 2^-(f+1) / W of the float mean."""
-    from secure_fedvlp.secagg.packing import fixed_point_bits_for
+    from secure_fedvlp.encryption.packing import fixed_point_bits_for
 
     _, clients, server = run
     f = fixed_point_bits_for(PARAMS, 8)
@@ -282,7 +286,7 @@ def test_fixed_point_decryption_is_exact(run, n, k, seed, noised):
     ups = _encrypt_all(clients, vals, weights, fixed_point_bits=f)
     res = aggregate_encrypted(server, ups, round_id=1, num_values=n, fixed_point_bits=f)
     agg = res.aggregate
-    grid = [np.ldexp(np.rint(np.ldexp(np.asarray(v) * w, f)), -f) for v, w in zip(vals, weights)]
+    grid = [np.ldexp(np.rint(np.ldexp(np.asarray(v) * w, f)), -f) for v, w in zip(vals, weights, strict=True)]
     expected_sum = np.sum(grid, axis=0)
     if noised:
         noise = rng.normal(0, 3.0, size=n)
@@ -290,7 +294,8 @@ def test_fixed_point_decryption_is_exact(run, n, k, seed, noised):
         expected_sum = expected_sum + np.ldexp(np.rint(np.ldexp(noise, f)), -f)
     out = decrypt_aggregate(clients["c1"], agg, fixed_point_bits=f)
     assert np.array_equal(out * sum(weights), expected_sum) or np.allclose(
-        out, expected_sum / sum(weights), rtol=0, atol=1e-15)
+        out, expected_sum / sum(weights), rtol=0, atol=1e-15
+    )
     if not noised:
         assert np.max(np.abs(out - _mean(vals, weights))) <= k * 2.0 ** -(f + 1) / sum(weights) + 1e-12
     with pytest.raises(CiphertextError, match="codec"):  # the grid is part of the codec

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import tenseal as ts
 
-from secure_fedvlp.errors import ConfigError, KeyMaterialError
-from secure_fedvlp.secagg import (
+from secure_fedvlp.encryption import (
     CKKSParams,
     context_fingerprint,
     init_keys,
@@ -21,7 +20,8 @@ from secure_fedvlp.secagg import (
     preset,
     security_level,
 )
-from secure_fedvlp.secagg import keys as keys_mod
+from secure_fedvlp.encryption import keys as keys_mod
+from secure_fedvlp.errors import ConfigError, KeyMaterialError
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secure_fedvlp.errors import CiphertextError, ConfigError
-from secure_fedvlp.secagg import (
+from secure_fedvlp.encryption import (
     QuantizedPacking,
     decode_sums,
     encode_chunks,
@@ -22,7 +21,8 @@ from secure_fedvlp.secagg import (
     preset,
     unflatten_update,
 )
-from secure_fedvlp.secagg.packing import MAX_PACKED_BITS, UpdateLayout
+from secure_fedvlp.encryption.packing import MAX_PACKED_BITS, UpdateLayout
+from secure_fedvlp.errors import CiphertextError, ConfigError
 
 PARAMS = preset()
 
@@ -75,7 +75,7 @@ def test_packing_fits_the_slot_budget(bits, clients):
     assert p.digits_per_slot * p.digit_bits + p.scale_bits <= PARAMS.data_modulus_bits - 2  # < q0 / 2
     assert p.digits_per_slot * p.digit_bits <= MAX_PACKED_BITS  # exact in float64
     # The scale covers 10 sigma of the summed noise, with the noise model already doubled.
-    from secure_fedvlp.secagg.params import fresh_noise_std
+    from secure_fedvlp.encryption.params import fresh_noise_std
 
     assert 2 ** (p.scale_bits - 1) >= 10 * fresh_noise_std(PARAMS) * math.sqrt(clients)
 
@@ -103,7 +103,7 @@ def test_packed_plaintext_sum_decodes_within_bound(n, k, bits, seed, stochastic)
     vals = rng.uniform(-2, 2, size=(k, n))
     ws = rng.uniform(0.05, 1.0, size=k)
     sums = None
-    for v, w in zip(vals, ws):
+    for v, w in zip(vals, ws, strict=True):
         chunks = np.concatenate(encode_chunks(v, float(w), 16, p, rng if stochastic else None))
         sums = chunks if sums is None else sums + chunks
     out = decode_sums(sums, n, float(ws.sum()), p)

@@ -1,0 +1,44 @@
+"""The synthetic federation's specification (torch-free: the config layer reads it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from secure_fedvlp.errors import ConfigError
+
+__all__ = ["SyntheticSpec"]
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """Size and heterogeneity of the synthetic federation."""
+
+    num_sites: int = 4
+    heldout_site: bool = True
+    train_per_site: int = 240
+    val_per_site: int = 48
+    test_per_site: int = 96
+    public_size: int = 256
+    image_size: int = 64
+    dirichlet_alpha: float = 0.5
+    missing_text_fraction: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("num_sites", "train_per_site", "val_per_site", "test_per_site", "image_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                problems.append(f"'data.synthetic.{name}' must be an integer >= 1. Found {v!r}.")
+        if isinstance(self.public_size, bool) or not isinstance(self.public_size, int) or self.public_size < 0:
+            problems.append(f"'data.synthetic.public_size' must be an integer >= 0. Found {self.public_size!r}.")
+        if isinstance(self.image_size, int) and not isinstance(self.image_size, bool) and self.image_size < 16:
+            problems.append(f"'data.synthetic.image_size' must be >= 16. Found {self.image_size!r}.")
+        if not (isinstance(self.dirichlet_alpha, (int, float)) and self.dirichlet_alpha > 0):
+            problems.append(f"'data.synthetic.dirichlet_alpha' must be > 0. Found {self.dirichlet_alpha!r}.")
+        if not (isinstance(self.missing_text_fraction, (int, float)) and 0 <= self.missing_text_fraction < 1):
+            problems.append(
+                f"'data.synthetic.missing_text_fraction' must be in [0, 1). Found {self.missing_text_fraction!r}."
+            )
+        if problems:
+            raise ConfigError(problems)

@@ -1,0 +1,222 @@
+"""Every path of a run directory, named once.
+
+A run directory holds what the server writes (the resolved config, per-round metrics, the report
+and its plots, the model or its ciphertext, encryption statistics) and, in simulation, each
+site's own directory (``clients/<site>/``: its privacy ledger and local-only training metrics;
+in deployment these live on the site's disk), and the auditor's directory (``audit/``).
+Nothing else in the package spells these names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from secure_fedvlp.config import ExperimentConfig, load_config
+from secure_fedvlp.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+_LEDGER = "privacy_ledger.jsonl"
+
+__all__ = ["RunLayout", "FinishedRun", "load_run", "read_metrics"]
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The paths of one run directory (nothing is created or read here)."""
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    # -- the server's files ------------------------------------------------------------
+    @property
+    def config(self) -> Path:
+        """The resolved config of the run (TOML)."""
+        return self.root / "config.toml"
+
+    @property
+    def metrics(self) -> Path:
+        """One JSON record per round, phase and site."""
+        return self.root / "metrics.jsonl"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def model_params(self) -> Path:
+        """The plaintext federated parameters (a run without encryption, or a key holder's export)."""
+        return self.model_dir / "federated_params.npz"
+
+    @property
+    def encrypted_model(self) -> Path:
+        """The final encrypted global model (encryption on)."""
+        return self.model_dir / "global_model.ckks"
+
+    @property
+    def export_info(self) -> Path:
+        """What a key holder's export released."""
+        return self.model_dir / "export.json"
+
+    @property
+    def model_readme(self) -> Path:
+        return self.model_dir / "README.txt"
+
+    @property
+    def encryption_rounds(self) -> Path:
+        """Per-round statistics of the encrypted aggregation."""
+        return self.root / "encryption_rounds.json"
+
+    @property
+    def keys(self) -> Path:
+        """The default key directory of a simulation run (``encryption.key_dir`` empty)."""
+        return self.root / "keys"
+
+    @property
+    def log(self) -> Path:
+        """The run's log file (every logger, Flower's and Ray's included)."""
+        return self.root / "log.txt"
+
+    @property
+    def flwr_home(self) -> Path:
+        """Flower's state directory (``FLWR_HOME``) for a run the CLI starts, kept inside the run."""
+        return self.root / ".flwr"
+
+    # -- each site's directory (its own disk in deployment) ------------------------------
+    @property
+    def clients(self) -> Path:
+        return self.root / "clients"
+
+    def client_dir(self, site: str) -> Path:
+        return self.clients / site
+
+    def ledger(self, site: str) -> Path:
+        """A site's privacy ledger."""
+        return self.client_dir(site) / _LEDGER
+
+    def ledgers(self) -> dict[str, Path]:
+        """Every site ledger present, by site name."""
+        return {p.parent.name: p for p in sorted(self.clients.glob(f"*/{_LEDGER}"))}
+
+    def local_train_metrics(self, site: str) -> Path:
+        """Un-noised training statistics a DP site keeps for itself."""
+        return self.local_train_metrics_beside(self.ledger(site))
+
+    @staticmethod
+    def local_train_metrics_beside(ledger: str | os.PathLike) -> Path:
+        """The local training statistics file in the same site directory as the ledger ``ledger``
+        (for a trainer that knows its ledger, wherever the site keeps it, but not the run directory)."""
+        return Path(ledger).parent / "local_train_metrics.jsonl"
+
+    def site_canaries(self, site: str) -> Path:
+        """The canary records the auditor hands the canary site."""
+        return self.client_dir(site) / "canaries.json"
+
+    # -- the auditor's files ---------------------------------------------------------------
+    @property
+    def audit_dir(self) -> Path:
+        return self.root / "audit"
+
+    @property
+    def canary_coins(self) -> Path:
+        """Which canaries were inserted (the auditor's secret)."""
+        return self.audit_dir / "canary_coins.json"
+
+    @property
+    def empirical_audit(self) -> Path:
+        """The auditor's one-run empirical audit, written after training."""
+        return self.root / "empirical_audit.json"
+
+    def relative(self, path: str | os.PathLike) -> str:
+        """``path`` relative to the run directory, as written in reports (``/`` separators)."""
+        return Path(path).relative_to(self.root).as_posix()
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A run directory as the report, the audit, the export and the empirical audit read it.
+
+    Built by :func:`load_run`, the only place that reads a finished run's ``config.toml``, or
+    directly from a config already resolved in memory (the server writing its report).
+    """
+
+    layout: RunLayout
+    cfg: ExperimentConfig
+
+    @property
+    def root(self) -> Path:
+        return self.layout.root
+
+    def ledgers(self) -> dict[str, Path]:
+        """Every site ledger present, by site name."""
+        return self.layout.ledgers()
+
+    def report(self) -> dict[str, Any] | None:
+        """``report.json`` parsed, or ``None`` when the run has none yet."""
+        path = self.layout.report_json
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} is not valid JSON: {exc}.") from None
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """The records of ``metrics.jsonl`` (see :func:`read_metrics`)."""
+        return read_metrics(self.layout.metrics)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of a ``metrics.jsonl`` file (a torn last line, from a crash mid-write, is ignored with a warning)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines):
+                logger.warning("%s: ignoring a torn last line %d", path, i)
+            else:
+                raise DataError(f"{path}, line {i}: not a JSON record.") from None
+    return out
+
+
+def load_run(run_dir: str | os.PathLike | FinishedRun) -> FinishedRun:
+    """Open a run directory: its layout and its resolved config, validated.
+
+    A :class:`FinishedRun` is returned as it is, so a caller that already holds one passes it on.
+    Raises :class:`~secure_fedvlp.errors.DataError` naming the path when ``run_dir`` is not a run
+    directory, and :class:`~secure_fedvlp.errors.ConfigError` when its config is invalid.
+    """
+    if isinstance(run_dir, FinishedRun):
+        return run_dir
+    layout = RunLayout(run_dir)
+    if not layout.root.is_dir():
+        raise DataError(f"{layout.root} is not a directory: give the run directory that `secure-fedvlp run` wrote.")
+    if not layout.config.exists():
+        raise DataError(f"{layout.config} is missing: {layout.root} is not a run directory.")
+    return FinishedRun(layout, load_config(layout.config))

@@ -1,0 +1,435 @@
+"""The server side of every method: discovery, sampling, validated aggregation, the round loop.
+
+:class:`VLPStrategy` extends Flower's Message-API ``FedAvg``; a method overrides only what
+differs (FedDRA: :meth:`~VLPStrategy.release_plan`, :meth:`~VLPStrategy.aggregation_weights`,
+:meth:`~VLPStrategy.train_round`).  Wrappers (anchors, encryption) subclass a method's strategy
+and hook into :meth:`~VLPStrategy.prepare_round`, :meth:`~VLPStrategy.configure_train` and the
+combine/validate hooks; nothing here knows about them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.result import Result
+
+from secure_fedvlp.config import ExperimentConfig
+from secure_fedvlp.privacy.plan import ReleasePlan, StagePlan
+from secure_fedvlp.wire import (
+    ARRAYS_KEY,
+    BUDGET_EXHAUSTED,
+    CONFIG_KEY,
+    EPSILON,
+    INFO_KEY,
+    LOCAL_STEPS,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    QUERY,
+    SERVER_ROUND,
+    SITE_INFO_QUERY,
+    STAGE,
+    arrays_to_numpy,
+    numpy_to_arrays,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SiteInfo", "RoundRecorder", "VLPStrategy"]
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """What a node said about itself in discovery."""
+
+    node_id: int
+    site: str
+    role: str  # "train" or "heldout"
+    num_train: int
+
+
+class RoundRecorder:
+    """Receives per-round, per-site records from a strategy (no-op base)."""
+
+    def record(self, record: dict[str, Any]) -> None:  # noqa: D401
+        """Store one record."""
+
+    def progress(self, message: str) -> None:
+        """Show progress to the user."""
+        logger.info(message)
+
+
+def _finite(x: np.ndarray) -> bool:
+    return bool(np.isfinite(x).all())
+
+
+class VLPStrategy(FedAvg):
+    """Base server strategy: FedAvg over train sites, federated evaluation on every site.
+
+    Extends :class:`flwr.serverapp.strategy.FedAvg` with what a federated medical VLP run
+    needs and plain FedAvg lacks:
+
+    * **discovery**: a ``query`` message asks each node which site it serves; held-out
+      sites are evaluated but never trained;
+    * **round-0 evaluation** of the untrained model, as the reference;
+    * **robust aggregation**: each reply is validated on its own (keys, shapes, finite
+      values, positive weight) and a bad one is dropped with its reason, never the round;
+    * per-site records of every train and evaluate reply to a :class:`RoundRecorder`.
+    """
+
+    method_name = "fedavg"
+
+    def __init__(self, cfg: ExperimentConfig, recorder: RoundRecorder | None = None) -> None:
+        fed = cfg.federation
+        super().__init__(
+            fraction_train=fed.fraction_train,
+            fraction_evaluate=1.0,
+            min_train_nodes=fed.min_train_clients,
+            min_evaluate_nodes=1,
+            min_available_nodes=1,
+            weighted_by_key=NUM_EXAMPLES,
+            arrayrecord_key=ARRAYS_KEY,
+            configrecord_key=CONFIG_KEY,
+        )
+        self.cfg = cfg
+        self.recorder = recorder or RoundRecorder()
+        self.sites: dict[int, SiteInfo] = {}
+        self.stopped: dict[str, int] = {}  # site -> round at which its privacy budget ran out
+        self._rng = random.Random(cfg.run.seed)
+        self.plan = self.release_plan(cfg)
+
+    # -- discovery -----------------------------------------------------------------
+    def discover(self, grid: Grid, expected_nodes: int, timeout: float) -> dict[int, SiteInfo]:
+        """Ask every connected node for its site.
+
+        Waits up to ``federation.discovery_timeout_s`` for ``expected_nodes`` to connect, then
+        goes on with those present (a warning names the shortfall); replies wait up to ``timeout``.
+        """
+        deadline = time.monotonic() + self.cfg.federation.discovery_timeout_s
+        node_ids = list(grid.get_node_ids())
+        while len(node_ids) < expected_nodes and time.monotonic() < deadline:
+            time.sleep(0.5)
+            node_ids = list(grid.get_node_ids())
+        if len(node_ids) < expected_nodes:
+            logger.warning(
+                "Only %d of the %d expected sites connected within %.0fs; starting without the others "
+                "(with `flwr run`, pass --federation-config 'num-supernodes=%d').",
+                len(node_ids),
+                expected_nodes,
+                self.cfg.federation.discovery_timeout_s,
+                expected_nodes,
+            )
+        msgs = [
+            Message(
+                RecordDict({CONFIG_KEY: ConfigRecord({QUERY: SITE_INFO_QUERY})}),
+                dst_node_id=nid,
+                message_type=MessageType.QUERY,
+            )
+            for nid in node_ids
+        ]
+        sites: dict[int, SiteInfo] = {}
+        for reply in grid.send_and_receive(msgs, timeout=timeout):
+            nid = reply.metadata.src_node_id
+            if reply.has_error():
+                logger.warning("Node %s did not answer discovery: %s", nid, reply.error.reason)
+                continue
+            info = reply.content[INFO_KEY]
+            sites[nid] = SiteInfo(nid, str(info["site"]), str(info["role"]), int(info["num-train"]))
+        if not any(s.role == "train" for s in sites.values()):
+            raise RuntimeError("no training site answered discovery; cannot start federated training.")
+        self.sites = dict(sorted(sites.items(), key=lambda kv: kv[1].site))
+        logger.info("Discovered sites: %s", ", ".join(f"{s.site}({s.role})" for s in self.sites.values()))
+        return self.sites
+
+    def train_nodes(self) -> list[int]:
+        """Training sites still able to train (not held out, budget not exhausted)."""
+        return [nid for nid, s in self.sites.items() if s.role == "train" and s.site not in self.stopped]
+
+    def note_budget_exhausted(self, server_round: int, msg: Message, phase: str) -> bool:
+        """If ``msg`` says its site's privacy budget is spent, stop training it; return True if so."""
+        if msg.has_error() or METRICS_KEY not in msg.content.metric_records:
+            return False
+        if float(msg.content[METRICS_KEY].get(BUDGET_EXHAUSTED, 0.0)) < 1.0:
+            return False
+        site = self.site_name(msg)
+        reason = str(msg.content[CONFIG_KEY]["reason"]) if CONFIG_KEY in msg.content.config_records else ""
+        self.stopped.setdefault(site, server_round)
+        logger.warning("Round %d: site %s stopped training: privacy budget exhausted (%s)", server_round, site, reason)
+        self.recorder.record(
+            {
+                "round": server_round,
+                "phase": phase,
+                "site": site,
+                "status": "budget_exhausted",
+                "reason": reason,
+                "epsilon": float(msg.content[METRICS_KEY].get(EPSILON, 0.0)),
+            }
+        )
+        return True
+
+    # -- configure -----------------------------------------------------------------
+    def sample_train_nodes(self, server_round: int) -> list[int]:
+        """Seeded sample of training nodes (all of them with fraction_train = 1)."""
+        nodes = self.train_nodes()
+        k = max(self.min_train_nodes, int(math.ceil(len(nodes) * self.fraction_train)))
+        k = min(k, len(nodes))
+        return sorted(self._rng.sample(nodes, k))
+
+    @classmethod
+    def release_plan(cls, cfg: ExperimentConfig) -> ReleasePlan:
+        """What a training site releases per round under this method: one full stage of ``train.local_steps``.
+
+        The strategy executes this plan (:meth:`train_round` sends its stages with their step
+        counts) and DP calibration consumes it, so the two cannot disagree.
+        """
+        return ReleasePlan(stages=(StagePlan("full", cfg.train.local_steps),))
+
+    def stage_config(self, server_round: int, stage: str) -> ConfigRecord:
+        """Config sent with a train message of ``stage`` (override to add method keys)."""
+        return ConfigRecord({SERVER_ROUND: server_round, STAGE: stage, LOCAL_STEPS: self.plan.stage(stage).steps})
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        node_ids = self.sample_train_nodes(server_round)
+        record = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
+        return self._construct_messages(record, node_ids, MessageType.TRAIN)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        config[SERVER_ROUND] = server_round
+        record = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
+        return self._construct_messages(record, list(self.sites), MessageType.EVALUATE)
+
+    # -- aggregate -----------------------------------------------------------------
+    def site_name(self, msg: Message) -> str:
+        s = self.sites.get(msg.metadata.src_node_id)
+        return s.site if s else f"node-{msg.metadata.src_node_id}"
+
+    def validate_reply(self, msg: Message, reference: Mapping[str, np.ndarray] | None) -> str | None:
+        """Reason to drop a train reply, or None if it is well formed."""
+        content = msg.content
+        if ARRAYS_KEY not in content.array_records:
+            return "reply carries no 'arrays' record"
+        if METRICS_KEY not in content.metric_records or NUM_EXAMPLES not in content[METRICS_KEY]:
+            return f"reply carries no '{METRICS_KEY}.{NUM_EXAMPLES}'"
+        weight = float(content[METRICS_KEY][NUM_EXAMPLES])
+        if not (weight > 0 and math.isfinite(weight)):
+            return f"weight {NUM_EXAMPLES}={weight!r} is not a positive finite number"
+        if reference is None:
+            return None
+        arrays = content[ARRAYS_KEY]
+        if set(arrays.keys()) != set(reference):
+            missing = sorted(set(reference) - set(arrays.keys()))[:3]
+            extra = sorted(set(arrays.keys()) - set(reference))[:3]
+            return f"parameter names differ from the global model (missing {missing}, unexpected {extra})"
+        for k, ref in reference.items():
+            a = arrays[k].numpy()
+            if a.shape != ref.shape:
+                return f"parameter {k!r} has shape {a.shape}, expected {ref.shape}"
+            if not _finite(a):
+                return f"parameter {k!r} holds non-finite values"
+        return None
+
+    def aggregation_weights(self, server_round: int, stage: str, replies: list[Message]) -> list[float]:
+        """Weights of accepted replies (example counts for FedAvg); normalised by the caller."""
+        return [float(m.content[METRICS_KEY][NUM_EXAMPLES]) for m in replies]
+
+    def planned_weight(self, site: str, stage: str) -> float | None:
+        """A site's aggregation weight fixed before training (``None``: its ``num-examples``).
+
+        Encrypted aggregation needs weights before the updates exist (clients weight, then
+        encrypt); methods whose weights are not example counts (FedDRA) override this so that
+        plaintext and encrypted runs weight alike.
+        """
+        return None
+
+    def reference_state(self, reference: ArrayRecord | None) -> Mapping[str, np.ndarray] | None:
+        """The global state replies are checked against (None: no check)."""
+        return arrays_to_numpy(reference) if reference is not None else None
+
+    def combine_updates(
+        self, server_round: int, stage: str, accepted: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None, dict[str, str]]:
+        """Weighted mean of the accepted replies' parameters: ``(arrays, metrics, {site: reason dropped})``."""
+        weights = np.asarray(self.aggregation_weights(server_round, stage, accepted), dtype=np.float64)
+        weights = weights / weights.sum()
+        names = list(accepted[0].content[ARRAYS_KEY].keys())
+        agg = {}
+        for name in names:
+            acc = None
+            for w, msg in zip(weights, accepted, strict=True):
+                a = msg.content[ARRAYS_KEY][name].numpy().astype(np.float64)
+                acc = w * a if acc is None else acc + w * a
+            agg[name] = acc.astype(np.float32)
+        total = float(sum(float(m.content[METRICS_KEY][NUM_EXAMPLES]) for m in accepted))
+        metrics = {NUM_EXAMPLES: total, "clients": float(len(accepted))}
+        losses = [m.content[METRICS_KEY].get("train_loss") for m in accepted]
+        if all(x is not None for x in losses):  # DP replies carry no training loss
+            metrics["train_loss"] = float(np.average([float(x) for x in losses], weights=weights))
+        return numpy_to_arrays(agg), MetricRecord(metrics), {}
+
+    def aggregate_train(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+        *,
+        stage: str = "full",
+        reference: ArrayRecord | None = None,
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        ref = self.reference_state(reference)
+        accepted: list[Message] = []
+        for msg in replies:
+            site = self.site_name(msg)
+            if self.note_budget_exhausted(server_round, msg, "train"):
+                continue
+            if msg.has_error():
+                reason = f"client error: {msg.error.reason}"
+            else:
+                reason = self.validate_reply(msg, ref)
+            if reason is not None:
+                self._drop(server_round, stage, site, reason)
+                continue
+            accepted.append(msg)
+        if not accepted:
+            return None, None
+        arrays, metrics, rejected = self.combine_updates(server_round, stage, accepted)
+        for msg in accepted:
+            site = self.site_name(msg)
+            if site in rejected:
+                self._drop(server_round, stage, site, rejected[site])
+                continue
+            values = {k: float(v) for k, v in msg.content[METRICS_KEY].items()}
+            self.recorder.record(
+                {"round": server_round, "stage": stage, "phase": "train", "site": site, "status": "ok", **values}
+            )
+        return arrays, metrics
+
+    def _drop(self, server_round: int, stage: str, site: str, reason: str) -> None:
+        logger.warning("Round %d (%s): dropped reply from %s: %s", server_round, stage, site, reason)
+        self.recorder.record(
+            {
+                "round": server_round,
+                "stage": stage,
+                "phase": "train",
+                "site": site,
+                "status": "dropped",
+                "reason": reason,
+            }
+        )
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        rows = []
+        for msg in replies:
+            site = self.site_name(msg)
+            if msg.has_error():
+                logger.warning("Round %d: evaluation failed at %s: %s", server_round, site, msg.error.reason)
+                self.recorder.record(
+                    {
+                        "round": server_round,
+                        "phase": "evaluate",
+                        "site": site,
+                        "status": "error",
+                        "reason": msg.error.reason,
+                    }
+                )
+                continue
+            role = self.sites[msg.metadata.src_node_id].role if msg.metadata.src_node_id in self.sites else "?"
+            metrics = {k: float(v) for k, v in msg.content[METRICS_KEY].items()}
+            self.recorder.record(
+                {"round": server_round, "phase": "evaluate", "site": site, "role": role, "status": "ok", **metrics}
+            )
+            if role == "train":
+                rows.append(metrics)
+        if not rows:
+            return None
+        keys = set.intersection(*(set(r) for r in rows)) - {NUM_EXAMPLES}
+        w = np.asarray([r[NUM_EXAMPLES] for r in rows])
+        out = {k: float(np.average([r[k] for r in rows], weights=w)) for k in sorted(keys)}
+        out[NUM_EXAMPLES] = float(w.sum())
+        return MetricRecord(out)
+
+    # -- the round loop --------------------------------------------------------------
+    def run_stage(self, server_round: int, stage: str, grid: Grid, arrays: ArrayRecord, timeout: float) -> ArrayRecord:
+        """Send one train stage, aggregate, and return the new global arrays (or the old on failure)."""
+        messages = list(self.configure_train(server_round, arrays, self.stage_config(server_round, stage), grid))
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        agg, metrics = self.aggregate_train(server_round, replies, stage=stage, reference=arrays)
+        if agg is None:
+            logger.warning(
+                "Round %d (%s): no valid update arrived; the global model is unchanged.", server_round, stage
+            )
+            return arrays
+        return agg
+
+    def prepare_round(self, server_round: int, grid: Grid, arrays: ArrayRecord, timeout: float) -> None:
+        """Work before a round's training (wrappers hook in here: the anchor release). None by default."""
+
+    def train_round(self, server_round: int, grid: Grid, arrays: ArrayRecord, timeout: float) -> ArrayRecord:
+        """One round of training: the plan's stages in order, each sent, aggregated and adopted."""
+        for stage in self.plan.stages:
+            arrays = self.run_stage(server_round, stage.stage, grid, arrays, timeout)
+        return arrays
+
+    def evaluate_round(self, server_round: int, grid: Grid, arrays: ArrayRecord, timeout: float) -> MetricRecord | None:
+        replies = list(
+            grid.send_and_receive(self.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout=timeout)
+        )
+        return self.aggregate_evaluate(server_round, replies)
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        expected_nodes: int = 1,
+    ) -> Result:
+        """Discovery, round-0 reference evaluation, then ``num_rounds`` of train + evaluate."""
+        result = Result()
+        self.discover(grid, expected_nodes, timeout)
+        t0 = time.perf_counter()
+        m = self.evaluate_round(0, grid, initial_arrays, timeout)
+        if m is not None:
+            result.evaluate_metrics_clientapp[0] = m
+        self.recorder.progress(f"round 0/{num_rounds} (untrained reference): {_fmt(m)}")
+        arrays = initial_arrays
+        for rnd in range(1, num_rounds + 1):
+            t_round = time.perf_counter()
+            self.prepare_round(rnd, grid, arrays, timeout)
+            arrays = self.train_round(rnd, grid, arrays, timeout)
+            # Server-side wall time of the training round (configure -> replies -> new global model),
+            # read by benchmarks/bench_encrypted_round.py.
+            self.recorder.record({"round": rnd, "phase": "round", "train_seconds": time.perf_counter() - t_round})
+            result.arrays = arrays
+            if self.cfg.eval.every_round or rnd == num_rounds:
+                m = self.evaluate_round(rnd, grid, arrays, timeout)
+                if m is not None:
+                    result.evaluate_metrics_clientapp[rnd] = m
+                self.recorder.progress(f"round {rnd}/{num_rounds} [{time.perf_counter() - t0:.0f}s]: {_fmt(m)}")
+            else:
+                self.recorder.progress(f"round {rnd}/{num_rounds} trained [{time.perf_counter() - t0:.0f}s]")
+        result.arrays = arrays
+        return result
+
+
+def _fmt(m: MetricRecord | None) -> str:
+    if m is None:
+        return "no evaluation replies"
+    keys = ("zs_auroc_macro", "mean_R@5")
+    return ", ".join(f"{k}={float(m[k]):.3f}" for k in keys if k in m) or json.dumps(dict(m))

@@ -1,0 +1,432 @@
+"""The client side of every method: one local training loop with a seam for the private step.
+
+:class:`LocalTrainer` is the FedAvg trainer and the base of every method's trainer.  Variants
+override only what differs: FedProx adds a :meth:`~LocalTrainer.regularizer`; FedDRA adds
+anchor guidance (:meth:`~LocalTrainer.extra_terms`) and a scalar report
+(:meth:`~LocalTrainer.report_values`).
+
+:meth:`LocalTrainer.fit` is the only training loop in the package.  What differs between
+plain and private training (where a batch comes from, how the gradient is formed, how the
+optimizer steps) is a :class:`StepEngine`: :class:`PlainSteps` draws shuffled mini-batches and
+back-propagates the batch-mean loss; the DP-SGD wrapper
+(:class:`secure_fedvlp.wrappers.dpsgd.PrivateSteps`) draws Poisson batches and forms the clipped,
+noised gradient.  Nothing here knows about privacy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from secure_fedvlp.config import ExperimentConfig
+from secure_fedvlp.models.embed import embed_images, embed_texts
+from secure_fedvlp.models.state import make_collate
+from secure_fedvlp.objectives import DecomposableContrastiveLoss, InfoNCELoss
+from secure_fedvlp.wire import NUM_EXAMPLES
+
+__all__ = ["TrainTask", "LocalTrainer", "StepEngine", "PlainSteps", "EngineFactory"]
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    """One local training job, as sent by the server."""
+
+    server_round: int
+    stage: str  # "full": every federated parameter; "align": alignment layers and heads only
+    steps: int
+    options: Mapping[str, float] = field(default_factory=dict)  # method-specific scalars from the server
+    anchors: Any = None  # the round's noised anchor bank (privacy.anchors.AnchorBank), when anchors are on
+
+
+class LocalTrainer:
+    """Local training at one client: the FedAvg trainer, and the base of every method's trainer.
+
+    Methods override one hook each: :meth:`trainable_names` (which parameters a stage trains),
+    :meth:`make_optimizer`, :meth:`make_loader`, :meth:`compute_loss`, :meth:`extra_terms`,
+    :meth:`regularizer`, :meth:`begin`, :meth:`report_values`.  The loop itself
+    (:meth:`fit`) is written once; how a step draws its batch, differentiates and updates is a
+    :class:`StepEngine` (:class:`PlainSteps` here; DP-SGD supplies its own).
+    """
+
+    name = "fedavg"
+
+    def __init__(self, cfg: ExperimentConfig, device: torch.device, public=None) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.public = public  # public reference set (negatives of the decomposable objective)
+        self.objective = self.make_objective()
+
+    # -- hooks ---------------------------------------------------------------------
+    def make_objective(self) -> nn.Module:
+        """In-batch InfoNCE, or the per-sample decomposable loss with public negatives."""
+        if self.cfg.train.objective == "decomposable":
+            return DecomposableContrastiveLoss()
+        return InfoNCELoss()
+
+    @torch.no_grad()
+    def negative_banks(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Public reference set embedded by the (global) model: privacy-free negatives."""
+        if self.public is None or len(self.public) == 0:
+            raise ValueError("the decomposable objective needs a public reference set; none was given.")
+        was = model.training
+        model.eval()
+        try:
+            bs = self.cfg.eval.batch_size
+            imgs = embed_images(model, self.public.images, bs, self.device).to(self.device)
+            txts = embed_texts(model, [r for r in self.public.reports if r], bs, self.device).to(self.device)
+        finally:
+            model.train(was)
+        return imgs, txts
+
+    def trainable_names(self, model: nn.Module, stage: str) -> list[str]:
+        """Federated parameters trained in ``stage``."""
+        fed = [n for n, p in model.named_parameters() if p.requires_grad]
+        if stage == "full":
+            return fed
+        if stage == "align":
+            align = set(model.parameter_groups()["alignment"])
+            return [n for n in fed if n in align]
+        raise ValueError(f"unknown training stage {stage!r}; expected 'full' or 'align'.")
+
+    def make_optimizer(self, model: nn.Module, names: list[str]) -> torch.optim.Optimizer:
+        """AdamW (or SGD) with a smaller learning rate for the pretrained text tower."""
+        params = dict(model.named_parameters())
+        text = [params[n] for n in names if n.startswith("text_encoder.")]
+        other = [params[n] for n in names if not n.startswith("text_encoder.")]
+        t = self.cfg.train
+        groups = [g for g in ({"params": other, "lr": t.lr}, {"params": text, "lr": t.text_lr or t.lr}) if g["params"]]
+        if t.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+
+    def make_loader(self, dataset, model: nn.Module, generator: torch.Generator) -> DataLoader:
+        """Shuffled mini-batches of paired records."""
+        bs = min(self.cfg.train.batch_size, len(dataset))
+        return DataLoader(
+            dataset,
+            batch_size=bs,
+            shuffle=True,
+            drop_last=len(dataset) > bs,
+            generator=generator,
+            collate_fn=make_collate(model),
+        )
+
+    def training_subset(self, dataset):
+        """Records usable by the objective (paired image and report)."""
+        keep = np.flatnonzero(np.asarray(dataset.has_image, bool) & np.asarray(dataset.has_text, bool))
+        return dataset if keep.size == len(dataset) else dataset.subset(keep)
+
+    def compute_loss(
+        self, model: nn.Module, batch: dict[str, Any], state: dict[str, Any], reduction: str = "mean"
+    ) -> dict[str, torch.Tensor]:
+        """Named loss terms for one batch; ``loss`` is their total.
+
+        Every term here must be a mean over records of a function of each record alone
+        (or of the whole batch for the coupled in-batch objective, which DP refuses).
+        ``reduction="none"`` returns the per-record terms ``[B]`` instead of their batch means
+        (DP-SGD's ghost clipping rescales each record's loss; the coupled objective has no
+        per-record loss and refuses it).  Data-independent terms belong in :meth:`regularizer`.
+        """
+        out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
+        terms = dict(self.objective_terms(model, out, state, reduction=reduction, batch=batch))
+        for name, value in self.extra_terms(model, batch, out, state, reduction=reduction).items():
+            terms[name] = value
+            terms["loss"] = terms["loss"] + value
+        return terms
+
+    def objective_terms(
+        self,
+        model: nn.Module,
+        out: dict[str, torch.Tensor],
+        state: dict[str, Any],
+        reduction: str = "mean",
+        batch: dict[str, Any] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The contrastive objective's named terms.
+
+        The decomposable objective's positives are the global model's views of the batch's
+        records (``state["pos_image"]``/``["pos_text"]``, indexed by ``batch["index"]``; see
+        :class:`~secure_fedvlp.objectives.DecomposableContrastiveLoss` for why).
+        """
+        if self.objective.couples_samples:
+            return self.objective(out["image_emb"], out["text_emb"], model.logit_scale, reduction=reduction)
+        if "pos_image" not in state or batch is None:
+            raise ValueError(
+                "the decomposable objective takes each record's positive from the global model's view "
+                "of it: call begin(model, task, global_state, dataset=<the training records>) and pass "
+                "the batch."
+            )
+        idx = batch["index"].to(state["pos_image"].device)
+        return self.objective(
+            out["image_emb"],
+            out["text_emb"],
+            model.logit_scale,
+            state["neg_image"],
+            state["neg_text"],
+            reduction=reduction,
+            pos_image=state["pos_image"][idx],
+            pos_text=state["pos_text"][idx],
+        )
+
+    def extra_terms(
+        self,
+        model: nn.Module,
+        batch: dict[str, Any],
+        out: dict[str, torch.Tensor],
+        state: dict[str, Any],
+        reduction: str = "mean",
+    ) -> dict[str, torch.Tensor]:
+        """Additional per-sample loss terms (anchor guidance, ...), reduced like :meth:`compute_loss`.
+
+        None by default.
+        """
+        return {}
+
+    def regularizer(self, model: nn.Module, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Data-independent loss terms (FedProx's proximal term, ...). None by default.
+
+        They depend on no record, so under DP-SGD their gradient is added to the noised
+        gradient (post-processing) instead of going through per-sample clipping.
+        """
+        return {}
+
+    @torch.no_grad()
+    def global_views(self, model: nn.Module, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (global) model's image and report embeddings of every record of ``dataset``, by position.
+
+        Computed once per job, before the first step, in eval mode; they never leave the client.
+        """
+        was = model.training
+        model.eval()
+        try:
+            bs = self.cfg.eval.batch_size
+            imgs = embed_images(model, dataset.images, bs, self.device).to(self.device)
+            txts = embed_texts(model, list(dataset.reports), bs, self.device).to(self.device)
+        finally:
+            model.train(was)
+        return imgs, txts
+
+    def begin(
+        self, model: nn.Module, task: TrainTask, global_state: Mapping[str, np.ndarray], dataset=None
+    ) -> dict[str, Any]:
+        """Per-job state (negative banks, the global model's views of ``dataset``, ...); called before training.
+
+        ``dataset`` is the job's training records (the positions ``batch["index"]`` refers to);
+        the decomposable objective needs it.
+        """
+        state: dict[str, Any] = {}
+        if not self.objective.couples_samples:
+            state["neg_image"], state["neg_text"] = self.negative_banks(model)
+            bank = task.anchors
+            if bank is not None and len(bank) and self.cfg.anchors.use_as_negatives:
+                # DP-released anchors (post-processing): extra negatives that hold no record of this batch
+                state["neg_image"] = torch.cat([state["neg_image"], bank.image.to(self.device)])
+                state["neg_text"] = torch.cat([state["neg_text"], bank.text.to(self.device)])
+            if dataset is not None:
+                state["pos_image"], state["pos_text"] = self.global_views(model, dataset)
+        if task.anchors is not None and len(task.anchors):
+            state["anchor_bank"] = task.anchors
+        return state
+
+    def report_values(self, kind: str, model: nn.Module, site, config: Mapping[str, Any]) -> torch.Tensor | None:
+        """Per-record values of a scalar report the server asked for (None: not a report of this method).
+
+        The report released is their mean.  Keeping the per-record values visible lets the
+        DP wrapper clip each record's value and noise the sum before anything is released.
+        """
+        return None
+
+    def answer_query(self, kind: str, model: nn.Module, site, config: Mapping[str, Any]) -> dict[str, float]:
+        """Answer a method-specific ``query`` message (the model holds the arrays it carried)."""
+        values = self.report_values(kind, model, site, config)
+        if values is None:
+            raise ValueError(f"method {self.name!r} does not answer query {kind!r}.")
+        return {kind: float(values.mean()) if len(values) else 0.0, NUM_EXAMPLES: float(len(values))}
+
+    # -- the loop ------------------------------------------------------------------------
+    def plain_engine(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, dataset, generator: torch.Generator
+    ) -> StepEngine:
+        """The default engine: :class:`PlainSteps`."""
+        return PlainSteps(self, model, optimizer, dataset, generator)
+
+    def fit(
+        self,
+        model: nn.Module,
+        dataset,
+        task: TrainTask,
+        generator: torch.Generator,
+        global_state: Mapping[str, np.ndarray],
+        *,
+        engine: EngineFactory | None = None,
+    ) -> dict[str, float]:
+        """Run ``task.steps`` optimisation steps of ``task.stage`` on ``dataset``.
+
+        Returns the mean loss terms (``train_<term>``: batch means averaged over steps for the
+        plain engine, per-record means for a per-record engine), ``steps``, ``train_seconds``,
+        ``train_records_seen`` and ``num-examples``.  ``engine`` builds the step engine
+        (default :meth:`plain_engine`); the per-job state (:meth:`begin`) is computed on the
+        plain model before the engine attaches anything to it.
+        """
+        dataset = self.training_subset(dataset)
+        if len(dataset) < 2:
+            raise ValueError(f"site has {len(dataset)} paired training records; at least 2 are needed.")
+        federated = {n for n, p in model.named_parameters() if p.requires_grad}
+        names = set(self.trainable_names(model, task.stage))
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in names)
+        sums: dict[str, float] = {}
+        reg_sums: dict[str, float] = {}
+        records = steps = 0
+        try:
+            model.train()
+            state = self.begin(model, task, global_state, dataset=dataset)
+            optimizer = self.make_optimizer(model, [n for n, _ in model.named_parameters() if n in names])
+            steps_of = (engine or self.plain_engine)(model, optimizer, dataset, generator)
+            t0 = time.perf_counter()
+            try:
+                for _ in range(task.steps):
+                    batch = steps_of.next_batch()
+                    reg = self.regularizer(model, state)
+                    if batch is None:
+                        steps_of.empty_step(reg)
+                    else:
+                        terms = steps_of.backward(
+                            lambda b: self.compute_loss(steps_of.module, b, state, reduction=steps_of.reduction),
+                            batch,
+                            reg,
+                        )
+                        for k, v in terms.items():
+                            v = v.detach()
+                            sums[k] = sums.get(k, 0.0) + (float(v.sum()) if v.ndim else float(v))
+                        records += len(batch["index"])
+                    for k, v in reg.items():
+                        reg_sums[k] = reg_sums.get(k, 0.0) + float(v.detach())
+                    steps_of.step()
+                    steps += 1
+            finally:
+                steps_of.close()
+            seconds = time.perf_counter() - t0
+        finally:
+            for n, p in model.named_parameters():
+                p.requires_grad_(n in federated)
+        per = steps if steps_of.reduction == "mean" else records
+        metrics = {f"train_{k}": v / max(per, 1) for k, v in sums.items()}
+        metrics.update({f"train_{k}": v / max(steps, 1) for k, v in reg_sums.items()})
+        metrics.update({f"train_{k}": float(v) for k, v in steps_of.stats().items()})
+        metrics.update(
+            {
+                "steps": float(steps),
+                "train_seconds": seconds,
+                "train_records_seen": float(records),
+                NUM_EXAMPLES: float(len(dataset)),
+            }
+        )
+        return metrics
+
+
+class StepEngine(Protocol):
+    """How one optimisation step is taken: the seam between the loop and plain or private training.
+
+    ``reduction`` is how the loop asks the method for its loss terms: ``"mean"`` (batch means)
+    or ``"none"`` (one value per record, which per-sample clipping needs).
+    """
+
+    reduction: str
+    module: nn.Module  # what the loss is computed through (the model, or a per-sample-gradient wrapper)
+
+    def next_batch(self) -> dict[str, Any] | None:
+        """The next batch on the training device, or ``None`` for an empty (Poisson) batch."""
+
+    def backward(
+        self,
+        compute: Callable[[dict[str, Any]], dict[str, torch.Tensor]],
+        batch: dict[str, Any],
+        regularizer: Mapping[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """Leave the step's gradient in ``.grad``; return the loss terms of the records that contributed.
+
+        ``compute(batch)`` returns the method's named loss terms (``reduction``-shaped; ``loss`` is
+        their total); ``regularizer`` holds the data-free terms.  An engine may call ``compute`` again
+        on part of the batch (the private engine drops records whose loss or gradient is not finite).
+        """
+
+    def empty_step(self, regularizer: Mapping[str, torch.Tensor]) -> None:
+        """Leave the gradient of a step whose batch is empty."""
+
+    def step(self) -> None:
+        """Apply the optimizer to the gradient."""
+
+    def close(self) -> None:
+        """Undo anything the engine attached to the model."""
+
+    def stats(self) -> dict[str, float]:
+        """The engine's own counters for the job (reported as ``train_<name>``)."""
+
+
+#: Builds the engine of one job: ``(model, optimizer, dataset, generator) -> StepEngine``.
+EngineFactory = Callable[[nn.Module, torch.optim.Optimizer, Any, torch.Generator], StepEngine]
+
+
+class PlainSteps:
+    """Non-private steps: shuffled mini-batches, the batch-mean loss, optional gradient-norm clipping."""
+
+    reduction = "mean"
+
+    def __init__(
+        self,
+        trainer: LocalTrainer,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        dataset,
+        generator: torch.Generator,
+    ) -> None:
+        self.module = model
+        self.optimizer = optimizer
+        self.device = trainer.device
+        self.grad_clip = float(trainer.cfg.train.grad_clip)
+        self.loader = trainer.make_loader(dataset, model, generator)
+        self._it = iter(self.loader)
+
+    def next_batch(self) -> dict[str, Any]:
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            batch = next(self._it)
+        except StopIteration:  # a new epoch
+            self._it = iter(self.loader)
+            batch = next(self._it)
+        return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def backward(
+        self,
+        compute: Callable[[dict[str, Any]], dict[str, torch.Tensor]],
+        batch: dict[str, Any],
+        regularizer: Mapping[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        terms = compute(batch)
+        total = terms["loss"] + sum(regularizer.values()) if regularizer else terms["loss"]
+        total.backward()
+        if self.grad_clip > 0:
+            nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], self.grad_clip)
+        return terms
+
+    def empty_step(
+        self, regularizer: Mapping[str, torch.Tensor]
+    ) -> None:  # pragma: no cover - loaders never yield empty batches
+        raise RuntimeError("a shuffled mini-batch loader yielded an empty batch.")
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def close(self) -> None:
+        pass
+
+    def stats(self) -> dict[str, float]:
+        return {}

@@ -1,0 +1,71 @@
+"""What travels between the server and the sites: record keys and array conversion.
+
+Every Flower message of a run is a ``RecordDict`` with at most these records:
+
+* ``arrays`` (:data:`ARRAYS_KEY`): the federated parameters (an ``ArrayRecord``), or a ciphertext
+  when encryption is on;
+* ``config`` (:data:`CONFIG_KEY`): what the server asks (``server-round``, ``stage``, ``local-steps``,
+  ``query``) or, in a refusal, the reason;
+* ``metrics`` (:data:`METRICS_KEY`): what a site reports (``num-examples``, ...);
+* ``info`` (:data:`INFO_KEY`): which site answered and its role.
+
+Only the *federated* parameters travel: those with ``requires_grad`` in the model (frozen
+pretrained layers and the seeded frozen initialisation are identical at every party).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+__all__ = [
+    "ARRAYS_KEY",
+    "CONFIG_KEY",
+    "METRICS_KEY",
+    "INFO_KEY",
+    "NUM_EXAMPLES",
+    "BUDGET_EXHAUSTED",
+    "EPSILON",
+    "EPSILON_BUDGET",
+    "SERVER_ROUND",
+    "STAGE",
+    "LOCAL_STEPS",
+    "QUERY",
+    "SITE_INFO_QUERY",
+    "arrays_to_numpy",
+    "numpy_to_arrays",
+]
+
+ARRAYS_KEY = "arrays"
+CONFIG_KEY = "config"
+METRICS_KEY = "metrics"
+INFO_KEY = "info"
+
+#: Metric: the aggregation weight a site reports (its training-record count).
+NUM_EXAMPLES = "num-examples"
+#: Metric: 1.0 when a site refused a release because its privacy budget is spent.
+BUDGET_EXHAUSTED = "budget-exhausted"
+#: Metric: the privacy a site has spent so far (a function of public parameters).
+EPSILON = "epsilon"
+#: Metric: the site's epsilon budget.
+EPSILON_BUDGET = "epsilon-budget"
+
+#: Config keys of a server request.
+SERVER_ROUND = "server-round"
+STAGE = "stage"
+LOCAL_STEPS = "local-steps"
+QUERY = "query"
+#: The ``query`` kind that asks a node which site it serves.
+SITE_INFO_QUERY = "site-info"
+
+
+def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """ArrayRecord -> ordered dict of numpy arrays."""
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def numpy_to_arrays(state: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Ordered dict of numpy arrays -> ArrayRecord."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
