@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -245,6 +246,14 @@ class FedDRAConfig:
         check(self.stage2_steps >= 0, "feddra.stage2_steps", self.stage2_steps, "must be >= 0")
         check.done()
 
+    def slice_size(self, declared: int) -> int:
+        """The declared (public) size of the DRO slice of a site whose declared training size is ``declared``.
+
+        ``round(holdout_fraction * declared)``, at least 1; the slice itself is chosen record by record
+        with a keyed hash (``secure_fedvlp.methods.feddra``), so its actual size only approximates this.
+        """
+        return max(1, int(round(self.holdout_fraction * int(declared))))
+
 
 @dataclass(frozen=True)
 class PrivacyConfig:
@@ -282,6 +291,22 @@ class PrivacyConfig:
     # Noised scalar reports (FedDRA's DRO losses): per-record clip and noise multiplier.
     report_clip: float = 10.0
     report_noise_multiplier: float = 2.0
+    # The public size of every training site's training split (0 = not given: the synthetic source
+    # declares data.synthetic.train_per_site; real sources must declare it, here or per site below).
+    declared_size: int = 0
+    # Per-site declared sizes, e.g. {site1 = 5000, site2 = 1200}; they take precedence over declared_size.
+    declared_sizes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def min_report_count(self) -> int:
+        """The smallest public denominator a noised mean report may have: ``ceil(4 * report_noise_multiplier)``.
+
+        A report is ``(sum of values clipped to [0, C_r] + N(0, (z_r C_r)^2)) / m``, so its noise std is
+        ``z_r C_r / m``.  The rule keeps that std at most a quarter of the clip range ``C_r``
+        (``m >= 4 z_r``); below it the noise swamps the losses it reports (a noised mean loss of -3.36
+        from four records, and DRO weights of 0.007 / 0.993 from it).
+        """
+        return max(1, math.ceil(4.0 * self.report_noise_multiplier - 1e-9))
 
     def __post_init__(self) -> None:
         check = _Checks()
@@ -295,6 +320,14 @@ class PrivacyConfig:
         check(self.noise_multiplier >= 0, "privacy.noise_multiplier", self.noise_multiplier, "must be >= 0")
         check(self.clip_norm > 0, "privacy.clip_norm", self.clip_norm, "must be > 0")
         check(self.report_clip > 0, "privacy.report_clip", self.report_clip, "must be > 0")
+        check(self.declared_size >= 0, "privacy.declared_size", self.declared_size, "must be >= 0 (0 = not given)")
+        for site, size in self.declared_sizes.items():
+            check(
+                not isinstance(size, bool) and isinstance(size, int) and size >= 1,
+                f"privacy.declared_sizes.{site}",
+                size,
+                "must be an integer >= 1 (the public size of the site's training split)",
+            )
         check(
             self.report_noise_multiplier > 0,
             "privacy.report_noise_multiplier",
@@ -485,7 +518,93 @@ class ExperimentConfig:
             "encryption on, use anchors.noise = 'distributed', or set anchors.trust_server = true to accept a claim "
             "that holds only against parties other than the server",
         )
+        if self.privacy.enabled:
+            self._check_declared_sizes(check)
         check.done()
+
+    # -- declared public sizes (docs/design.md, "The privacy unit") -----------------------------
+    def declared_size(self, site: str) -> int | None:
+        """The public size of ``site``'s training split, or ``None`` when the configuration declares none.
+
+        ``privacy.declared_sizes[site]``, else ``privacy.declared_size``, else (synthetic source)
+        ``data.synthetic.train_per_site``: public configuration, never a count of the data.  Under DP
+        every count a site releases, and its DP-SGD sample rate, derive from it.
+        """
+        p = self.privacy
+        if site in p.declared_sizes:
+            return int(p.declared_sizes[site])
+        if p.declared_size > 0:
+            return int(p.declared_size)
+        if self.data.source == "synthetic":
+            return int(self.data.synthetic.train_per_site)
+        return None
+
+    def require_declared_size(self, site: str) -> int:
+        """:meth:`declared_size`, or a :class:`ConfigError` naming the site and the keys that declare it."""
+        n = self.declared_size(site)
+        if n is None:
+            raise ConfigError(
+                f"'privacy.declared_sizes.{site}' is missing: with privacy.enabled = true every training site needs "
+                f"a declared public size (data.source = {self.data.source!r} declares none), because the DP-SGD "
+                "sample rate and every count a site releases are computed from it, never from the data. Set "
+                f"privacy.declared_sizes.{site} or privacy.declared_size."
+            )
+        return n
+
+    def _declared_sizes_known(self) -> dict[str, int]:
+        """The declared sizes the configuration alone fixes, by site (``"every site"`` for ``privacy.declared_size``
+        when the site names come from the data)."""
+        p = self.privacy
+        if self.data.source == "synthetic":
+            names = self.data.synthetic.site_names()
+            return {s: n for s in names if (n := self.declared_size(s)) is not None}
+        known = {s: int(n) for s, n in p.declared_sizes.items()}
+        if p.declared_size > 0:
+            known["every site"] = int(p.declared_size)
+        return known
+
+    def _check_declared_sizes(self, check: _Checks) -> None:
+        """Under DP: a declared size exists, ``delta <= 1 / (10 n)`` per site, and a DRO slice fits its noise."""
+        p = self.privacy
+        if self.data.source != "synthetic":
+            check(
+                p.declared_size > 0 or bool(p.declared_sizes),
+                "privacy.declared_size",
+                p.declared_size,
+                f"must be given (or privacy.declared_sizes per site) with privacy.enabled = true and data.source = "
+                f"{self.data.source!r}: the DP-SGD sample rate and every count a site releases are computed from "
+                "each site's declared public size, never from its data",
+            )
+        else:
+            names = set(self.data.synthetic.site_names())
+            for site in sorted(set(p.declared_sizes) - names):
+                check(
+                    False,
+                    f"privacy.declared_sizes.{site}",
+                    p.declared_sizes[site],
+                    f"names no training site of the synthetic federation ({', '.join(sorted(names))})",
+                )
+        for site, n in sorted(self._declared_sizes_known().items()):
+            bound = 1.0 / (10.0 * n)
+            check(
+                p.delta <= bound,
+                "privacy.delta",
+                p.delta,
+                f"must be <= 1/(10 n) = {bound:.3g} for {site} (declared size n = {n}): a delta near 1/n allows "
+                "releasing a record outright",
+            )
+            if self.federation.method in ("feddra", "fedaid"):
+                m = self.feddra.slice_size(n)
+                check(
+                    m >= p.min_report_count,
+                    "feddra.holdout_fraction",
+                    self.feddra.holdout_fraction,
+                    f"gives {site} a declared DRO slice of {m} records (holdout_fraction x declared size {n}); "
+                    f"a noised DRO-loss report needs at least {p.min_report_count} (4 x "
+                    f"privacy.report_noise_multiplier = 4 x {p.report_noise_multiplier:g}, so that its noise std "
+                    "report_noise_multiplier x report_clip / slice stays within a quarter of report_clip). Raise "
+                    "feddra.holdout_fraction or the declared size, or lower privacy.report_noise_multiplier",
+                )
 
 
 # --------------------------------------------------------------------------- method names

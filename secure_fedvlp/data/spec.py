@@ -24,6 +24,10 @@ class SyntheticSpec:
     missing_text_fraction: float = 0.0
     seed: int = 0
 
+    def site_names(self) -> tuple[str, ...]:
+        """The training sites' names, in order (``site1``, ``site2``, ...); the held-out site is ``heldout``."""
+        return tuple(f"site{i + 1}" for i in range(int(self.num_sites)))
+
     def __post_init__(self) -> None:
         problems = []
         for name in ("num_sites", "train_per_site", "val_per_site", "test_per_site", "image_size"):

@@ -335,8 +335,7 @@ def _split(
 
 def _generate(spec: SyntheticSpec) -> Federation:
     sites = []
-    for i in range(spec.num_sites):
-        name = f"site{i + 1}"
+    for i, name in enumerate(spec.site_names()):
         miss = spec.missing_text_fraction if i == spec.num_sites - 1 else 0.0
         sites.append(
             SiteData(

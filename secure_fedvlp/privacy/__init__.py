@@ -39,6 +39,7 @@ from secure_fedvlp.privacy.ledger import (
     PrivacyLedger,
     genesis_hash,
     head_path,
+    ledger_relation,
     read_ledger,
     replay,
     verify_ledger,
@@ -51,6 +52,7 @@ from secure_fedvlp.privacy.mechanisms import (
     noised_clipped_sum,
     sum_release_event,
 )
+from secure_fedvlp.privacy.relation import NEIGHBOURING_RELATION
 
 __all__ = [
     "ACCOUNTANTS",
@@ -78,6 +80,7 @@ __all__ = [
     "LedgerEntry",
     "LedgerHead",
     "PrivacyLedger",
+    "ledger_relation",
     "genesis_hash",
     "head_path",
     "read_ledger",
@@ -89,4 +92,5 @@ __all__ = [
     "noised_clipped_mean",
     "noised_clipped_sum",
     "sum_release_event",
+    "NEIGHBOURING_RELATION",
 ]

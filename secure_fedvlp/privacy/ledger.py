@@ -13,9 +13,12 @@ entry's hash, and for ``seq = 0`` the genesis hash
 ``sha256("secure_fedvlp.privacy.ledger/v1\\0" + client_id)``, so a chain cannot be moved to
 another client.
 
-``<path>.head`` (the *head file*) holds ``{"client_id", "count", "seq", "hash"}`` of the last
-entry, replaced atomically (temporary file, fsync, ``os.replace``, directory fsync) after each
-append.
+``<path>.head`` (the *head file*) holds ``{"client_id", "count", "seq", "hash", "relation"}``:
+the last entry's count and hash, and the neighbouring relation the ledger's events are accounted
+under (:data:`~secure_fedvlp.privacy.relation.NEIGHBOURING_RELATION`, fixed when the ledger is
+created).  It is replaced atomically (temporary file, fsync, ``os.replace``, directory fsync) after
+each append.  A head file written before the relation was stated has no ``"relation"``; it is read
+as it is (relation unknown) and keeps none.
 
 Write-ahead rule
 ----------------
@@ -62,6 +65,7 @@ from secure_fedvlp.errors import LedgerError, PrivacyError
 from secure_fedvlp.privacy.accountant import PrivacyAccountant, make_accountant
 from secure_fedvlp.privacy.budget import Budget, check_release
 from secure_fedvlp.privacy.events import PrivacyEvent, check_event, event_from_dict
+from secure_fedvlp.privacy.relation import NEIGHBOURING_RELATION
 
 try:  # POSIX advisory lock against a second writer; absent on Windows.
     import fcntl as _fcntl
@@ -78,6 +82,7 @@ __all__ = [
     "verify_ledger",
     "replay",
     "head_path",
+    "ledger_relation",
 ]
 
 logger = logging.getLogger(__name__)
@@ -85,6 +90,7 @@ logger = logging.getLogger(__name__)
 _GENESIS_PREFIX = b"secure_fedvlp.privacy.ledger/v1\x00"
 _ENTRY_KEYS = frozenset({"seq", "prev_hash", "hash", "time", "client_id", "event"})
 _HEAD_KEYS = frozenset({"client_id", "count", "seq", "hash"})
+_HEAD_OPTIONAL_KEYS = frozenset({"relation"})
 FILE_MODE = 0o600
 
 
@@ -139,6 +145,8 @@ class LedgerHead:
     client_id: str | None
     count: int
     hash: str | None
+    #: The neighbouring relation the events are accounted under (None: a ledger from before it was stated).
+    relation: str | None = None
 
 
 # --------------------------------------------------------------------------- fs helpers
@@ -158,10 +166,13 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_head(path: Path, client_id: str, count: int, last_hash: str) -> None:
+def _write_head(path: Path, client_id: str, count: int, last_hash: str, relation: str | None) -> None:
     hp = head_path(path)
     tmp = hp.with_name(hp.name + ".tmp")
-    data = _canonical({"client_id": client_id, "count": count, "seq": count - 1, "hash": last_hash}) + "\n"
+    head: dict[str, Any] = {"client_id": client_id, "count": count, "seq": count - 1, "hash": last_hash}
+    if relation is not None:
+        head["relation"] = relation
+    data = _canonical(head) + "\n"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     try:
         os.write(fd, data.encode("ascii"))
@@ -180,8 +191,13 @@ def _read_head(path: Path) -> dict[str, Any] | None:
         head = json.loads(hp.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LedgerError(f"Ledger head file {hp} is unreadable or not JSON: {exc}.") from exc
-    if not isinstance(head, dict) or set(head) != _HEAD_KEYS:
-        raise LedgerError(f"Ledger head file {hp} must be an object with keys {sorted(_HEAD_KEYS)}. Found {head!r}.")
+    if not isinstance(head, dict) or not _HEAD_KEYS <= set(head) <= _HEAD_KEYS | _HEAD_OPTIONAL_KEYS:
+        raise LedgerError(
+            f"Ledger head file {hp} must be an object with keys {sorted(_HEAD_KEYS)} (and optionally "
+            f"{sorted(_HEAD_OPTIONAL_KEYS)}). Found {head!r}."
+        )
+    if not isinstance(head.get("relation", ""), str):
+        raise LedgerError(f"Ledger head file {hp}: relation must be a string. Found {head['relation']!r}.")
     c = head["count"]
     if isinstance(c, bool) or not isinstance(c, int) or c < 0 or head["seq"] != c - 1:
         raise LedgerError(f"Ledger head file {hp} has an invalid count/seq: {head!r}.")
@@ -341,7 +357,8 @@ def _verify(
     expected_head_hash: str | None,
 ) -> tuple[list[LedgerEntry], LedgerHead]:
     entries, owner, _ = _parse_lines(p, client_id)
-    _check_against_head(p, entries, _read_head(p), owner, require_head)
+    head = _read_head(p)
+    _check_against_head(p, entries, head, owner, require_head)
     n = len(entries)
     if expected_count is not None and n < expected_count:
         raise LedgerError(f"Ledger {p} has {n} entries but {expected_count} were expected; it was truncated.")
@@ -351,7 +368,13 @@ def _verify(
         if actual != expected_head_hash:
             raise LedgerError(f"Ledger {p} line {k}: hash does not match the externally recorded head hash.")
     last = entries[-1].hash if entries else (genesis_hash(owner) if owner else None)
-    return entries, LedgerHead(owner, n, last)
+    return entries, LedgerHead(owner, n, last, head.get("relation") if head else None)
+
+
+def ledger_relation(path: str | os.PathLike[str]) -> str | None:
+    """The neighbouring relation stated in ledger ``path``'s head file (None: the head states none)."""
+    head = _read_head(Path(path))
+    return head.get("relation") if head else None
 
 
 def read_ledger(
@@ -413,6 +436,9 @@ class PrivacyLedger:
     -----
     Call :meth:`record` *before* releasing; release only after it returns.  One writer per
     ledger: :meth:`record` takes an exclusive ``flock`` and checks that nobody else appended.
+    A new ledger states :data:`~secure_fedvlp.privacy.relation.NEIGHBOURING_RELATION` in its head
+    file (:attr:`relation`); a resumed one keeps the relation its head states (None for a ledger
+    written before the relation was stated: its earlier releases were not made under it).
     """
 
     def __init__(
@@ -436,6 +462,7 @@ class PrivacyLedger:
         self._accountant_options = dict(accountant_options or {})
         self._accountant = make_accountant(accountant, **self._accountant_options)
         self._entries: list[LedgerEntry] = []
+        self.relation: str | None = NEIGHBOURING_RELATION
         if self.path.exists() and (self.path.stat().st_size > 0 or head_path(self.path).exists()):
             self._resume(repair)
         else:
@@ -479,7 +506,7 @@ class PrivacyLedger:
             os.fsync(fd)
         finally:
             os.close(fd)
-        _write_head(self.path, self.client_id, 0, genesis_hash(self.client_id))
+        _write_head(self.path, self.client_id, 0, genesis_hash(self.client_id), self.relation)
         _fsync_dir(self.path.parent)
         self._offset = 0
         logger.info("Created privacy ledger %s for client %r.", self.path, self.client_id)
@@ -497,9 +524,11 @@ class PrivacyLedger:
         if head is None:
             if entries:  # pragma: no cover - _check_against_head raised
                 raise LedgerError(f"Ledger {self.path} has no head file.")
-            _write_head(self.path, self.client_id, 0, genesis_hash(self.client_id))
-        elif lag:
-            _write_head(self.path, self.client_id, len(entries), entries[-1].hash)
+            _write_head(self.path, self.client_id, 0, genesis_hash(self.client_id), self.relation)
+        else:
+            self.relation = head.get("relation")
+            if lag:
+                _write_head(self.path, self.client_id, len(entries), entries[-1].hash, self.relation)
         self._entries = entries
         self._offset = offset
         self._accountant.compose_all(e.event for e in entries)
@@ -550,7 +579,7 @@ class PrivacyLedger:
     def head(self) -> LedgerHead:
         """Owner, count and last hash (report the hash to the server as an external anchor)."""
         last = self._entries[-1].hash if self._entries else genesis_hash(self.client_id)
-        return LedgerHead(self.client_id, len(self._entries), last)
+        return LedgerHead(self.client_id, len(self._entries), last, self.relation)
 
     @property
     def accountant(self) -> PrivacyAccountant:
@@ -634,6 +663,6 @@ class PrivacyLedger:
         entry = LedgerEntry(seq, prev, body["hash"], body["time"], self.client_id, event)
         self._entries.append(entry)
         self._accountant.compose(event)
-        _write_head(self.path, self.client_id, len(self._entries), entry.hash)
+        _write_head(self.path, self.client_id, len(self._entries), entry.hash, self.relation)
         logger.debug("Ledger %s: recorded seq %d (%s, round %d).", self.path, seq, event.type_name, event.round)
         return entry

@@ -63,6 +63,8 @@ def _write(path: Path, lines: list[str]) -> None:
 
 
 def test_line_format_and_chain(filled: PrivacyLedger, ledger_path: Path):
+    from secure_fedvlp.privacy import NEIGHBOURING_RELATION
+
     objs = [json.loads(line) for line in _lines(ledger_path)]
     assert [o["seq"] for o in objs] == list(range(len(EVENTS)))
     assert set(objs[0]) == {"seq", "prev_hash", "hash", "time", "client_id", "event"}
@@ -71,8 +73,35 @@ def test_line_format_and_chain(filled: PrivacyLedger, ledger_path: Path):
         assert b["prev_hash"] == a["hash"]
     assert objs[1]["event"] == EVENTS[1].to_dict()
     head = json.loads(head_path(ledger_path).read_text())
-    assert head == {"client_id": "site-1", "count": 5, "seq": 4, "hash": objs[-1]["hash"]}
+    assert head == {
+        "client_id": "site-1",
+        "count": 5,
+        "seq": 4,
+        "hash": objs[-1]["hash"],
+        "relation": NEIGHBOURING_RELATION,
+    }
     assert filled.head.hash == objs[-1]["hash"] and filled.verify().count == 5
+
+
+def test_head_states_the_neighbouring_relation_and_old_heads_stay_readable(filled: PrivacyLedger, ledger_path: Path):
+    """The head file states the relation the events are accounted under; a head written before it was
+    stated (no ``relation``) still verifies, resumes, and keeps stating none rather than a relation its
+    earlier releases were not made under."""
+    from secure_fedvlp.privacy import NEIGHBOURING_RELATION, ledger_relation
+
+    assert NEIGHBOURING_RELATION == "add/remove-one record; released counts are declared public sizes"
+    assert ledger_relation(ledger_path) == NEIGHBOURING_RELATION == filled.head.relation
+    assert verify_ledger(ledger_path).relation == NEIGHBOURING_RELATION
+    hp = head_path(ledger_path)
+    old = {k: v for k, v in json.loads(hp.read_text()).items() if k != "relation"}
+    hp.write_text(json.dumps(old))
+    assert ledger_relation(ledger_path) is None and verify_ledger(ledger_path).count == 5
+    resumed = PrivacyLedger(ledger_path, "site-1")
+    resumed.record(EVENTS[0])
+    assert resumed.head.relation is None and "relation" not in json.loads(hp.read_text())
+    hp.write_text(json.dumps({**old, "count": 6, "seq": 5, "hash": resumed.head.hash, "relation": 7}))
+    with pytest.raises(LedgerError, match="relation must be a string"):
+        verify_ledger(ledger_path)
 
 
 def test_file_mode_and_fsync_path(ledger_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -269,7 +298,7 @@ def test_missing_head_and_head_lag(filled: PrivacyLedger, ledger_path: Path):
     # The head one entry behind (crash between the append and the head update): accepted.
     head = json.loads(saved)
     prev_hash = json.loads(_lines(ledger_path)[-2])["hash"]
-    hp.write_text(json.dumps({"client_id": "site-1", "count": 4, "seq": 3, "hash": prev_hash}))
+    hp.write_text(json.dumps({**head, "count": 4, "seq": 3, "hash": prev_hash}))
     assert verify_ledger(ledger_path).count == 5
     led = PrivacyLedger.open(ledger_path)  # repairs the head
     assert json.loads(hp.read_text()) == head and len(led) == 5
