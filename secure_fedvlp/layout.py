@@ -127,6 +127,10 @@ class RunLayout:
         (for a trainer that knows its ledger, wherever the site keeps it, but not the run directory)."""
         return Path(ledger).parent / "local_train_metrics.jsonl"
 
+    def site_key(self, site: str) -> Path:
+        """A site's secret selection key (keyed record selections such as FedDRA's DRO slice; never sent)."""
+        return self.client_dir(site) / "selection.key"
+
     def site_canaries(self, site: str) -> Path:
         """The canary records the auditor hands the canary site."""
         return self.client_dir(site) / "canaries.json"

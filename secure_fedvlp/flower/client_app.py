@@ -88,7 +88,9 @@ class ClientRuntime:
 
     # -- handlers ------------------------------------------------------------------
     def info(self) -> ConfigRecord:
-        return ConfigRecord({"site": self.site.name, "role": self.site.role, "num-train": len(self.site.train)})
+        """Name, role and training-split size (under DP the declared public size, never the count held)."""
+        size = self.trainer.released_site_size(self.site.train)
+        return ConfigRecord({"site": self.site.name, "role": self.site.role, "num-train": int(size)})
 
     def _exhausted(self, exc: Exception) -> RecordDict:
         logger.warning("site %s stops: %s", self.site.name, exc)

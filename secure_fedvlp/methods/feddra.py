@@ -21,7 +21,13 @@ Client (:class:`FedDRATrainer`)
       authors do, or 1 - cosine).  It compares a record only with the global model's view
       of the *same* record, so it is per-sample decomposable;
     * optional loss scaling by ``K * q_k``;
-    * answers the server's ``dro-loss`` query with its mean loss on the held-out slice.
+    * answers the server's ``dro-loss`` query with its mean loss on the held-out slice.  The
+      slice is chosen record by record: a record belongs to it iff ``HMAC-SHA256(site key, record
+      id)``, read as a number in ``[0, 1)``, is below ``feddra.holdout_fraction``
+      (:func:`~secure_fedvlp.privacy.relation.keyed_fraction_mask`).  Adding or removing a record
+      moves no other record between the slice and the training records, and the key, a secret in
+      the site's own directory, never leaves it.  Its public (declared) size is
+      ``feddra.slice_size(declared size)``, the report's denominator under DP.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from secure_fedvlp.models.state import make_collate
 from secure_fedvlp.objectives import AnchorGuidanceLoss
 from secure_fedvlp.privacy.anchors import guidance_targets
 from secure_fedvlp.privacy.plan import ReleasePlan, StagePlan
+from secure_fedvlp.privacy.relation import keyed_fraction_mask
 from secure_fedvlp.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
 
 logger = logging.getLogger(__name__)
@@ -54,6 +61,8 @@ __all__ = ["FedDRAStrategy", "FedAIDStrategy", "FedDRATrainer", "DRO_LOSS_QUERY"
 
 DRO_LOSS_QUERY = "dro-loss"
 LOSS_SCALE = "loss-scale"
+#: Domain separation of the DRO slice's keyed hash (another keyed selection would use its own).
+DRO_SLICE_PURPOSE = "feddra/dro-slice"
 
 
 class FedDRATrainer(LocalTrainer):
@@ -66,19 +75,26 @@ class FedDRATrainer(LocalTrainer):
         self.anchor_loss = AnchorGuidanceLoss(distance=cfg.feddra.anchor_distance)
 
     # -- the held-out slice of the training split -------------------------------------
-    def holdout_indices(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(train indices, DRO-slice indices) of a training split of ``n`` records; seeded, stable."""
-        perm = np.random.default_rng(self.cfg.run.seed + 7_919).permutation(n)
-        k = max(1, int(round(self.cfg.feddra.holdout_fraction * n)))
-        return np.sort(perm[k:]), np.sort(perm[:k])
+    def slice_mask(self, dataset) -> np.ndarray:
+        """Which records of ``dataset`` form the DRO slice: a keyed hash of each record's id alone."""
+        return keyed_fraction_mask(
+            self.site_key(), dataset.record_ids, self.cfg.feddra.holdout_fraction, DRO_SLICE_PURPOSE
+        )
 
     def training_subset(self, dataset):
-        train_idx, _ = self.holdout_indices(len(dataset))
-        return super().training_subset(dataset.subset(train_idx))
+        return super().training_subset(dataset.subset(np.flatnonzero(~self.slice_mask(dataset))))
 
     def dro_subset(self, dataset):
-        _, hold = self.holdout_indices(len(dataset))
-        return super().training_subset(dataset.subset(hold))
+        return super().training_subset(dataset.subset(np.flatnonzero(self.slice_mask(dataset))))
+
+    def declared_training_size(self, declared: int) -> int:
+        """The declared size less the declared DRO slice."""
+        return max(1, int(declared) - self.cfg.feddra.slice_size(declared))
+
+    def declared_report_count(self, kind: str, declared: int) -> int | None:
+        if kind == DRO_LOSS_QUERY:
+            return self.cfg.feddra.slice_size(declared)
+        return super().declared_report_count(kind, declared)
 
     # -- local objective ----------------------------------------------------------------
     def begin(

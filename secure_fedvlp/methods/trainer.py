@@ -29,6 +29,7 @@ from secure_fedvlp.config import ExperimentConfig
 from secure_fedvlp.models.embed import embed_images, embed_texts
 from secure_fedvlp.models.state import make_collate
 from secure_fedvlp.objectives import DecomposableContrastiveLoss, InfoNCELoss
+from secure_fedvlp.privacy.relation import load_or_create_site_key, seeded_site_key
 from secure_fedvlp.wire import NUM_EXAMPLES
 
 __all__ = ["TrainTask", "LocalTrainer", "StepEngine", "PlainSteps", "EngineFactory"]
@@ -62,6 +63,49 @@ class LocalTrainer:
         self.device = device
         self.public = public  # public reference set (negatives of the decomposable objective)
         self.objective = self.make_objective()
+        # Where the site keeps its secret selection key (set by the client runtime; see site_key()).
+        self.site_key_path = None
+        self._site_key: bytes | None = None
+
+    # -- the site's selection key and its public sizes ---------------------------------
+    def set_site_key(self, key: bytes) -> None:
+        """Use ``key`` for keyed record selections (instead of a key file)."""
+        self._site_key = bytes(key)
+
+    def site_key(self) -> bytes:
+        """The site's key for keyed record selections (FedDRA's DRO slice); it never leaves the site.
+
+        The client runtime sets it (:func:`~secure_fedvlp.wrappers.compose.client_parts`): under DP a
+        random secret read from (or created in) :attr:`site_key_path`, the site's own directory;
+        otherwise one derived from ``run.seed`` and the site's name.  A trainer built outside a client
+        runtime (tests, benchmarks) derives one from ``run.seed`` alone.
+        """
+        if self._site_key is None:
+            if self.site_key_path is not None:
+                self._site_key = load_or_create_site_key(self.site_key_path)
+            else:
+                self._site_key = seeded_site_key(self.cfg.run.seed, "")
+        return self._site_key
+
+    def declared_training_size(self, declared: int) -> int:
+        """The public size of what :meth:`training_subset` holds at a site whose declared size is ``declared``.
+
+        Under DP the sample rate, the noisy mean's normaliser and the released ``num-examples`` derive
+        from it, never from the data.  The whole training split by default.
+        """
+        return int(declared)
+
+    def declared_report_count(self, kind: str, declared: int) -> int | None:
+        """The public denominator of scalar report ``kind`` at a site of declared size ``declared`` (None: none)."""
+        return None
+
+    def released_site_size(self, dataset) -> int:
+        """The training-split size this site states in clear (site information): exact without DP."""
+        return len(dataset)
+
+    def released_train_count(self, dataset) -> int:
+        """The training-record count this site states in clear (``num-examples``): exact without DP."""
+        return len(self.training_subset(dataset))
 
     # -- hooks ---------------------------------------------------------------------
     def make_objective(self) -> nn.Module:

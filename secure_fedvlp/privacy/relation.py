@@ -12,9 +12,11 @@ itself private (it changes by one), so under DP nothing a site releases is compu
   denominator of a noised mean report) is a declared size.  The actual size stays in the site's log.
 * **keyed selections.** Anything that splits a site's records (FedDRA's DRO slice) decides for each
   record alone, by a keyed hash of the record's stable id (:func:`keyed_fraction_mask`): adding or
-  removing a record never moves another.  The key is a per-site secret kept in the site's own
-  directory (:func:`load_or_create_site_key`) and never sent: without it nobody can tell which
-  records a slice holds.
+  removing a record never moves another.  Under DP the key is a per-site secret kept in the site's
+  own directory (:func:`load_or_create_site_key`) and never sent: without it nobody can tell which
+  records a slice holds.  Runs without DP, and DP runs with ``privacy.seeded_randomness = true``
+  (reproducible, and making no claim against whoever knows the seed), use :func:`seeded_site_key`,
+  derived from ``run.seed`` and the site's name, so that they stay reproducible.
 
 The relation is stated in every ledger's head file (:mod:`~secure_fedvlp.privacy.ledger`), the run
 report and ``secure-fedvlp audit``.
@@ -37,6 +39,7 @@ __all__ = [
     "NEIGHBOURING_RELATION",
     "SITE_KEY_BYTES",
     "load_or_create_site_key",
+    "seeded_site_key",
     "keyed_unit",
     "keyed_fraction_mask",
 ]
@@ -74,6 +77,11 @@ def load_or_create_site_key(path: str | os.PathLike[str]) -> bytes:
     if len(key) != SITE_KEY_BYTES:
         raise KeyMaterialError(f"site key {path} holds {len(key)} bytes; expected {SITE_KEY_BYTES}.")
     return key
+
+
+def seeded_site_key(seed: int, site: str) -> bytes:
+    """A reproducible selection key derived from ``run.seed`` and the site's name: public to whoever knows the seed."""
+    return hashlib.sha256(f"secure_fedvlp/site-key/{int(seed)}/{site}".encode()).digest()
 
 
 def keyed_unit(key: bytes, record_id: str, purpose: str) -> float:

@@ -280,7 +280,7 @@ class AnchorClient:
             metrics[EPSILON] = ledger.epsilon()
         data = rt.trainer.training_subset(rt.site.train)
         vec = site_contribution(rt.model, data, self.cfg, rt.device, fixed_point_bits=self.fixed_point_bits)
-        metrics[NUM_EXAMPLES] = float(len(data))
+        metrics[NUM_EXAMPLES] = float(rt.trainer.released_train_count(rt.site.train))  # declared under DP
         return RecordDict(
             {
                 ANCHORS_KEY: ArrayRecord({SUM_KEY: Array(vec.astype(np.float64))}),

@@ -23,6 +23,7 @@ from secure_fedvlp.data import SiteData
 from secure_fedvlp.layout import RunLayout
 from secure_fedvlp.methods import VLPStrategy, get_method
 from secure_fedvlp.privacy.plan import ReleasePlan
+from secure_fedvlp.privacy.relation import seeded_site_key
 from secure_fedvlp.wrappers import anchors as anchors_wrapper
 
 logger = logging.getLogger(__name__)
@@ -69,22 +70,30 @@ def client_parts(
 ) -> ClientParts:
     """The site's trainer, encryption state and extensions, as the config asks."""
     trainer: Any = get_method(cfg.federation.method).trainer(cfg, device, public)
+    if cfg.privacy.enabled and not cfg.privacy.seeded_randomness:
+        trainer.site_key_path = RunLayout(run_dir).site_key(site.name)  # a secret in the site's own directory
+    else:  # reproducible runs: a key anyone holding the config can derive
+        trainer.set_site_key(seeded_site_key(cfg.run.seed, site.name))
     ledger = None
     if cfg.privacy.enabled and site.role == "train":  # a held-out site releases no DP output
         from secure_fedvlp.wrappers.dpsgd import DPTrainer, client_noise_multiplier, make_ledger
 
+        declared = cfg.require_declared_size(site.name)  # public configuration, never a count of the data
         path = RunLayout(run_dir).ledger(site.name)
         make_ledger(path, site.name, cfg.privacy)  # create (or resume and verify) it now
-        z, q = client_noise_multiplier(cfg, release_plan(cfg), len(trainer.training_subset(site.train)))
+        z, q = client_noise_multiplier(cfg, release_plan(cfg), trainer.declared_training_size(declared))
         logger.info(
-            "site %s: DP-SGD noise multiplier %.4f, sample rate %.4f, budget eps=%g delta=%g",
+            "site %s: DP-SGD noise multiplier %.4f, sample rate %.4f (declared size %d; %d records held, "
+            "site-local), budget eps=%g delta=%g",
             site.name,
             z,
             q,
+            declared,
+            len(site.train),
             cfg.privacy.target_epsilon,
             cfg.privacy.delta,
         )
-        trainer = DPTrainer(trainer, path, site.name, z, q, cfg.privacy)
+        trainer = DPTrainer(trainer, path, site.name, z, q, cfg.privacy, declared_size=declared)
         ledger = lambda: trainer.ledger  # noqa: E731  (reopened and verified for every release)
     encryption = None
     if cfg.encryption.enabled:

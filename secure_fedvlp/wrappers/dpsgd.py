@@ -9,7 +9,11 @@ composition; the method knows nothing about privacy.  Per local job:
    exceed the budget, so nothing is trained or released;
 2. batches are drawn by Opacus' Poisson sampler (``UniformWithReplacementSampler``): each
    record joins each batch independently with probability ``q``, which is what the
-   sampled-Gaussian accounting assumes;
+   sampled-Gaussian accounting assumes.  ``q = batch_size / n_declared`` and the noisy mean's
+   normaliser ``E[B] = q * n_declared`` come from the site's *declared* public size
+   (:meth:`ExperimentConfig.declared_size <secure_fedvlp.config.ExperimentConfig.declared_size>`),
+   never from the number of records it holds, which is private under add/remove-one
+   (:mod:`secure_fedvlp.privacy.relation`); the actual size stays in the site's log;
 3. the method returns its loss terms *per record* (``compute_loss(..., reduction="none")``),
    and :class:`PrivateGradient` turns the per-record total into the DP-SGD gradient
    ``(sum_i clip_C(grad loss_i) + N(0, (z C)^2 I)) / E[B]`` in the configured Opacus mode
@@ -36,18 +40,20 @@ composition; the method knows nothing about privacy.  Per local job:
 What the train reply carries
 ----------------------------
 Only releases that the ledger covers or that are public: the parameters (DP-SGD), the
-public counts (``num-examples``, ``steps``), the public DP parameters (noise multiplier,
-sample rate) and the privacy spent and budget (``epsilon``, ``epsilon-budget``; functions
-of public parameters).  The training-loss terms are computed on private records with no
-noise, so they are *not* released: :meth:`DPTrainer.fit` writes them to the client's own
-disk (:meth:`RunLayout.local_train_metrics <secure_fedvlp.layout.RunLayout.local_train_metrics>`,
-beside its ledger) and its log, and strips them from
-the reply (:data:`RELEASED_TRAIN_METRICS` is the allow-list).
+public counts (``num-examples``: the declared training size, never the actual one; ``steps``),
+the public DP parameters (noise multiplier, sample rate) and the privacy spent and budget
+(``epsilon``, ``epsilon-budget``; functions of public parameters).  The training-loss terms
+are computed on private records with no noise, so they are *not* released:
+:meth:`DPTrainer.fit` writes them to the client's own disk
+(:meth:`RunLayout.local_train_metrics <secure_fedvlp.layout.RunLayout.local_train_metrics>`,
+beside its ledger) and its log, and strips them from the reply (:data:`RELEASED_TRAIN_METRICS` is the allow-list).
 
 Scalar reports a method sends (FedDRA's DRO losses) go through :meth:`DPTrainer.answer_query`:
 per-record values are clipped to ``[0, C_r]``, summed, noised with ``N(0, (z_r C_r)^2)``, and
-divided by the slice size, which is treated as public (sites' dataset sizes are released as
-aggregation weights anyway; see the threat model).  The Gaussian event is recorded first.
+divided by the report's *declared* count ``m`` (FedDRA: ``feddra.slice_size`` of the declared
+size), never by the number of records in the slice.  A report whose declared count is below
+``privacy.min_report_count`` (``m >= 4 z_r``: noise std at most a quarter of ``C_r``) is refused.
+The Gaussian event is recorded first.
 """
 
 from __future__ import annotations
@@ -105,12 +111,15 @@ RELEASED_TRAIN_METRICS = frozenset(
 
 
 def sample_rate(cfg: ExperimentConfig, num_train: int) -> float:
-    """Poisson sample rate of a site with ``num_train`` training records: ``batch_size / num_train``."""
+    """Poisson sample rate of a site of declared training size ``num_train``: ``batch_size / num_train``.
+
+    Under DP ``num_train`` is the declared public size, never a count of the data.
+    """
     return min(1.0, cfg.train.batch_size / max(1, num_train))
 
 
 def client_noise_multiplier(cfg: ExperimentConfig, plan: ReleasePlan, num_train: int) -> tuple[float, float]:
-    """(noise multiplier, sample rate) of a site with ``num_train`` training records releasing ``plan``.
+    """(noise multiplier, sample rate) of a site of declared training size ``num_train`` releasing ``plan``.
 
     ``plan`` is the method's release plan, extended by every wrapper that releases more (anchors);
     calibration never overshoots (:func:`~secure_fedvlp.privacy.calibration.calibrate_plan`).
@@ -296,6 +305,7 @@ class PrivateSteps:
     Poisson batches (an empty one is a noise-only step), per-record losses through
     :class:`PrivateGradient`, and data-independent regularisers added after the noise
     (post-processing).  Built per job by :meth:`DPTrainer.fit`, after the ledger recorded the job.
+    ``expected_batch_size`` is ``q`` times the declared size (data-independent), not ``q * len(dataset)``.
     """
 
     reduction = "none"
@@ -312,6 +322,7 @@ class PrivateSteps:
         privacy: PrivacyConfig,
         sampling_generator: torch.Generator,
         noise_generator: torch.Generator,
+        expected_batch_size: int,
     ) -> None:
         n = len(dataset)
         self.dataset = dataset
@@ -324,7 +335,7 @@ class PrivateSteps:
             clipping=privacy.clipping,
             clip_norm=privacy.clip_norm,
             noise_multiplier=noise_multiplier,
-            expected_batch_size=max(1, int(round(sample_rate * n))),
+            expected_batch_size=expected_batch_size,
             generator=noise_generator,
             secure_mode=privacy.secure_mode,
         )
@@ -415,7 +426,13 @@ class PrivateSteps:
 
 
 class DPTrainer:
-    """Wraps a method's trainer in DP-SGD with ledger accounting and budget enforcement."""
+    """Wraps a method's trainer in DP-SGD with ledger accounting and budget enforcement.
+
+    ``declared_size`` is the site's declared public size (its training split): the sample rate,
+    the noisy mean's normaliser and every count the site releases derive from it (through the
+    method's :meth:`~secure_fedvlp.methods.trainer.LocalTrainer.declared_training_size` and
+    :meth:`~secure_fedvlp.methods.trainer.LocalTrainer.declared_report_count`).
+    """
 
     def __init__(
         self,
@@ -425,6 +442,8 @@ class DPTrainer:
         noise_multiplier: float,
         sample_rate: float,
         privacy: PrivacyConfig,
+        *,
+        declared_size: int,
     ) -> None:
         if inner.objective.couples_samples:
             raise ValueError(
@@ -437,8 +456,26 @@ class DPTrainer:
         self.noise_multiplier = float(noise_multiplier)
         self.sample_rate = float(sample_rate)
         self.privacy = privacy
+        if isinstance(declared_size, bool) or not isinstance(declared_size, int) or declared_size < 1:
+            raise ValueError(f"declared_size must be an integer >= 1; found {declared_size!r}.")
+        self.declared_size = declared_size
+        self.declared_train = inner.declared_training_size(declared_size)
         self.name = f"dp-{inner.name}"
         self.steps_taken = 0
+
+    # -- what the site states in clear: declared sizes only -------------------------------
+    def released_site_size(self, dataset) -> int:
+        """The declared size, whatever ``dataset`` holds."""
+        return self.declared_size
+
+    def released_train_count(self, dataset) -> int:
+        """The declared training size, whatever ``dataset`` holds."""
+        return self.declared_train
+
+    @property
+    def expected_batch_size(self) -> int:
+        """``q`` times the declared training size: DP-SGD's normaliser, independent of the data."""
+        return max(1, int(round(self.sample_rate * self.declared_train)))
 
     @property
     def ledger(self) -> PrivacyLedger:
@@ -489,10 +526,17 @@ class DPTrainer:
         n = len(inner.training_subset(dataset))
         if n < 2:
             raise ValueError(f"site has {n} paired training records; at least 2 are needed.")
-        q = min(1.0, inner.cfg.train.batch_size / n)
-        if not math.isclose(q, self.sample_rate, rel_tol=1e-9):
-            logger.info(
-                "sample rate %.5f differs from the calibrated %.5f (training subset size %d)", q, self.sample_rate, n
+        q = self.sample_rate  # batch_size / declared training size: never a function of n
+        if not 0.5 * self.declared_train <= n <= 2 * self.declared_train:
+            logger.warning(
+                "site %s holds %d training records but declares %d (site-local; not released): the sample rate "
+                "%.5f and the released counts follow the declared size, so batches average %.1f records, not %d",
+                self.client_id,
+                n,
+                self.declared_train,
+                q,
+                q * n,
+                self.expected_batch_size,
             )
         event = DPSGDEvent(
             noise_multiplier=self.noise_multiplier,
@@ -517,6 +561,7 @@ class DPTrainer:
                 privacy=self.privacy,
                 sampling_generator=sampling_gen,
                 noise_generator=noise_gen,
+                expected_batch_size=self.expected_batch_size,
             )
 
         local = inner.fit(model, dataset, task, generator, global_state, engine=engine)
@@ -524,7 +569,7 @@ class DPTrainer:
         self._log_local(task, {k: v for k, v in local.items() if k.startswith("train_")})
         metrics = {
             "steps": float(task.steps),
-            NUM_EXAMPLES: float(n),
+            NUM_EXAMPLES: float(self.declared_train),
             "dp_noise_multiplier": self.noise_multiplier,
             "dp_sample_rate": q,
             EPSILON: ledger.epsilon(),
@@ -554,10 +599,18 @@ class DPTrainer:
         if values is None:
             return self.inner.answer_query(kind, model, site, config)
         p = self.privacy
-        n = len(values)
+        m = self.inner.declared_report_count(kind, self.declared_size)
+        if m is None:
+            raise ValueError(f"report {kind!r} has no declared public count; it cannot be released under DP.")
+        if m < p.min_report_count:
+            raise ValueError(
+                f"report {kind!r} would divide by a declared count of {m} records, below the minimum "
+                f"{p.min_report_count} (4 x privacy.report_noise_multiplier): its noise std "
+                f"{p.report_noise_multiplier * p.report_clip / m:.3g} would exceed a quarter of privacy.report_clip."
+            )
         rnd = int(config.get("server-round", 0))
         event = mean_release_event(
-            p.report_clip, p.report_noise_multiplier, public_count=max(n, 1), what=f"{kind} report", round=rnd
+            p.report_clip, p.report_noise_multiplier, public_count=m, what=f"{kind} report", round=rnd
         )
         ledger = self.ledger
         ledger.record(event)  # before the release
@@ -568,13 +621,13 @@ class DPTrainer:
             noise_multiplier=p.report_noise_multiplier,
             generator=gen,
             bounds="nonnegative",
-            public_count=max(n, 1),
+            public_count=m,
             what=f"{kind} report",
             round=rnd,
         )
         if released != event:  # pragma: no cover - the recorded event must be the released one
             raise RuntimeError(f"released {released} but recorded {event}.")
-        return {kind: float(estimate.reshape(-1)[0]), NUM_EXAMPLES: float(n), EPSILON: ledger.epsilon()}
+        return {kind: float(estimate.reshape(-1)[0]), NUM_EXAMPLES: float(m), EPSILON: ledger.epsilon()}
 
 
 def make_ledger(path, client_id: str, privacy: PrivacyConfig) -> PrivacyLedger:

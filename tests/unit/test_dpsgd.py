@@ -203,8 +203,14 @@ def _dp_setup(tmp_path, **privacy):
     fed = build_federation(cfg)
     model = build_model(cfg)
     inner = LocalTrainer(cfg, torch.device("cpu"), fed.public)
-    z, q = client_noise_multiplier(cfg, release_plan(cfg), len(inner.training_subset(fed.sites[0].train)))
-    return cfg, fed, model, DPTrainer(inner, tmp_path / "ledger.jsonl", "site1", z, q, cfg.privacy)
+    declared = cfg.require_declared_size("site1")
+    z, q = client_noise_multiplier(cfg, release_plan(cfg), inner.declared_training_size(declared))
+    return (
+        cfg,
+        fed,
+        model,
+        DPTrainer(inner, tmp_path / "ledger.jsonl", "site1", z, q, cfg.privacy, declared_size=declared),
+    )
 
 
 def test_dp_fit_records_event_before_training_and_replay_matches(tmp_path):
@@ -339,7 +345,7 @@ def test_dp_run_end_to_end_ledgers_and_stopped_client(tmp_path):
     cfg = tiny_cfg(
         tmp_path,
         "fedaid",
-        privacy={"enabled": True, "noise_multiplier": 1.5, "target_epsilon": 4.6},
+        privacy={"enabled": True, "noise_multiplier": 1.5, "target_epsilon": 6.0},
         train={"objective": "decomposable"},
     )
     strategy, result, rec, grid, init = run_method(cfg, tmp_path, rounds=3)
@@ -349,10 +355,10 @@ def test_dp_run_end_to_end_ledgers_and_stopped_client(tmp_path):
         events = replay(path).history
         kinds = [type(e).__name__ for e in events]
         assert "DPSGDEvent" in kinds and "GaussianEvent" in kinds
-        assert replay(path).get_epsilon(cfg.privacy.delta) <= 4.6
+        assert replay(path).get_epsilon(cfg.privacy.delta) <= 6.0
     stopped = [r for r in rec.rows if r.get("status") == "budget_exhausted"]
     assert stopped and strategy.stopped
-    assert all(r["epsilon"] <= 4.6 for r in stopped)
+    assert all(r["epsilon"] <= 6.0 for r in stopped)
     assert {r["round"] for r in stopped} == {3}  # rounds 1 and 2 fit the budget, round 3 does not
 
 
@@ -417,7 +423,9 @@ def test_ghost_clipped_gradient_equals_hooks_on_the_demo_model(tmp_path):
             },
             "train": {"objective": "decomposable"},
             "federation": {"method": "feddra"},
-            "privacy": {"enabled": True},
+            # a declared DRO slice of 2 of the 8 records, which a report noise multiplier of 0.5 allows
+            "feddra": {"holdout_fraction": 0.25},
+            "privacy": {"enabled": True, "report_noise_multiplier": 0.5},
         }
     )
     torch.manual_seed(0)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from secure_fedvlp.build import build_federation, build_model
+from secure_fedvlp.data.types import FINDINGS, VLPDataset
 from secure_fedvlp.methods.feddra import FedDRATrainer
 from secure_fedvlp.methods.trainer import TrainTask
 from secure_fedvlp.models.state import federated_state
@@ -53,12 +54,67 @@ def test_anchor_term_zero_at_global_and_pulls_towards_it(tmp_path):
     assert float(trainer.extra_terms(model, batch, out2, state)["anchor"]) < float(term)
 
 
+def _records(n, site="site1"):
+    """``n`` paired records with stable ids (contents do not matter to the slice)."""
+    return VLPDataset(
+        site,
+        np.zeros((n, 4, 4), np.float32),
+        ["a report"] * n,
+        np.zeros((n, len(FINDINGS)), np.float32),
+        record_ids=[f"{site}/train/{i:06d}" for i in range(n)],
+    )
+
+
 def test_dro_slice_is_disjoint_from_training_records(tmp_path):
-    cfg = tiny_cfg(tmp_path, "feddra")
+    cfg = tiny_cfg(tmp_path, "feddra", feddra={"holdout_fraction": 0.1})
     trainer = FedDRATrainer(cfg, torch.device("cpu"))
-    train_idx, hold_idx = trainer.holdout_indices(50)
-    assert len(hold_idx) == 5 and not set(train_idx) & set(hold_idx)
-    assert sorted(set(train_idx) | set(hold_idx)) == list(range(50))
+    data = _records(500)
+    train, hold = trainer.training_subset(data), trainer.dro_subset(data)
+    assert not set(train.record_ids) & set(hold.record_ids)
+    assert set(train.record_ids) | set(hold.record_ids) == set(data.record_ids)
+    assert 25 <= len(hold) <= 80  # about holdout_fraction x 500, chosen record by record
+
+
+def test_dro_slice_membership_is_stable_under_add_remove_one(tmp_path):
+    """Adding or removing one record moves no other record between the DRO slice and the training
+    records (a seeded permutation of positions moved 69 + 69 of 1000 records when one was added)."""
+    cfg = tiny_cfg(tmp_path, "feddra", feddra={"holdout_fraction": 0.1})
+    trainer = FedDRATrainer(cfg, torch.device("cpu"))
+    small, big = _records(1000), _records(1001)
+    in_small = set(trainer.dro_subset(small).record_ids)
+    in_big = set(trainer.dro_subset(big).record_ids)
+    added = big.record_ids[-1]
+    assert in_big - {added} == in_small  # adding record 1000 moved nobody else
+    removed = big.record_ids[123]
+    without = big.subset([i for i in range(1001) if i != 123])
+    assert set(trainer.dro_subset(without).record_ids) == in_big - {removed}
+    # training records likewise: the complement, record by record
+    assert set(trainer.training_subset(without).record_ids) == set(trainer.training_subset(big).record_ids) - {removed}
+    # the slice is a keyed choice: another site key chooses other records
+    other = FedDRATrainer(cfg, torch.device("cpu"))
+    other.set_site_key(bytes(range(1, 33)))
+    assert set(other.dro_subset(small).record_ids) != in_small
+
+
+def test_site_keys_are_per_site_secrets_that_no_message_carries(tmp_path):
+    """Under DP each site's selection key is a random secret in its own directory (mode 0600), different
+    at every site, and no message either way carries it (raw or hex), in any record."""
+    from secure_fedvlp.layout import RunLayout
+
+    cfg = tiny_cfg(tmp_path, "fedaid", privacy={"enabled": True}, train={"objective": "decomposable"})
+    strategy, result, rec, grid, init = run_method(cfg, tmp_path)
+    layout = RunLayout(tmp_path / "run")
+    keys = {s: layout.site_key(s).read_bytes() for s in ("site1", "site2")}
+    assert len(set(keys.values())) == 2 and all(len(k) == 32 for k in keys.values())
+    assert all(layout.site_key(s).stat().st_mode & 0o777 == 0o600 for s in keys)
+    for msg in grid.sent + grid.replies:
+        if msg.has_error():
+            continue
+        content = msg.content
+        blobs = [a.numpy().tobytes() for r in content.array_records.values() for a in r.values()]
+        blobs += [repr(dict(r)).encode() for r in [*content.config_records.values(), *content.metric_records.values()]]
+        for key in keys.values():
+            assert not any(key in b or key.hex().encode() in b for b in blobs)
 
 
 @pytest.mark.parametrize("method", ["feddra", "fedaid"])

@@ -51,7 +51,9 @@ def tiny_cfg(tmp_path, method, **extra):
         "model": {"name": "tiny"},
         "train": {"local_steps": 2, "batch_size": 6},
         "federation": {"method": method, "num_rounds": 1},
-        "feddra": {"stage1_steps": 1, "stage2_steps": 2},
+        # A DRO slice of 8 of each site's 20 records: the smallest a noised DRO report accepts with the default
+        # privacy.report_noise_multiplier (4 x 2.0; see PrivacyConfig.min_report_count).
+        "feddra": {"stage1_steps": 1, "stage2_steps": 2, "holdout_fraction": 0.4},
     }
     for k, v in extra.items():
         data.setdefault(k, {}).update(v)

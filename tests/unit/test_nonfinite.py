@@ -71,8 +71,17 @@ def test_a_crafted_overflow_contributes_zero_and_the_reply_stays_finite(mode, tm
     targeted = np.array([TARGET_WORD in r for r in site.train.reports])
     assert not finite[targeted].any() and finite[~targeted].all()
 
-    z, q = client_noise_multiplier(cfg, release_plan(cfg), len(inner.training_subset(site.train)))
-    dp = DPTrainer(inner, tmp_path / "clients" / "site1" / "privacy_ledger.jsonl", "site1", z, q, cfg.privacy)
+    declared = cfg.require_declared_size("site1")
+    z, q = client_noise_multiplier(cfg, release_plan(cfg), inner.declared_training_size(declared))
+    dp = DPTrainer(
+        inner,
+        tmp_path / "clients" / "site1" / "privacy_ledger.jsonl",
+        "site1",
+        z,
+        q,
+        cfg.privacy,
+        declared_size=declared,
+    )
     metrics = dp.fit(model, site.train, TrainTask(1, "full", 3), torch.Generator().manual_seed(0), state)
     after = federated_state(model)
     for name, value in after.items():
