@@ -74,7 +74,7 @@ def privacy_section(run: FinishedRun) -> dict[str, Any] | None:
     reported as such (never silently skipped).
     """
     from secure_fedvlp.errors import LedgerError
-    from secure_fedvlp.privacy import epsilon_curve, read_ledger
+    from secure_fedvlp.privacy import NEIGHBOURING_RELATION, epsilon_curve, ledger_relation, read_ledger
 
     ledgers = run.ledgers()
     if not ledgers:
@@ -99,8 +99,12 @@ def privacy_section(run: FinishedRun) -> dict[str, Any] | None:
                 for k in ("DPSGDEvent", "GaussianEvent", "PostProcessingEvent")
             },
             "ledger": run.layout.relative(path),
+            "relation": ledger_relation(path),
+            "declared_size": run.cfg.declared_size(site),
         }
-    not_covered = ["evaluation metrics on each site's test split (sent in clear; not a DP release)"]
+    not_covered = [
+        "evaluation metrics on each site's test split, with the split's exact size (sent in clear; not a DP release)"
+    ]
     seeded = priv.seeded_randomness
     if seeded:
         not_covered.insert(0, SEEDED_WARNING)
@@ -108,6 +112,7 @@ def privacy_section(run: FinishedRun) -> dict[str, Any] | None:
     return {
         "delta": delta,
         "accountant": accountant,
+        "neighbouring_relation": NEIGHBOURING_RELATION,
         "budget_epsilon": priv.target_epsilon,
         "seeded_randomness": seeded,
         "clients": clients,
@@ -277,6 +282,10 @@ def _markdown(rep: dict[str, Any]) -> str:
         lines += [
             f"Budget per client: epsilon = {priv['budget_epsilon']}. Recomputed from each client's ledger "
             "(hash chain verified). Plot: `plots/epsilon_by_round.png`.",
+            "",
+            f"Neighbouring relation: {priv.get('neighbouring_relation', 'not stated')} (every count a site "
+            "released, its DP-SGD sample rate and its aggregation weight come from its declared size, not from "
+            "its data).",
             "",
         ]
         rounds = sorted({r for c in priv["clients"].values() for r in c.get("epsilon_by_round", {})})

@@ -14,7 +14,12 @@ For every client that took part in training, :func:`audit_run`:
    :data:`PRV_TOLERANCE`), that PLD is at most the RDP bound (up to :data:`PLD_SLACK`), that the
    claim is within the run's budget, and that it equals what the run reported in its report
    (:attr:`RunLayout.report_json <secure_fedvlp.layout.RunLayout.report_json>`, within
-   :data:`REPORT_TOLERANCE` relative).
+   :data:`REPORT_TOLERANCE` relative);
+4. checks that the ledger's head file states the neighbouring relation of the claim
+   (:data:`~secure_fedvlp.privacy.relation.NEIGHBOURING_RELATION`: add/remove-one record, with every
+   released count a declared public size).  A ledger that states another relation, or none (written
+   before the relation was stated, when sites released their exact counts), fails: its epsilon is
+   not a claim under that relation.
 
 Every accountant's value is a valid upper bound on the true epsilon, so the smallest of them
 holds; the budget is enforced (by the training run, and here) with the run's own accountant. When
@@ -38,7 +43,8 @@ from secure_fedvlp.errors import LedgerError, SecureFedVLPError
 from secure_fedvlp.layout import FinishedRun, load_run
 from secure_fedvlp.privacy.accountant import NEGLIGIBLE_NOISE_MULTIPLIER, make_accountant
 from secure_fedvlp.privacy.anchors import claim_scope
-from secure_fedvlp.privacy.ledger import read_ledger
+from secure_fedvlp.privacy.ledger import ledger_relation, read_ledger
+from secure_fedvlp.privacy.relation import NEIGHBOURING_RELATION
 
 __all__ = [
     "ClientAudit",
@@ -78,6 +84,8 @@ class ClientAudit:
     claimed_accountant: str = "rdp"
     claimed: float | None = None
     reported: float | None = None
+    #: The neighbouring relation the ledger's head file states (None: it states none).
+    relation: str | None = None
     problems: list[str] = field(default_factory=list)
     #: Observations that do not fail the audit (an independent bound slightly above the budget).
     notes: list[str] = field(default_factory=list)
@@ -98,6 +106,8 @@ class RunAudit:
     empirical: dict[str, Any] | None = None
     #: Limits of the claim the configuration implies (printed; they do not fail the audit).
     scope: list[str] = field(default_factory=list)
+    #: The neighbouring relation of the claim (each ledger must state it).
+    relation: str = NEIGHBOURING_RELATION
 
     @property
     def ok(self) -> bool:
@@ -210,6 +220,17 @@ def audit_run(run_dir: str | os.PathLike | FinishedRun) -> RunAudit:
             a.problems.append(f"tampered or damaged ledger: {exc}")
             continue
         a.events = len(events)
+        a.relation = ledger_relation(path)
+        if a.relation != NEIGHBOURING_RELATION:
+            a.problems.append(
+                f"the ledger states the neighbouring relation {a.relation!r}, not {NEIGHBOURING_RELATION!r}: "
+                "its epsilon is not a claim under the run's relation"
+                + (
+                    " (a ledger written before the relation was stated, when exact counts were released)."
+                    if a.relation is None
+                    else "."
+                )
+            )
         a.epsilon_rdp = make_accountant("rdp", events).get_epsilon(delta)
         a.epsilon_dp_accounting_rdp = make_accountant("dp_accounting_rdp", events).get_epsilon(delta)
         a.epsilon_pld = make_accountant("pld", events).get_epsilon(delta)
@@ -270,6 +291,7 @@ def format_audit(audit: RunAudit) -> str:
     """A human-readable table."""
     lines = [
         f"Privacy audit of {audit.run_dir} (delta = {audit.delta:g}, budget epsilon = {audit.budget_epsilon})",
+        f"Neighbouring relation: {audit.relation}",
         "",
         f"{'client':<10} {'events':>6} {'RDP':>9} {'RDP (dp-acc)':>13} {'PLD':>9} {'PRV':>9} {'claimed':>15} "
         f"{'reported':>9}  verdict",

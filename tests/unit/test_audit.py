@@ -78,6 +78,32 @@ def test_edited_ledger_fails_as_tampered(run, capsys):
     assert "tampered" in capsys.readouterr().out
 
 
+RELATION = "add/remove-one record; released counts are declared public sizes"
+
+
+def test_relation_is_stated_in_the_report_the_ledgers_and_the_audit(run, capsys):
+    """The neighbouring relation is in report.json (privacy section, and per client with its declared size),
+    in report.md, in every ledger's head file and in `secure-fedvlp audit` (text and JSON); a ledger whose
+    head states no relation (one written when exact counts were released) fails the audit."""
+    rep = json.loads((run / "report.json").read_text())
+    assert rep["privacy"]["neighbouring_relation"] == RELATION
+    for site in ("site1", "site2"):
+        assert rep["privacy"]["clients"][site]["relation"] == RELATION
+        assert rep["privacy"]["clients"][site]["declared_size"] == 20
+        assert json.loads(_ledger(run, site).with_name("privacy_ledger.jsonl.head").read_text())["relation"] == RELATION
+    assert f"Neighbouring relation: {RELATION}" in (run / "report.md").read_text()
+    assert main(["audit", str(run)]) == 0
+    assert f"Neighbouring relation: {RELATION}" in capsys.readouterr().out
+    assert main(["audit", str(run), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["relation"] == RELATION and all(c["relation"] == RELATION for c in out["clients"])
+    head = _ledger(run).with_name("privacy_ledger.jsonl.head")
+    head.write_text(json.dumps({k: v for k, v in json.loads(head.read_text()).items() if k != "relation"}))
+    audit = audit_run(run)
+    assert not audit.ok
+    assert any("neighbouring relation" in p for c in audit.clients if c.client == "site1" for p in c.problems)
+
+
 def test_truncated_ledger_fails(run):
     path = _ledger(run)
     lines = path.read_text().splitlines()
