@@ -87,6 +87,7 @@ def test_relation_is_stated_in_the_report_the_ledgers_and_the_audit(run, capsys)
     head states no relation (one written when exact counts were released) fails the audit."""
     rep = json.loads((run / "report.json").read_text())
     assert rep["privacy"]["neighbouring_relation"] == RELATION
+    assert any("exact size" in x for x in rep["privacy"]["not_covered"])  # evaluation replies, named
     for site in ("site1", "site2"):
         assert rep["privacy"]["clients"][site]["relation"] == RELATION
         assert rep["privacy"]["clients"][site]["declared_size"] == 20

@@ -90,6 +90,10 @@ def test_released_counts_and_sample_rate_do_not_depend_on_one_record(tmp_path, m
     # the declared sizes: 20 declared, a declared DRO slice of 8, 12 declared training records, q = 6 / 12
     assert out["n"] == (20, 12.0, 12.0, 8.0, [0.5], 0.5)
     assert denominators == [8, 8] and batches == [6, 6]
+    # without DP a site states its exact size (no DP claim is made)
+    plain = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, enabled=False))
+    exact = [int(_runtime(plain, tmp_path / f"plain-{k}", d, fed.public).info()["num-train"]) for k, d in sites.items()]
+    assert exact == [20, 19]
     # the server weights each reply by its num-examples: the same weight whichever dataset the site holds
     strategy = VLPStrategy(cfg)
     assert strategy.aggregation_weights(1, "full", replies["n"]) == strategy.aggregation_weights(
