@@ -57,6 +57,7 @@ class ClientParts:
     trainer: Any  # LocalTrainer, or DPTrainer around it
     encryption: Any = None  # ClientEncryption when encryption is on
     extensions: list[Any] = field(default_factory=list)
+    ledger_path: Path | None = None  # the site's privacy ledger when DP is on (its head goes with every reply)
 
 
 def client_parts(
@@ -70,6 +71,7 @@ def client_parts(
     """The site's trainer, encryption state and extensions, as the config asks."""
     trainer: Any = get_method(cfg.federation.method).trainer(cfg, device, public)
     ledger = None
+    path = None
     if cfg.privacy.enabled and site.role == "train":  # a held-out site releases no DP output
         from secure_fedvlp.wrappers.dpsgd import DPTrainer, client_noise_multiplier, make_ledger
 
@@ -98,4 +100,4 @@ def client_parts(
                 cfg, ledger=ledger, fixed_point_bits=encryption.fixed_point_bits if encryption is not None else None
             )
         )
-    return ClientParts(trainer, encryption, extensions)
+    return ClientParts(trainer, encryption, extensions, path)
