@@ -95,7 +95,10 @@ class ClientRuntime:
         initial = federated_state(model)
         parts = client_parts(cfg, setup.run_dir, site, initial, device, federation.public)
         guard = EvaluationGuard(
-            RunLayout(setup.run_dir).evaluation_guard(site.name), site.name, cfg.federation.num_rounds, model_hash(initial)
+            RunLayout(setup.run_dir).evaluation_guard(site.name),
+            site.name,
+            cfg.federation.num_rounds,
+            model_hash(initial),
         )
         logger.info(
             "Client for site %s (%s) ready on %s%s",

@@ -232,18 +232,24 @@ def test_a_directory_that_is_not_a_run_is_named_by_every_reader(tmp_path, capsys
 
 
 def test_the_server_logs_each_sites_ledger_head_and_the_honest_run_matches_it(run):
-    """Every DP reply (train, DRO-loss report) carries the site's ledger head and sequence number; the server
-    writes them to its own metrics file, never the site's directory, and the honest ledger holds each of them."""
-    from secure_fedvlp.privacy.ledger import read_ledger
+    """Every DP reply (train, DRO-loss report, evaluate) carries the site's ledger head and sequence number; the
+    server writes them to its own metrics file, not the site's directory, and the honest ledger holds each."""
+    from secure_fedvlp.privacy.ledger import read_ledger, verify_ledger
 
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     heads = [r for r in rows if r.get("phase") == "ledger"]
     for site in ("site1", "site2"):
         mine = [r for r in heads if r["site"] == site]
-        assert {(r["round"], r["release"]) for r in mine} == {(rnd, k) for rnd in (1, 2) for k in ("train", "dro-loss")}
+        releases = {(rnd, k) for rnd in (1, 2) for k in ("train", "dro-loss")}
+        assert {(r["round"], r["release"]) for r in mine} == releases | {(rnd, "evaluate") for rnd in (0, 1, 2)}
         entries = read_ledger(_ledger(run, site))
-        for r in mine:
-            assert entries[r["ledger_seq"]].hash == r["ledger_head"]
+        for r in mine:  # the external reference the ledger code checks (seq -1: the empty ledger's genesis hash)
+            verify_ledger(
+                _ledger(run, site),
+                client_id=site,
+                expected_count=r["ledger_seq"] + 1,
+                expected_head_hash=r["ledger_head"],
+            )
         assert max(r["ledger_seq"] for r in mine) == len(entries) - 1
 
 
@@ -286,3 +292,13 @@ def test_a_consistent_rewrite_of_a_ledger_fails_against_the_servers_log(run, dro
     assert main(["audit", str(run)]) == 1
     out = capsys.readouterr().out
     assert "AUDIT FAILED" in out and "client site1" in out
+
+
+def test_the_dp_report_names_clear_evaluation_as_not_covered(run):
+    """Under DP the train replies carry no loss, so the report's not_covered names the clear evaluation metrics
+    (what they release) but no training losses."""
+    rep = json.loads((run / "report.json").read_text())
+    text = " ".join(rep["privacy"]["not_covered"])
+    assert "per-finding zero-shot AUROC" in text and "which findings occur" in text and "test-record count" in text
+    assert "training losses" not in text
+    assert rep["not_covered"] == rep["privacy"]["not_covered"]
