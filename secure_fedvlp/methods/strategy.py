@@ -184,8 +184,9 @@ class VLPStrategy(FedAvg):
         """Log the ledger head a DP site's reply carries (the audit's external reference).
 
         ``release`` is what the reply answers (``"train"``, a query kind such as ``"anchors"`` or
-        ``"dro-loss"``, or ``"evaluate"``).  One record per reply, in the server's own metrics file,
-        with the epsilon the site reported and whether it refused for its budget.
+        ``"dro-loss"``, or ``"evaluate"``).  One record per reply (``phase = "ledger"``), in the
+        server's own metrics file, with the epsilon the site reported and whether it refused the
+        release for its budget (then nothing was released).
         """
         if msg.has_error() or LEDGER_KEY not in msg.content.config_records:
             return
@@ -196,7 +197,7 @@ class VLPStrategy(FedAvg):
             "phase": "ledger",
             "release": release,
             "site": self.site_name(msg),
-            "status": "budget_exhausted" if float(metrics.get(BUDGET_EXHAUSTED, 0.0)) >= 1.0 else "ok",
+            "refused_for_budget": float(metrics.get(BUDGET_EXHAUSTED, 0.0)) >= 1.0,
             "ledger_head": str(led.get(LEDGER_HEAD, "")),
             "ledger_seq": int(led.get(LEDGER_SEQ, -1)),
         }

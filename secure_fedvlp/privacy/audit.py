@@ -191,7 +191,7 @@ def _server_log(records: list[dict[str, Any]]) -> dict[str, _ServerLog]:
             log.reported.append((float(r["epsilon"]), rnd, str(r.get("release", phase))))
         if phase == "ledger":
             log.heads.append(r)
-            if r.get("status") == "ok" and r.get("release") != "evaluate":
+            if not r.get("refused_for_budget") and r.get("release") != "evaluate":
                 log.releases.append((str(r["release"]), rnd, r.get("stage"), int(r["ledger_seq"])))
         elif phase == "train" and r.get("status") == "ok":
             log.releases.append(("train", rnd, r.get("stage"), None))
