@@ -196,12 +196,20 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Federated evaluation on each site's test split."""
+    """Federated evaluation on each site's test split.
+
+    Evaluation metrics are computed on private records without noise: no DP mechanism covers them.
+    ``release = "clear"`` sends them to the server (per-finding AUROC, which findings occur in the
+    split, Recall@K, the split's record count), named as not covered in every report;
+    ``release = "local"`` writes them only to the site's own directory and the server receives none.
+    Either way a site evaluates only the current round's global model, once.
+    """
 
     batch_size: int = 64
     recall_ks: tuple[int, ...] = (1, 5, 10)
     every_round: bool = True
     split: Literal["test", "val"] = "test"
+    release: Literal["clear", "local"] = "clear"
 
     def __post_init__(self) -> None:
         check = _Checks()

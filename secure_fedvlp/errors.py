@@ -63,3 +63,8 @@ class CiphertextError(SecureFedVLPError, ValueError):
 
 class NonFiniteModelError(SecureFedVLPError, ValueError):
     """A received model holds NaN or infinite values; a site refuses it before any private record touches it."""
+
+
+class ProtocolError(SecureFedVLPError):
+    """A request departs from the protocol a site follows (for example a second evaluation in one round, an
+    evaluation for a stale round, or a model other than the round's global model); the site refuses it."""

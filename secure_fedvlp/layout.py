@@ -1,9 +1,11 @@
 """Every path of a run directory, named once.
 
-A run directory holds what the server writes (the resolved config, per-round metrics, the report
-and its plots, the model or its ciphertext, encryption statistics) and, in simulation, each
-site's own directory (``clients/<site>/``: its privacy ledger and local-only training metrics;
-in deployment these live on the site's disk), and the auditor's directory (``audit/``).
+A run directory holds what the server writes (the resolved config, per-round metrics with the
+ledger heads the sites reported, the report and its plots, the model or its ciphertext, encryption
+statistics) and, in simulation, each site's own directory (``clients/<site>/``: its privacy ledger,
+local-only training metrics, the rounds it evaluated and, with ``eval.release = "local"``, its
+evaluation metrics; in deployment these live on the site's disk), and the auditor's directory
+(``audit/``).
 Nothing else in the package spells these names.
 """
 
@@ -130,6 +132,14 @@ class RunLayout:
     def site_key(self, site: str) -> Path:
         """A site's secret selection key (keyed record selections such as FedDRA's DRO slice; never sent)."""
         return self.client_dir(site) / "selection.key"
+
+    def local_eval_metrics(self, site: str) -> Path:
+        """A site's evaluation metrics when they stay at the site (``eval.release = "local"``)."""
+        return self.client_dir(site) / "local_eval_metrics.jsonl"
+
+    def evaluation_guard(self, site: str) -> Path:
+        """A site's record of the rounds and models it evaluated (once per round; see the client app)."""
+        return self.client_dir(site) / "evaluation_guard.json"
 
     def site_canaries(self, site: str) -> Path:
         """The canary records the auditor hands the canary site."""

@@ -7,7 +7,10 @@ Every Flower message of a run is a ``RecordDict`` with at most these records:
 * ``config`` (:data:`CONFIG_KEY`): what the server asks (``server-round``, ``stage``, ``local-steps``,
   ``query``) or, in a refusal, the reason;
 * ``metrics`` (:data:`METRICS_KEY`): what a site reports (``num-examples``, ...);
-* ``info`` (:data:`INFO_KEY`): which site answered and its role.
+* ``info`` (:data:`INFO_KEY`): which site answered and its role;
+* ``ledger`` (:data:`LEDGER_KEY`): under DP, the head of the answering site's privacy ledger after
+  the releases the reply answers (:data:`LEDGER_HEAD`, :data:`LEDGER_SEQ`), which the server logs as
+  the external reference the audit checks the ledger against.
 
 Only the *federated* parameters travel: those with ``requires_grad`` in the model (frozen
 pretrained layers and the seeded frozen initialisation are identical at every party).
@@ -25,6 +28,9 @@ __all__ = [
     "CONFIG_KEY",
     "METRICS_KEY",
     "INFO_KEY",
+    "LEDGER_KEY",
+    "LEDGER_HEAD",
+    "LEDGER_SEQ",
     "NUM_EXAMPLES",
     "BUDGET_EXHAUSTED",
     "EPSILON",
@@ -42,6 +48,12 @@ ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 INFO_KEY = "info"
+#: Reply record (a ConfigRecord) of a DP site: its ledger's head after the releases the reply answers.
+LEDGER_KEY = "ledger"
+#: The SHA-256 (hex) of the ledger's last entry (the genesis hash of an empty ledger).
+LEDGER_HEAD = "ledger-head"
+#: The sequence number of that entry (``-1`` for an empty ledger).
+LEDGER_SEQ = "ledger-seq"
 
 #: Metric: the aggregation weight a site reports (its training-record count).
 NUM_EXAMPLES = "num-examples"

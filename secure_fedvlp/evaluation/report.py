@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from secure_fedvlp.config import ExperimentConfig
 from secure_fedvlp.evaluation.metrics import MACRO_AUROC
 from secure_fedvlp.layout import FinishedRun, RunLayout, load_run
 from secure_fedvlp.methods.strategy import RoundRecorder
@@ -102,21 +103,55 @@ def privacy_section(run: FinishedRun) -> dict[str, Any] | None:
             "relation": ledger_relation(path),
             "declared_size": run.cfg.declared_size(site),
         }
-    not_covered = [
-        "evaluation metrics on each site's test split, with the split's exact size (sent in clear; not a DP release)"
-    ]
-    seeded = priv.seeded_randomness
-    if seeded:
-        not_covered.insert(0, SEEDED_WARNING)
-    not_covered[:0] = claim_scope(run.cfg)
     return {
         "delta": delta,
         "accountant": accountant,
         "neighbouring_relation": NEIGHBOURING_RELATION,
         "budget_epsilon": priv.target_epsilon,
-        "seeded_randomness": seeded,
+        "seeded_randomness": priv.seeded_randomness,
         "clients": clients,
-        "not_covered": not_covered,
+        "not_covered": releases_not_covered(run.cfg),
+    }
+
+
+def releases_not_covered(cfg: ExperimentConfig) -> list[str]:
+    """What leaves a site without DP covering it, or what limits the claim, under ``cfg`` (report and SECURITY.md)."""
+    out = list(claim_scope(cfg))
+    if cfg.privacy.enabled and cfg.privacy.seeded_randomness:
+        out.append(SEEDED_WARNING)
+    if not cfg.privacy.enabled:
+        out.append(
+            "privacy.enabled = false: no release is covered by DP (model updates, scalar reports such as "
+            "FedDRA's DRO losses, anchor contributions)"
+        )
+        out.append(
+            "training losses (train_loss and its terms, un-noised functions of each site's records), sent to the "
+            "server in clear in every train reply without DP, also under CKKS (which encrypts only the parameters)"
+        )
+    ev = cfg.eval
+    if ev.release == "clear":
+        out.append(
+            f"evaluation metrics of every site on its {ev.split} split, sent to the server in clear "
+            "(eval.release = 'clear'; not a DP release): the per-finding zero-shot AUROC, which findings occur in "
+            "the split (a finding with a single class there has no AUROC key), retrieval Recall@K and the "
+            f"exact {ev.split}-record count; each site evaluates only the current round's global model, once "
+            f"(at most {cfg.federation.num_rounds + 1} evaluations per site)"
+        )
+    return out
+
+
+def evaluation_section(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
+    """Where the evaluation metrics went (``eval.release``), and how many evaluations a site answers at most."""
+    ev = cfg.eval
+    return {
+        "release": ev.release,
+        "split": ev.split,
+        "max_evaluations_per_site": cfg.federation.num_rounds + 1,
+        "metrics_at": (
+            layout.relative(layout.metrics)
+            if ev.release == "clear"
+            else layout.relative(layout.local_eval_metrics("<site>"))
+        ),
     }
 
 
@@ -212,6 +247,8 @@ def build_report(run_dir: str | os.PathLike | FinishedRun) -> dict[str, Any]:
     }
     return {
         "privacy": privacy_section(run),
+        "not_covered": releases_not_covered(run.cfg),
+        "evaluation": evaluation_section(run.cfg, layout),
         "encryption": encryption_section(layout),
         "empirical_audit": empirical_section(layout),
         "anchors": [r for r in records if r.get("phase") == "anchors" and r.get("status") in ("released", "withheld")]
@@ -238,6 +275,13 @@ def _markdown(rep: dict[str, Any]) -> str:
     layout = RunLayout(rep["run_dir"])
     lines = [f"# Run report: `{rep['run_dir']}`", "", f"Rounds completed: {rep['final_round']}.", ""]
     lines += ["## Final model vs untrained reference (test split of each site)", ""]
+    ev = rep.get("evaluation") or {}
+    if ev.get("release") == "local":
+        lines += [
+            "Evaluation metrics stayed at each site (eval.release = 'local'): the server received none; each site "
+            f"keeps its own in `{ev['metrics_at']}`.",
+            "",
+        ]
     header = "| site | role | " + " | ".join(f"{lab} (untrained -> final)" for _, lab in HEADLINE) + " |"
     lines += [header, "|" + "---|" * (2 + len(HEADLINE))]
     for site, v in rep["sites"].items():
@@ -304,6 +348,8 @@ def _markdown(rep: dict[str, Any]) -> str:
                 + f" | {c['by_mechanism']['DPSGDEvent']} / {c['by_mechanism']['GaussianEvent']} |"
             )
         lines += ["", "Not covered by DP (named, not hidden): " + "; ".join(priv["not_covered"]) + "."]
+    elif rep.get("not_covered"):
+        lines += ["", "Not covered by DP (named, not hidden): " + "; ".join(rep["not_covered"]) + "."]
     emp = rep.get("empirical_audit")
     if emp:
         lines += ["", "## Empirical privacy audit (canaries, one run)", ""]

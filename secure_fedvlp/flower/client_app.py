@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,17 +22,23 @@ from flwr.common.constant import ErrorCode
 from secure_fedvlp.build import build_federation, build_model, configure_threads, resolve_device
 from secure_fedvlp.config import config_hash
 from secure_fedvlp.data import SiteData
-from secure_fedvlp.errors import PrivacyBudgetExhausted
+from secure_fedvlp.errors import PrivacyBudgetExhausted, ProtocolError
 from secure_fedvlp.evaluation.metrics import evaluate_split
+from secure_fedvlp.flower.eval_guard import EvaluationGuard, model_hash
 from secure_fedvlp.flower.runtime import ConfigProvider, RunSetup, config_from_run_config, resolve_site
+from secure_fedvlp.layout import RunLayout
 from secure_fedvlp.methods.trainer import TrainTask
 from secure_fedvlp.models.state import federated_state, load_federated_state
+from secure_fedvlp.privacy.ledger import verify_ledger
 from secure_fedvlp.wire import (
     ARRAYS_KEY,
     BUDGET_EXHAUSTED,
     CONFIG_KEY,
     EPSILON,
     INFO_KEY,
+    LEDGER_HEAD,
+    LEDGER_KEY,
+    LEDGER_SEQ,
     LOCAL_STEPS,
     METRICS_KEY,
     QUERY,
@@ -54,6 +62,12 @@ class ClientRuntime:
     The wrappers the config asks for (DP-SGD around the trainer, the encryption state of the client
     mod, the anchor client) come composed from :func:`~secure_fedvlp.wrappers.compose.client_parts`;
     the handlers below treat them alike.
+
+    Under DP every reply carries the head of the site's ledger after the releases it answers
+    (:data:`~secure_fedvlp.wire.LEDGER_KEY`): the server logs it, and the audit checks the ledger
+    against it, so the site cannot later rewrite its history consistently. Evaluation is refused
+    unless it is the current round's global model, once (:mod:`secure_fedvlp.flower.eval_guard`);
+    with ``eval.release = "local"`` its metrics stay in the site's directory.
     """
 
     setup: RunSetup
@@ -63,6 +77,8 @@ class ClientRuntime:
     device: torch.device
     encryption: Any = None  # ClientEncryption when encryption is on (used by the client mod)
     extensions: list[Any] = field(default_factory=list)  # answer extra queries, extend train tasks
+    guard: EvaluationGuard | None = None  # which rounds and models the site evaluated
+    ledger_path: Path | None = None  # the site's privacy ledger (DP on, training site)
 
     @classmethod
     def create(cls, setup: RunSetup, context: Context) -> ClientRuntime:
@@ -76,7 +92,14 @@ class ClientRuntime:
             site = insert_canaries(cfg, setup.run_dir, site, [s.name for s in federation.sites])
         device = resolve_device(cfg.run.device)
         model = build_model(cfg).to(device)
-        parts = client_parts(cfg, setup.run_dir, site, federated_state(model), device, federation.public)
+        initial = federated_state(model)
+        parts = client_parts(cfg, setup.run_dir, site, initial, device, federation.public)
+        guard = EvaluationGuard(
+            RunLayout(setup.run_dir).evaluation_guard(site.name),
+            site.name,
+            cfg.federation.num_rounds,
+            model_hash(initial),
+        )
         logger.info(
             "Client for site %s (%s) ready on %s%s",
             site.name,
@@ -84,13 +107,25 @@ class ClientRuntime:
             device,
             " (CKKS encryption on)" if parts.encryption is not None else "",
         )
-        return cls(setup, site, model, parts.trainer, device, parts.encryption, parts.extensions)
+        return cls(
+            setup, site, model, parts.trainer, device, parts.encryption, parts.extensions, guard, parts.ledger_path
+        )
 
     # -- handlers ------------------------------------------------------------------
     def info(self) -> ConfigRecord:
         """Name, role and training-split size (under DP the declared public size, never the count held)."""
         size = self.trainer.released_site_size(self.site.train)
         return ConfigRecord({"site": self.site.name, "role": self.site.role, "num-train": int(size)})
+
+    def with_ledger_head(self, content: RecordDict) -> RecordDict:
+        """``content`` with the site's ledger head (hash and sequence number of its last entry), under DP.
+
+        The ledger is read back and verified from disk, after the releases this reply answers were recorded.
+        """
+        if self.ledger_path is not None:
+            head = verify_ledger(self.ledger_path, client_id=self.site.name)
+            content[LEDGER_KEY] = ConfigRecord({LEDGER_HEAD: str(head.hash), LEDGER_SEQ: head.count - 1})
+        return content
 
     def _exhausted(self, exc: Exception) -> RecordDict:
         logger.warning("site %s stops: %s", self.site.name, exc)
@@ -104,9 +139,10 @@ class ClientRuntime:
 
     def train(self, msg: Message) -> RecordDict:
         try:
-            return self._train(msg)
+            content = self._train(msg)
         except PrivacyBudgetExhausted as exc:
-            return self._exhausted(exc)
+            content = self._exhausted(exc)
+        return self.with_ledger_head(content)
 
     def _train(self, msg: Message) -> RecordDict:
         if self.site.role != "train":
@@ -119,9 +155,11 @@ class ClientRuntime:
             steps=int(cfg.get(LOCAL_STEPS, self.setup.cfg.train.local_steps)),
             options={k: float(v) for k, v in cfg.items() if k not in reserved and isinstance(v, (int, float))},
         )
+        global_state = arrays_to_numpy(msg.content[ARRAYS_KEY])
+        if self.guard is not None:  # the first model of a round must be the one evaluated for the round before
+            self.guard.train(task.server_round, model_hash(global_state))
         for ext in self.extensions:
             task = ext.extend_task(self, msg, task)
-        global_state = arrays_to_numpy(msg.content[ARRAYS_KEY])
         load_federated_state(self.model, global_state)
         seed = _job_seed(self.setup.cfg.run.seed, self.site.name, task)
         gen = torch.Generator().manual_seed(seed)
@@ -144,23 +182,48 @@ class ClientRuntime:
         kind = str(cfg.get(QUERY, SITE_INFO_QUERY))
         if kind == SITE_INFO_QUERY:
             return RecordDict({INFO_KEY: self.info()})
+        if self.guard is not None and SERVER_ROUND in cfg:
+            self.guard.seen(int(cfg[SERVER_ROUND]))
         try:
-            for ext in self.extensions:
-                if kind in ext.queries:
-                    return ext.answer(self, msg)
-            if ARRAYS_KEY in msg.content.array_records:
-                load_federated_state(self.model, arrays_to_numpy(msg.content[ARRAYS_KEY]))
-            metrics = self.trainer.answer_query(kind, self.model, self.site, cfg)
+            content = self._answer(kind, msg, cfg)
         except PrivacyBudgetExhausted as exc:
-            return self._exhausted(exc)
+            content = self._exhausted(exc)
+        return self.with_ledger_head(content)
+
+    def _answer(self, kind: str, msg: Message, cfg: ConfigRecord) -> RecordDict:
+        for ext in self.extensions:
+            if kind in ext.queries:
+                return ext.answer(self, msg)
+        if ARRAYS_KEY in msg.content.array_records:
+            load_federated_state(self.model, arrays_to_numpy(msg.content[ARRAYS_KEY]))
+        metrics = self.trainer.answer_query(kind, self.model, self.site, cfg)
         return RecordDict({METRICS_KEY: MetricRecord(metrics), INFO_KEY: self.info()})
 
     def evaluate(self, msg: Message) -> RecordDict:
-        load_federated_state(self.model, arrays_to_numpy(msg.content[ARRAYS_KEY]))
+        """Evaluate the round's global model on the site's split, once per round (see :mod:`.eval_guard`).
+
+        ``eval.release = "clear"``: the metrics go to the server. ``"local"``: they are appended to the
+        site's own file (:meth:`RunLayout.local_eval_metrics`) and the reply carries none.
+        """
+        cfg = msg.content[CONFIG_KEY] if CONFIG_KEY in msg.content.config_records else ConfigRecord()
+        if SERVER_ROUND not in cfg:
+            raise ProtocolError(f"site {self.site.name}: an evaluate message must name its round; refused.")
+        rnd = int(cfg[SERVER_ROUND])
+        state = arrays_to_numpy(msg.content[ARRAYS_KEY])
+        if self.guard is not None:
+            self.guard.evaluate(rnd, model_hash(state))  # recorded before anything is evaluated
+        load_federated_state(self.model, state)
         ev = self.setup.cfg.eval
         split = self.site.test if ev.split == "test" else self.site.val
         metrics = evaluate_split(self.model, split, ks=ev.recall_ks, batch_size=ev.batch_size, device=self.device)
-        return RecordDict({METRICS_KEY: MetricRecord(metrics), INFO_KEY: self.info()})
+        if ev.release == "local":
+            path = RunLayout(self.setup.run_dir).local_eval_metrics(self.site.name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"round": rnd, **metrics}, sort_keys=True) + "\n")
+            logger.info("site %s round %d: evaluation kept at the site (%s)", self.site.name, rnd, path)
+            return self.with_ledger_head(RecordDict({INFO_KEY: self.info()}))
+        return self.with_ledger_head(RecordDict({METRICS_KEY: MetricRecord(metrics), INFO_KEY: self.info()}))
 
 
 def _job_seed(seed: int, site: str, task: TrainTask) -> int:

@@ -253,6 +253,7 @@ class FedDRAStrategy(VLPStrategy):
         losses: dict[str, float] = {}
         for reply in grid.send_and_receive(msgs, timeout=timeout):
             site = self.site_name(reply)
+            self.note_ledger_head(server_round, reply, DRO_LOSS_QUERY)
             if self.note_budget_exhausted(server_round, reply, "dro"):
                 continue
             if reply.has_error():

@@ -32,6 +32,9 @@ from secure_fedvlp.wire import (
     CONFIG_KEY,
     EPSILON,
     INFO_KEY,
+    LEDGER_HEAD,
+    LEDGER_KEY,
+    LEDGER_SEQ,
     LOCAL_STEPS,
     METRICS_KEY,
     NUM_EXAMPLES,
@@ -177,6 +180,33 @@ class VLPStrategy(FedAvg):
         )
         return True
 
+    def note_ledger_head(self, server_round: int, msg: Message, release: str, stage: str | None = None) -> None:
+        """Log the ledger head a DP site's reply carries (the audit's external reference).
+
+        ``release`` is what the reply answers (``"train"``, a query kind such as ``"anchors"`` or
+        ``"dro-loss"``, or ``"evaluate"``).  One record per reply (``phase = "ledger"``), in the
+        server's own metrics file, with the epsilon the site reported and whether it refused the
+        release for its budget (then nothing was released).
+        """
+        if msg.has_error() or LEDGER_KEY not in msg.content.config_records:
+            return
+        led = msg.content[LEDGER_KEY]
+        metrics = msg.content[METRICS_KEY] if METRICS_KEY in msg.content.metric_records else {}
+        row: dict[str, Any] = {
+            "round": server_round,
+            "phase": "ledger",
+            "release": release,
+            "site": self.site_name(msg),
+            "refused_for_budget": float(metrics.get(BUDGET_EXHAUSTED, 0.0)) >= 1.0,
+            "ledger_head": str(led.get(LEDGER_HEAD, "")),
+            "ledger_seq": int(led.get(LEDGER_SEQ, -1)),
+        }
+        if stage is not None:
+            row["stage"] = stage
+        if EPSILON in metrics:
+            row["epsilon"] = float(metrics[EPSILON])
+        self.recorder.record(row)
+
     # -- configure -----------------------------------------------------------------
     def sample_train_nodes(self, server_round: int) -> list[int]:
         """Seeded sample of training nodes (all of them with fraction_train = 1)."""
@@ -292,6 +322,7 @@ class VLPStrategy(FedAvg):
         accepted: list[Message] = []
         for msg in replies:
             site = self.site_name(msg)
+            self.note_ledger_head(server_round, msg, "train", stage)
             if self.note_budget_exhausted(server_round, msg, "train"):
                 continue
             if msg.has_error():
@@ -346,6 +377,12 @@ class VLPStrategy(FedAvg):
                 )
                 continue
             role = self.sites[msg.metadata.src_node_id].role if msg.metadata.src_node_id in self.sites else "?"
+            self.note_ledger_head(server_round, msg, "evaluate")
+            if METRICS_KEY not in msg.content.metric_records:  # eval.release = "local": the site kept them
+                self.recorder.record(
+                    {"round": server_round, "phase": "evaluate", "site": site, "role": role, "status": "kept_at_site"}
+                )
+                continue
             metrics = {k: float(v) for k, v in msg.content[METRICS_KEY].items()}
             self.recorder.record(
                 {"round": server_round, "phase": "evaluate", "site": site, "role": role, "status": "ok", **metrics}

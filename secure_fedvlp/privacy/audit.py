@@ -20,6 +20,14 @@ For every client that took part in training, :func:`audit_run`:
    released count a declared public size).  A ledger that states another relation, or none (written
    before the relation was stated, when sites released their exact counts), fails: its epsilon is
    not a claim under that relation.
+5. checks the ledger against what the server logged, which the site does not control (the run's
+   metrics file, :attr:`RunLayout.metrics <secure_fedvlp.layout.RunLayout.metrics>`): every ledger
+   head a reply of the site carried (hash and sequence number, ``phase = "ledger"`` records) must be
+   the entry of the ledger at that sequence number (``expected_head_hash``), the claim must be at
+   least every epsilon the site reported to the server, and every release the server logged
+   (training jobs, anchor contributions, scalar reports) must be in the ledger.  This is what
+   detects a consistent rewrite of a ledger and its head file (and of the report): the chain
+   alone only shows that the files agree with each other.
 
 Every accountant's value is a valid upper bound on the true epsilon, so the smallest of them
 holds; the budget is enforced (by the training run, and here) with the run's own accountant. When
@@ -43,7 +51,7 @@ from secure_fedvlp.errors import LedgerError, SecureFedVLPError
 from secure_fedvlp.layout import FinishedRun, load_run
 from secure_fedvlp.privacy.accountant import NEGLIGIBLE_NOISE_MULTIPLIER, make_accountant
 from secure_fedvlp.privacy.anchors import claim_scope
-from secure_fedvlp.privacy.ledger import ledger_relation, read_ledger
+from secure_fedvlp.privacy.ledger import LedgerEntry, genesis_hash, ledger_relation, read_ledger
 from secure_fedvlp.privacy.relation import NEIGHBOURING_RELATION
 
 __all__ = [
@@ -57,6 +65,7 @@ __all__ = [
     "PLD_SLACK",
     "PRV_TOLERANCE",
     "REPORT_TOLERANCE",
+    "REPORTED_TOLERANCE",
 ]
 
 #: Relative agreement required between the two RDP implementations (measured worst case 0.71 %
@@ -69,6 +78,9 @@ PLD_SLACK = 0.02
 PRV_TOLERANCE = 0.02
 #: The recomputed epsilon must equal the reported one to this relative precision.
 REPORT_TOLERANCE = 1e-6
+#: An epsilon a site reported to the server may exceed its ledger's total by this relative amount only
+#: (the site's accountant composed the same events, in another order).
+REPORTED_TOLERANCE = 1e-6
 
 
 @dataclass
@@ -163,6 +175,96 @@ def _trained_clients(records: list[dict[str, Any]]) -> set[str]:
     }
 
 
+@dataclass
+class _ServerLog:
+    """What the server logged about one site: the ledger heads its replies carried, the epsilons it reported,
+    and the releases the server saw (``(kind, round, stage, seq)``; ``seq``: the head the reply carried)."""
+
+    heads: list[dict[str, Any]] = field(default_factory=list)
+    reported: list[tuple[float, int, str]] = field(default_factory=list)
+    releases: list[tuple[str, int, str | None, int | None]] = field(default_factory=list)
+
+
+def _server_log(records: list[dict[str, Any]]) -> dict[str, _ServerLog]:
+    logs: dict[str, _ServerLog] = {}
+    for r in records:
+        phase, rnd = r.get("phase"), int(r.get("round", 0))
+        if phase == "anchors" and r.get("status") == "released":
+            for site in r.get("contributors", []):
+                logs.setdefault(site, _ServerLog()).releases.append(("anchors", rnd, None, None))
+            continue
+        site = r.get("site")
+        if not isinstance(site, str):
+            continue
+        log = logs.setdefault(site, _ServerLog())
+        if isinstance(r.get("epsilon"), (int, float)):
+            log.reported.append((float(r["epsilon"]), rnd, str(r.get("release", phase))))
+        if phase == "ledger":
+            log.heads.append(r)
+            if not r.get("refused_for_budget") and r.get("release") != "evaluate":
+                log.releases.append((str(r["release"]), rnd, r.get("stage"), int(r["ledger_seq"])))
+        elif phase == "train" and r.get("status") == "ok":
+            log.releases.append(("train", rnd, r.get("stage"), None))
+    return logs
+
+
+def _holds(entries: list[LedgerEntry], kind: str, rnd: int, stage: str | None, seq: int | None) -> bool:
+    """Whether the ledger records the release ``kind`` of round ``rnd`` (at or before entry ``seq``)."""
+    upto = entries if seq is None else entries[: seq + 1]
+    for e in upto:
+        ev = e.event
+        if getattr(ev, "round", None) != rnd:
+            continue
+        if kind == "train":
+            if type(ev).__name__ == "DPSGDEvent" and (stage is None or getattr(ev, "stage", None) == stage):
+                return True
+        elif getattr(ev, "what", None) in (kind, f"{kind} report"):
+            return True
+    return False
+
+
+def _check_against_server(
+    a: ClientAudit, site: str, entries: list[LedgerEntry], log: _ServerLog | None, claim_kind: str
+) -> None:
+    """Step 4 of the module docstring: the ledger against the heads, epsilons and releases the server logged."""
+    if log is None or not log.heads:
+        if log is not None and (log.releases or log.reported):  # it took part, yet no reply carried a head
+            a.problems.append(
+                f"client {site}: the server logged no ledger head for this site, so its ledger cannot be checked "
+                "against a reference outside the site."
+            )
+    else:
+        bad = []
+        for h in log.heads:
+            seq, digest = int(h["ledger_seq"]), str(h["ledger_head"])
+            actual = genesis_hash(site) if seq == -1 else (entries[seq].hash if 0 <= seq < len(entries) else None)
+            if actual != digest:
+                bad.append(h)
+        if bad:
+            h = bad[0]
+            more = f" (and {len(bad) - 1} more logged heads)" if len(bad) > 1 else ""
+            a.problems.append(
+                f"client {site}: the ledger does not hold the head the server logged in round {h['round']} "
+                f"({h['release']}): entry {h['ledger_seq']} with hash {str(h['ledger_head'])[:16]}...; the ledger "
+                f"has {len(entries)} entries{more}. It was rewritten after the server logged it."
+            )
+    claim = a.claimed
+    if log is not None and claim is not None and log.reported:
+        eps, rnd, phase = max(log.reported)
+        if eps > claim * (1 + REPORTED_TOLERANCE) + 1e-12:
+            a.problems.append(
+                f"client {site} reported epsilon {eps:.6g} to the server in round {rnd} ({phase}), above the "
+                f"ledger's total {claim:.6g} ({claim_kind}): releases are missing from the ledger."
+            )
+    missing = [] if log is None else [r for r in log.releases if not _holds(entries, *r)]
+    for kind, rnd, stage, _ in sorted(set(missing), key=lambda x: (x[1], x[0], str(x[2]))):
+        a.problems.append(
+            f"client {site}: the server logged a {kind} release in round {rnd}"
+            + (f" ({stage} stage)" if stage else "")
+            + " that is not in the ledger."
+        )
+
+
 def audit_run(run_dir: str | os.PathLike | FinishedRun) -> RunAudit:
     """Audit every client ledger of ``run_dir`` (see the module docstring).
 
@@ -200,10 +302,12 @@ def audit_run(run_dir: str | os.PathLike | FinishedRun) -> RunAudit:
         if "epsilon" in c:
             reported[site] = float(c["epsilon"])
     try:
-        trained = _trained_clients(run.metrics())
+        records = run.metrics()
     except SecureFedVLPError as exc:
-        trained = set()
+        records = []
         problems.append(f"{exc} The clients that trained cannot be checked against the ledgers.")
+    trained = _trained_clients(records)
+    server_log = _server_log(records)
 
     ledgers = run.ledgers()
     audits = []
@@ -215,10 +319,11 @@ def audit_run(run_dir: str | os.PathLike | FinishedRun) -> RunAudit:
         a = ClientAudit(site, layout.relative(path), claimed_accountant=claim_kind, reported=reported.get(site))
         audits.append(a)
         try:
-            events = [e.event for e in read_ledger(path, client_id=site)]
+            entries = read_ledger(path, client_id=site)
         except LedgerError as exc:
             a.problems.append(f"tampered or damaged ledger: {exc}")
             continue
+        events = [e.event for e in entries]
         a.events = len(events)
         a.relation = ledger_relation(path)
         if a.relation != NEIGHBOURING_RELATION:
@@ -277,6 +382,8 @@ def audit_run(run_dir: str | os.PathLike | FinishedRun) -> RunAudit:
             a.problems.append(
                 f"mismatch: the run reported epsilon {a.reported:.6g}, the ledger gives {claim:.6g} ({claim_kind})."
             )
+        if priv.enabled:
+            _check_against_server(a, site, entries, server_log.get(site), claim_kind)
     return RunAudit(str(layout.root), delta, budget, audits, problems, scope=claim_scope(run.cfg))
 
 

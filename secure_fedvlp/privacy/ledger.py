@@ -43,9 +43,10 @@ What it does not detect
 The chain is unkeyed.  Someone who can write both files can rewrite them consistently (for
 example drop the last entries *and* rewrite the head, or recompute every hash).  Catching that
 needs a reference kept outside the client's control: pass ``expected_count`` /
-``expected_head_hash`` to :func:`verify_ledger` (for example the head hash a client reports to
-the server with each round's update, as logged by the server).  Deleting both files is
-likewise only detectable from outside.
+``expected_head_hash`` to :func:`verify_ledger`: in a run, the head hash and sequence number each
+DP reply carries to the server, which logs them and against which ``secure-fedvlp audit`` checks
+the ledger (:mod:`secure_fedvlp.privacy.audit`).  Deleting both files is likewise only detectable
+from outside.
 """
 
 from __future__ import annotations

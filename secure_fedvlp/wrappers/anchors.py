@@ -192,6 +192,7 @@ class AnchoredStrategyMixin:
         accepted = []
         for msg in grid.send_and_receive(msgs, timeout=timeout):
             site = self.site_name(msg)
+            self.note_ledger_head(server_round, msg, ANCHOR_QUERY)
             if self.note_budget_exhausted(server_round, msg, "anchors"):
                 continue
             reason = (

@@ -58,6 +58,7 @@ class ClientParts:
     trainer: Any  # LocalTrainer, or DPTrainer around it
     encryption: Any = None  # ClientEncryption when encryption is on
     extensions: list[Any] = field(default_factory=list)
+    ledger_path: Path | None = None  # the site's privacy ledger when DP is on (its head goes with every reply)
 
 
 def client_parts(
@@ -75,6 +76,7 @@ def client_parts(
     else:  # reproducible runs: a key anyone holding the config can derive
         trainer.set_site_key(seeded_site_key(cfg.run.seed, site.name))
     ledger = None
+    path = None
     if cfg.privacy.enabled and site.role == "train":  # a held-out site releases no DP output
         from secure_fedvlp.wrappers.dpsgd import DPTrainer, client_noise_multiplier, make_ledger
 
@@ -107,4 +109,4 @@ def client_parts(
                 cfg, ledger=ledger, fixed_point_bits=encryption.fixed_point_bits if encryption is not None else None
             )
         )
-    return ClientParts(trainer, encryption, extensions)
+    return ClientParts(trainer, encryption, extensions, path)

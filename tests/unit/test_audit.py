@@ -253,3 +253,79 @@ def test_a_directory_that_is_not_a_run_is_named_by_every_reader(tmp_path, capsys
         empirical_audit(empty)
     assert main(["report", str(empty)]) == 2
     assert "privacy.delta" in capsys.readouterr().err
+
+
+# -- the ledger anchored outside the client: the server logs each site's head -------------------------
+
+
+def test_the_server_logs_each_sites_ledger_head_and_the_honest_run_matches_it(run):
+    """Every DP reply (train, DRO-loss report, evaluate) carries the site's ledger head and sequence number; the
+    server writes them to its own metrics file, not the site's directory, and the honest ledger holds each."""
+    from secure_fedvlp.privacy.ledger import read_ledger, verify_ledger
+
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    heads = [r for r in rows if r.get("phase") == "ledger"]
+    for site in ("site1", "site2"):
+        mine = [r for r in heads if r["site"] == site]
+        releases = {(rnd, k) for rnd in (1, 2) for k in ("train", "dro-loss")}
+        assert {(r["round"], r["release"]) for r in mine} == releases | {(rnd, "evaluate") for rnd in (0, 1, 2)}
+        entries = read_ledger(_ledger(run, site))
+        for r in mine:  # the external reference the ledger code checks (seq -1: the empty ledger's genesis hash)
+            verify_ledger(
+                _ledger(run, site),
+                client_id=site,
+                expected_count=r["ledger_seq"] + 1,
+                expected_head_hash=r["ledger_head"],
+            )
+        assert max(r["ledger_seq"] for r in mine) == len(entries) - 1
+
+
+def _forge_ledger_without_round(run, site, drop_round):
+    """The attacker's consistent rewrite of ``site``'s records: its ledger re-recorded by the ledger code itself
+    without ``drop_round``'s releases (so the hash chain and the head file verify on their own), and report.json
+    rewritten from the forged ledgers by the report code."""
+    from secure_fedvlp.privacy.ledger import PrivacyLedger, head_path, read_ledger
+
+    path = _ledger(run, site)
+    kept = [e.event for e in read_ledger(path, client_id=site) if e.event.round != drop_round]
+    path.unlink()
+    head_path(path).unlink()
+    forged = PrivacyLedger(path, site)
+    for event in kept:
+        forged.record(event)
+    write_report(run)
+    return kept
+
+
+@pytest.mark.parametrize("drop_round", [2, 1])
+def test_a_consistent_rewrite_of_a_ledger_fails_against_the_servers_log(run, drop_round, capsys):
+    from secure_fedvlp.privacy.ledger import verify_ledger
+
+    before = json.loads((run / "report.json").read_text())["privacy"]["clients"]["site1"]["epsilon"]
+    kept = _forge_ledger_without_round(run, "site1", drop_round)
+    assert len(kept) == 2
+    assert verify_ledger(_ledger(run, "site1"), client_id="site1").count == 2  # the forgery verifies on its own
+    after = json.loads((run / "report.json").read_text())["privacy"]["clients"]["site1"]["epsilon"]
+    assert after < before  # and the rewritten report claims the lower epsilon
+    audit = audit_run(run)
+    assert not audit.ok
+    by_site = {c.client: c for c in audit.clients}
+    assert by_site["site2"].ok, by_site["site2"].problems  # the honest site still passes
+    problems = by_site["site1"].problems
+    assert all("site1" in p for p in problems), problems
+    assert any("head" in p and "the server logged" in p for p in problems), problems
+    assert any("reported epsilon" in p and "above the ledger's" in p for p in problems), problems
+    assert any(f"round {drop_round}" in p and "not in the ledger" in p for p in problems), problems
+    assert main(["audit", str(run)]) == 1
+    out = capsys.readouterr().out
+    assert "AUDIT FAILED" in out and "client site1" in out
+
+
+def test_the_dp_report_names_clear_evaluation_as_not_covered(run):
+    """Under DP the train replies carry no loss, so the report's not_covered names the clear evaluation metrics
+    (what they release) but no training losses."""
+    rep = json.loads((run / "report.json").read_text())
+    text = " ".join(rep["privacy"]["not_covered"])
+    assert "per-finding zero-shot AUROC" in text and "which findings occur" in text and "test-record count" in text
+    assert "training losses" not in text
+    assert rep["not_covered"] == rep["privacy"]["not_covered"]

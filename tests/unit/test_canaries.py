@@ -114,6 +114,7 @@ def _leaky_run(tmp_path, rounds, **extra):
         },
         train={"local_steps": 20, "batch_size": 16, "lr": 3e-3, "text_lr": 1e-3},
         eval={"every_round": False},
+        federation={"num_rounds": rounds},
         **extra,
     )
     run_dir = tmp_path / "run"
@@ -177,9 +178,31 @@ def test_a_false_claim_fails_the_audit(leaky_run, tmp_path, capsys):
         run_dir / "config.toml", ["privacy.enabled=true", "privacy.target_epsilon=0.3", "train.objective=decomposable"]
     )
     (run_dir / "config.toml").write_text(dump_toml(config_to_dict(claimed)))
-    for site in ("site1", "site2"):  # ledgers claiming much noise (a well-formed, hash-chained lie)
+    # Ledgers claiming much noise for every round the server logged (a well-formed, hash-chained lie), with the heads
+    # the server would have logged from the replies of such a run: noise not applied, yet every release accounted.
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recorder = RunRecorder(run_dir)
+    for site in ("site1", "site2"):
         led = make_ledger(run_dir / "clients" / site / "privacy_ledger.jsonl", site, claimed.privacy)
-        led.record(DPSGDEvent(noise_multiplier=20.0, sample_rate=0.1, steps=100, clip_norm=1.0, round=1, stage="full"))
+        for r in rows:
+            if r["phase"] == "train" and r["status"] == "ok" and r["site"] == site:
+                entry = led.record(
+                    DPSGDEvent(
+                        noise_multiplier=20.0, sample_rate=0.1, steps=10, clip_norm=1.0, round=r["round"], stage="full"
+                    )
+                )
+                recorder.record(
+                    {
+                        "round": r["round"],
+                        "phase": "ledger",
+                        "release": "train",
+                        "stage": "full",
+                        "site": site,
+                        "refused_for_budget": False,
+                        "ledger_head": entry.hash,
+                        "ledger_seq": entry.seq,
+                    }
+                )
     write_report(run_dir)
     emp = empirical_audit(run_dir)
     assert emp["claimed_epsilon"] < emp["epsilon_lower_bound"] and emp["verdict"] == "FAIL"

@@ -106,8 +106,9 @@ def test_encrypted_run_matches_plaintext_run(method, tmp_path):
     the optimizer, not of the encryption (with AdamW the runs differ by up to ~1e-3).
     """
     sgd = {"optimizer": "sgd", "lr": 0.05}
-    cfg = enc_cfg(tmp_path / "e", method, train=sgd)
-    plain_cfg = tiny_cfg(tmp_path / "e", method, train=sgd)  # same data cache and seeds, encryption off
+    two = {"num_rounds": 2}
+    cfg = enc_cfg(tmp_path / "e", method, train=sgd, federation=two)
+    plain_cfg = tiny_cfg(tmp_path / "e", method, train=sgd, federation=two)  # same data and seeds, encryption off
     _keys(cfg, tmp_path / "enc")
     _, res_enc, rec_enc, grid = run(cfg, tmp_path / "enc", encrypted=True, rounds=2)
     _, res_plain, _, _ = run(plain_cfg, tmp_path / "plain", encrypted=False, rounds=2)

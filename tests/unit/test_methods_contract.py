@@ -199,3 +199,30 @@ def test_clients_send_only_parameters_scalar_metrics_and_site_info(method, tmp_p
             assert all(isinstance(v, (int, float)) for v in m.values())
         for c in content.config_records.values():
             assert set(c.keys()) <= {"site", "role", "num-train", "reason"}
+
+
+def test_dp_replies_carry_the_ledger_head(dp_run):
+    """Under DP every reply of a training site (train, scalar report, evaluate) carries its ledger's head: the
+    hash and sequence number of its last entry, as the ledger file holds them, and nothing else; the held-out
+    site, which keeps no ledger, sends none."""
+    from secure_fedvlp.privacy.ledger import read_ledger
+    from secure_fedvlp.wire import LEDGER_HEAD, LEDGER_KEY, LEDGER_SEQ
+
+    site_of = {nid: s for nid, s in dp_run.strategy.sites.items()}
+    kinds = set()
+    for reply in dp_run.grid.replies:
+        site = site_of.get(reply.metadata.src_node_id)
+        if reply.has_error() or site is None or "info" not in reply.content.config_records:
+            continue
+        if reply.metadata.message_type == MessageType.QUERY and "metrics" not in reply.content.metric_records:
+            continue  # discovery (site-info) releases nothing
+        if site.role != "train":
+            assert LEDGER_KEY not in reply.content.config_records
+            continue
+        head = reply.content[LEDGER_KEY]
+        assert set(head.keys()) == {LEDGER_HEAD, LEDGER_SEQ}
+        entries = read_ledger(dp_run.tmp_path / "run" / "clients" / site.site / "privacy_ledger.jsonl")
+        seq = int(head[LEDGER_SEQ])
+        assert 0 <= seq < len(entries) and entries[seq].hash == head[LEDGER_HEAD] or seq == -1
+        kinds.add(reply.metadata.message_type)
+    assert kinds >= {MessageType.TRAIN, MessageType.EVALUATE}
