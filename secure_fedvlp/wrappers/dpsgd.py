@@ -46,9 +46,9 @@ the public DP parameters (noise multiplier, sample rate) and the privacy spent a
 are computed on private records with no noise, so they are *not* released:
 :meth:`DPTrainer.fit` writes them to the client's own disk
 (:meth:`RunLayout.local_train_metrics <secure_fedvlp.layout.RunLayout.local_train_metrics>`,
-beside its ledger) and its log, and strips them from the reply (:data:`RELEASED_TRAIN_METRICS` is the allow-list).  Beside the metrics, the client app
-adds the ledger's head (hash and sequence number of its last entry, a function of the public
-events) to every reply, for the server to log as the audit's external reference.
+beside its ledger) and its log, and strips them from the reply (:data:`RELEASED_TRAIN_METRICS` is the allow-list).
+Beside the metrics, the client app adds the ledger's head (hash and sequence number of its last
+entry, a function of the public events) to every reply, for the server to log as the audit's external reference.
 
 Scalar reports a method sends (FedDRA's DRO losses) go through :meth:`DPTrainer.answer_query`:
 per-record values are clipped to ``[0, C_r]``, summed, noised with ``N(0, (z_r C_r)^2)``, and
