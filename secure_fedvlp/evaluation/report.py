@@ -134,7 +134,8 @@ def releases_not_covered(cfg: ExperimentConfig) -> list[str]:
             f"evaluation metrics of every site on its {ev.split} split, sent to the server in clear "
             "(eval.release = 'clear'; not a DP release): the per-finding zero-shot AUROC, which findings occur in "
             "the split (a finding with a single class there has no AUROC key), retrieval Recall@K and the "
-            f"exact {ev.split}-record count (the split's exact size); each site evaluates only the current round's global model, once "
+            f"exact {ev.split}-record count (the split's exact size); "
+            "each site evaluates only the current round's global model, once "
             f"(at most {cfg.federation.num_rounds + 1} evaluations per site)"
         )
     return out
