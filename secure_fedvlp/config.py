@@ -373,6 +373,10 @@ class EncryptionConfig:
     # An encrypted aggregate of fewer contributions is not adopted (the global model is kept):
     # with one contributor the "aggregate" every site decrypts would be that site's own update.
     min_contributors: int = 2
+    # Public clip: every value a site encrypts is clipped to [-clip, clip] (after DP noise, so it is
+    # post-processing); with the largest admissible weight this keeps every sum inside the CKKS modulus,
+    # and a site refuses an aggregate whose decrypted magnitude exceeds clip x total weight.
+    clip: float = 100.0
 
     def __post_init__(self) -> None:
         from secure_fedvlp.encryption.params import PRESETS
@@ -387,6 +391,12 @@ class EncryptionConfig:
             "must be in [1, 128]",
         )
         check(self.min_contributors >= 1, "encryption.min_contributors", self.min_contributors, "must be >= 1")
+        check(
+            isinstance(self.clip, (int, float)) and math.isfinite(self.clip) and self.clip > 0,
+            "encryption.clip",
+            self.clip,
+            "must be a finite number > 0",
+        )
         check.done()
 
 

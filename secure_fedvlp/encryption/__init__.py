@@ -4,7 +4,10 @@ Parties: a key authority (:func:`init_keys`) creates one context per federation 
 the secret key (file mode 0600) and encrypt their weighted, already clipped and noised updates
 (:func:`encrypt_update`); the server holds a key-less context, checks what it can without keys and
 adds ciphertexts (:func:`aggregate_encrypted`, :func:`add_plaintext_noise`); clients decrypt and
-divide by the total weight (:func:`decrypt_aggregate`).  Packing several quantised values per slot
+divide by the total weight (:func:`decrypt_aggregate`).  In the Flower path each contribution is
+signed by its site's own Ed25519 key over its header, the ciphertext digest and a server nonce
+(:mod:`~secure_fedvlp.encryption.auth`), carries its weight inside every vector, and every site
+checks an aggregate before using it (:func:`check_and_decrypt`).  Packing several quantised values per slot
 (:class:`QuantizedPacking`) cuts the bytes per model value from ~32 to ~8-11.  Anything decrypted
 that leaves the key holders is either exact on the fixed-point grid it was encoded on (it then carries
 no CKKS error term) or noise-flooded first (:func:`noise_flood_for_export`).
@@ -15,11 +18,13 @@ from secure_fedvlp.encryption.aggregate import (
     AggregationResult,
     add_plaintext_noise,
     aggregate_encrypted,
+    check_and_decrypt,
     decrypt_aggregate,
     encrypt_update,
     flooding_sigma,
     noise_flood_for_export,
 )
+from secure_fedvlp.encryption.auth import ReplayGuard, SignedHeader, new_nonce
 from secure_fedvlp.encryption.envelope import EncryptedUpdate, validate
 from secure_fedvlp.encryption.keys import (
     EncryptionContext,
@@ -29,6 +34,7 @@ from secure_fedvlp.encryption.keys import (
     load_client_context,
     load_manifest,
     load_server_context,
+    load_signing_public_keys,
 )
 from secure_fedvlp.encryption.packing import (
     QuantizedPacking,
@@ -54,8 +60,11 @@ __all__ = [
     "QuantizedPacking",
     "EncryptionContext",
     "UpdateLayout",
+    "ReplayGuard",
+    "SignedHeader",
     "add_plaintext_noise",
     "aggregate_encrypted",
+    "check_and_decrypt",
     "codec_id",
     "context_fingerprint",
     "decode_sums",
@@ -70,6 +79,8 @@ __all__ = [
     "load_client_context",
     "load_manifest",
     "load_server_context",
+    "load_signing_public_keys",
+    "new_nonce",
     "noise_flood_for_export",
     "num_vectors",
     "preset",

@@ -42,7 +42,9 @@ from typing import NamedTuple
 
 import numpy as np
 import tenseal as ts
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from secure_fedvlp.encryption.auth import ReplayGuard, SignedHeader, sign_statement, verify_statement
 from secure_fedvlp.encryption.envelope import (
     KIND_AGGREGATE,
     EncryptedUpdate,
@@ -54,11 +56,16 @@ from secure_fedvlp.encryption.envelope import (
 )
 from secure_fedvlp.encryption.keys import EncryptionContext
 from secure_fedvlp.encryption.packing import (
+    PACKED_WEIGHT_BITS,
     QuantizedPacking,
     codec_id,
     decode_sums,
     encode_chunks,
+    exact_capacity,
+    grid_residual,
     num_vectors,
+    quantize_weight,
+    split_weight_slots,
 )
 from secure_fedvlp.errors import CiphertextError, KeyMaterialError
 
@@ -69,11 +76,19 @@ __all__ = [
     "aggregate_encrypted",
     "add_plaintext_noise",
     "decrypt_aggregate",
+    "check_and_decrypt",
+    "MAX_GRID_RESIDUAL",
     "noise_flood_for_export",
     "flooding_sigma",
 ]
 
 log = logging.getLogger(__name__)
+
+#: Largest distance (in grid steps) of a decrypted slot from its grid that a client accepts.  An honest
+#: sum lands within ~0.08 of a step (the CKKS error; the grid is sized so that 10 doubled-model standard
+#: deviations fit in half a step); a ciphertext under another key or an overflow of the modulus lands
+#: anywhere, ~0.5 at worst over a vector.
+MAX_GRID_RESIDUAL = 0.25
 
 
 def _encrypt(ctx: EncryptionContext, chunk: np.ndarray, scale_bits: int) -> ts.CKKSVector:
@@ -94,6 +109,8 @@ def encrypt_update(
     encrypt_weight: bool = False,
     max_clients: int | None = None,
     fixed_point_bits: int | None = None,
+    weight_slot: bool = False,
+    nonce: str | None = None,
 ) -> EncryptedUpdate:
     """Weight a (clipped, noised) flat update in plaintext and encrypt it.
 
@@ -121,6 +138,13 @@ def encrypt_update(
     fixed_point_bits
         Exact mode: encode on the ``2**-f`` grid (:func:`~secure_fedvlp.encryption.packing.fixed_point_bits_for`),
         so that decryption is exact.
+    weight_slot
+        Also encrypt the weight (rounded to the weight grid) in the last slot of every vector; the
+        clear weight is then that rounded weight.
+    nonce
+        The server's nonce for this site, round and stage.  When given, the update is signed with the
+        context's signing key (the site's own, from its key file) and ``client_id`` defaults to the
+        context's site.
 
     Returns
     -------
@@ -130,6 +154,18 @@ def encrypt_update(
         raise KeyMaterialError("Symmetric CKKS encryption needs the secret key; this context has none.")
     if not isinstance(round_id, int) or isinstance(round_id, bool) or round_id < 0:
         raise ValueError(f"round_id must be an integer >= 0. Found {round_id!r}.")
+    if nonce is not None:
+        if client_ctx.signing_key is None or client_ctx.site is None:
+            raise KeyMaterialError(
+                "This key file holds no signing key; create the run's keys again with `secure-fedvlp keys init`."
+            )
+        client_id = client_id or client_ctx.site
+        if client_id != client_ctx.site:
+            raise KeyMaterialError(f"This key file belongs to site {client_ctx.site!r}, not {client_id!r}.")
+    if weight_slot:
+        if encrypt_weight:
+            raise ValueError("weight_slot and encrypt_weight are alternatives; choose one.")
+        weight = quantize_weight(weight, packing, fixed_point_bits)
     vec = np.asarray(vector, dtype=np.float64).reshape(-1)
     chunks = encode_chunks(
         vec,
@@ -140,6 +176,7 @@ def encrypt_update(
         params=client_ctx.params,
         max_clients=max_clients,
         fixed_point_bits=fixed_point_bits,
+        weight_slot=weight_slot,
     )
     scale_bits = packing.scale_bits if packing is not None else client_ctx.params.global_scale_bits
     blobs = tuple(_encrypt(client_ctx, c, scale_bits).serialize() for c in chunks)
@@ -149,18 +186,23 @@ def encrypt_update(
         wchunk[0] = float(weight)
         wblob = _encrypt(client_ctx, wchunk, client_ctx.params.global_scale_bits).serialize()
     log.debug("Encrypted update for round %d stage %s into %d ciphertexts.", round_id, stage, len(blobs))
-    return EncryptedUpdate(
+    upd = EncryptedUpdate(
         fingerprint=client_ctx.fingerprint,
         round_id=round_id,
         stage=stage,
         client_id=client_id,
         num_values=int(vec.size),
         layout_hash=layout_hash,
-        codec=codec_id(client_ctx.params, packing, fixed_point_bits),
+        codec=codec_id(client_ctx.params, packing, fixed_point_bits, weight_slot),
         weight=None if encrypt_weight else float(weight),
         ciphertexts=blobs,
         weight_ciphertext=wblob,
+        nonce=nonce or "",
     )
+    if nonce is None:
+        return upd
+    assert client_ctx.signing_key is not None
+    return replace(upd, signature=sign_statement(upd.signed_header(), client_ctx.signing_key).signature)
 
 
 @dataclass
@@ -181,6 +223,9 @@ class AggregateCiphertext:
         Encrypted total weight (slot 0) when weights were encrypted.
     noised
         Whether server-side plaintext noise was added.
+    contributions
+        The signed header of every summed contribution (empty when contributions are unsigned), so
+        that each site can verify the signatures and the total weight itself.
     """
 
     fingerprint: str
@@ -194,6 +239,7 @@ class AggregateCiphertext:
     vectors: list[ts.CKKSVector] = field(repr=False)
     weight_vector: ts.CKKSVector | None = field(default=None, repr=False)
     noised: bool = False
+    contributions: tuple[SignedHeader, ...] = field(default=(), repr=False)
 
     def to_bytes(self) -> bytes:
         """Serialise (same framing as :meth:`EncryptedUpdate.to_bytes`), e.g. to keep it on the server
@@ -209,6 +255,7 @@ class AggregateCiphertext:
             "total_weight": self.total_weight,
             "has_weight_ciphertext": self.weight_vector is not None,
             "noised": self.noised,
+            "contributions": [h.to_dict() for h in self.contributions],
         }
         blobs = [v.serialize() for v in self.vectors]
         if self.weight_vector is not None:
@@ -232,6 +279,9 @@ class AggregateCiphertext:
                 raise CiphertextError(f"{what}: header announces a weight ciphertext but the frame holds none.")
             wvec = load_vector(ctx, blobs.pop(), f"{what}: weight ciphertext")
         vectors = [load_vector(ctx, b, f"{what}: ciphertext {i}") for i, b in enumerate(blobs)]
+        signed = header.get("contributions", [])
+        if not isinstance(signed, list):
+            raise CiphertextError(f"{what}: field 'contributions' is not a list.")
         return cls(
             fp,
             _field(header, "round_id", (int,), what),
@@ -244,6 +294,7 @@ class AggregateCiphertext:
             vectors,
             wvec,
             bool(header.get("noised", False)),
+            tuple(SignedHeader.from_dict(h, what) for h in signed),
         )
 
 
@@ -266,6 +317,10 @@ def aggregate_encrypted(
     packing: QuantizedPacking | None = None,
     encrypted_weight: bool = False,
     fixed_point_bits: int | None = None,
+    weight_slot: bool = False,
+    public_keys: Mapping[str, Ed25519PublicKey] | None = None,
+    nonces: Mapping[str, str] | None = None,
+    replay: ReplayGuard | None = None,
 ) -> AggregationResult:
     """Sum the valid contributions; drop each malformed one with its reason, never the round.
 
@@ -274,7 +329,8 @@ def aggregate_encrypted(
     server_ctx
         The server's key-less context (a client context works too, but is not needed).
     updates
-        Sender id (as the transport knows it) -> :class:`EncryptedUpdate` or its bytes.
+        Sender -> :class:`EncryptedUpdate` or its bytes.  The sender is the site the *transport*
+        authenticated (a Flower node mapped to its site), never the name inside the update.
     round_id
         The current round (earlier round ids are rejected as replays).
     num_values
@@ -285,9 +341,21 @@ def aggregate_encrypted(
         The run's packing (``None``: exact encoding).  At most ``packing.max_clients``
         contributions are summed; surplus ones are rejected with that reason.
     encrypted_weight
-        Whether weights travel encrypted.
+        Whether weights travel encrypted (in a separate vector).
     fixed_point_bits
         The run's fixed-point grid (exact mode), part of the expected codec.
+    weight_slot
+        Weights travel inside every vector (codec ``/ws``) as well as in the signed header.
+    public_keys
+        The sites' Ed25519 public keys (``manifest.json``).  When given, every contribution must be
+        signed by its sender's key over its header, the ciphertext digest and ``nonces[sender]``.
+    nonces
+        The nonce the server issued to each sender for this round and stage (required with
+        ``public_keys``; a sender without one is refused).
+    replay
+        Ciphertext digests accepted earlier in the run; a repeat is refused, and the digests of
+        this round's accepted contributions are added to it.  Two senders submitting the same
+        ciphertext in one round are both refused (which of them made it cannot be told).
 
     Returns
     -------
@@ -295,25 +363,41 @@ def aggregate_encrypted(
         The aggregate (``None`` if nothing was accepted), accepted ids in summation order (sorted),
         and ``{id: reason}`` for every rejected contribution.
     """
-    expected_codec = codec_id(server_ctx.params, packing, fixed_point_bits)
+    expected_codec = codec_id(server_ctx.params, packing, fixed_point_bits, weight_slot)
     accepted: list[str] = []
     rejected: dict[str, str] = {}
     sums: list[ts.CKKSVector] | None = None
     wsum: ts.CKKSVector | None = None
     total_weight = 0.0
-    seen_ids: set[str] = set()
+    signed: list[SignedHeader] = []
+    digests: list[str] = []
+    parsed: dict[str, EncryptedUpdate] = {}
     for sender in sorted(updates, key=str):
         item = updates[sender]
         try:
-            upd = item if isinstance(item, EncryptedUpdate) else EncryptedUpdate.from_bytes(item)
-            if upd.client_id and upd.client_id != str(sender):
+            parsed[str(sender)] = item if isinstance(item, EncryptedUpdate) else EncryptedUpdate.from_bytes(item)
+        except CiphertextError as e:
+            rejected[str(sender)] = str(e)
+            log.warning("Round %d: dropped contribution from %r: %s", round_id, sender, e)
+    by_digest: dict[str, list[str]] = {}
+    for sender, upd in parsed.items():
+        by_digest.setdefault(upd.digest(), []).append(sender)
+    for sender, upd in parsed.items():
+        try:
+            if upd.client_id and upd.client_id != sender:
                 raise CiphertextError(f"Update claims client id {upd.client_id!r} but arrived from {sender!r}.")
-            if str(sender) in seen_ids:
-                raise CiphertextError(f"Second update from {sender!r} in this round.")
+            twins = by_digest[upd.digest()]
+            if len(twins) > 1:
+                raise CiphertextError(
+                    f"Update from {sender!r} carries the same ciphertext as {sorted(set(twins) - {sender})}; "
+                    "which of them made it cannot be told, so every copy is refused."
+                )
             if packing is not None and len(accepted) >= packing.max_clients:
                 raise CiphertextError(
                     f"Packing capacity reached: at most max_clients={packing.max_clients} contributions can be summed."
                 )
+            if public_keys is not None and (nonces is None or sender not in nonces):
+                raise CiphertextError(f"Update from {sender!r}: the server issued no nonce to this sender.")
             vectors, wvec = validate(
                 upd,
                 server_ctx,
@@ -324,24 +408,34 @@ def aggregate_encrypted(
                 packing=packing,
                 expected_codec=expected_codec,
                 encrypted_weight=encrypted_weight,
+                weight_slot=weight_slot,
+                fixed_point_bits=fixed_point_bits,
+                public_keys=public_keys,
+                sender=sender,
+                expected_nonce=None if nonces is None else nonces.get(sender),
+                replay=replay,
             )
             # Add into new objects so that a failing addition (e.g. scale or level mismatch) leaves the
             # running sum untouched.
             new_sums = vectors if sums is None else [a + v for a, v in zip(sums, vectors, strict=True)]
             new_w = wvec if wsum is None or wvec is None else wsum + wvec
         except CiphertextError as e:
-            rejected[str(sender)] = str(e)
+            rejected[sender] = str(e)
             log.warning("Round %d: dropped contribution from %r: %s", round_id, sender, e)
             continue
         except Exception as e:  # TenSEAL raises ValueError/RuntimeError on incompatible ciphertexts
-            rejected[str(sender)] = f"Update from {sender!r} could not be added: {type(e).__name__}: {e}."
-            log.warning("Round %d: dropped contribution from %r: %s", round_id, sender, rejected[str(sender)])
+            rejected[sender] = f"Update from {sender!r} could not be added: {type(e).__name__}: {e}."
+            log.warning("Round %d: dropped contribution from %r: %s", round_id, sender, rejected[sender])
             continue
         sums, wsum = new_sums, new_w
-        seen_ids.add(str(sender))
-        accepted.append(str(sender))
+        accepted.append(sender)
+        digests.append(upd.digest())
+        if public_keys is not None:
+            signed.append(upd.signed_header())
         if upd.weight is not None:
             total_weight += upd.weight
+    if replay is not None:
+        replay.add(digests)
     if sums is None:
         log.warning("Round %d: no valid contribution (%d rejected).", round_id, len(rejected))
         return AggregationResult(None, accepted, rejected)
@@ -357,6 +451,7 @@ def aggregate_encrypted(
         total_weight=None if encrypted_weight else total_weight,
         vectors=sums,
         weight_vector=wsum,
+        contributions=tuple(signed),
     )
     return AggregationResult(aggregate, accepted, rejected)
 
@@ -388,9 +483,12 @@ def add_plaintext_noise(aggregate: AggregateCiphertext, noise_vector: np.ndarray
     if f is not None:  # keep the sum on the grid: noise rounded to 2**-f (post-processing of the Gaussian)
         noise = np.ldexp(np.rint(np.ldexp(noise, f)), -f)
     slots = aggregate.vectors[0].size()
-    padded = np.zeros(len(aggregate.vectors) * slots)
-    padded[: noise.size] = noise
-    new_vectors = [v + chunk.tolist() for v, chunk in zip(aggregate.vectors, padded.reshape(-1, slots), strict=True)]
+    per = slots - int(_has_weight_slot(aggregate.codec))  # the weight slot gets no noise
+    padded = np.zeros((len(aggregate.vectors), slots))
+    body = np.zeros(len(aggregate.vectors) * per)
+    body[: noise.size] = noise
+    padded[:, :per] = body.reshape(-1, per)
+    new_vectors = [v + chunk.tolist() for v, chunk in zip(aggregate.vectors, padded, strict=True)]
     return replace(aggregate, vectors=new_vectors, noised=True)
 
 
@@ -429,10 +527,11 @@ def decrypt_aggregate(
         raise CiphertextError(
             f"Aggregate fingerprint {aggregate.fingerprint!r} differs from this context's {client_ctx.fingerprint!r}."
         )
-    expected = codec_id(client_ctx.params, packing, fixed_point_bits)
+    ws = _has_weight_slot(aggregate.codec)
+    expected = codec_id(client_ctx.params, packing, fixed_point_bits, ws)
     if aggregate.codec != expected:
         raise CiphertextError(f"Aggregate codec {aggregate.codec!r} differs from the given packing's {expected!r}.")
-    n_vec = num_vectors(aggregate.num_values, client_ctx.slots, packing)
+    n_vec = num_vectors(aggregate.num_values, client_ctx.slots, packing, ws)
     if len(aggregate.vectors) != n_vec:
         raise CiphertextError(f"Aggregate holds {len(aggregate.vectors)} vectors; expected {n_vec}.")
     sk = client_ctx.context.secret_key()
@@ -444,7 +543,144 @@ def decrypt_aggregate(
         else:
             raise ValueError("The aggregate records no total weight; pass total_weight.")
     sums = np.concatenate([np.asarray(v.decrypt(sk), dtype=np.float64) for v in aggregate.vectors])
+    if ws:
+        sums, _ = split_weight_slots(sums, client_ctx.slots)
     return decode_sums(sums, aggregate.num_values, float(total_weight), packing, fixed_point_bits)
+
+
+def check_and_decrypt(
+    client_ctx: EncryptionContext,
+    aggregate: AggregateCiphertext,
+    public_keys: Mapping[str, Ed25519PublicKey],
+    *,
+    min_contributors: int,
+    fixed_point_bits: int | None = None,
+    packing: QuantizedPacking | None = None,
+    value_bound: float | None = None,
+    plain_sum: bool = False,
+) -> np.ndarray:
+    """A client's checks on an aggregate before it uses it, then the decrypted (weighted mean or sum).
+
+    Checks, in order (any failure raises :class:`CiphertextError` with the reason):
+
+    1. the aggregate carries one signed header per contributor, each by a distinct site of the
+       manifest, each signature valid, each header naming this aggregate's run, round, stage,
+       layout, codec and size; at least ``min_contributors`` of them;
+    2. the clear total weight equals the sum of the signed weights;
+    3. after decryption, every slot lies within :data:`MAX_GRID_RESIDUAL` of its grid (the
+       fixed-point grid ``2**-f``, or the integers for the packed codec): a ciphertext under another
+       key or an overflow of the modulus does not;
+    4. the weight slot of every vector equals the sum of the signed weights (a contribution whose
+       encrypted weight differs from its signed weight, or a vector multiplied by a plaintext, fails);
+    5. magnitude: every weighted sum is below the exact-mode capacity and, with ``value_bound``,
+       below ``value_bound`` times the total weight (the public clip every honest site applies).
+
+    Parameters
+    ----------
+    client_ctx
+        A context holding the secret key.
+    aggregate
+        The aggregate as received (codec with a weight slot: ``/ws``).
+    public_keys
+        The sites' public signing keys from the manifest.
+    min_contributors
+        Fewest contributions an aggregate may hold.
+    fixed_point_bits, packing
+        The run's encoding.
+    value_bound
+        Public bound on the absolute value of each (unweighted) value.
+    plain_sum
+        Return the decrypted sum instead of the weighted mean (anchors: a plain sum of weight-1
+        contributions plus the server's noise).
+
+    Returns
+    -------
+    numpy.ndarray
+        The weighted mean (or the sum with ``plain_sum``), length ``aggregate.num_values``.
+    """
+    what = f"aggregate of round {aggregate.round_id} ({aggregate.stage})"
+    if not client_ctx.can_decrypt:
+        raise KeyMaterialError("This context holds no secret key and cannot decrypt.")
+    if not _has_weight_slot(aggregate.codec):
+        raise CiphertextError(f"{what}: codec {aggregate.codec!r} carries no weight slot; refused.")
+    heads = aggregate.contributions
+    sites = [h.site for h in heads]
+    if len(set(sites)) != len(sites):
+        raise CiphertextError(f"{what}: a site appears twice among the contributors {sites}.")
+    if list(aggregate.contributors) != sites:
+        raise CiphertextError(f"{what}: contributors {list(aggregate.contributors)} differ from the signed {sites}.")
+    if len(heads) < min_contributors:
+        raise CiphertextError(
+            f"{what}: {len(heads)} signed contribution(s), fewer than min_contributors = {min_contributors}."
+        )
+    for h in heads:
+        verify_statement(h, public_keys, h.site)
+        got = (h.fingerprint, h.round_id, h.stage, h.num_values, h.layout_hash, h.codec)
+        want = (
+            aggregate.fingerprint,
+            aggregate.round_id,
+            aggregate.stage,
+            aggregate.num_values,
+            aggregate.layout_hash,
+            aggregate.codec,
+        )
+        if got != want:
+            raise CiphertextError(f"{what}: the signed header of {h.site!r} is for another aggregate ({got}).")
+    signed_total = float(sum(h.weight for h in heads))
+    if aggregate.total_weight is None or aggregate.total_weight != signed_total:
+        raise CiphertextError(
+            f"{what}: clear total weight {aggregate.total_weight!r} differs from the signed weights' sum "
+            f"{signed_total!r}."
+        )
+    ws_bits = PACKED_WEIGHT_BITS if packing is not None else fixed_point_bits
+    if ws_bits is None:
+        raise ValueError("check_and_decrypt needs a fixed-point grid or a packing (exact decryption).")
+    expected = codec_id(client_ctx.params, packing, fixed_point_bits, True)
+    if aggregate.codec != expected:
+        raise CiphertextError(f"{what}: codec {aggregate.codec!r} differs from this run's {expected!r}.")
+    n_vec = num_vectors(aggregate.num_values, client_ctx.slots, packing, True)
+    if len(aggregate.vectors) != n_vec:
+        raise CiphertextError(f"{what}: holds {len(aggregate.vectors)} vectors; expected {n_vec}.")
+    sk = client_ctx.context.secret_key()
+    raw = np.concatenate([np.asarray(v.decrypt(sk), dtype=np.float64) for v in aggregate.vectors])
+    data, wslots = split_weight_slots(raw, client_ctx.slots)
+    data_bits = 0 if packing is not None else int(fixed_point_bits)  # type: ignore[arg-type]
+    residual = max(grid_residual(data, data_bits), grid_residual(wslots, 0 if packing is not None else data_bits))
+    if residual > MAX_GRID_RESIDUAL:
+        raise CiphertextError(
+            f"{what}: decrypted values lie {residual:.3f} of a grid step off their grid (an honest sum stays "
+            f"within {MAX_GRID_RESIDUAL}): a ciphertext under another key, an overflow of the modulus or tampering."
+        )
+    if packing is not None:
+        w_units = np.rint(wslots)
+        want_units = float(sum(round(h.weight * 2**PACKED_WEIGHT_BITS) for h in heads))
+    else:
+        w_units = np.rint(np.ldexp(wslots, data_bits))
+        want_units = float(sum(round(math.ldexp(h.weight, data_bits)) for h in heads))
+    if not np.all(w_units == want_units):
+        bad = float(w_units[np.argmax(w_units != want_units)])
+        raise CiphertextError(
+            f"{what}: the decrypted total weight ({bad} grid units) differs from the sum of the signed weights "
+            f"({want_units}): a contribution encrypted another weight than it signed, or a vector was scaled."
+        )
+    if packing is None:
+        sums = np.ldexp(np.rint(np.ldexp(data[: aggregate.num_values], data_bits)), -data_bits)
+        peak = float(np.max(np.abs(sums))) if sums.size else 0.0
+        limit = exact_capacity(client_ctx.params)
+        if value_bound is not None:
+            limit = min(limit, float(value_bound) * signed_total * (1 + 1e-9) + len(heads) * 2.0**-data_bits)
+        if peak > limit:
+            raise CiphertextError(
+                f"{what}: a decrypted weighted sum has magnitude {peak:.4g}, above the bound {limit:.4g} "
+                "(public clip times total weight): not a sum of clipped contributions."
+            )
+    if plain_sum:
+        return decode_sums(data, aggregate.num_values, 1.0, packing, fixed_point_bits)
+    return decode_sums(data, aggregate.num_values, signed_total, packing, fixed_point_bits)
+
+
+def _has_weight_slot(codec: str) -> bool:
+    return codec.endswith("/ws")
 
 
 def _fixed_point_bits(codec: str) -> int | None:

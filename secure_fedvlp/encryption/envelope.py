@@ -12,10 +12,17 @@ weight itself is sensitive (e.g. DRO mixture weights that reveal losses), ``encr
 puts the weight into one extra CKKS vector (slot 0) instead; the clear field is then ``None`` and
 the clients decrypt the total weight together with the aggregate.
 
+Signed contributions (the Flower path): the header also carries the server's ``nonce`` for this
+site, round and stage and the site's Ed25519 ``signature`` over the header fields and the digest of
+the ciphertext bytes (:mod:`secure_fedvlp.encryption.auth`); :func:`validate` checks them when it
+is given the run's public keys.  The weight then also travels *inside* the ciphertexts (codec
+suffix ``/ws``: the last slot of every vector), so the clients can compare the decrypted total
+weight with the sum of the signed weights.
+
 Framing (``to_bytes``): ``b"SFVLPENC" | u16 version | u8 kind | u32 header length | JSON header |
-u32 count | count x (u64 length | ciphertext bytes) | sha256 of everything before``.  The digest
-detects truncation and transport corruption; it is **not** authentication (anyone can recompute
-it; the network layer, Flower's TLS and node authentication, is what authenticates senders).
+u32 count | count x (u64 length | ciphertext bytes) | sha256 of everything before``.  The trailing
+sha256 detects truncation and transport corruption; it is **not** authentication (anyone can
+recompute it).  The signature is.
 """
 
 from __future__ import annotations
@@ -24,20 +31,22 @@ import hashlib
 import json
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import tenseal as ts
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from secure_fedvlp.encryption.auth import ReplayGuard, SignedHeader, ciphertext_digest, verify_statement
 from secure_fedvlp.encryption.keys import EncryptionContext
-from secure_fedvlp.encryption.packing import QuantizedPacking, num_vectors
+from secure_fedvlp.encryption.packing import QuantizedPacking, num_vectors, weight_quantum
 from secure_fedvlp.errors import CiphertextError
 
 __all__ = ["EncryptedUpdate", "validate", "max_ciphertext_bytes", "load_vector"]
 
 _MAGIC = b"SFVLPENC"
-_VERSION = 1
+_VERSION = 2
 KIND_UPDATE = 1
 KIND_AGGREGATE = 2
 _KIND_NAMES = {KIND_UPDATE: "encrypted update", KIND_AGGREGATE: "encrypted aggregate"}
@@ -140,6 +149,10 @@ class EncryptedUpdate:
         Serialised TenSEAL CKKS vectors, one ciphertext each.
     weight_ciphertext
         Serialised CKKS vector with the weight in slot 0, when ``encrypt_weight`` was used.
+    nonce
+        The server's nonce for this site, round and stage (``""`` when unsigned).
+    signature
+        The site's Ed25519 signature (hex) over :meth:`signed_header` (``""`` when unsigned).
     """
 
     fingerprint: str
@@ -152,6 +165,29 @@ class EncryptedUpdate:
     weight: float | None
     ciphertexts: tuple[bytes, ...] = field(repr=False)
     weight_ciphertext: bytes | None = field(default=None, repr=False)
+    nonce: str = ""
+    signature: str = field(default="", repr=False)
+
+    def digest(self) -> str:
+        """sha256 over the ciphertext bytes (:func:`~secure_fedvlp.encryption.auth.ciphertext_digest`)."""
+        blobs = list(self.ciphertexts) + ([self.weight_ciphertext] if self.weight_ciphertext is not None else [])
+        return ciphertext_digest(blobs)
+
+    def signed_header(self) -> SignedHeader:
+        """What the site signs: the header fields, the ciphertext digest and the nonce."""
+        return SignedHeader(
+            fingerprint=self.fingerprint,
+            round_id=int(self.round_id),
+            stage=self.stage,
+            site=self.client_id,
+            num_values=int(self.num_values),
+            layout_hash=self.layout_hash,
+            codec=self.codec,
+            weight=float(self.weight) if self.weight is not None else float("nan"),
+            digest=self.digest(),
+            nonce=self.nonce,
+            signature=self.signature,
+        )
 
     @property
     def nbytes(self) -> int:
@@ -170,6 +206,8 @@ class EncryptedUpdate:
             "codec": self.codec,
             "weight": self.weight,
             "has_weight_ciphertext": self.weight_ciphertext is not None,
+            "nonce": self.nonce,
+            "signature": self.signature,
         }
         blobs = list(self.ciphertexts) + ([self.weight_ciphertext] if self.weight_ciphertext is not None else [])
         return _frame(KIND_UPDATE, header, blobs)
@@ -194,12 +232,14 @@ class EncryptedUpdate:
         codec = _field(header, "codec", (str,), what)
         w = _field(header, "weight", (float, int), what, nullable=True)
         has_w = _field(header, "has_weight_ciphertext", (bool,), what)
+        nonce = _field(header, "nonce", (str,), what)
+        sig = _field(header, "signature", (str,), what)
         wct = None
         if has_w:
             if not blobs:
                 raise CiphertextError(f"{what}: header announces a weight ciphertext but the frame holds none.")
             wct = blobs.pop()
-        return cls(fp, rid, stage, cid, nv, lh, codec, None if w is None else float(w), tuple(blobs), wct)
+        return cls(fp, rid, stage, cid, nv, lh, codec, None if w is None else float(w), tuple(blobs), wct, nonce, sig)
 
 
 def max_ciphertext_bytes(ctx: EncryptionContext) -> int:
@@ -238,6 +278,12 @@ def validate(
     packing: QuantizedPacking | None = None,
     expected_codec: str | None = None,
     encrypted_weight: bool = False,
+    weight_slot: bool = False,
+    fixed_point_bits: int | None = None,
+    public_keys: Mapping[str, Ed25519PublicKey] | None = None,
+    sender: str | None = None,
+    expected_nonce: str | None = None,
+    replay: ReplayGuard | None = None,
 ) -> tuple[list[ts.CKKSVector], ts.CKKSVector | None]:
     """Check what the server can check without keys, and load the ciphertexts.
 
@@ -262,6 +308,16 @@ def validate(
         The packing in use (sets the expected number of vectors and the weight range).
     encrypted_weight
         Whether contributions must carry an encrypted weight instead of a clear one.
+    weight_slot, fixed_point_bits
+        The weight travels in the last slot of every vector; the clear (signed) weight must then lie
+        on the weight grid (:func:`~secure_fedvlp.encryption.packing.weight_quantum`).
+    public_keys, sender
+        When given, the contribution must carry a valid Ed25519 signature by ``sender``'s key
+        (``sender``: the site the transport authenticated) and name ``sender`` as its site.
+    expected_nonce
+        The nonce the server issued to ``sender`` for this round and stage.
+    replay
+        Ciphertext digests already received in the run; a repeated digest is refused.
 
     Returns
     -------
@@ -308,6 +364,22 @@ def validate(
             problems.append(f"weight {w!r} is not a finite number > 0")
         elif packing is not None and w > packing.max_weight * (1 + 1e-12):
             problems.append(f"weight {w!r} exceeds the packing's max_weight {packing.max_weight!r}")
+        elif weight_slot and (q := weight_quantum(packing, fixed_point_bits)) is not None and (w / q) != round(w / q):
+            problems.append(f"weight {w!r} is not on the weight grid {q!r}")
+    if expected_nonce is not None and update.nonce != expected_nonce:
+        problems.append("nonce differs from the one the server issued for this site, round and stage")
+    if public_keys is not None:
+        if sender is None:
+            raise ValueError("validate: public_keys needs the authenticated sender.")
+        try:
+            verify_statement(update.signed_header(), public_keys, sender)
+        except CiphertextError as exc:
+            problems.append(str(exc))
+    if replay is not None:
+        try:
+            replay.check(update.digest())
+        except CiphertextError as exc:
+            problems.append(str(exc))
     if problems:
         raise CiphertextError(f"Update from {update.client_id!r} rejected: " + "; ".join(problems) + ".")
     vectors = [

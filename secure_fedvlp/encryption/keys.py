@@ -8,7 +8,13 @@
   save_galois_keys=False, save_relin_keys=False)``: sums need neither Galois nor relinearisation
   keys, so they are dropped (for the symmetric presets the server file then holds only the
   parameters, a few dozen bytes);
-* ``manifest.json``: run id, parameters, fingerprint, file names.  Not secret.
+* ``manifest.json``: run id, parameters, fingerprint, file names and each site's Ed25519
+  *signing public key* (``signing_public_keys``).  Not secret, but it is the trust anchor for
+  signatures: every party must read it from the key authority, not from the server.
+
+Each client file also names its site and holds that site's own Ed25519 *signing key* (in its
+header; the file is mode 0600).  The CKKS secret key is shared by every site; the signing keys are
+not: a signature shows which site made a contribution (:mod:`secure_fedvlp.encryption.auth`).
 
 Every file is a small container: ``MAGIC | u32 header length | JSON header | TenSEAL bytes``; the
 header names the role, the run's ``context_id`` (a random 128-bit nonce), the parameters, the
@@ -18,7 +24,8 @@ Fingerprint: ``sha256("secure_fedvlp/ckks-context/v1" | context_id | public seri
 first 32 characters.  The nonce matters: with symmetric encryption the public serialisation holds
 only the parameters, so two runs with equal parameters would otherwise share a fingerprint.  The
 fingerprint is a *label* the server can check without keys (it catches updates made under another
-run's context); it is not authentication -- ciphertexts are unauthenticated.
+run's context); it is not authentication.  Authentication is the signature each site puts on its
+contribution (:mod:`secure_fedvlp.encryption.auth`).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import tenseal as ts
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from secure_fedvlp.encryption.params import CKKSParams
 from secure_fedvlp.errors import ConfigError, KeyMaterialError
@@ -50,6 +58,7 @@ __all__ = [
     "load_client_context",
     "load_server_context",
     "load_manifest",
+    "load_signing_public_keys",
     "context_fingerprint",
     "make_context",
 ]
@@ -133,6 +142,8 @@ class EncryptionContext:
     params: CKKSParams
     role: str
     fingerprint: str
+    site: str | None = None
+    signing_key: Ed25519PrivateKey | None = field(default=None, repr=False, compare=False)
 
     @property
     def slots(self) -> int:
@@ -307,9 +318,12 @@ def init_keys(
     secret_body = ctx.serialize(
         save_public_key=not params.symmetric, save_secret_key=True, save_galois_keys=False, save_relin_keys=False
     )
-    client_blob = _frame({**base, "role": "client"}, secret_body)
-    for path in client_paths.values():
-        _write_private(path, client_blob, overwrite)
+    signing_public: dict[str, str] = {}
+    for cid, path in client_paths.items():
+        sk = Ed25519PrivateKey.generate()  # one per site, from the OS CSPRNG
+        signing_public[cid] = sk.public_key().public_bytes_raw().hex()
+        header = {**base, "role": "client", "site": cid, "signing_key": sk.private_bytes_raw().hex()}
+        _write_private(path, _frame(header, secret_body), overwrite)
     server_blob = _frame({**base, "role": "server"}, _public_bytes(ctx, params.symmetric))
     _write_public(server_path, server_blob)
     manifest = {
@@ -318,6 +332,8 @@ def init_keys(
         "security_bits": params.security_bits,
         "server_file": server_path.name,
         "client_files": {cid: p.name for cid, p in client_paths.items()},
+        "signing_algorithm": "ed25519",
+        "signing_public_keys": signing_public,
     }
     _write_public(manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     log.info(
@@ -346,6 +362,33 @@ def load_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+def load_signing_public_keys(path: str | os.PathLike[str], fingerprint: str) -> dict[str, Ed25519PublicKey]:
+    """The sites' Ed25519 public keys from ``manifest.json``, for the run with ``fingerprint``.
+
+    Raises
+    ------
+    KeyMaterialError
+        The manifest belongs to another run (fingerprint), lists no signing keys (made before
+        contributions were signed: run ``secure-fedvlp keys init`` again), or holds a malformed key.
+    """
+    manifest = load_manifest(path)
+    where = Path(path) / MANIFEST_NAME if Path(path).is_dir() else Path(path)
+    if manifest["fingerprint"] != fingerprint:
+        raise KeyMaterialError(f"{where} is for context {manifest['fingerprint']!r}, not this run's {fingerprint!r}.")
+    keys = manifest.get("signing_public_keys")
+    if not isinstance(keys, dict) or not keys:
+        raise KeyMaterialError(
+            f"{where} lists no 'signing_public_keys'; create the run's keys again with `secure-fedvlp keys init`."
+        )
+    out: dict[str, Ed25519PublicKey] = {}
+    for site, hexkey in keys.items():
+        try:
+            out[str(site)] = Ed25519PublicKey.from_public_bytes(bytes.fromhex(str(hexkey)))
+        except ValueError as e:
+            raise KeyMaterialError(f"{where}: signing public key of site {site!r} is malformed: {e}.") from e
+    return out
+
+
 def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -364,7 +407,14 @@ def _wrap(header: dict[str, Any], ctx: ts.Context, role: str, path: Path) -> Enc
         raise KeyMaterialError(
             f"{path}: recomputed fingerprint {fp} differs from the recorded {header.get('fingerprint')}."
         )
-    return EncryptionContext(ctx, context_id, params, role, fp)
+    signing_key = None
+    if header.get("signing_key") is not None:
+        try:
+            signing_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(str(header["signing_key"])))
+        except ValueError as e:
+            raise KeyMaterialError(f"{path}: its signing key is malformed: {e}.") from e
+    site = header.get("site")
+    return EncryptionContext(ctx, context_id, params, role, fp, None if site is None else str(site), signing_key)
 
 
 def load_client_context(

@@ -71,12 +71,19 @@ __all__ = [
     "codec_id",
     "fixed_point_bits_for",
     "fixed_point_failure_bound",
+    "PACKED_WEIGHT_BITS",
+    "weight_quantum",
+    "quantize_weight",
+    "split_weight_slots",
+    "grid_residual",
 ]
 
 #: Tail multiple of the noise std that the packed scale must cover (per-slot failure < 2**-75).
 NOISE_TAIL_SIGMAS = 10.0
 #: Largest packed slot value, in bits (stays far below the 53-bit float64 mantissa).
 MAX_PACKED_BITS = 46
+#: Fractional bits of a weight in the weight slot of a packed vector (weights are quantised to 2**-16).
+PACKED_WEIGHT_BITS = 16
 
 
 # --------------------------------------------------------------------------------------- layout
@@ -324,22 +331,72 @@ class QuantizedPacking:
         }
 
 
-def codec_id(params: CKKSParams, packing: QuantizedPacking | None, fixed_point_bits: int | None = None) -> str:
-    """Short public description of the encoding; the server rejects updates whose codec differs."""
+def codec_id(
+    params: CKKSParams,
+    packing: QuantizedPacking | None,
+    fixed_point_bits: int | None = None,
+    weight_slot: bool = False,
+) -> str:
+    """Short public description of the encoding; the server rejects updates whose codec differs.
+
+    ``/ws`` at the end: the last slot of every vector holds the contribution's weight.
+    """
+    ws = "/ws" if weight_slot else ""
     if packing is None:
         fp = f"/f{int(fixed_point_bits)}" if fixed_point_bits is not None else ""
-        return f"exact/s{params.global_scale_bits}{fp}"
+        return f"exact/s{params.global_scale_bits}{fp}{ws}"
     p = packing
     return (
         f"packed/b{p.value_bits}/B{p.bound!r}/K{p.max_clients}/w{p.max_weight!r}"
-        f"/d{p.digit_bits}x{p.digits_per_slot}/s{p.scale_bits}"
+        f"/d{p.digit_bits}x{p.digits_per_slot}/s{p.scale_bits}{ws}"
     )
 
 
-def num_vectors(num_values: int, slots: int, packing: QuantizedPacking | None = None) -> int:
-    """Number of CKKS vectors (one ciphertext each) that ``num_values`` values need."""
-    per = slots * (packing.digits_per_slot if packing is not None else 1)
+def num_vectors(num_values: int, slots: int, packing: QuantizedPacking | None = None, weight_slot: bool = False) -> int:
+    """Number of CKKS vectors (one ciphertext each) that ``num_values`` values need.
+
+    With ``weight_slot`` the last slot of each vector carries the weight, not a value.
+    """
+    per = (slots - int(bool(weight_slot))) * (packing.digits_per_slot if packing is not None else 1)
     return -(-int(num_values) // per)
+
+
+def weight_quantum(packing: QuantizedPacking | None, fixed_point_bits: int | None) -> float | None:
+    """Grid of a weight carried in a weight slot: ``2**-16`` packed, ``2**-f`` fixed point, else none."""
+    if packing is not None:
+        return 2.0**-PACKED_WEIGHT_BITS
+    if fixed_point_bits is not None:
+        return 2.0 ** -int(fixed_point_bits)
+    return None
+
+
+def quantize_weight(
+    weight: float, packing: QuantizedPacking | None = None, fixed_point_bits: int | None = None
+) -> float:
+    """``weight`` rounded to :func:`weight_quantum` (exactly representable; what a site signs and encrypts)."""
+    w = float(weight)
+    if not (math.isfinite(w) and w > 0):
+        raise ValueError(f"weight must be a finite number > 0. Found {weight!r}.")
+    q = weight_quantum(packing, fixed_point_bits)
+    if q is None:
+        return w
+    bits = -math.frexp(q)[1] + 1  # q == 2**-bits
+    wq = math.ldexp(round(math.ldexp(w, bits)), -bits)
+    if wq <= 0:
+        raise ValueError(f"weight {weight!r} rounds to 0 on the weight grid {q!r}.")
+    return wq
+
+
+def split_weight_slots(sums: np.ndarray, slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(data slots concatenated, weight slot of each vector)`` of decrypted vectors with a weight slot."""
+    s = np.asarray(sums, dtype=np.float64).reshape(-1, slots)
+    return s[:, :-1].reshape(-1), s[:, -1].copy()
+
+
+def grid_residual(values: np.ndarray, step_bits: int) -> float:
+    """Largest distance, in grid steps, of ``values`` from the grid ``2**-step_bits`` (0 for an empty array)."""
+    v = np.ldexp(np.asarray(values, dtype=np.float64), int(step_bits))
+    return float(np.max(np.abs(v - np.rint(v)))) if v.size else 0.0
 
 
 def exact_capacity(params: CKKSParams) -> float:
@@ -408,6 +465,7 @@ def encode_chunks(
     params: CKKSParams | None = None,
     max_clients: int | None = None,
     fixed_point_bits: int | None = None,
+    weight_slot: bool = False,
 ) -> list[np.ndarray]:
     """Weight a flat update and cut it into slot vectors ready for encryption.
 
@@ -429,6 +487,10 @@ def encode_chunks(
     fixed_point_bits
         Exact mode only (optional): round the weighted values to multiples of ``2**-f``
         (see :func:`fixed_point_bits_for`).
+    weight_slot
+        Put the weight itself (rounded by :func:`quantize_weight`; packed: as the integer
+        ``w * 2**16``) into the last slot of every vector, so that the weight travels inside the
+        same ciphertexts as the weighted values and the decrypted sum carries the total weight.
 
     Returns
     -------
@@ -438,6 +500,8 @@ def encode_chunks(
     vec = _check_vector(vector)
     if not (math.isfinite(weight) and weight > 0):
         raise ValueError(f"weight must be a finite number > 0. Found {weight!r}.")
+    if weight_slot:  # the weight in the slot and the weight the values are multiplied by must agree exactly
+        weight = quantize_weight(weight, packing, fixed_point_bits)
     n = vec.size
     if packing is None:
         data = vec * float(weight)
@@ -450,10 +514,7 @@ def encode_chunks(
                 )
         if fixed_point_bits is not None:  # exact multiples of 2**-f (powers of two: no float error)
             data = np.ldexp(np.rint(np.ldexp(data, int(fixed_point_bits))), -int(fixed_point_bits))
-        total = num_vectors(n, slots) * slots
-        padded = np.zeros(total, dtype=np.float64)
-        padded[:n] = data
-        return list(padded.reshape(-1, slots))
+        return _lay_out(data, slots, weight_slot, quantize_weight(weight, None, fixed_point_bits))
     if weight > packing.max_weight * (1 + 1e-12):
         raise ValueError(f"weight {weight!r} exceeds the packing's max_weight {packing.max_weight!r}.")
     levels = packing.levels
@@ -465,13 +526,28 @@ def encode_chunks(
         zi = np.floor(z + rng.random(z.shape))
     zi = np.clip(zi, 0, math.ceil(packing.max_weight * levels)).astype(np.int64)
     k, d = packing.digits_per_slot, packing.digit_bits
-    nvec = num_vectors(n, slots, packing)
-    digits = np.zeros(nvec * slots * k, dtype=np.int64)
+    nslots = -(-n // k)
+    digits = np.zeros(nslots * k, dtype=np.int64)
     digits[:n] = zi
     digits = digits.reshape(-1, k)
     shifts = np.arange(k, dtype=np.int64) * d
     packed = np.sum(digits << shifts, axis=1)  # < 2**(k*d) <= 2**46: exact in int64 and float64
-    return list(packed.astype(np.float64).reshape(nvec, slots))
+    wslot = float(round(quantize_weight(weight, packing) * 2**PACKED_WEIGHT_BITS))
+    if weight_slot and packing.max_clients * packing.max_weight * 2**PACKED_WEIGHT_BITS >= 2.0 ** (k * d):
+        raise ValueError("The packing's slots are too small to carry max_clients weights in the weight slot.")
+    return _lay_out(packed.astype(np.float64), slots, weight_slot, wslot)
+
+
+def _lay_out(data: np.ndarray, slots: int, weight_slot: bool, weight_value: float) -> list[np.ndarray]:
+    """Cut slot values into zero-padded vectors of ``slots``; with ``weight_slot`` the last slot holds the weight."""
+    per = slots - int(bool(weight_slot))
+    nvec = -(-data.size // per)
+    body = np.zeros(nvec * per, dtype=np.float64)
+    body[: data.size] = data
+    body = body.reshape(nvec, per)
+    if weight_slot:
+        body = np.concatenate([body, np.full((nvec, 1), float(weight_value))], axis=1)
+    return list(body)
 
 
 def decode_sums(

@@ -174,6 +174,10 @@ class AnchoredStrategyMixin:
                 m.content[ANCHORS_KEY] = self.current_anchors
         return messages
 
+    def anchor_query_config(self, server_round: int, node_id: int) -> ConfigRecord:
+        """Config of the anchor query sent to ``node_id`` (the encryption wrapper adds its nonce)."""
+        return ConfigRecord({QUERY: ANCHOR_QUERY, SERVER_ROUND: server_round})
+
     def anchor_round(self, server_round: int, grid: Grid, arrays: ArrayRecord, timeout: float) -> None:
         """Collect the sites' clipped anchor sums and release the noised bank for this round's training."""
         self.current_anchors = None
@@ -181,9 +185,7 @@ class AnchoredStrategyMixin:
         nodes = self.train_nodes()
         msgs = [
             Message(
-                RecordDict(
-                    {ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord({QUERY: ANCHOR_QUERY, SERVER_ROUND: server_round})}
-                ),
+                RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: self.anchor_query_config(server_round, nid)}),
                 dst_node_id=nid,
                 message_type=MessageType.QUERY,
             )

@@ -169,6 +169,8 @@ def _reframe(blob, **changes):
             "weight",
             "ciphertexts",
             "weight_ciphertext",
+            "nonce",
+            "signature",
         )
     }
     fields.update(changes)

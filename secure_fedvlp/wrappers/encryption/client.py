@@ -1,21 +1,32 @@
-"""The client side of encrypted aggregation (CKKS): a site's key-holding state and its Flower mod."""
+"""The client side of encrypted aggregation (CKKS): a site's key-holding state and its Flower mod.
+
+A site signs every contribution with its own Ed25519 key over the server's nonce for the round
+and stage, encrypts its weight in every vector, clips every value to the public ``encryption.clip``
+first, and checks every aggregate before it uses it
+(:func:`~secure_fedvlp.encryption.check_and_decrypt`: signatures, contributor count, total weight,
+grid residual, magnitude).  An aggregate that fails is refused with the reason in the site's log,
+and the site keeps the previous model it accepted.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDict
 
 from secure_fedvlp.encryption import (
     AggregateCiphertext,
     EncryptionContext,
-    decrypt_aggregate,
+    check_and_decrypt,
     encrypt_update,
     flatten_update,
     load_client_context,
+    load_signing_public_keys,
     unflatten_update,
 )
 from secure_fedvlp.encryption.packing import UpdateLayout
@@ -29,6 +40,7 @@ from secure_fedvlp.wire import (
     numpy_to_arrays,
 )
 from secure_fedvlp.wrappers.encryption.records import (
+    NONCE_KEY,
     WEIGHT_KEY,
     anchor_layout_hash,
     blob_record,
@@ -41,15 +53,24 @@ from secure_fedvlp.wrappers.encryption.settings import EncryptionSettings
 
 __all__ = ["ClientEncryption", "make_encryption_mod"]
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ClientEncryption:
-    """One site's encryption state: its key-holding context, the model layout and the run's settings."""
+    """One site's encryption state: its key-holding context, the model layout and the run's settings.
+
+    ``public_keys`` are the sites' signing public keys from the manifest; ``memory`` holds the last
+    global model the site accepted (``"previous"``) and the reasons of the aggregates it refused
+    (``"refused"``).
+    """
 
     ctx: EncryptionContext
     layout: UpdateLayout
     site: str
     settings: EncryptionSettings
+    public_keys: Mapping[str, Ed25519PublicKey] = field(default_factory=dict, repr=False)
+    memory: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def fixed_point_bits(self) -> int:
@@ -81,24 +102,67 @@ class ClientEncryption:
             raise KeyMaterialError(
                 f"{path} was made for other CKKS parameters than encryption.preset = {settings.preset!r}."
             )
-        return cls(ctx, layout_of(reference_state), site, settings)
+        if ctx.site is not None and ctx.site != site:
+            raise KeyMaterialError(f"{path} is site {ctx.site!r}'s key file, not site {site!r}'s.")
+        if ctx.signing_key is None:
+            raise KeyMaterialError(
+                f"{path} holds no signing key (made before contributions were signed); create the run's keys "
+                f"again with `secure-fedvlp keys init --out {settings.key_dir} --clients <every site>`."
+            )
+        public_keys = load_signing_public_keys(settings.manifest, ctx.fingerprint)
+        return cls(ctx, layout_of(reference_state), site, settings, public_keys)
+
+    def remember(self, state: Mapping[str, np.ndarray]) -> None:
+        """Keep ``state`` as the last global model this site accepted."""
+        self.memory["previous"] = {k: np.array(v, dtype=np.float32, copy=True) for k, v in state.items()}
+
+    def refused(self) -> list[str]:
+        """Reasons of the aggregates this site refused, oldest first."""
+        return list(self.memory.get("refused", []))
 
     def decrypt_global(self, record: ArrayRecord) -> dict[str, np.ndarray]:
-        """Decrypt an encrypted global model (exact, by the fixed-point rounding) into named arrays."""
-        agg = AggregateCiphertext.from_bytes(record_blob(record), self.ctx)
-        if agg.layout_hash != self.layout.layout_hash():
-            raise CiphertextError(
-                f"the encrypted global model has layout {agg.layout_hash!r}; this site's model "
-                f"has {self.layout.layout_hash()!r}."
+        """Check and decrypt an encrypted global model (exact, by the fixed-point rounding) into named arrays.
+
+        An aggregate that fails a check (:func:`~secure_fedvlp.encryption.check_and_decrypt`) is refused:
+        the reason is logged and kept in :meth:`refused`, and the previous model the site accepted is
+        returned instead.  With no previous model the refusal is an error.
+        """
+        try:
+            agg = AggregateCiphertext.from_bytes(record_blob(record), self.ctx)
+            if agg.layout_hash != self.layout.layout_hash():
+                raise CiphertextError(
+                    f"the encrypted global model has layout {agg.layout_hash!r}; this site's model "
+                    f"has {self.layout.layout_hash()!r}."
+                )
+            flat = check_and_decrypt(
+                self.ctx,
+                agg,
+                self.public_keys,
+                min_contributors=self.settings.min_contributors,
+                fixed_point_bits=self.fixed_point_bits,
+                value_bound=self.settings.clip,
             )
-        flat = decrypt_aggregate(self.ctx, agg, fixed_point_bits=self.fixed_point_bits)
+        except CiphertextError as exc:
+            self.memory.setdefault("refused", []).append(str(exc))
+            previous = self.memory.get("previous")
+            logger.warning(
+                "site %s refused the encrypted global model: %s%s",
+                self.site,
+                exc,
+                "; it keeps the previous model it accepted" if previous is not None else "",
+            )
+            if previous is None:
+                raise
+            return {k: v.copy() for k, v in previous.items()}
         state = unflatten_update(flat, self.layout)
-        return {k: np.asarray(v, dtype=np.float32) for k, v in state.items()}
+        out = {k: np.asarray(v, dtype=np.float32) for k, v in state.items()}
+        self.remember(out)
+        return out
 
     def encrypt_update(
-        self, state: Mapping[str, np.ndarray], weight: float, server_round: int, stage: str
+        self, state: Mapping[str, np.ndarray], weight: float, server_round: int, stage: str, nonce: str
     ) -> ArrayRecord:
-        """Weight, round to the grid and encrypt this site's new parameters."""
+        """Clip to the public bound, weight, round to the grid, encrypt (weight in every vector) and sign."""
         canon = canonical_state(state)
         try:
             ordered = {e.name: canon[e.name] for e in self.layout.entries}
@@ -107,6 +171,19 @@ class ClientEncryption:
         vec, layout = flatten_update(ordered)
         if len(canon) != len(ordered) or layout.layout_hash() != self.layout.layout_hash():
             raise ValueError("the trained parameters do not have the federated model's layout.")
+        if not 0 < float(weight) <= self.settings.max_weight:
+            raise ValueError(
+                f"weight {weight!r} is outside (0, {self.settings.max_weight:g}], the largest weight for which "
+                f"{self.max_clients} contributions clipped to encryption.clip = {self.settings.clip:g} fit the "
+                "CKKS modulus."
+            )
+        clip = self.settings.clip
+        clipped = int(np.count_nonzero(np.abs(vec) > clip))
+        if clipped:  # post-processing of the (DP-noised) parameters; the public bound every site applies
+            logger.warning(
+                "site %s: %d value(s) clipped to encryption.clip = %g before encryption", self.site, clipped, clip
+            )
+            vec = np.clip(vec, -clip, clip)
         upd = encrypt_update(
             self.ctx,
             vec,
@@ -117,11 +194,13 @@ class ClientEncryption:
             layout_hash=layout.layout_hash(),
             fixed_point_bits=self.fixed_point_bits,
             max_clients=self.max_clients,
+            weight_slot=True,
+            nonce=nonce,
         )
         return blob_record(upd.to_bytes())
 
-    def encrypt_anchors(self, record: ArrayRecord, server_round: int) -> ArrayRecord:
-        """Encrypt this site's anchor contribution (a plain sum: weight 1)."""
+    def encrypt_anchors(self, record: ArrayRecord, server_round: int, nonce: str) -> ArrayRecord:
+        """Encrypt and sign this site's anchor contribution (a plain sum: weight 1)."""
         from secure_fedvlp.privacy.anchors import SUM_KEY
 
         vec = np.asarray(record[SUM_KEY].numpy(), dtype=np.float64).reshape(-1)
@@ -135,6 +214,8 @@ class ClientEncryption:
             layout_hash=anchor_layout_hash(vec.size),
             fixed_point_bits=self.fixed_point_bits,
             max_clients=self.max_clients,
+            weight_slot=True,
+            nonce=nonce,
         )
         return blob_record(upd.to_bytes())
 
@@ -148,7 +229,14 @@ class ClientEncryption:
                 f"the encrypted anchor bank has stage {agg.stage!r} and layout "
                 f"{agg.layout_hash!r}; it is not an anchor bank."
             )
-        vec = decrypt_aggregate(self.ctx, agg, total_weight=1.0, fixed_point_bits=self.fixed_point_bits)
+        vec = check_and_decrypt(
+            self.ctx,
+            agg,
+            self.public_keys,
+            min_contributors=self.settings.anchor_min_contributors,
+            fixed_point_bits=self.fixed_point_bits,
+            plain_sum=True,
+        )
         return ArrayRecord({SUM_KEY: Array(np.asarray(vec, dtype=np.float64))})
 
 
@@ -172,6 +260,8 @@ def make_encryption_mod(runtime: Callable[[Context], Any]) -> Callable[[Message,
         if ARRAYS_KEY in original.array_records and is_encrypted(original[ARRAYS_KEY]):
             content = RecordDict(dict(original.items()))  # a copy: the sender's object stays as sent
             content[ARRAYS_KEY] = numpy_to_arrays(sa.decrypt_global(original[ARRAYS_KEY]))
+        elif ARRAYS_KEY in original.array_records and "previous" not in sa.memory:
+            sa.remember(arrays_to_numpy(original[ARRAYS_KEY]))  # the public initial model
         if ANCHORS_KEY in original.array_records and is_encrypted(original[ANCHORS_KEY]):
             content = RecordDict(dict(content.items())) if content is original else content
             content[ANCHORS_KEY] = sa.decrypt_anchors(original[ANCHORS_KEY])
@@ -190,7 +280,7 @@ def make_encryption_mod(runtime: Callable[[Context], Any]) -> Callable[[Message,
             weight = float(cfg[WEIGHT_KEY]) if WEIGHT_KEY in cfg else float(metrics[NUM_EXAMPLES])
             state = arrays_to_numpy(reply.content[ARRAYS_KEY])
             reply.content[ARRAYS_KEY] = sa.encrypt_update(
-                state, weight, int(cfg["server-round"]), str(cfg.get("stage", "full"))
+                state, weight, int(cfg["server-round"]), str(cfg.get("stage", "full")), _nonce(cfg)
             )
             metrics[WEIGHT_KEY] = weight
         if (
@@ -199,8 +289,16 @@ def make_encryption_mod(runtime: Callable[[Context], Any]) -> Callable[[Message,
             and ANCHORS_KEY in reply.content.array_records
         ):
             reply.content[ANCHORS_KEY] = sa.encrypt_anchors(
-                reply.content[ANCHORS_KEY], int(original[CONFIG_KEY]["server-round"])
+                reply.content[ANCHORS_KEY], int(original[CONFIG_KEY]["server-round"]), _nonce(original[CONFIG_KEY])
             )
         return reply
 
     return encryption_mod
+
+
+def _nonce(cfg: Any) -> str:
+    """The server's nonce for this contribution; a message without one is not answered."""
+    nonce = cfg.get(NONCE_KEY) if hasattr(cfg, "get") else None
+    if not isinstance(nonce, str) or len(nonce) < 16:
+        raise CiphertextError(f"the server sent no '{NONCE_KEY}' to sign this contribution over; refused.")
+    return nonce

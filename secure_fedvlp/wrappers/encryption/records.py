@@ -13,6 +13,7 @@ from secure_fedvlp.errors import CiphertextError
 
 __all__ = [
     "CIPHERTEXT_KEY",
+    "NONCE_KEY",
     "WEIGHT_KEY",
     "anchor_layout_hash",
     "blob_record",
@@ -26,6 +27,8 @@ __all__ = [
 CIPHERTEXT_KEY = "encryption.ciphertext"
 #: Config key of the aggregation weight the server assigns to a node.
 WEIGHT_KEY = "encryption-weight"
+#: Config key of the fresh nonce the server issues to a node for one round and stage; the site signs over it.
+NONCE_KEY = "encryption-nonce"
 
 
 def is_encrypted(record: ArrayRecord) -> bool:

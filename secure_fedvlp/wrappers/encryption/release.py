@@ -18,7 +18,9 @@ from flwr.app import ArrayRecord
 from secure_fedvlp.config import ExperimentConfig
 from secure_fedvlp.encryption import (
     AggregateCiphertext,
+    check_and_decrypt,
     decrypt_aggregate,
+    load_signing_public_keys,
     load_client_context,
     unflatten_update,
 )
@@ -64,7 +66,8 @@ def export_model(
     The aggregate was encoded on the fixed-point grid, so the decryption is rounded to an exact
     function of the plaintexts: the release contains no CKKS error term, the target of IND-CPA-D
     attacks, and no flooding noise is needed for it.  The probability that any slot decodes
-    wrongly is reported.  For an aggregate without a fixed-point codec (none is made by this
+    wrongly is reported.  An aggregate of signed contributions is checked as a site checks it
+    (:func:`~secure_fedvlp.encryption.check_and_decrypt`) and refused if it fails.  For an aggregate without a fixed-point codec (none is made by this
     package's Flower path) Gaussian noise flooding with ``flooding_bits`` of statistical security is
     added instead (:func:`~secure_fedvlp.encryption.flooding_sigma`), and its sigma is reported.
 
@@ -92,7 +95,13 @@ def export_model(
     if agg.layout_hash != model_layout.layout_hash():
         raise CiphertextError(f"{blob_path}: layout {agg.layout_hash!r} does not match model {cfg.model.name!r}.")
     bits = _fixed_point_bits(agg.codec)
-    flat = decrypt_aggregate(ctx, agg, fixed_point_bits=bits)
+    if agg.codec.endswith("/ws"):  # signed contributions: the release passes every check a site makes
+        keys = load_signing_public_keys(settings.manifest, ctx.fingerprint)
+        flat = check_and_decrypt(
+            ctx, agg, keys, min_contributors=settings.min_contributors, fixed_point_bits=bits, value_bound=settings.clip
+        )
+    else:
+        flat = decrypt_aggregate(ctx, agg, fixed_point_bits=bits)
     info: dict[str, Any] = {
         "source": str(blob_path),
         "codec": agg.codec,

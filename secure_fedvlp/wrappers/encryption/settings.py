@@ -15,8 +15,8 @@ from pathlib import Path
 
 from secure_fedvlp.config import ExperimentConfig
 from secure_fedvlp.encryption import preset
-from secure_fedvlp.encryption.keys import SERVER_FILE
-from secure_fedvlp.encryption.packing import fixed_point_bits_for
+from secure_fedvlp.encryption.keys import MANIFEST_NAME, SERVER_FILE
+from secure_fedvlp.encryption.packing import exact_capacity, fixed_point_bits_for
 from secure_fedvlp.encryption.params import CKKSParams
 from secure_fedvlp.errors import ConfigError
 from secure_fedvlp.layout import RunLayout
@@ -32,6 +32,9 @@ class EncryptionSettings:
     fractional bits of the fixed-point grid (public: part of the codec every party checks);
     ``max_contributions`` is the most contributions one aggregate may hold, which the grid is sized
     for; ``n_threads`` is the TenSEAL thread count; ``key_dir`` holds the run's key files.
+    ``min_contributors`` (model aggregates) and ``anchor_min_contributors`` (anchor banks) are the
+    fewest signed contributions a site accepts in an aggregate; ``clip`` is the public bound on the
+    absolute value of every value a site encrypts.
     """
 
     preset: str
@@ -39,6 +42,20 @@ class EncryptionSettings:
     max_contributions: int
     n_threads: int
     key_dir: Path
+    min_contributors: int = 2
+    anchor_min_contributors: int = 1
+    clip: float = 100.0
+
+    @property
+    def max_weight(self) -> float:
+        """Largest signed weight: ``max_contributions`` contributions of values within ``clip`` then fit
+        the exact-mode capacity (:func:`~secure_fedvlp.encryption.packing.exact_capacity`) with a 2x margin."""
+        return exact_capacity(self.params) / (2.0 * self.max_contributions * self.clip)
+
+    @property
+    def manifest(self) -> Path:
+        """The run's ``manifest.json`` (the sites' signing public keys)."""
+        return self.key_dir / MANIFEST_NAME
 
     @property
     def params(self) -> CKKSParams:
@@ -82,4 +99,7 @@ def encryption_settings(cfg: ExperimentConfig, run_dir: str | os.PathLike) -> En
         max_contributions=bound,
         n_threads=enc.n_threads or max(1, cfg.run.threads_per_client),
         key_dir=Path(enc.key_dir) if enc.key_dir else RunLayout(run_dir).keys,
+        min_contributors=int(enc.min_contributors),
+        anchor_min_contributors=int(cfg.anchors.min_contributors),
+        clip=float(enc.clip),
     )

@@ -1,7 +1,9 @@
 """The server side of encrypted aggregation (CKKS): a wrapper around any method's strategy.
 
 :func:`encrypted_strategy` subclasses a method's strategy so that ``configure_train`` adds each
-node's planned weight and aggregation sums ciphertexts
+node's planned weight and a fresh nonce, and aggregation verifies each contribution's signature
+(by the key of the site the transport delivered it from, over the nonce issued to that node),
+refuses a ciphertext already received in the run, and sums the ciphertexts
 (:func:`~secure_fedvlp.encryption.aggregate_encrypted`), dropping each malformed contribution with
 its reason.  The new global model is that encrypted weighted sum with its clear total weight: the
 server keeps it encrypted and sends it as is; clients divide by the total weight after decrypting.
@@ -29,15 +31,19 @@ from flwr.app import (
 from secure_fedvlp.encryption import (
     EncryptedUpdate,
     EncryptionContext,
+    ReplayGuard,
     add_plaintext_noise,
     aggregate_encrypted,
     load_server_context,
+    load_signing_public_keys,
+    new_nonce,
 )
-from secure_fedvlp.encryption.packing import UpdateLayout
+from secure_fedvlp.encryption.packing import UpdateLayout, quantize_weight
 from secure_fedvlp.errors import CiphertextError, KeyMaterialError
 from secure_fedvlp.methods.strategy import VLPStrategy
 from secure_fedvlp.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES
 from secure_fedvlp.wrappers.encryption.records import (
+    NONCE_KEY,
     WEIGHT_KEY,
     anchor_layout_hash,
     blob_record,
@@ -78,6 +84,9 @@ class EncryptionStrategyMixin:
         self.encryption_bits = settings.fixed_point_bits
         self.encryption_planned = {}
         self.encryption_stats: list[dict[str, Any]] = []
+        self.encryption_public_keys = load_signing_public_keys(settings.manifest, server_ctx.fingerprint)
+        self.encryption_nonces: dict[tuple[int, str, str], str] = {}
+        self.encryption_replay = ReplayGuard()
         logger.info(
             "CKKS aggregation on: context %s, %d values, fixed point 2^-%d.",
             server_ctx.fingerprint,
@@ -98,10 +107,39 @@ class EncryptionStrategyMixin:
                     raise ValueError(f"planned weight of site {site!r} is {w!r}; it must be a positive number.")
                 node_cfg[WEIGHT_KEY] = float(w)
                 self.encryption_planned[(server_round, stage, site)] = float(w)
+            node_cfg[NONCE_KEY] = self.issue_nonce(server_round, stage, site)
             content = RecordDict(dict(msg.content.items()))
             content[CONFIG_KEY] = node_cfg
             messages.append(Message(content, dst_node_id=msg.metadata.dst_node_id, message_type=MessageType.TRAIN))
         return messages
+
+    def issue_nonce(self, server_round: int, stage: str, site: str) -> str:
+        """A fresh nonce for ``site``'s contribution to ``(server_round, stage)``; the site signs over it."""
+        nonce = new_nonce()
+        self.encryption_nonces[(server_round, stage, site)] = nonce
+        return nonce
+
+    def round_nonces(self, server_round: int, stage: str) -> dict[str, str]:
+        """``{site: nonce}`` issued for ``(server_round, stage)``."""
+        return {s: n for (r, st, s), n in self.encryption_nonces.items() if r == server_round and st == stage}
+
+    def aggregate_signed(
+        self, server_round: int, stage: str, updates: Mapping[str, EncryptedUpdate], num_values: int, layout_hash: str
+    ):
+        """Verify (signature by the transport's site, nonce, no replay) and sum; see :func:`aggregate_encrypted`."""
+        return aggregate_encrypted(
+            self.encryption_ctx,
+            updates,
+            round_id=server_round,
+            num_values=num_values,
+            stage=stage,
+            layout_hash=layout_hash,
+            fixed_point_bits=self.encryption_bits,
+            weight_slot=True,
+            public_keys=self.encryption_public_keys,
+            nonces=self.round_nonces(server_round, stage),
+            replay=self.encryption_replay,
+        )
 
     # -- screening and combining ----------------------------------------------------------
     def reference_state(self, reference: ArrayRecord | None) -> Mapping[str, np.ndarray] | None:
@@ -138,8 +176,8 @@ class EncryptionStrategyMixin:
             except CiphertextError as exc:
                 rejected[site] = str(exc)
                 continue
-            want = expected_weight(msg, site)
-            if upd.weight is None or not math.isclose(upd.weight, want, rel_tol=1e-9):
+            want = quantize_weight(expected_weight(msg, site), None, self.encryption_bits)
+            if upd.weight is None or upd.weight != want:
                 rejected[site] = f"encrypted weight {upd.weight!r} differs from the weight {want!r} ({why})"
                 continue
             updates[site] = upd
@@ -153,14 +191,8 @@ class EncryptionStrategyMixin:
             return float(msg.content[METRICS_KEY][NUM_EXAMPLES]) if planned is None else planned
 
         updates, rejected = self._parse_contributions(accepted, ARRAYS_KEY, expected, "the server expects")
-        result = aggregate_encrypted(
-            self.encryption_ctx,
-            updates,
-            round_id=server_round,
-            num_values=self.encryption_layout.num_values,
-            stage=stage,
-            layout_hash=self.encryption_layout.layout_hash(),
-            fixed_point_bits=self.encryption_bits,
+        result = self.aggregate_signed(
+            server_round, stage, updates, self.encryption_layout.num_values, self.encryption_layout.layout_hash()
         )
         rejected.update(result.rejected)
         need = int(self.cfg.encryption.min_contributors)  # type: ignore[attr-defined]
@@ -210,6 +242,12 @@ class EncryptedAnchorsMixin:
             return "distributed noise shares added by the sites, summed under CKKS"
         return "server noise added in the ciphertext domain (the server never sees an anchor)"
 
+    def anchor_query_config(self, server_round: int, node_id: int) -> ConfigRecord:
+        cfg = super().anchor_query_config(server_round, node_id)  # type: ignore[misc]
+        site = self.sites[node_id].site  # type: ignore[attr-defined]
+        cfg[NONCE_KEY] = self.issue_nonce(server_round, "anchors", site)  # type: ignore[attr-defined]
+        return cfg
+
     def validate_anchor_reply(self, msg: Message, server_round: int) -> str | None:
         from secure_fedvlp.privacy.anchors import ANCHORS_KEY
 
@@ -226,15 +264,7 @@ class EncryptedAnchorsMixin:
             accepted, ANCHORS_KEY, lambda msg, site: 1.0, "anchors are plain sums"
         )
         dim = self.anchor_dim  # type: ignore[attr-defined]
-        result = aggregate_encrypted(
-            self.encryption_ctx,
-            updates,
-            round_id=server_round,
-            num_values=dim,
-            stage="anchors",
-            layout_hash=anchor_layout_hash(dim),
-            fixed_point_bits=self.encryption_bits,
-        )
+        result = self.aggregate_signed(server_round, "anchors", updates, dim, anchor_layout_hash(dim))  # type: ignore[attr-defined]
         rejected.update(result.rejected)
         agg = result.aggregate
         if agg is None or len(result.accepted) < self.cfg.anchors.min_contributors:  # type: ignore[attr-defined]
