@@ -20,8 +20,8 @@ from secure_fedvlp.encryption import (
     AggregateCiphertext,
     check_and_decrypt,
     decrypt_aggregate,
-    load_signing_public_keys,
     load_client_context,
+    load_signing_public_keys,
     unflatten_update,
 )
 from secure_fedvlp.encryption.packing import fixed_point_failure_bound
@@ -67,9 +67,10 @@ def export_model(
     function of the plaintexts: the release contains no CKKS error term, the target of IND-CPA-D
     attacks, and no flooding noise is needed for it.  The probability that any slot decodes
     wrongly is reported.  An aggregate of signed contributions is checked as a site checks it
-    (:func:`~secure_fedvlp.encryption.check_and_decrypt`) and refused if it fails.  For an aggregate without a fixed-point codec (none is made by this
-    package's Flower path) Gaussian noise flooding with ``flooding_bits`` of statistical security is
-    added instead (:func:`~secure_fedvlp.encryption.flooding_sigma`), and its sigma is reported.
+    (:func:`~secure_fedvlp.encryption.check_and_decrypt`) and refused if it fails.  For an
+    aggregate without a fixed-point codec (none is made by this package's Flower path) Gaussian
+    noise flooding with ``flooding_bits`` of statistical security is added instead
+    (:func:`~secure_fedvlp.encryption.flooding_sigma`), and its sigma is reported.
 
     Writes the run's plaintext model (:attr:`~secure_fedvlp.layout.RunLayout.model_params`, or
     ``out``) and what was released (:attr:`~secure_fedvlp.layout.RunLayout.export_info`).
