@@ -379,23 +379,11 @@ def aggregate_encrypted(
         except CiphertextError as e:
             rejected[str(sender)] = str(e)
             log.warning("Round %d: dropped contribution from %r: %s", round_id, sender, e)
-    by_digest: dict[str, list[str]] = {}
-    for sender, upd in parsed.items():
-        by_digest.setdefault(upd.digest(), []).append(sender)
+    valid: dict[str, tuple[EncryptedUpdate, list[ts.CKKSVector], ts.CKKSVector | None]] = {}
     for sender, upd in parsed.items():
         try:
             if upd.client_id and upd.client_id != sender:
                 raise CiphertextError(f"Update claims client id {upd.client_id!r} but arrived from {sender!r}.")
-            twins = by_digest[upd.digest()]
-            if len(twins) > 1:
-                raise CiphertextError(
-                    f"Update from {sender!r} carries the same ciphertext as {sorted(set(twins) - {sender})}; "
-                    "which of them made it cannot be told, so every copy is refused."
-                )
-            if packing is not None and len(accepted) >= packing.max_clients:
-                raise CiphertextError(
-                    f"Packing capacity reached: at most max_clients={packing.max_clients} contributions can be summed."
-                )
             if public_keys is not None and (nonces is None or sender not in nonces):
                 raise CiphertextError(f"Update from {sender!r}: the server issued no nonce to this sender.")
             vectors, wvec = validate(
@@ -415,6 +403,28 @@ def aggregate_encrypted(
                 expected_nonce=None if nonces is None else nonces.get(sender),
                 replay=replay,
             )
+        except CiphertextError as e:
+            rejected[sender] = str(e)
+            log.warning("Round %d: dropped contribution from %r: %s", round_id, sender, e)
+            continue
+        valid[sender] = (upd, vectors, wvec)
+    # A ciphertext that two senders submitted, each validly (e.g. one re-signed a copy of the other's):
+    # which of them made it cannot be told, so no copy is summed.
+    by_digest: dict[str, list[str]] = {}
+    for sender, (upd, _, _) in valid.items():
+        by_digest.setdefault(upd.digest(), []).append(sender)
+    for sender, (upd, vectors, wvec) in valid.items():
+        try:
+            twins = by_digest[upd.digest()]
+            if len(twins) > 1:
+                raise CiphertextError(
+                    f"Update from {sender!r} carries the same ciphertext as {sorted(set(twins) - {sender})}; "
+                    "which of them made it cannot be told, so every copy is refused."
+                )
+            if packing is not None and len(accepted) >= packing.max_clients:
+                raise CiphertextError(
+                    f"Packing capacity reached: at most max_clients={packing.max_clients} contributions can be summed."
+                )
             # Add into new objects so that a failing addition (e.g. scale or level mismatch) leaves the
             # running sum untouched.
             new_sums = vectors if sums is None else [a + v for a, v in zip(sums, vectors, strict=True)]
