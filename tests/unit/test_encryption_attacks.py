@@ -350,3 +350,75 @@ def test_aggregate_with_a_removed_or_invented_contributor_is_refused(fed):
     )
     [why] = site_check(fed, 1, blob_record(more.to_bytes()))
     assert "signature does not verify" in why or "no signing public key" in why
+
+
+# --------------------------------------------------------------------------------- public clip
+def test_public_clip_bounds_every_value_and_the_weight_before_encryption(fed):
+    """A site clips each value to encryption.clip and refuses a weight the modulus could not hold."""
+    import tenseal as ts
+
+    enc = runtime(fed, 1).encryption
+    first = enc.layout.entries[0].name
+    state = {k: np.array(v, copy=True) for k, v in enc.memory["previous"].items()}
+    state[first].flat[0] = 1e6
+    state[first].flat[1] = -1e6
+    record = enc.encrypt_update(state, 1.0, 999, "full", "b" * 32)
+    upd = EncryptedUpdate.from_bytes(blob_of_record(record))
+    vec = ts.ckks_vector_from(enc.ctx.context, upd.ciphertexts[0]).decrypt(enc.ctx.context.secret_key())
+    clip = fed.cfg.encryption.clip
+    assert vec[0] == pytest.approx(clip, abs=1e-3) and vec[1] == pytest.approx(-clip, abs=1e-3)
+    assert enc.settings.max_weight * enc.max_clients * clip <= 2.0 ** (60 - 2 - 30) / 2  # the sum cannot overflow
+    with pytest.raises(ValueError, match="outside"):
+        enc.encrypt_update(state, 2 * enc.settings.max_weight, 999, "full", "b" * 32)
+
+
+# ------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_sites_refuse_a_poisoned_aggregate_train_from_their_previous_model_and_recover(tmp_path, caplog):
+    """A whole run: in round 1 site1 signs a ciphertext under another CKKS key.  The server sums it (it cannot
+    tell); in round 2 every site refuses that aggregate, trains from the model it accepted before, and the
+    round-2 aggregate of the honest contributions decrypts and passes every check."""
+    from tests.unit.test_encryption_flower import decrypt_final
+
+    cfg = enc_cfg(tmp_path, federation={"num_rounds": 2})
+    run_dir = tmp_path / "run"
+    _keys(cfg, run_dir)
+    setup = RunSetup(cfg, run_dir)
+
+    def poison(reply):
+        upd = EncryptedUpdate.from_bytes(blob(reply))
+        if upd.round_id != 1:
+            return reply
+        real = get_runtime(lambda ctx: setup, SimpleNamespace(node_id=1)).encryption.ctx
+        other = init_keys(tmp_path / "other", ["site1"], preset(cfg.encryption.preset))
+        ctx = dataclasses.replace(
+            load_client_context(other.client_paths["site1"]),
+            fingerprint=real.fingerprint,
+            context_id=real.context_id,
+            site="site1",
+            signing_key=real.signing_key,
+        )
+        bad = encrypt_update(
+            ctx,
+            np.zeros(upd.num_values),
+            upd.weight,
+            1,
+            stage=upd.stage,
+            layout_hash=upd.layout_hash,
+            fixed_point_bits=int(upd.codec.split("/f")[1].split("/")[0]),
+            weight_slot=True,
+            nonce=upd.nonce,
+        )
+        return put(reply, bad.to_bytes())
+
+    with caplog.at_level(logging.WARNING, logger="secure_fedvlp.wrappers.encryption.client"):
+        strategy, result, rec, grid = run(cfg, run_dir, encrypted=True, rounds=2, tamper=(1, poison))
+    stats = {s["round"]: s for s in strategy.encryption_stats}
+    assert stats[1]["accepted"] == ["site1", "site2"]  # the server cannot tell
+    assert stats[2]["accepted"] == ["site1", "site2"]  # round 2 goes on from the previous model
+    for nid in (1, 2, 3):
+        enc = get_runtime(lambda ctx: setup, grid.contexts[nid]).encryption
+        assert enc.refused() and all("off their grid" in why for why in enc.refused())
+    assert "keeps the previous model" in caplog.text
+    final = decrypt_final(cfg, run_dir, result.arrays)  # the honest round-2 aggregate passes every check
+    assert all(np.all(np.isfinite(v)) for v in final.values())

@@ -9,6 +9,7 @@ import stat
 import numpy as np
 import pytest
 import tenseal as ts
+from cryptography.exceptions import InvalidSignature
 
 from secure_fedvlp.encryption import (
     CKKSParams,
@@ -184,3 +185,40 @@ def test_client_can_encrypt_and_decrypt(bundle):
     client = load_client_context(bundle.client_paths["site_c"])
     v = ts.ckks_vector(client.context, [0.5, -1.25])
     np.testing.assert_allclose(v.decrypt(), [0.5, -1.25], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ signing keys
+def test_each_site_gets_its_own_signing_key_and_the_manifest_lists_the_public_keys(bundle):
+    """The key authority issues one Ed25519 key pair per site; the manifest lists the public halves only."""
+    from secure_fedvlp.encryption import load_signing_public_keys
+
+    ctxs = {cid: load_client_context(p) for cid, p in bundle.client_paths.items()}
+    public = load_signing_public_keys(bundle.out_dir, bundle.fingerprint)
+    assert set(public) == set(ctxs)
+    raw = {cid: c.signing_key.private_bytes_raw() for cid, c in ctxs.items()}
+    assert len(set(raw.values())) == len(raw)  # distinct per site (the CKKS secret key is shared)
+    for cid, c in ctxs.items():
+        assert c.site == cid
+        msg = b"statement"
+        public[cid].verify(c.signing_key.sign(msg), msg)  # the listed key is this site's
+        others = [k for s, k in public.items() if s != cid]
+        for k in others:
+            with pytest.raises(InvalidSignature):
+                k.verify(c.signing_key.sign(msg), msg)
+    manifest = json.dumps(load_manifest(bundle.out_dir))
+    assert not any(r.hex() in manifest for r in raw.values())  # no private signing key in the manifest
+    server = load_server_context(bundle.server_path)
+    assert server.signing_key is None and server.site is None
+    assert b"signing_key" not in bundle.server_path.read_bytes()
+
+
+def test_manifest_of_another_run_or_without_signing_keys_is_refused(bundle, tmp_path):
+    from secure_fedvlp.encryption import load_signing_public_keys
+
+    with pytest.raises(KeyMaterialError, match="not this run"):
+        load_signing_public_keys(bundle.out_dir, "0" * 32)
+    m = load_manifest(bundle.out_dir)
+    del m["signing_public_keys"]
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(KeyMaterialError, match="keys init"):
+        load_signing_public_keys(tmp_path, bundle.fingerprint)
