@@ -377,6 +377,13 @@ class EncryptionConfig:
     # post-processing); with the largest admissible weight this keeps every sum inside the CKKS modulus,
     # and a site refuses an aggregate whose decrypted magnitude exceeds clip x total weight.
     clip: float = 100.0
+    # What travels: "packed_delta" (each site sends its update relative to the round's global model,
+    # clipped to [-delta_bound, delta_bound], quantised to value_bits (0: the most that fit 3 per slot)
+    # and packed, ~10.7 bytes per value) or "exact" (the weighted full model on a fixed-point grid,
+    # one value per slot, ~32 bytes per value).  docs/ckks.md compares them.
+    codec: str = "packed_delta"
+    delta_bound: float = 0.25
+    value_bits: int = 0
 
     def __post_init__(self) -> None:
         from secure_fedvlp.encryption.params import PRESETS
@@ -396,6 +403,21 @@ class EncryptionConfig:
             "encryption.clip",
             self.clip,
             "must be a finite number > 0",
+        )
+        check(
+            self.codec in ("packed_delta", "exact"), "encryption.codec", self.codec, "must be 'packed_delta' or 'exact'"
+        )
+        check(
+            isinstance(self.delta_bound, (int, float)) and math.isfinite(self.delta_bound) and self.delta_bound > 0,
+            "encryption.delta_bound",
+            self.delta_bound,
+            "must be a finite number > 0",
+        )
+        check(
+            self.value_bits == 0 or 1 <= self.value_bits <= 32,
+            "encryption.value_bits",
+            self.value_bits,
+            "must be 0 (auto) or 1..32",
         )
         check.done()
 

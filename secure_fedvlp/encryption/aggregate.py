@@ -64,6 +64,7 @@ from secure_fedvlp.encryption.packing import (
     exact_capacity,
     grid_residual,
     num_vectors,
+    packed_digit_sums,
     quantize_weight,
     split_weight_slots,
 )
@@ -683,6 +684,15 @@ def check_and_decrypt(
             raise CiphertextError(
                 f"{what}: a decrypted weighted sum has magnitude {peak:.4g}, above the bound {limit:.4g} "
                 "(public clip times total weight): not a sum of clipped contributions."
+            )
+    else:  # each honest digit is round(w_k * u) <= w_k * L + 1/2: the digit sums are bounded by the signed weights
+        digit_sums = packed_digit_sums(data, aggregate.num_values, packing)
+        limit = signed_total * packing.levels + 0.5 * len(heads)
+        peak = int(np.max(digit_sums)) if digit_sums.size else 0
+        if peak > limit:
+            raise CiphertextError(
+                f"{what}: a decoded digit sum is {peak}, above {limit:.1f} (the signed weights times "
+                f"{packing.levels} levels): not a sum of contributions clipped to the packing's bound."
             )
     if plain_sum:
         return decode_sums(data, aggregate.num_values, 1.0, packing, fixed_point_bits)

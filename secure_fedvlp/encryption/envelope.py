@@ -43,13 +43,14 @@ from secure_fedvlp.encryption.keys import EncryptionContext
 from secure_fedvlp.encryption.packing import QuantizedPacking, num_vectors, weight_quantum
 from secure_fedvlp.errors import CiphertextError
 
-__all__ = ["EncryptedUpdate", "validate", "max_ciphertext_bytes", "load_vector"]
+__all__ = ["EncryptedUpdate", "validate", "max_ciphertext_bytes", "load_vector", "encode_chain", "decode_chain"]
 
 _MAGIC = b"SFVLPENC"
 _VERSION = 2
 KIND_UPDATE = 1
 KIND_AGGREGATE = 2
-_KIND_NAMES = {KIND_UPDATE: "encrypted update", KIND_AGGREGATE: "encrypted aggregate"}
+KIND_CHAIN = 3
+_KIND_NAMES = {KIND_UPDATE: "encrypted update", KIND_AGGREGATE: "encrypted aggregate", KIND_CHAIN: "encrypted model"}
 
 
 def _frame(kind: int, header: dict[str, Any], blobs: Sequence[bytes]) -> bytes:
@@ -110,6 +111,35 @@ def _unframe(data: bytes, kind: int) -> tuple[dict[str, Any], list[bytes]]:
     if hashlib.sha256(body).digest() != digest:
         raise CiphertextError(f"{what} corrupted: sha256 digest mismatch.")
     return header, blobs
+
+
+def encode_chain(base_version: int, aggregates: Sequence[bytes]) -> bytes:
+    """An encrypted global model of the delta protocol: the aggregates of versions ``base_version`` on.
+
+    The global model of version ``v`` is the seeded initial model (public) plus the decrypted mean
+    delta of each of the aggregates ``0 .. v - 1``; a site holding version ``base_version`` applies
+    the ones it lacks.  Same framing as the other envelopes (kind 3).
+    """
+    if not isinstance(base_version, int) or base_version < 0:
+        raise ValueError(f"base_version must be an integer >= 0. Found {base_version!r}.")
+    return _frame(KIND_CHAIN, {"base_version": base_version, "count": len(aggregates)}, list(aggregates))
+
+
+def decode_chain(data: bytes) -> tuple[int, list[bytes]]:
+    """``(base_version, serialised aggregates)`` of :func:`encode_chain` output.
+
+    Raises :class:`CiphertextError` if malformed.
+    """
+    header, blobs = _unframe(data, KIND_CHAIN)
+    base = _field(header, "base_version", (int,), "encrypted model")
+    if base < 0 or _field(header, "count", (int,), "encrypted model") != len(blobs):
+        raise CiphertextError("encrypted model: its header does not match the aggregates it holds.")
+    return base, blobs
+
+
+def is_chain(data: bytes) -> bool:
+    """Whether ``data`` is an :func:`encode_chain` frame (by its magic and kind bytes)."""
+    return len(data) > len(_MAGIC) + 3 and data[: len(_MAGIC)] == _MAGIC and data[len(_MAGIC) + 2] == KIND_CHAIN
 
 
 def _field(header: dict[str, Any], name: str, types: tuple[type, ...], what: str, nullable: bool = False) -> Any:

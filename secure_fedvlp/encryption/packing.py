@@ -76,6 +76,9 @@ __all__ = [
     "quantize_weight",
     "split_weight_slots",
     "grid_residual",
+    "packed_digit_sums",
+    "delta_packing",
+    "packed_failure_bound",
 ]
 
 #: Tail multiple of the noise std that the packed scale must cover (per-slot failure < 2**-75).
@@ -447,6 +450,16 @@ def fixed_point_failure_bound(params: CKKSParams, num_contributions: int, fixed_
     return math.erfc(t / math.sqrt(2.0))
 
 
+def packed_failure_bound(params: CKKSParams, packing: QuantizedPacking, num_contributions: int) -> float:
+    """Upper bound on the probability that one slot of a packed sum decodes to a wrong integer.
+
+    Gaussian tail ``P(|N(0, sigma^2)| > 1/2)`` with ``sigma`` the (doubled) CKKS error std of
+    ``num_contributions`` summed fresh ciphertexts at the packing's scale.
+    """
+    sigma = fresh_noise_std(params) * math.sqrt(max(1, num_contributions)) / 2.0**packing.scale_bits
+    return math.erfc(0.5 / sigma / math.sqrt(2.0))
+
+
 def _check_vector(vector: np.ndarray) -> np.ndarray:
     vec = np.asarray(vector, dtype=np.float64)
     if vec.ndim != 1 or vec.size == 0:
@@ -588,6 +601,20 @@ def decode_sums(
         if fixed_point_bits is not None:
             s = np.ldexp(np.rint(np.ldexp(s, int(fixed_point_bits))), -int(fixed_point_bits))
         return s / total_weight
+    digit_sums = packed_digit_sums(s, num_values, packing).astype(np.float64)
+    return digit_sums / total_weight * packing.step - packing.bound
+
+
+def packed_digit_sums(sums: np.ndarray, num_values: int, packing: QuantizedPacking) -> np.ndarray:
+    """The per-value integer sums ``sum_k z_k`` held in decrypted packed slots (int64, length ``num_values``).
+
+    Raises
+    ------
+    CiphertextError
+        A decoded slot lies outside ``[0, 2**(k d))`` (too many contributions or too large weights
+        overflowed the digits).
+    """
+    s = np.asarray(sums, dtype=np.float64).reshape(-1)
     k, d = packing.digits_per_slot, packing.digit_bits
     need = -(-num_values // k)
     if s.size < need:
@@ -609,5 +636,30 @@ def decode_sums(
     xi = xi.astype(np.int64)
     mask = (1 << d) - 1
     shifts = np.arange(k, dtype=np.int64) * d
-    digit_sums = ((xi[:, None] >> shifts) & mask).reshape(-1)[:num_values].astype(np.float64)
-    return digit_sums / total_weight * packing.step - packing.bound
+    return ((xi[:, None] >> shifts) & mask).reshape(-1)[:num_values]
+
+
+def delta_packing(params: CKKSParams, max_clients: int, bound: float, value_bits: int = 0) -> QuantizedPacking:
+    """The packing of the Flower path's delta protocol: weights normalised to at most 1, 3 values per slot.
+
+    ``value_bits = 0`` picks the most bits per value that still fit three values per slot (with the
+    weight slot), e.g. 12 bits for up to 4 contributions and 11 bits for up to 8, i.e. about
+    10.7 bytes per model value with the default preset.
+    """
+    if value_bits:
+        return QuantizedPacking.for_params(params, int(value_bits), float(bound), int(max_clients), 1.0)
+    best = None
+    for bits in range(4, 17):
+        try:
+            p = QuantizedPacking.for_params(params, bits, float(bound), int(max_clients), 1.0)
+        except ConfigError:
+            break
+        if p.digits_per_slot < 3:
+            break
+        best = p
+    if best is None:
+        raise ConfigError(
+            f"No packing holds 3 values per slot for {max_clients} contributions with these CKKS parameters.",
+            source="delta_packing",
+        )
+    return best

@@ -30,13 +30,14 @@ from secure_fedvlp.encryption import (
 )
 from secure_fedvlp.encryption.aggregate import MAX_GRID_RESIDUAL
 from secure_fedvlp.encryption.auth import sign_statement
-from secure_fedvlp.encryption.packing import grid_residual
+from secure_fedvlp.encryption.envelope import encode_chain
+from secure_fedvlp.encryption.packing import codec_id, decode_sums, encode_chunks, grid_residual, split_weight_slots
 from secure_fedvlp.flower.client_app import get_runtime
 from secure_fedvlp.flower.runtime import RunSetup
 from secure_fedvlp.wire import ARRAYS_KEY, CONFIG_KEY, QUERY, SITE_INFO_QUERY
-from secure_fedvlp.wrappers.encryption import CIPHERTEXT_KEY, is_encrypted
-from secure_fedvlp.wrappers.encryption.records import NONCE_KEY, WEIGHT_KEY, blob_record
-from tests.unit.test_encryption_flower import _keys, enc_cfg, run
+from secure_fedvlp.wrappers.encryption import CIPHERTEXT_KEY, encryption_settings, is_encrypted
+from secure_fedvlp.wrappers.encryption.records import CHAIN_KEY, NONCE_KEY, WEIGHT_KEY, blob_record
+from tests.unit.test_encryption_flower import _keys, enc_cfg, newest_aggregate, run
 
 TRAIN_NODES = (1, 2)
 
@@ -101,9 +102,11 @@ def aggregate(fed, rnd, replies):
     return arrays, dropped
 
 
-def site_check(fed, nid, record):
-    """Deliver ``record`` as the global model to node ``nid`` through the real client app; the refusals it logs."""
+def site_check(fed, nid, aggregate_bytes: bytes):
+    """Deliver an aggregate as the next version of the encrypted global model to node ``nid`` through the real
+    client app (its encryption mod); the refusals the site logs."""
     enc = runtime(fed, nid).encryption
+    record = blob_record(encode_chain(enc.memory["version"], [aggregate_bytes]), CHAIN_KEY)
     before = len(enc.refused())
     previous = dict(enc.memory["previous"])
     msg = Message(
@@ -147,11 +150,32 @@ def forged(fed, ctx, rnd, cfg, *, weight, values=None):
         client_id=ctx.site,
         stage="full",
         layout_hash=s.encryption_layout.layout_hash(),
-        fixed_point_bits=s.encryption_bits,
-        max_clients=s.encryption_settings.max_contributions,
+        packing=s.encryption_packing,
         weight_slot=True,
         nonce=str(cfg[NONCE_KEY]),
     )
+
+
+def raw_update(fed, ctx, rnd, cfg, chunks, *, weight):
+    """A contribution whose plaintext slots the attacker chose freely, under the run's codec, signed by ``ctx``."""
+    import tenseal as ts
+
+    s = fed.strategy
+    packing = s.encryption_packing
+    blobs = tuple(ts.ckks_vector(ctx.context, list(c), float(2**packing.scale_bits)).serialize() for c in chunks)
+    upd = EncryptedUpdate(
+        fingerprint=ctx.fingerprint,
+        round_id=rnd,
+        stage="full",
+        client_id=ctx.site,
+        num_values=s.encryption_layout.num_values,
+        layout_hash=s.encryption_layout.layout_hash(),
+        codec=codec_id(ctx.params, packing, None, True),
+        weight=weight,
+        ciphertexts=blobs,
+        nonce=str(cfg[NONCE_KEY]),
+    )
+    return resign(upd, ctx.signing_key)
 
 
 # ------------------------------------------------------------------------------------- honest
@@ -160,19 +184,17 @@ def test_honest_round_is_accepted_and_every_site_accepts_its_aggregate(fed):
     replies, _ = train(fed, rnd)
     arrays, dropped = aggregate(fed, rnd, replies.values())
     assert dropped == {} and is_encrypted(arrays)
-    agg = AggregateCiphertext.from_bytes(blob_of_record(arrays), runtime(fed, 1).encryption.ctx)
+    newest = newest_aggregate(arrays)
+    agg = AggregateCiphertext.from_bytes(newest, runtime(fed, 1).encryption.ctx)
     assert [h.site for h in agg.contributions] == ["site1", "site2"]
     assert agg.total_weight == sum(h.weight for h in agg.contributions)
+    assert agg.codec.startswith("packed/") and agg.codec.endswith("/ws")  # the delta protocol, weight in every vector
     for nid in (1, 2, 3):  # the training sites and the held-out site
-        assert site_check(fed, nid, arrays) == []
-    # the measured grid residual of an honest sum, against the threshold a site applies
+        assert site_check(fed, nid, newest) == []
+    # the measured residual of an honest packed sum from the integers, against the threshold a site applies
     sk = runtime(fed, 1).encryption.ctx.context.secret_key()
     raw = np.concatenate([v.decrypt(sk) for v in agg.vectors])
-    assert grid_residual(raw, fed.strategy.encryption_bits) < MAX_GRID_RESIDUAL / 2
-
-
-def blob_of_record(record) -> bytes:
-    return record[CIPHERTEXT_KEY].numpy().tobytes()
+    assert grid_residual(raw, 0) < MAX_GRID_RESIDUAL / 2
 
 
 # ------------------------------------------------------------------------------- at the server
@@ -248,7 +270,7 @@ def test_header_weight_other_than_planned_is_dropped(fed):
     rnd = next(fed.rounds)
     replies, cfgs = train(fed, rnd)
     ctx = runtime(fed, 1).encryption.ctx
-    put(replies[1], forged(fed, ctx, rnd, cfgs[1], weight=planned(cfgs[1], replies[1]) * 2).to_bytes())
+    put(replies[1], forged(fed, ctx, rnd, cfgs[1], weight=planned(cfgs[1], replies[1]) / 2).to_bytes())
     _, dropped = aggregate(fed, rnd, replies.values())
     assert list(dropped) == ["site1"] and "differs from the weight" in dropped["site1"]
 
@@ -264,7 +286,7 @@ def test_foreign_key_ciphertext_signed_by_a_site_is_refused_by_every_site(fed, t
     assert dropped == {} and is_encrypted(arrays)
     with caplog.at_level(logging.WARNING, logger="secure_fedvlp.wrappers.encryption.client"):
         for nid in (1, 2, 3):
-            [why] = site_check(fed, nid, arrays)
+            [why] = site_check(fed, nid, newest_aggregate(arrays))
             assert "off their grid" in why
     assert "keeps the previous model" in caplog.text
 
@@ -274,13 +296,17 @@ def test_weight_encrypted_other_than_signed_is_refused_by_every_site(fed):
     rnd = next(fed.rounds)
     replies, cfgs = train(fed, rnd)
     ctx = runtime(fed, 1).encryption.ctx
-    upd = forged(fed, ctx, rnd, cfgs[1], weight=100 * planned(cfgs[1], replies[1]))
-    upd = resign(dataclasses.replace(upd, weight=EncryptedUpdate.from_bytes(blob(replies[1])).weight), ctx.signing_key)
-    put(replies[1], upd.to_bytes())
+    w = planned(cfgs[1], replies[1])
+    packing = fed.strategy.encryption_packing
+    liar = dataclasses.replace(packing, max_weight=1000.0)  # the attacker's own encoder: no weight limit
+    # every value at -bound: all digits 0 at any weight, so only the weight slot carries the weight 100 x w
+    lowest = np.full(fed.strategy.encryption_layout.num_values, -packing.bound)
+    chunks = encode_chunks(lowest, 100 * w, ctx.slots, liar, weight_slot=True)
+    put(replies[1], raw_update(fed, ctx, rnd, cfgs[1], chunks, weight=w).to_bytes())
     arrays, dropped = aggregate(fed, rnd, replies.values())
     assert dropped == {}  # the header is exactly what the server planned
     for nid in (1, 2, 3):
-        [why] = site_check(fed, nid, arrays)
+        [why] = site_check(fed, nid, newest_aggregate(arrays))
         assert "decrypted total weight" in why
 
 
@@ -291,9 +317,9 @@ def test_aggregate_scaled_with_the_keyless_server_context_is_refused(fed, factor
     replies, _ = train(fed, rnd)
     arrays, dropped = aggregate(fed, rnd, replies.values())
     assert dropped == {}
-    agg = AggregateCiphertext.from_bytes(blob_of_record(arrays), fed.strategy.encryption_ctx)
+    agg = AggregateCiphertext.from_bytes(newest_aggregate(arrays), fed.strategy.encryption_ctx)
     agg.vectors = [sum([v] * (factor - 1), v) for v in agg.vectors]
-    refused = [site_check(fed, nid, blob_record(agg.to_bytes())) for nid in (1, 2, 3)]
+    refused = [site_check(fed, nid, agg.to_bytes()) for nid in (1, 2, 3)]
     assert all(len(r) == 1 and ("decrypted total weight" in r[0] or "off their grid" in r[0]) for r in refused)
 
 
@@ -301,35 +327,28 @@ def test_modulus_overflow_is_refused_by_every_site(fed):
     """Two key holders skip the public clip and send values whose sum overflows the 60-bit modulus."""
     rnd = next(fed.rounds)
     replies, cfgs = train(fed, rnd)
-    n = fed.strategy.encryption_layout.num_values
-    for nid in TRAIN_NODES:
+    s = fed.strategy
+    capacity_bits = s.encryption_ctx.params.data_modulus_bits - 2 - s.encryption_packing.scale_bits
+    for nid in TRAIN_NODES:  # each slot holds 1.5x half the capacity: alone it fits, the sum wraps modulo q
         ctx = runtime(fed, nid).encryption.ctx
-        w = planned(cfgs[nid], replies[nid])
-        big = np.full(n, 2.0**27.9) / w
-        upd = encrypt_update(  # no max_clients: the capacity check an honest site makes is skipped
-            ctx,
-            big,
-            w,
-            rnd,
-            stage="full",
-            layout_hash=fed.strategy.encryption_layout.layout_hash(),
-            fixed_point_bits=fed.strategy.encryption_bits,
-            weight_slot=True,
-            nonce=str(cfgs[nid][NONCE_KEY]),
+        n_vec = len(EncryptedUpdate.from_bytes(blob(replies[nid])).ciphertexts)
+        chunks = [np.full(ctx.slots, 0.75 * 2.0**capacity_bits) for _ in range(n_vec)]
+        put(
+            replies[nid],
+            raw_update(fed, ctx, rnd, cfgs[nid], chunks, weight=planned(cfgs[nid], replies[nid])).to_bytes(),
         )
-        put(replies[nid], upd.to_bytes())
     arrays, dropped = aggregate(fed, rnd, replies.values())
     assert dropped == {}
     for nid in (1, 2, 3):
-        [why] = site_check(fed, nid, arrays)
-        assert any(k in why for k in ("decrypted total weight", "off their grid", "magnitude")), why
+        [why] = site_check(fed, nid, newest_aggregate(arrays))
+        assert any(k in why for k in ("decrypted total weight", "off their grid", "digit")), why
 
 
 def test_aggregate_with_a_removed_or_invented_contributor_is_refused(fed):
     rnd = next(fed.rounds)
     replies, _ = train(fed, rnd)
     arrays, _ = aggregate(fed, rnd, replies.values())
-    agg = AggregateCiphertext.from_bytes(blob_of_record(arrays), fed.strategy.encryption_ctx)
+    agg = AggregateCiphertext.from_bytes(newest_aggregate(arrays), fed.strategy.encryption_ctx)
     # the server drops site2's signed header (and its weight) but keeps its ciphertext in the sum
     fewer = dataclasses.replace(
         agg,
@@ -337,7 +356,7 @@ def test_aggregate_with_a_removed_or_invented_contributor_is_refused(fed):
         contributors=agg.contributors[:1],
         total_weight=agg.contributions[0].weight,
     )
-    [why] = site_check(fed, 1, blob_record(fewer.to_bytes()))
+    [why] = site_check(fed, 1, fewer.to_bytes())
     assert "decrypted total weight" in why
     # the server invents a contributor: a header it signed with a key the manifest does not list
     fake = dataclasses.replace(agg.contributions[1], site="site3", signature="")
@@ -348,28 +367,38 @@ def test_aggregate_with_a_removed_or_invented_contributor_is_refused(fed):
         contributors=(*agg.contributors, "site3"),
         total_weight=agg.total_weight + fake.weight,
     )
-    [why] = site_check(fed, 1, blob_record(more.to_bytes()))
+    [why] = site_check(fed, 1, more.to_bytes())
     assert "signature does not verify" in why or "no signing public key" in why
 
 
 # --------------------------------------------------------------------------------- public clip
 def test_public_clip_bounds_every_value_and_the_weight_before_encryption(fed):
-    """A site clips each value to encryption.clip and refuses a weight the modulus could not hold."""
+    """A site clips each delta to [-delta_bound, delta_bound] before it quantises, and refuses a weight above 1."""
     import tenseal as ts
 
     enc = runtime(fed, 1).encryption
+    packing = enc.packing
     first = enc.layout.entries[0].name
-    state = {k: np.array(v, copy=True) for k, v in enc.memory["previous"].items()}
-    state[first].flat[0] = 1e6
-    state[first].flat[1] = -1e6
-    record = enc.encrypt_update(state, 1.0, 999, "full", "b" * 32)
+    start = {k: np.array(v, copy=True) for k, v in enc.memory["previous"].items()}
+    moved = {k: np.array(v, copy=True) for k, v in start.items()}
+    moved[first].flat[0] += 1e6
+    moved[first].flat[1] -= 1e6
+    record = enc.encrypt_delta(moved, start, 1.0, 999, "full", "b" * 32)
     upd = EncryptedUpdate.from_bytes(blob_of_record(record))
-    vec = ts.ckks_vector_from(enc.ctx.context, upd.ciphertexts[0]).decrypt(enc.ctx.context.secret_key())
-    clip = fed.cfg.encryption.clip
-    assert vec[0] == pytest.approx(clip, abs=1e-3) and vec[1] == pytest.approx(-clip, abs=1e-3)
-    assert enc.settings.max_weight * enc.max_clients * clip <= 2.0 ** (60 - 2 - 30) / 2  # the sum cannot overflow
+    sk = enc.ctx.context.secret_key()
+    slots = np.asarray(ts.ckks_vector_from(enc.ctx.context, upd.ciphertexts[0]).decrypt(sk))
+    data, weight_slots = split_weight_slots(slots, enc.ctx.slots)
+    values = decode_sums(data, 3, 1.0, packing)
+    assert values[0] == pytest.approx(packing.bound) and values[1] == pytest.approx(-packing.bound)
+    assert weight_slots[0] == pytest.approx(2.0**16)  # weight 1 on the 2**-16 weight grid
+    # with max_clients contributions of weight <= 1 every digit sum fits its digit: no carry, no overflow
+    assert packing.max_clients * packing.levels < 2**packing.digit_bits
     with pytest.raises(ValueError, match="outside"):
-        enc.encrypt_update(state, 2 * enc.settings.max_weight, 999, "full", "b" * 32)
+        enc.encrypt_delta(moved, start, 1.5, 999, "full", "b" * 32)
+
+
+def blob_of_record(record) -> bytes:
+    return record[CIPHERTEXT_KEY].numpy().tobytes()
 
 
 # ------------------------------------------------------------------------------- end to end
@@ -405,7 +434,7 @@ def test_sites_refuse_a_poisoned_aggregate_train_from_their_previous_model_and_r
             1,
             stage=upd.stage,
             layout_hash=upd.layout_hash,
-            fixed_point_bits=int(upd.codec.split("/f")[1].split("/")[0]),
+            packing=encryption_settings(cfg, run_dir).packing,
             weight_slot=True,
             nonce=upd.nonce,
         )

@@ -29,7 +29,8 @@ from secure_fedvlp.encryption import (
     load_signing_public_keys,
     unflatten_update,
 )
-from secure_fedvlp.encryption.packing import UpdateLayout
+from secure_fedvlp.encryption.envelope import decode_chain
+from secure_fedvlp.encryption.packing import QuantizedPacking, UpdateLayout
 from secure_fedvlp.errors import CiphertextError, KeyMaterialError
 from secure_fedvlp.wire import (
     ARRAYS_KEY,
@@ -45,6 +46,7 @@ from secure_fedvlp.wrappers.encryption.records import (
     anchor_layout_hash,
     blob_record,
     canonical_state,
+    is_chain_record,
     is_encrypted,
     layout_of,
     record_blob,
@@ -61,8 +63,9 @@ class ClientEncryption:
     """One site's encryption state: its key-holding context, the model layout and the run's settings.
 
     ``public_keys`` are the sites' signing public keys from the manifest; ``memory`` holds the last
-    global model the site accepted (``"previous"``) and the reasons of the aggregates it refused
-    (``"refused"``).
+    global model the site accepted (``"previous"``; the seeded initial model at first), the version
+    of the delta protocol's encrypted model it holds (``"version"``: how many aggregates it has
+    processed) and the reasons of the aggregates it refused (``"refused"``).
     """
 
     ctx: EncryptionContext
@@ -79,6 +82,10 @@ class ClientEncryption:
     @property
     def max_clients(self) -> int:
         return self.settings.max_contributions
+
+    @property
+    def packing(self) -> QuantizedPacking | None:
+        return self.settings.packing
 
     @classmethod
     def load(
@@ -110,7 +117,117 @@ class ClientEncryption:
                 f"again with `secure-fedvlp keys init --out {settings.key_dir} --clients <every site>`."
             )
         public_keys = load_signing_public_keys(settings.manifest, ctx.fingerprint)
-        return cls(ctx, layout_of(reference_state), site, settings, public_keys)
+        enc = cls(ctx, layout_of(reference_state), site, settings, public_keys)
+        enc.remember(canonical_state(reference_state))  # version 0: the seeded initial model
+        enc.memory["version"] = 0
+        return enc
+
+    def _flat(self, state: Mapping[str, np.ndarray]) -> np.ndarray:
+        canon = canonical_state(state)
+        try:
+            ordered = {e.name: canon[e.name] for e in self.layout.entries}
+        except KeyError as exc:
+            raise ValueError(f"the parameters lack {exc.args[0]!r} of the federated model.") from None
+        vec, layout = flatten_update(ordered)
+        if len(canon) != len(ordered) or layout.layout_hash() != self.layout.layout_hash():
+            raise ValueError("the parameters do not have the federated model's layout.")
+        return vec
+
+    def _state(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v, dtype=np.float32) for k, v in unflatten_update(flat, self.layout).items()}
+
+    def apply_chain(self, record: ArrayRecord) -> dict[str, np.ndarray]:
+        """The current global model of the delta protocol, from an encrypted model (:data:`CHAIN_KEY`).
+
+        The record holds the aggregates of versions ``base ..``; the site applies those it has not
+        processed yet, each after every check of :func:`~secure_fedvlp.encryption.check_and_decrypt`:
+        ``global += decrypted mean delta`` (float64 sum, stored as float32: every site computes the
+        same bits).  A refused aggregate is skipped with its reason logged (every site refuses the
+        same one: the checks are deterministic), so the site keeps the model it held.
+        """
+        base, blobs = decode_chain(record_blob(record))
+        version = int(self.memory.get("version", 0))
+        if base > version:
+            raise CiphertextError(
+                f"the encrypted global model starts at version {base}, but site {self.site} holds version "
+                f"{version}; it needs the aggregates from version {version} on."
+            )
+        current = self.memory["previous"]
+        for i, blob in enumerate(blobs):
+            index = base + i
+            if index < version:
+                continue
+            try:
+                agg = AggregateCiphertext.from_bytes(blob, self.ctx)
+                if agg.layout_hash != self.layout.layout_hash():
+                    raise CiphertextError(
+                        f"aggregate {index} has layout {agg.layout_hash!r}; this site's model has "
+                        f"{self.layout.layout_hash()!r}."
+                    )
+                mean = check_and_decrypt(
+                    self.ctx,
+                    agg,
+                    self.public_keys,
+                    min_contributors=self.settings.min_contributors,
+                    packing=self.packing,
+                )
+                current = self._state(self._flat(current).astype(np.float64) + mean)
+            except CiphertextError as exc:
+                self.memory.setdefault("refused", []).append(str(exc))
+                logger.warning(
+                    "site %s refused aggregate %d of the encrypted global model: %s; it keeps the previous model "
+                    "it accepted",
+                    self.site,
+                    index,
+                    exc,
+                )
+            version = index + 1
+        self.memory["version"] = version
+        self.remember(current)
+        return {k: v.copy() for k, v in current.items()}
+
+    def encrypt_delta(
+        self,
+        state: Mapping[str, np.ndarray],
+        global_state: Mapping[str, np.ndarray],
+        weight: float,
+        server_round: int,
+        stage: str,
+        nonce: str,
+    ) -> ArrayRecord:
+        """Encrypt this site's update relative to the global model it trained from (delta protocol).
+
+        ``state - global_state`` (after DP-SGD: the clipping and quantisation are post-processing) is
+        clipped to the public ``[-delta_bound, delta_bound]``, multiplied by the normalised weight
+        (at most 1), rounded to the packing's integer levels, packed three values per slot with the
+        weight in the last slot of every vector, encrypted and signed.
+        """
+        packing = self.packing
+        assert packing is not None
+        if not 0 < float(weight) <= packing.max_weight:
+            raise ValueError(f"weight {weight!r} is outside (0, {packing.max_weight}] (normalised weights).")
+        delta = self._flat(state).astype(np.float64) - self._flat(global_state).astype(np.float64)
+        clipped = int(np.count_nonzero(np.abs(delta) > packing.bound))
+        if clipped:
+            logger.warning(
+                "site %s: %d update value(s) clipped to encryption.delta_bound = %g before encryption",
+                self.site,
+                clipped,
+                packing.bound,
+            )
+        upd = encrypt_update(
+            self.ctx,
+            delta,
+            float(weight),
+            int(server_round),
+            client_id=self.site,
+            stage=stage,
+            layout_hash=self.layout.layout_hash(),
+            packing=packing,
+            weight_slot=True,
+            nonce=nonce,
+        )
+        return blob_record(upd.to_bytes())
 
     def remember(self, state: Mapping[str, np.ndarray]) -> None:
         """Keep ``state`` as the last global model this site accepted."""
@@ -125,8 +242,11 @@ class ClientEncryption:
 
         An aggregate that fails a check (:func:`~secure_fedvlp.encryption.check_and_decrypt`) is refused:
         the reason is logged and kept in :meth:`refused`, and the previous model the site accepted is
-        returned instead.  With no previous model the refusal is an error.
+        returned instead.  With no previous model the refusal is an error.  An encrypted model of the
+        delta protocol is applied by :meth:`apply_chain`.
         """
+        if is_chain_record(record):
+            return self.apply_chain(record)
         try:
             agg = AggregateCiphertext.from_bytes(record_blob(record), self.ctx)
             if agg.layout_hash != self.layout.layout_hash():
@@ -257,11 +377,13 @@ def make_encryption_mod(runtime: Callable[[Context], Any]) -> Callable[[Message,
         content = original
         from secure_fedvlp.privacy.anchors import ANCHORS_KEY
 
+        global_state = None
         if ARRAYS_KEY in original.array_records and is_encrypted(original[ARRAYS_KEY]):
             content = RecordDict(dict(original.items()))  # a copy: the sender's object stays as sent
-            content[ARRAYS_KEY] = numpy_to_arrays(sa.decrypt_global(original[ARRAYS_KEY]))
-        elif ARRAYS_KEY in original.array_records and "previous" not in sa.memory:
-            sa.remember(arrays_to_numpy(original[ARRAYS_KEY]))  # the public initial model
+            global_state = sa.decrypt_global(original[ARRAYS_KEY])
+            content[ARRAYS_KEY] = numpy_to_arrays(global_state)
+        elif ARRAYS_KEY in original.array_records:
+            global_state = arrays_to_numpy(original[ARRAYS_KEY])  # the public initial model
         if ANCHORS_KEY in original.array_records and is_encrypted(original[ANCHORS_KEY]):
             content = RecordDict(dict(content.items())) if content is original else content
             content[ANCHORS_KEY] = sa.decrypt_anchors(original[ANCHORS_KEY])
@@ -279,9 +401,13 @@ def make_encryption_mod(runtime: Callable[[Context], Any]) -> Callable[[Message,
             metrics = reply.content[METRICS_KEY]
             weight = float(cfg[WEIGHT_KEY]) if WEIGHT_KEY in cfg else float(metrics[NUM_EXAMPLES])
             state = arrays_to_numpy(reply.content[ARRAYS_KEY])
-            reply.content[ARRAYS_KEY] = sa.encrypt_update(
-                state, weight, int(cfg["server-round"]), str(cfg.get("stage", "full")), _nonce(cfg)
-            )
+            rnd, stage = int(cfg["server-round"]), str(cfg.get("stage", "full"))
+            if sa.packing is not None:
+                if global_state is None or WEIGHT_KEY not in cfg:
+                    raise CiphertextError("a train message of the delta protocol lacks the global model or its weight.")
+                reply.content[ARRAYS_KEY] = sa.encrypt_delta(state, global_state, weight, rnd, stage, _nonce(cfg))
+            else:
+                reply.content[ARRAYS_KEY] = sa.encrypt_update(state, weight, rnd, stage, _nonce(cfg))
             metrics[WEIGHT_KEY] = weight
         if (
             msg.metadata.message_type == MessageType.QUERY

@@ -12,12 +12,14 @@ from secure_fedvlp.encryption.packing import UpdateLayout
 from secure_fedvlp.errors import CiphertextError
 
 __all__ = [
+    "CHAIN_KEY",
     "CIPHERTEXT_KEY",
     "NONCE_KEY",
     "WEIGHT_KEY",
     "anchor_layout_hash",
     "blob_record",
     "canonical_state",
+    "is_chain_record",
     "is_encrypted",
     "layout_of",
     "record_blob",
@@ -25,6 +27,8 @@ __all__ = [
 
 #: Key, inside an ``arrays`` ArrayRecord, of a serialised ciphertext (a uint8 array).
 CIPHERTEXT_KEY = "encryption.ciphertext"
+#: Key of an encrypted global model of the delta protocol (:func:`~secure_fedvlp.encryption.envelope.encode_chain`).
+CHAIN_KEY = "encryption.chain"
 #: Config key of the aggregation weight the server assigns to a node.
 WEIGHT_KEY = "encryption-weight"
 #: Config key of the fresh nonce the server issues to a node for one round and stage; the site signs over it.
@@ -32,20 +36,26 @@ NONCE_KEY = "encryption-nonce"
 
 
 def is_encrypted(record: ArrayRecord) -> bool:
-    """Whether an ``arrays`` record carries a ciphertext instead of parameters."""
-    return CIPHERTEXT_KEY in record
+    """Whether an ``arrays`` record carries a ciphertext (or an encrypted model) instead of parameters."""
+    return CIPHERTEXT_KEY in record or CHAIN_KEY in record
 
 
-def blob_record(blob: bytes) -> ArrayRecord:
-    """A serialised ciphertext as the single array of a record."""
-    return ArrayRecord({CIPHERTEXT_KEY: Array(np.frombuffer(blob, dtype=np.uint8).copy())})
+def is_chain_record(record: ArrayRecord) -> bool:
+    """Whether a record carries an encrypted model of the delta protocol."""
+    return CHAIN_KEY in record
+
+
+def blob_record(blob: bytes, key: str = CIPHERTEXT_KEY) -> ArrayRecord:
+    """A serialised ciphertext (or, with ``key=CHAIN_KEY``, an encrypted model) as the single array of a record."""
+    return ArrayRecord({key: Array(np.frombuffer(blob, dtype=np.uint8).copy())})
 
 
 def record_blob(record: ArrayRecord) -> bytes:
-    """The serialised ciphertext a record carries; :class:`~secure_fedvlp.errors.CiphertextError` if malformed."""
-    arr = record[CIPHERTEXT_KEY].numpy()
+    """The serialised ciphertext or encrypted model a record carries; :class:`CiphertextError` if malformed."""
+    key = CHAIN_KEY if CHAIN_KEY in record else CIPHERTEXT_KEY
+    arr = record[key].numpy()
     if arr.dtype != np.uint8 or arr.ndim != 1:
-        raise CiphertextError(f"'{CIPHERTEXT_KEY}' must be a 1-D uint8 array; found {arr.dtype} {arr.shape}.")
+        raise CiphertextError(f"'{key}' must be a 1-D uint8 array; found {arr.dtype} {arr.shape}.")
     return arr.tobytes()
 
 

@@ -24,10 +24,11 @@ from secure_fedvlp.encryption import (
     load_signing_public_keys,
     unflatten_update,
 )
+from secure_fedvlp.encryption.envelope import decode_chain, is_chain
 from secure_fedvlp.encryption.packing import fixed_point_failure_bound
 from secure_fedvlp.errors import CiphertextError, ConfigError
 from secure_fedvlp.layout import RunLayout, load_run
-from secure_fedvlp.wrappers.encryption.records import layout_of, record_blob
+from secure_fedvlp.wrappers.encryption.records import CHAIN_KEY, blob_record, canonical_state, layout_of, record_blob
 from secure_fedvlp.wrappers.encryption.settings import (
     contribution_grid,
     encryption_settings,
@@ -91,6 +92,8 @@ def export_model(
         raise FileNotFoundError(f"{blob_path} does not exist: was this run encrypted, and did it finish a round?")
     settings = encryption_settings(cfg, layout.root)
     ctx = load_client_context(key_file, n_threads=settings.n_threads)
+    if is_chain(blob_path.read_bytes()):
+        return _export_delta_model(cfg, layout, settings, ctx, blob_path, out)
     agg = AggregateCiphertext.from_bytes(blob_path.read_bytes(), ctx)
     model_layout = layout_of(federated_state(build_model(cfg)))
     if agg.layout_hash != model_layout.layout_hash():
@@ -150,11 +153,58 @@ def export_model(
     return info
 
 
+def _export_delta_model(cfg, layout, settings, ctx, blob_path: Path, out) -> dict[str, Any]:  # noqa: ANN001
+    """Release of a delta-protocol run: the seeded initial model plus every adopted aggregate, each checked."""
+    from secure_fedvlp.build import build_model
+    from secure_fedvlp.encryption.packing import packed_failure_bound
+    from secure_fedvlp.models.state import federated_state
+    from secure_fedvlp.wrappers.encryption.client import ClientEncryption
+
+    initial = federated_state(build_model(cfg))
+    keys = load_signing_public_keys(settings.manifest, ctx.fingerprint)
+    holder = ClientEncryption(ctx, layout_of(initial), ctx.site or "key holder", settings, keys)
+    holder.remember(canonical_state(initial))
+    holder.memory["version"] = 0
+    blob = blob_path.read_bytes()
+    _, aggregates = decode_chain(blob)
+    state = holder.apply_chain(blob_record(blob, CHAIN_KEY))
+    packing = settings.packing
+    p_slot = packed_failure_bound(ctx.params, packing, settings.max_contributions) if packing else 1.0
+    num_values = holder.layout.num_values
+    info: dict[str, Any] = {
+        "source": str(blob_path),
+        "codec": "packed deltas"
+        if packing is None
+        else f"packed deltas ({packing.value_bits}-bit, bound {packing.bound})",
+        "aggregates": len(aggregates),
+        "refused_aggregates": holder.refused(),
+        "num_values": num_values,
+        "context_fingerprint": ctx.fingerprint,
+        "decryption": "exact (packed integers)",
+        "slot_failure_probability_bound": p_slot,
+        "model_failure_probability_bound": min(1.0, p_slot * num_values * max(1, len(aggregates))),
+        "flooding_sigma": 0.0,
+        "flooding_reason": "each aggregate decodes to exact integers (the CKKS error is rounded away), so the "
+        "released model is an exact function of the plaintexts and reveals no CKKS error",
+    }
+    out_path = Path(out) if out else layout.model_params
+    np.savez(out_path, **{k: np.asarray(v, dtype=np.float32) for k, v in state.items()})
+    info["output"] = str(out_path)
+    layout.export_info.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    logger.info("exported the decrypted model to %s (%s)", out_path, info["decryption"])
+    return info
+
+
 def check_encryption_supported(cfg: ExperimentConfig) -> None:
     """Configuration problems of an encrypted run, raised before anything starts."""
     if not cfg.encryption.enabled:
         return
     contribution_grid(cfg)  # a ConfigError when the preset cannot hold the fixed-point grid
+    settings = encryption_settings(cfg, ".")
+    try:
+        _ = settings.packing  # a ConfigError when no packing fits the contributor bound
+    except ConfigError as exc:
+        raise ConfigError(f"encryption.codec = 'packed_delta': {exc}") from exc
     sites = cfg.data.synthetic.num_sites if cfg.data.source == "synthetic" else cfg.federation.min_train_clients
     if sites < cfg.encryption.min_contributors:
         raise ConfigError(

@@ -16,7 +16,7 @@ from pathlib import Path
 from secure_fedvlp.config import ExperimentConfig
 from secure_fedvlp.encryption import preset
 from secure_fedvlp.encryption.keys import MANIFEST_NAME, SERVER_FILE
-from secure_fedvlp.encryption.packing import exact_capacity, fixed_point_bits_for
+from secure_fedvlp.encryption.packing import QuantizedPacking, delta_packing, exact_capacity, fixed_point_bits_for
 from secure_fedvlp.encryption.params import CKKSParams
 from secure_fedvlp.errors import ConfigError
 from secure_fedvlp.layout import RunLayout
@@ -45,11 +45,24 @@ class EncryptionSettings:
     min_contributors: int = 2
     anchor_min_contributors: int = 1
     clip: float = 100.0
+    codec: str = "packed_delta"
+    delta_bound: float = 0.25
+    value_bits: int = 0
+
+    @property
+    def packing(self) -> QuantizedPacking | None:
+        """The packing of the delta protocol (``codec = "packed_delta"``), or ``None`` (exact full models)."""
+        if self.codec != "packed_delta":
+            return None
+        return delta_packing(self.params, self.max_contributions, self.delta_bound, self.value_bits)
 
     @property
     def max_weight(self) -> float:
-        """Largest signed weight: ``max_contributions`` contributions of values within ``clip`` then fit
-        the exact-mode capacity (:func:`~secure_fedvlp.encryption.packing.exact_capacity`) with a 2x margin."""
+        """Largest signed weight.  Exact codec: ``max_contributions`` contributions of values within ``clip``
+        then fit the capacity (:func:`~secure_fedvlp.encryption.packing.exact_capacity`) with a 2x margin.
+        Packed deltas: weights are normalised to at most 1."""
+        if self.codec == "packed_delta":
+            return 1.0
         return exact_capacity(self.params) / (2.0 * self.max_contributions * self.clip)
 
     @property
@@ -102,4 +115,7 @@ def encryption_settings(cfg: ExperimentConfig, run_dir: str | os.PathLike) -> En
         min_contributors=int(enc.min_contributors),
         anchor_min_contributors=int(cfg.anchors.min_contributors),
         clip=float(enc.clip),
+        codec=enc.codec,
+        delta_bound=float(enc.delta_bound),
+        value_bits=int(enc.value_bits),
     )

@@ -38,15 +38,18 @@ from secure_fedvlp.encryption import (
     load_signing_public_keys,
     new_nonce,
 )
+from secure_fedvlp.encryption.envelope import encode_chain
 from secure_fedvlp.encryption.packing import UpdateLayout, quantize_weight
 from secure_fedvlp.errors import CiphertextError, KeyMaterialError
 from secure_fedvlp.methods.strategy import VLPStrategy
 from secure_fedvlp.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES
 from secure_fedvlp.wrappers.encryption.records import (
+    CHAIN_KEY,
     NONCE_KEY,
     WEIGHT_KEY,
     anchor_layout_hash,
     blob_record,
+    is_chain_record,
     is_encrypted,
     layout_of,
     record_blob,
@@ -87,6 +90,9 @@ class EncryptionStrategyMixin:
         self.encryption_public_keys = load_signing_public_keys(settings.manifest, server_ctx.fingerprint)
         self.encryption_nonces: dict[tuple[int, str, str], str] = {}
         self.encryption_replay = ReplayGuard()
+        self.encryption_packing = settings.packing
+        self.encryption_chain: list[bytes] = []  # delta protocol: the adopted aggregates, oldest first
+        self.encryption_synced: dict[str, int] = {}  # delta protocol: the version each site is known to hold
         logger.info(
             "CKKS aggregation on: context %s, %d values, fixed point 2^-%d.",
             server_ctx.fingerprint,
@@ -97,11 +103,13 @@ class EncryptionStrategyMixin:
     # -- weights fixed before training ----------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
         messages = []
-        for msg in super().configure_train(server_round, arrays, config, grid):  # type: ignore[misc]
+        base = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        weights = self._node_weights(base)
+        for msg in base:
             site = self.sites[msg.metadata.dst_node_id].site  # type: ignore[attr-defined]
             stage = str(msg.content[CONFIG_KEY].get("stage", "full"))
             node_cfg = ConfigRecord(dict(msg.content[CONFIG_KEY]))
-            w = self.planned_weight(site, stage)
+            w = weights[msg.metadata.dst_node_id]
             if w is not None:
                 if not (math.isfinite(w) and w > 0):
                     raise ValueError(f"planned weight of site {site!r} is {w!r}; it must be a positive number.")
@@ -112,6 +120,27 @@ class EncryptionStrategyMixin:
             content[CONFIG_KEY] = node_cfg
             messages.append(Message(content, dst_node_id=msg.metadata.dst_node_id, message_type=MessageType.TRAIN))
         return messages
+
+    def _node_weights(self, messages: list[Message]) -> dict[int, float | None]:
+        """Each node's planned weight; for packed deltas every node gets one, normalised to at most 1.
+
+        Packed deltas need weights in ``(0, 1]`` (the packing's ``max_weight``): the method's planned
+        weights, or the sites' training-set sizes from discovery, divided by their largest.  The
+        weighted mean is unchanged; each weight is then rounded to the 2**-16 weight grid.
+        """
+        out: dict[int, float | None] = {}
+        for msg in messages:
+            site = self.sites[msg.metadata.dst_node_id].site  # type: ignore[attr-defined]
+            stage = str(msg.content[CONFIG_KEY].get("stage", "full"))
+            out[msg.metadata.dst_node_id] = self.planned_weight(site, stage)  # type: ignore[attr-defined]
+        if self.encryption_packing is None:
+            return out
+        raw = {
+            nid: float(w) if w is not None else float(max(1, self.sites[nid].num_train))  # type: ignore[attr-defined]
+            for nid, w in out.items()
+        }
+        top = max(raw.values(), default=1.0)
+        return {nid: quantize_weight(w / top, self.encryption_packing) for nid, w in raw.items()}
 
     def issue_nonce(self, server_round: int, stage: str, site: str) -> str:
         """A fresh nonce for ``site``'s contribution to ``(server_round, stage)``; the site signs over it."""
@@ -124,7 +153,13 @@ class EncryptionStrategyMixin:
         return {s: n for (r, st, s), n in self.encryption_nonces.items() if r == server_round and st == stage}
 
     def aggregate_signed(
-        self, server_round: int, stage: str, updates: Mapping[str, EncryptedUpdate], num_values: int, layout_hash: str
+        self,
+        server_round: int,
+        stage: str,
+        updates: Mapping[str, EncryptedUpdate],
+        num_values: int,
+        layout_hash: str,
+        packing=None,
     ):
         """Verify (signature by the transport's site, nonce, no replay) and sum; see :func:`aggregate_encrypted`."""
         return aggregate_encrypted(
@@ -134,7 +169,8 @@ class EncryptionStrategyMixin:
             num_values=num_values,
             stage=stage,
             layout_hash=layout_hash,
-            fixed_point_bits=self.encryption_bits,
+            packing=packing,
+            fixed_point_bits=None if packing is not None else self.encryption_bits,
             weight_slot=True,
             public_keys=self.encryption_public_keys,
             nonces=self.round_nonces(server_round, stage),
@@ -164,7 +200,12 @@ class EncryptionStrategyMixin:
         return None
 
     def _parse_contributions(
-        self, accepted: list[Message], key: str, expected_weight: Callable[[Message, str], float], why: str
+        self,
+        accepted: list[Message],
+        key: str,
+        expected_weight: Callable[[Message, str], float],
+        why: str,
+        packing=None,
     ) -> tuple[dict[str, EncryptedUpdate], dict[str, str]]:
         """Parse each reply's ciphertext under ``key``; reject unparsable ones and unexpected weights."""
         updates: dict[str, EncryptedUpdate] = {}
@@ -176,7 +217,7 @@ class EncryptionStrategyMixin:
             except CiphertextError as exc:
                 rejected[site] = str(exc)
                 continue
-            want = quantize_weight(expected_weight(msg, site), None, self.encryption_bits)
+            want = quantize_weight(expected_weight(msg, site), packing, None if packing else self.encryption_bits)
             if upd.weight is None or upd.weight != want:
                 rejected[site] = f"encrypted weight {upd.weight!r} differs from the weight {want!r} ({why})"
                 continue
@@ -190,9 +231,15 @@ class EncryptionStrategyMixin:
             planned = self.encryption_planned.get((server_round, stage, site))
             return float(msg.content[METRICS_KEY][NUM_EXAMPLES]) if planned is None else planned
 
-        updates, rejected = self._parse_contributions(accepted, ARRAYS_KEY, expected, "the server expects")
+        packing = self.encryption_packing
+        updates, rejected = self._parse_contributions(accepted, ARRAYS_KEY, expected, "the server expects", packing)
         result = self.aggregate_signed(
-            server_round, stage, updates, self.encryption_layout.num_values, self.encryption_layout.layout_hash()
+            server_round,
+            stage,
+            updates,
+            self.encryption_layout.num_values,
+            self.encryption_layout.layout_hash(),
+            packing,
         )
         rejected.update(result.rejected)
         need = int(self.cfg.encryption.min_contributors)  # type: ignore[attr-defined]
@@ -227,7 +274,23 @@ class EncryptionStrategyMixin:
         }
         if loss and all(math.isfinite(x) for x in loss):
             metrics["train_loss"] = float(np.mean(loss))
-        return blob_record(agg.to_bytes()), MetricRecord(metrics), rejected
+        if packing is None:
+            return blob_record(agg.to_bytes()), MetricRecord(metrics), rejected
+        # Delta protocol: the new global model is the seeded initial model plus every adopted aggregate's mean
+        # delta; the server keeps all of them and sends each site the ones it lacks (see EncryptedModelGrid).
+        self.encryption_chain.append(agg.to_bytes())
+        return self.encrypted_model(0), MetricRecord(metrics), rejected
+
+    # -- the delta protocol's encrypted global model ---------------------------------------
+    def encrypted_model(self, base_version: int) -> ArrayRecord:
+        """The encrypted global model as the aggregates of versions ``base_version`` on."""
+        return blob_record(encode_chain(base_version, self.encryption_chain[base_version:]), CHAIN_KEY)
+
+    def start(self, grid, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+        """As the method's ``start``, through :class:`EncryptedModelGrid` when updates are packed deltas."""
+        if getattr(self, "encryption_packing", None) is not None:
+            grid = EncryptedModelGrid(grid, self)
+        return super().start(grid, *args, **kwargs)  # type: ignore[misc]
 
 
 class EncryptedAnchorsMixin:
@@ -262,7 +325,7 @@ class EncryptedAnchorsMixin:
 
         updates, rejected = self._parse_contributions(
             accepted, ANCHORS_KEY, lambda msg, site: 1.0, "anchors are plain sums"
-        )
+        )  # anchors stay on the exact fixed-point codec (the server adds its noise to them)
         dim = self.anchor_dim  # type: ignore[attr-defined]
         result = self.aggregate_signed(server_round, "anchors", updates, dim, anchor_layout_hash(dim))  # type: ignore[attr-defined]
         rejected.update(result.rejected)
@@ -274,6 +337,52 @@ class EncryptedAnchorsMixin:
             agg = add_plaintext_noise(agg, server_noise(self.cfg, dim, self.anchor_rng))  # type: ignore[attr-defined]
         self.anchor_contributors = list(result.accepted)
         return blob_record(agg.to_bytes()), rejected
+
+
+class EncryptedModelGrid:
+    """The strategy's grid, sending each site only the part of the encrypted global model it lacks.
+
+    Under the delta protocol the encrypted global model is the list of adopted aggregates
+    (:meth:`EncryptionStrategyMixin.encrypted_model`).  Every message that carries it (train,
+    evaluate, anchor and DRO queries) is rewritten per destination to the aggregates from the version
+    that site is known to hold: a site that joins late, or returns after a failure (any error reply
+    resets it to version 0), gets the whole current model, encrypted, first; a site in step gets the
+    newest aggregate only.  A site's version advances when it answers a message without error.
+    """
+
+    def __init__(self, grid: Any, strategy: EncryptionStrategyMixin) -> None:
+        self._grid = grid
+        self._strategy = strategy
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        s = self._strategy
+        sites = s.sites  # type: ignore[attr-defined]
+        pending: dict[int, int] = {}
+        out = []
+        for msg in messages:
+            nid = msg.metadata.dst_node_id
+            content = msg.content
+            if ARRAYS_KEY in content.array_records and is_chain_record(content[ARRAYS_KEY]) and nid in sites:
+                have = min(s.encryption_synced.get(sites[nid].site, 0), len(s.encryption_chain))
+                copy = RecordDict(dict(content.items()))
+                copy[ARRAYS_KEY] = s.encrypted_model(have)
+                msg.content = copy
+                pending[nid] = len(s.encryption_chain)
+            out.append(msg)
+        replies = list(self._grid.send_and_receive(out, timeout=timeout))
+        for reply in replies:
+            nid = reply.metadata.src_node_id
+            if nid not in sites:
+                continue
+            site = sites[nid].site
+            if reply.has_error():
+                s.encryption_synced[site] = 0  # it may have lost its state: send everything next time
+            elif nid in pending:
+                s.encryption_synced[site] = max(s.encryption_synced.get(site, 0), pending[nid])
+        return replies
 
 
 def encrypted_strategy(strategy_cls: type[VLPStrategy]) -> type[VLPStrategy]:
