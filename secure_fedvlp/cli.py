@@ -275,7 +275,8 @@ def _cmd_keys_init(args: argparse.Namespace) -> int:
     for cid, path in bundle.client_paths.items():
         print(f"  client {cid} (secret key, mode 0600): {path}")
     print(f"  fingerprint: {bundle.fingerprint}")
-    print("Give each client only its own file; give the server only the server file.")
+    print(f"  signing public keys (Ed25519; each client file holds its own private key): {bundle.manifest_path}")
+    print("Give each client only its own file; give the server only the server file; give everyone the manifest.")
     return 0
 
 

@@ -13,7 +13,10 @@ def test_keys_init_writes_private_client_files_and_public_server_file(tmp_path, 
     out = tmp_path / "keys"
     assert main(["keys", "init", "--out", str(out), "--clients", "site1,site2"]) == 0
     text = capsys.readouterr().out
-    assert "fingerprint" in text and "no secret key" in text
+    assert "fingerprint" in text and "no secret key" in text and "signing public keys" in text
+    from secure_fedvlp.encryption import load_manifest
+
+    assert sorted(load_manifest(out)["signing_public_keys"]) == ["site1", "site2"]
     client_files = sorted(p for p in out.rglob("*") if p.is_file() and "site" in p.name)
     assert len(client_files) == 2
     for p in client_files:

@@ -336,3 +336,160 @@ def test_changing_any_signed_field_or_the_ciphertext_breaks_the_signature(run, f
         bad = dataclasses.replace(upd, **SIGNED_FIELDS[field])
     with pytest.raises(CiphertextError):
         verify_statement(bad.signed_header(), keys, bad.client_id or "c0")
+
+
+# --------------------------------------------------------------------------- the delta protocol
+def _signed_round(run, vals, weights, round_id, packing=None, fixed_point_bits=None, ids=None):
+    from secure_fedvlp.encryption import ReplayGuard, load_signing_public_keys, new_nonce
+
+    b, clients, server = run
+    keys = load_signing_public_keys(b.out_dir, server.fingerprint)
+    ids = ids or IDS[: len(vals)]
+    nonces = {cid: new_nonce() for cid in ids}
+    ups = {
+        cid: encrypt_update(
+            clients[cid],
+            v,
+            w,
+            round_id,
+            stage="full",
+            packing=packing,
+            fixed_point_bits=fixed_point_bits,
+            weight_slot=True,
+            nonce=nonces[cid],
+        )
+        for cid, v, w in zip(ids, vals, weights, strict=True)
+    }
+    res = aggregate_encrypted(
+        server,
+        {c: u.to_bytes() for c, u in ups.items()},
+        round_id=round_id,
+        num_values=len(vals[0]),
+        stage="full",
+        packing=packing,
+        fixed_point_bits=fixed_point_bits,
+        weight_slot=True,
+        public_keys=keys,
+        nonces=nonces,
+        replay=ReplayGuard(),
+    )
+    assert res.rejected == {}
+    return res.aggregate, keys
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_delta_protocol_mean_equals_the_plaintext_mean_of_the_quantised_updates_bit_for_bit(run, seed):
+    """The decrypted mean of packed, signed, weighted deltas equals, bit for bit, the plaintext mean computed from
+    the same quantised integers; against the float mean of the clipped deltas it is within the stated bound
+    ``n * step / 2 / W``."""
+    from secure_fedvlp.encryption import check_and_decrypt
+    from secure_fedvlp.encryption.packing import (
+        decode_sums,
+        delta_packing,
+        encode_chunks,
+        packed_digit_sums,
+        quantize_weight,
+        split_weight_slots,
+    )
+
+    _, clients, _ = run
+    packing = delta_packing(PARAMS, 4, 0.25)
+    rng = np.random.default_rng(seed)
+    n = 9000  # three vectors of 4095 x 3 values, the last one partly filled
+    vals = [rng.uniform(-0.3, 0.3, n) for _ in range(3)]  # some beyond the bound: clipped
+    raw = rng.uniform(1, 50, 3)
+    weights = [quantize_weight(w / raw.max(), packing) for w in raw]
+    agg, keys = _signed_round(run, vals, weights, 7, packing=packing)
+    got = check_and_decrypt(clients["c2"], agg, keys, min_contributors=2, packing=packing)
+    # the plaintext computation from the same integers
+    ints = sum(
+        packed_digit_sums(
+            split_weight_slots(
+                np.concatenate(encode_chunks(v, w, PARAMS.slots, packing, weight_slot=True)), PARAMS.slots
+            )[0],
+            n,
+            packing,
+        )
+        for v, w in zip(vals, weights, strict=True)
+    )
+    want = decode_sums(
+        np.concatenate([np.asarray(c, dtype=np.float64) for c in _repack(ints, packing, PARAMS.slots)]),
+        n,
+        float(sum(weights)),
+        packing,
+    )
+    assert np.array_equal(got, want)
+    clipped = [np.clip(v, -packing.bound, packing.bound) for v in vals]
+    exact = sum(w * c for w, c in zip(weights, clipped, strict=True)) / sum(weights)
+    assert np.max(np.abs(got - exact)) <= packing.error_bound(3, sum(weights)) * (1 + 1e-9)
+
+
+def _repack(digit_sums, packing, slots):
+    """Integer digit sums back into packed slot values (no weight slot), to decode them as the sites do."""
+    k, d = packing.digits_per_slot, packing.digit_bits
+    pad = np.zeros(-(-digit_sums.size // k) * k, dtype=np.int64)
+    pad[: digit_sums.size] = digit_sums
+    packed = np.sum(pad.reshape(-1, k) << (np.arange(k, dtype=np.int64) * d), axis=1)
+    return [packed.astype(np.float64)]
+
+
+def test_exact_codec_aggregates_are_checked_like_packed_ones(run, tmp_path):
+    """Exact (fixed-point) codec: a foreign-key contribution, a scaled aggregate, a weight encrypted other than
+    signed and an overflow of the modulus are each refused by check_and_decrypt with its reason."""
+    from secure_fedvlp.encryption import check_and_decrypt
+    from secure_fedvlp.encryption.auth import sign_statement
+
+    b, clients, server = run
+    f = 16
+    rng = np.random.default_rng(0)
+    vals = [rng.uniform(-1, 1, 500) for _ in range(3)]
+    agg, keys = _signed_round(run, vals, [1.0, 2.0, 3.0], 8, fixed_point_bits=f)
+
+    def check(a):
+        return check_and_decrypt(clients["c0"], a, keys, min_contributors=2, fixed_point_bits=f, value_bound=1.0)
+
+    check(agg)  # honest: accepted
+    scaled = dataclasses.replace(agg, vectors=[v + v for v in agg.vectors])
+    with pytest.raises(CiphertextError, match="decrypted total weight"):
+        check(scaled)
+    # a contribution under another CKKS key, fingerprint copied, signed by c1
+    other = init_keys(tmp_path / "other", ["c1"], PARAMS)
+    foreign = dataclasses.replace(
+        load_client_context(other.client_paths["c1"]),
+        fingerprint=server.fingerprint,
+        context_id=clients["c1"].context_id,
+        site="c1",
+        signing_key=clients["c1"].signing_key,
+    )
+    mixed = dict(clients, c1=foreign)
+    agg2, _ = _signed_round((b, mixed, server), vals, [1.0, 2.0, 3.0], 9, fixed_point_bits=f)
+    with pytest.raises(CiphertextError, match="off their grid"):
+        check(agg2)
+    # weight 100 encrypted, weight 1 signed
+    liar = encrypt_update(
+        clients["c0"], vals[0], 100.0, 10, stage="full", fixed_point_bits=f, weight_slot=True, nonce="n" * 32
+    )
+    liar = dataclasses.replace(liar, weight=1.0)
+    liar = dataclasses.replace(
+        liar, signature=sign_statement(liar.signed_header(), clients["c0"].signing_key).signature
+    )
+    honest, _ = _signed_round(run, vals[1:], [2.0, 3.0], 10, fixed_point_bits=f, ids=["c1", "c2"])
+    summed = dataclasses.replace(
+        honest,
+        vectors=[
+            a + v
+            for a, v in zip(
+                honest.vectors, validate(liar, server, expected_round=10, expected_num_values=500)[0], strict=True
+            )
+        ],
+        contributions=(liar.signed_header(), *honest.contributions),
+        contributors=("c0", *honest.contributors),
+        total_weight=1.0 + honest.total_weight,
+    )
+    with pytest.raises(CiphertextError, match="decrypted total weight"):
+        check(summed)
+    # two contributions whose sum overflows the 60-bit modulus
+    big = [np.full(500, 2.0**27.9), np.full(500, 2.0**27.9)]
+    agg3, _ = _signed_round(run, big, [1.0, 1.0], 11, fixed_point_bits=f)
+    with pytest.raises(CiphertextError, match="decrypted total weight|off their grid|magnitude"):
+        check(agg3)

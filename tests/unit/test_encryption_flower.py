@@ -339,3 +339,53 @@ def test_export_decrypts_exactly_and_reports_the_release(tmp_path):
     assert all(np.array_equal(exported[k], dec[k]) for k in dec)
     # on the exact grid: every value times the total weight is a multiple of 2^-f
     assert (rdir / "model" / "export.json").exists()
+
+
+def test_a_site_that_returns_late_gets_the_whole_encrypted_model_first(tmp_path):
+    """Delta protocol: a site in step receives only the aggregates it lacks; a site whose process restarted
+    (its state lost, its last reply an error) receives every aggregate from the seeded initial model on, and
+    rebuilds bit for bit the global model the others hold."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from secure_fedvlp.encryption.envelope import decode_chain
+    from secure_fedvlp.flower import client_app
+    from secure_fedvlp.wire import CONFIG_KEY, QUERY, SITE_INFO_QUERY
+    from secure_fedvlp.wrappers.encryption.records import record_blob
+    from secure_fedvlp.wrappers.encryption.strategy import EncryptedModelGrid
+
+    cfg = enc_cfg(tmp_path, federation={"num_rounds": 2})
+    run_dir = tmp_path / "run"
+    _keys(cfg, run_dir)
+    strategy, result, _, grid = run(cfg, run_dir, encrypted=True, rounds=2)
+    assert len(strategy.encryption_chain) == 2
+    setup = RunSetup(cfg, run_dir)
+
+    def rt(nid):
+        return client_app.get_runtime(lambda ctx: setup, grid.contexts[nid])
+
+    in_step = rt(1).encryption.memory["previous"]
+    # site2's process restarts: its state is gone, and its first answer is an error
+    for key in [k for k in client_app._RUNTIMES if k[2] == 2]:
+        del client_app._RUNTIMES[key]
+    proxy = EncryptedModelGrid(grid, strategy)
+
+    def query(nid):
+        msg = Message(
+            RecordDict({ARRAYS_KEY: result.arrays, CONFIG_KEY: ConfigRecord({QUERY: SITE_INFO_QUERY})}),
+            dst_node_id=nid,
+            message_type=MessageType.QUERY,
+        )
+        [reply] = proxy.send_and_receive([msg])
+        base, aggregates = decode_chain(record_blob(grid.sent[-1].content[ARRAYS_KEY]))
+        return reply, base, len(aggregates)
+
+    grid.fail_nodes, grid.fail_types = {2}, ("query",)
+    reply, _, _ = query(2)
+    assert reply.has_error()
+    grid.fail_nodes = set()
+    reply, base, count = query(2)  # the whole encrypted model, from version 0
+    assert not reply.has_error() and (base, count) == (0, 2)
+    rebuilt = rt(2).encryption.memory["previous"]
+    assert rebuilt.keys() == in_step.keys() and all(np.array_equal(rebuilt[k], in_step[k]) for k in in_step)
+    reply, base, count = query(1)  # a site in step gets nothing it already holds
+    assert not reply.has_error() and (base, count) == (2, 0)

@@ -15,25 +15,35 @@ Protocol
   which :func:`~secure_fedvlp.encryption.load_server_context` refuses if it holds a secret key.
   Nothing but ciphertexts travels in messages: the context is distributed once per run as files.
 * **Client mod** (:func:`make_encryption_mod`): an incoming message whose ``arrays`` record is an
-  encrypted global model is decrypted before the handler runs; an outgoing train reply has its
-  parameters flattened, multiplied by the aggregation weight (``encryption-weight`` from the server,
-  else the reply's ``num-examples``), rounded to the fixed-point grid and encrypted.  The mod runs
-  after the trainer (and its DP-SGD wrapper): clip and noise, then weight, then encrypt.
+  encrypted global model is checked and decrypted before the handler runs (a failing aggregate is
+  refused, the site keeps its previous model); an outgoing train reply is encoded (below),
+  multiplied by the aggregation weight (``encryption-weight`` from the server, else the reply's
+  ``num-examples``), encrypted with the weight in every vector, and signed with the site's key over
+  the server's ``encryption-nonce``.  The mod runs after the trainer (and its DP-SGD wrapper): clip
+  and noise, then the public clip and quantisation (post-processing), then weight, then encrypt.
 * **Strategy wrapper** (:func:`encrypted_strategy`): a subclass of any method's strategy whose
-  ``configure_train`` adds each node's planned weight and whose aggregation sums ciphertexts
-  (:func:`~secure_fedvlp.encryption.aggregate_encrypted`), dropping each malformed contribution with
-  its reason.  The new global model is that encrypted weighted sum with its clear total weight: the
-  server keeps it encrypted and sends it as is; clients divide by the total weight after
-  decrypting.  The round-1 model is the seeded initialisation, which depends on no data.
-* **Full parameters, not deltas**, are aggregated: the encrypted global is then self-contained (a
-  site that missed a round, or a held-out site, can decrypt it without history), and dropouts only
-  change the total weight.
-* **Fixed-point exact decryption**: every weighted value is rounded to a multiple of ``2**-f``
-  before encryption and every decrypted sum is rounded back, with ``f`` chosen so that the CKKS
-  error stays below half a step except with probability < 2**-75 per slot
-  (:func:`~secure_fedvlp.encryption.packing.fixed_point_bits_for`).  A decrypted model is thus an exact
-  function of the plaintexts and carries no CKKS error for an IND-CPA-D attack to exploit; see
-  :func:`export_model` for the release.
+  ``configure_train`` adds each node's planned weight and a fresh nonce, and whose aggregation
+  verifies each contribution's signature (by the key of the site the transport delivered it from)
+  and sums ciphertexts (:func:`~secure_fedvlp.encryption.aggregate_encrypted`), dropping each
+  invalid contribution with its reason.
+* **Delta protocol** (``encryption.codec = "packed_delta"``, the default): a site sends its update
+  relative to the global model it trained from, clipped to ``[-delta_bound, delta_bound]``,
+  multiplied by its normalised weight (at most 1), quantised and packed three values per CKKS slot
+  (about 10.7 bytes per model value), with the weight in the last slot of every vector.  The
+  server keeps every adopted aggregate; the encrypted global model is that list (the seeded
+  initial model, public, plus each aggregate's mean delta), and :class:`EncryptedModelGrid` sends
+  each site the aggregates it lacks: a site in step gets the newest one, a site that joins late or
+  returns after a failure gets all of them first.  Each site checks each aggregate
+  (:func:`~secure_fedvlp.encryption.check_and_decrypt`) and adds its mean delta; the decrypted
+  mean is the plaintext mean of the quantised updates, bit for bit.  Anchors keep the exact codec.
+* **Exact codec** (``encryption.codec = "exact"``): weighted full models on a fixed-point grid,
+  one value per slot (about 32 bytes per value); the encrypted global model is the last aggregate,
+  self-contained.  Every weighted value is rounded to a multiple of ``2**-f`` before encryption and
+  every decrypted sum is rounded back, with ``f`` chosen so that the CKKS error stays below half a
+  step except with probability < 2**-75 per slot
+  (:func:`~secure_fedvlp.encryption.packing.fixed_point_bits_for`).  Either way a decrypted model
+  is an exact function of the plaintexts and carries no CKKS error for an IND-CPA-D attack to
+  exploit; see :func:`export_model` for the release.
 """
 
 from secure_fedvlp.wrappers.encryption.client import (
