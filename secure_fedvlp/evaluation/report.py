@@ -399,6 +399,10 @@ def _markdown(rep: dict[str, Any]) -> str:
                     f", fixed point 2^-{ex['fixed_point_bits']}, probability "
                     f"that any value decodes wrongly <= {ex['model_failure_probability_bound']:.1e}"
                     if "fixed_point_bits" in ex
+                    else f", {ex['codec']}, {ex['aggregates']} aggregate(s) applied, "
+                    f"{len(ex.get('refused_aggregates', []))} refused, probability that any value decodes "
+                    f"wrongly <= {ex['model_failure_probability_bound']:.1e}"
+                    if "aggregates" in ex
                     else f", {ex.get('flooding_bits')}-bit statistical security"
                 )
                 + ".",

@@ -155,17 +155,24 @@ def test_encrypted_run_end_to_end_server_keeps_only_ciphertexts(tiny_encrypted_r
     # FedDRA's two stages per round, each aggregated under encryption
     assert {s["stage"] for s in stats} == {"align", "full"}
     # the server's final model is a ciphertext its own context cannot decrypt
+    from secure_fedvlp.encryption.envelope import decode_chain
+
     server = load_server_context(run_dir / "keys" / "server.ctx")
-    agg = AggregateCiphertext.from_bytes((run_dir / "model" / "global_model.ckks").read_bytes(), server)
-    with pytest.raises(KeyMaterialError, match="cannot decrypt"):
-        decrypt_aggregate(server, agg)
+    _, aggregates = decode_chain((run_dir / "model" / "global_model.ckks").read_bytes())
+    assert len(aggregates) == len(stats)  # delta protocol: one signed, packed aggregate per stage
+    for blob in aggregates:
+        agg = AggregateCiphertext.from_bytes(blob, server)
+        assert agg.codec.startswith("packed/") and len(agg.contributions) == 2
+        with pytest.raises(KeyMaterialError, match="cannot decrypt"):
+            decrypt_aggregate(server, agg)
     # a key holder released it, exactly, and the report says how
     export = json.loads((run_dir / "model" / "export.json").read_text())
-    assert export["decryption"] == "exact (fixed-point)" and export["flooding_sigma"] == 0.0
+    assert export["decryption"] == "exact (packed integers)" and export["flooding_sigma"] == 0.0
+    assert export["refused_aggregates"] == []
     assert (run_dir / "model" / "federated_params.npz").exists()
     rep = json.loads((run_dir / "report.json").read_text())
     assert rep["encryption"]["keys"]["params"]["poly_modulus_degree"] == 8192
-    assert rep["encryption"]["export"]["decryption"] == "exact (fixed-point)"
+    assert rep["encryption"]["export"]["decryption"] == "exact (packed integers)"
     md = (run_dir / "report.md").read_text()
     assert "CKKS-encrypted aggregation" in md and "ciphertext domain" in md
     # DP-SGD, DRO reports and anchors composed in each site's ledger
