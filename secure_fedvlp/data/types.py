@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from secure_fedvlp.data.spec import MODALITIES
 from secure_fedvlp.errors import DataError
 
-__all__ = ["FINDINGS", "VLPDataset", "SiteData", "Federation"]
+__all__ = ["FINDINGS", "MODALITIES", "VLPDataset", "SiteData", "Federation"]
 
 #: The findings every dataset is mapped to, in label-column order.
 FINDINGS: tuple[str, ...] = (
@@ -104,13 +105,26 @@ class VLPDataset(Dataset):
 
 @dataclass(frozen=True)
 class SiteData:
-    """One site's splits."""
+    """One site's splits.
+
+    ``modality`` is what the site holds (:data:`MODALITIES`): ``"paired"`` image-report pairs,
+    ``"image"`` images with finding labels and no reports, ``"text"`` reports with finding labels and
+    no images.  A site is never asked for a modality it does not hold (its records carry
+    ``has_text`` / ``has_image`` False for it).
+    """
 
     name: str
     role: str  # "train" or "heldout"
     train: VLPDataset
     val: VLPDataset
     test: VLPDataset
+    modality: str = "paired"
+
+    def __post_init__(self) -> None:
+        if self.modality not in MODALITIES:
+            raise DataError(
+                f"site {self.name!r}: modality {self.modality!r} is not one of {', '.join(MODALITIES)}."
+            )
 
 
 @dataclass(frozen=True)
