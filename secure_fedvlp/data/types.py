@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -97,6 +98,17 @@ class VLPDataset(Dataset):
             self.has_image[idx],
             self.has_text[idx],
         )
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the records' images, reports, labels, ids and modality flags: pins a public set."""
+        h = hashlib.sha256()
+        for arr in (self.images, self.labels, self.has_image, self.has_text):
+            a = np.ascontiguousarray(arr)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        for text in (*self.reports, *self.record_ids):
+            h.update(text.encode("utf-8") + b"\0")
+        return h.hexdigest()
 
     def prevalence(self) -> np.ndarray:
         """Fraction of records positive for each finding."""

@@ -71,6 +71,7 @@ def client_parts(
 ) -> ClientParts:
     """The site's trainer, encryption state and extensions, as the config asks."""
     trainer: Any = get_method(cfg.federation.method).trainer(cfg, device, public)
+    trainer.bind_site(site, RunLayout(run_dir).client_dir(site.name))
     if cfg.privacy.enabled and not cfg.privacy.seeded_randomness:
         trainer.site_key_path = RunLayout(run_dir).site_key(site.name)  # a secret in the site's own directory
     else:  # reproducible runs: a key anyone holding the config can derive
