@@ -134,8 +134,7 @@ def test_a_site_refuses_a_round_on_another_public_set(tmp_path):
 
 def test_a_configured_pin_refuses_a_different_public_set(tmp_path):
     from secure_fedvlp.errors import ConfigError, ProtocolError
-    from secure_fedvlp.data.types import VLPDataset
-from secure_fedvlp.methods.creamfl import CreamFLStrategy
+    from secure_fedvlp.methods.creamfl import CreamFLStrategy
 
     cfg = hetero_cfg(tmp_path, creamfl={"public_fingerprint": "0" * 64})
     with pytest.raises(ConfigError, match="public_fingerprint"):
