@@ -503,6 +503,13 @@ class CreamFLStrategy(VLPStrategy):
 
     # -- the round -------------------------------------------------------------------------------------
     def train_round(self, server_round: int, grid: Grid, arrays: ArrayRecord, timeout: float) -> ArrayRecord:
+        # The server model's dropout draws from torch's global generator: seed it per round, so a run is
+        # reproducible whatever else ran in the process.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(int(self.cfg.run.seed) * 1_000_003 + server_round)
+            return self._train_round(server_round, grid, arrays, timeout)
+
+    def _train_round(self, server_round: int, grid: Grid, arrays: ArrayRecord, timeout: float) -> ArrayRecord:
         load_federated_state(self.server_model, arrays_to_numpy(arrays))
         server_loss = self.train_server(server_round)
         row: dict[str, Any] = {"round": server_round, "phase": "creamfl", "server_public_loss": server_loss}

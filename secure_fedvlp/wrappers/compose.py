@@ -104,6 +104,12 @@ def client_parts(
 
         encryption = ClientEncryption.load(encryption_settings(cfg, run_dir), site.name, reference_state)
     extensions: list[Any] = []
+    if encryption is not None and getattr(get_method(cfg.federation.method).strategy, "reply_payload", "") == (
+        "representations"
+    ):
+        from secure_fedvlp.wrappers.encryption.ensemble import EnsembleKeyHolder
+
+        extensions.append(EnsembleKeyHolder(cfg.encryption.min_contributors))
     if cfg.anchors.enabled:
         extensions.append(
             anchors_wrapper.AnchorClient(
