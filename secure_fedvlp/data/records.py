@@ -66,7 +66,10 @@ def assemble(
         first = site_modality.setdefault(rec.site, rec.modality)
         if rec.modality != first:
             problems.add(
-                rec.source, rec.row, rec.line, f"site {rec.site!r} is declared {first!r} elsewhere but {rec.modality!r} here"
+                rec.source,
+                rec.row,
+                rec.line,
+                f"site {rec.site!r} is declared {first!r} elsewhere but {rec.modality!r} here",
             )
     problems.raise_if_any(source, "Inconsistent site modalities in")
     for role, name in (("heldout_site", heldout_site), ("public_site", public_site)):

@@ -134,9 +134,7 @@ class SiteData:
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
-            raise DataError(
-                f"site {self.name!r}: modality {self.modality!r} is not one of {', '.join(MODALITIES)}."
-            )
+            raise DataError(f"site {self.name!r}: modality {self.modality!r} is not one of {', '.join(MODALITIES)}.")
 
 
 @dataclass(frozen=True)

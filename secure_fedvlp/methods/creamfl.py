@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from torch import nn
 
@@ -226,7 +226,9 @@ class CreamFLTrainer(LocalTrainer):
     def global_bank(self, task: TrainTask) -> dict[str, torch.Tensor]:
         """The round's global representations, after checking the public set against the pin."""
         if self.public is None or len(self.public) < 2:
-            raise ConfigError("CreamFL needs a public set at every site (data.synthetic.public_size or data.public_site).")
+            raise ConfigError(
+                "CreamFL needs a public set at every site (data.synthetic.public_size or data.public_site)."
+            )
         if self._public_fp is None:
             self._public_fp = self.public.fingerprint()
         own = self._public_fp
@@ -421,7 +423,9 @@ class CreamFLStrategy(VLPStrategy):
     def _optimizer(self) -> torch.optim.Optimizer:
         if self.server_optimizer is None:
             params = [p for p in self.server_model.parameters() if p.requires_grad]
-            self.server_optimizer = torch.optim.AdamW(params, lr=self.c.server_lr, weight_decay=self.cfg.train.weight_decay)
+            self.server_optimizer = torch.optim.AdamW(
+                params, lr=self.c.server_lr, weight_decay=self.cfg.train.weight_decay
+            )
         return self.server_optimizer
 
     def train_server(self, server_round: int) -> float:
@@ -543,7 +547,11 @@ class CreamFLStrategy(VLPStrategy):
             if site in rejected:
                 self._drop(server_round, "full", site, rejected[site])
                 continue
-            values = {k: float(v) for k, v in msg.content[METRICS_KEY].items()} if METRICS_KEY in msg.content.metric_records else {}
+            values = (
+                {k: float(v) for k, v in msg.content[METRICS_KEY].items()}
+                if METRICS_KEY in msg.content.metric_records
+                else {}
+            )
             self.recorder.record(
                 {"round": server_round, "stage": "full", "phase": "train", "site": site, "status": "ok", **values}
             )

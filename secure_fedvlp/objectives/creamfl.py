@@ -62,7 +62,10 @@ __all__ = [
 
 
 def contrastive_scores(reps: torch.Tensor, global_other: torch.Tensor) -> torch.Tensor:
-    """``s_{..., j} = log softmax_k <reps_j, G_k>`` at ``k = j``: ``reps`` ``[..., M, d]``, ``global_other`` ``[M, d]``."""
+    """``s_{..., j} = log softmax_k <reps_j, G_k>`` at ``k = j``.
+
+    ``reps``: ``[..., M, d]``; ``global_other``: ``[M, d]``.
+    """
     if reps.shape[-2:] != global_other.shape:
         raise ValueError(
             f"representations {tuple(reps.shape)} do not match the global bank {tuple(global_other.shape)} "

@@ -87,7 +87,9 @@ def test_replies_carry_representations_of_the_sites_modality_and_no_parameters(p
     for reply in train:
         content = reply.content
         assert set(content.array_records) == {REPS_KEY}  # no "arrays": no parameters
-        want = {"paired": {"image", "text"}, "image": {"image"}, "text": {"text"}}[MODS[site_of[reply.metadata.src_node_id]]]
+        want = {"paired": {"image", "text"}, "image": {"image"}, "text": {"text"}}[
+            MODS[site_of[reply.metadata.src_node_id]]
+        ]
         assert set(content[REPS_KEY].keys()) == want
         for a in content[REPS_KEY].values():
             assert a.numpy().shape == (12, 32)
@@ -195,7 +197,9 @@ def test_dp_ledger_holds_only_the_dp_sgd_events_and_logs_the_free_release(dp_run
         kinds = [type(e).__name__ for e in acc.history]
         assert kinds == ["DPSGDEvent", "PostProcessingEvent"] * 2  # the release is logged after its DP-SGD job
         dpsgd = [e for e in acc.history if type(e).__name__ == "DPSGDEvent"]
-        assert [(e.stage, e.steps, e.round) for e in dpsgd] == [(s.stage, s.steps, r) for r in (1, 2) for s in plan.stages]
+        assert [(e.stage, e.steps, e.round) for e in dpsgd] == [
+            (s.stage, s.steps, r) for r in (1, 2) for s in plan.stages
+        ]
         # the representations cost nothing: epsilon is that of the DP-SGD events alone
         assert acc.get_epsilon(cfg.privacy.delta) == pytest.approx(
             epsilon_from_events(dpsgd, cfg.privacy.delta, cfg.privacy.accountant), rel=1e-12

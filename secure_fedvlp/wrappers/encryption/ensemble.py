@@ -40,7 +40,7 @@ from secure_fedvlp.encryption import (
     flatten_update,
 )
 from secure_fedvlp.errors import CiphertextError, ProtocolError
-from secure_fedvlp.methods.creamfl import GLOBAL_REPS_KEY, MODALITY_REPS, REPS_KEY
+from secure_fedvlp.methods.creamfl import GLOBAL_REPS_KEY, REPS_KEY
 from secure_fedvlp.objectives.creamfl import contrastive_scores, ratio_ensemble, shifted_weights
 from secure_fedvlp.wire import ARRAYS_KEY, CONFIG_KEY, INFO_KEY, QUERY, SERVER_ROUND
 from secure_fedvlp.wrappers.encryption.records import blob_record, is_encrypted, record_blob
@@ -185,7 +185,12 @@ class EncryptedEnsembleMixin:
                 if msgs:
                     logger.warning(
                         "Round %d: %d valid %s contribution(s), fewer than encryption.min_contributors = %d; no %s "
-                        "ensemble this round.", server_round, len(result.accepted), m, need, m
+                        "ensemble this round.",
+                        server_round,
+                        len(result.accepted),
+                        m,
+                        need,
+                        m,
                     )
                 ens[m] = None
                 continue
