@@ -59,6 +59,7 @@ class SiteInfo:
     site: str
     role: str  # "train" or "heldout"
     num_train: int
+    modality: str = "paired"  # what the site holds: "paired", "image" or "text"
 
 
 class RoundRecorder:
@@ -147,7 +148,9 @@ class VLPStrategy(FedAvg):
                 logger.warning("Node %s did not answer discovery: %s", nid, reply.error.reason)
                 continue
             info = reply.content[INFO_KEY]
-            sites[nid] = SiteInfo(nid, str(info["site"]), str(info["role"]), int(info["num-train"]))
+            sites[nid] = SiteInfo(
+                nid, str(info["site"]), str(info["role"]), int(info["num-train"]), str(info.get("modality", "paired"))
+            )
         if not any(s.role == "train" for s in sites.values()):
             raise RuntimeError("no training site answered discovery; cannot start federated training.")
         self.sites = dict(sorted(sites.items(), key=lambda kv: kv[1].site))

@@ -193,6 +193,10 @@ def make_encryption_mod(runtime: Callable[[Context], Any]) -> Callable[[Message,
                 state, weight, int(cfg["server-round"]), str(cfg.get("stage", "full"))
             )
             metrics[WEIGHT_KEY] = weight
+        if msg.metadata.message_type == MessageType.TRAIN:  # CreamFL: representations, as ratio-of-sums ciphertexts
+            from secure_fedvlp.wrappers.encryption.ensemble import encrypt_representations
+
+            encrypt_representations(sa, original, reply, rt.setup.cfg.creamfl.weight_floor)
         if (
             msg.metadata.message_type == MessageType.QUERY
             and not reply.has_error()
