@@ -86,9 +86,7 @@ def make_pki(out: str | os.PathLike, hosts: Sequence[str] = ("localhost", "127.0
         .not_valid_before(now - _dt.timedelta(minutes=5))
         .not_valid_after(now + _dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
-        )
+        .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
         .sign(ca_key, hashes.SHA384())
     )
     srv_key = ec.generate_private_key(ec.SECP384R1())
@@ -150,8 +148,7 @@ def write_flwr_connection(flwr_home: str | os.PathLike, name: str, address: str,
     path = home / "config.toml"
     ca = Path(ca_cert).resolve()
     path.write_text(
-        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n'
-        f'root-certificates = "{ca}"\n',
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\nroot-certificates = "{ca}"\n',
         encoding="utf-8",
     )
     return path
@@ -193,12 +190,25 @@ def supernode_command(
 
 def register_command(public_key: str | os.PathLike, connection: str, site: str) -> list[str]:
     """``flwr supernode register`` of a site's node key (JSON output: the node id)."""
-    return [flower_bin("flwr"), "supernode", "register", str(public_key), connection, "--name", site, "--format", "json"]
+    return [
+        flower_bin("flwr"),
+        "supernode",
+        "register",
+        str(public_key),
+        connection,
+        "--name",
+        site,
+        "--format",
+        "json",
+    ]
 
 
-def run_command(app_dir: str | os.PathLike, connection: str, run_config: dict[str, str]) -> list[str]:
-    """``flwr run`` of the project at ``app_dir`` against ``connection`` with the given run config."""
-    cmd = [flower_bin("flwr"), "run", str(app_dir), connection, "--stream"]
+def run_command(
+    app_dir: str | os.PathLike, connection: str, run_config: dict[str, str], *, stream: bool = False
+) -> list[str]:
+    """``flwr run`` of the project at ``app_dir`` against ``connection`` with the given run config
+    (``stream``: follow the run's log until it ends)."""
+    cmd = [flower_bin("flwr"), "run", str(app_dir), connection] + (["--stream"] if stream else [])
     for k, v in run_config.items():
         cmd += ["--run-config", f'{k}="{v}"']
     return cmd
