@@ -129,7 +129,7 @@ def test_image_path_outside_the_image_root(tmp_path):
     root.mkdir()
     (tmp_path / "secret.png").write_bytes(b"\x89PNG")
     m = root / "m.csv"
-    m.write_text(f"image,report,site\n../secret.png,text,s1\n{tmp_path / 'secret.png'},text,s1\n")
+    m.write_text(f"image,report,labels,site\n../secret.png,text,,s1\n{tmp_path / 'secret.png'},text,,s1\n")
     with pytest.raises(DataError) as err:
         load_manifest(m)
     assert str(err.value).count("is outside the image root") == 2
