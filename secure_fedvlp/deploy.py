@@ -43,6 +43,7 @@ __all__ = [
     "register_command",
     "run_command",
     "flower_bin",
+    "flower_env",
 ]
 
 
@@ -158,6 +159,15 @@ def flower_bin(name: str) -> str:
     """The path of a Flower executable: beside this interpreter (a virtual environment), else on PATH."""
     here = Path(sys.executable).parent / name
     return str(here) if here.exists() else (shutil.which(name) or name)
+
+
+def flower_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) with this interpreter's ``bin`` directory first on
+    ``PATH``: the SuperLink and SuperNodes start ``flower-superexec``, ``flwr-serverapp`` and
+    ``flwr-clientapp`` by name."""
+    env = dict(os.environ if base is None else base)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
 
 
 def superlink_command(pki: PKI, port: int, *, host: str = "127.0.0.1", database: str | None = None) -> list[str]:

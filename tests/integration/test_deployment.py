@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from secure_fedvlp.deploy import (
+    flower_env,
     make_node_key,
     make_pki,
     register_command,
@@ -95,9 +96,13 @@ def _wait_port(port: int, timeout: float) -> None:
     raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
 
 
+def _tail(path: Path) -> str:
+    return path.read_text(errors="replace")[-3000:] if path.exists() else f"({path} missing)"
+
+
 @pytest.mark.slow
 def test_loopback_deployment_tls_node_auth_and_no_secrets_at_the_server(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = flower_env(dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
     procs: dict[str, subprocess.Popen] = {}
     seen: set[int] = set()
 
@@ -135,7 +140,10 @@ def test_loopback_deployment_tls_node_auth_and_no_secrets_at_the_server(tmp_path
         build_federation(load_config(REPO / "configs" / "tiny.toml", overrides))  # nodes only read the cache
 
         start("superlink", superlink_command(pki, link_port), tmp_path / "link")
-        _wait_port(link_port, 120)
+        try:
+            _wait_port(link_port, 120)
+        except TimeoutError:
+            pytest.fail(f"the SuperLink did not start:\n{_tail(tmp_path / 'superlink.log')}")
         cli_home = tmp_path / "cli"
         write_flwr_connection(cli_home, "loop", f"127.0.0.1:{link_port}", pki.ca_cert)
         cli_env = dict(env, FLWR_HOME=str(cli_home))
@@ -179,7 +187,8 @@ def test_loopback_deployment_tls_node_auth_and_no_secrets_at_the_server(tmp_path
         scans = []
         deadline = time.monotonic() + 1500
         while not (run_dir / "report.json").exists():
-            assert time.monotonic() < deadline, "the deployed run did not finish"
+            if time.monotonic() > deadline:
+                pytest.fail(f"the deployed run did not finish:\n{_tail(tmp_path / 'superlink.log')}")
             pids = _descendants([p.pid for p in procs.values()])
             seen |= pids
             servers = [p for p in pids if "flwr-serverapp" in _cmdline(p) and _alive(p)]

@@ -55,8 +55,8 @@ def test_a_server_file_posing_as_a_client_key_and_a_preset_mismatch(kdir):
     os.chmod(kdir / "client-site1.key", 0o600)
     with pytest.raises(KeyMaterialError, match="client-site1.key is a 'server' file, expected a client file"):
         check_key_dir(_settings(kdir), SITES)
-    with pytest.raises(KeyMaterialError, match="not those of preset 'sum_only_192'"):
-        check_key_dir(_settings(kdir, "sum_only_192"), ["site2"])
+    with pytest.raises(KeyMaterialError, match="not those of preset 'sum_only_128_n4096'"):
+        check_key_dir(_settings(kdir, "sum_only_128_n4096"), ["site2"])
 
 
 def test_the_check_never_reads_a_secret_key_body(kdir):
