@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from secure_fedvlp.build import build_model, expected_num_nodes
+from secure_fedvlp.config import config_to_dict, dump_toml
 from secure_fedvlp.errors import DataError, SecureFedVLPError
 from secure_fedvlp.evaluation.report import RunRecorder, write_report
 from secure_fedvlp.flower.runtime import ConfigProvider, RunSetup, config_from_run_config
@@ -40,6 +41,9 @@ def make_server_app(provider: ConfigProvider = config_from_run_config) -> Server
         setup = provider(context)
         run_dir = setup.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
+        layout = RunLayout(run_dir)
+        if not layout.config.exists():  # deployment (`flwr run`): the run directory's record of its config
+            layout.config.write_text(dump_toml(config_to_dict(setup.cfg)), encoding="utf-8")
         recorder = RunRecorder(run_dir)
         try:
             _serve(grid, setup, recorder)
