@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from secure_fedvlp.data.images import describe_missing_image, resolve_image
+from secure_fedvlp.data.images import describe_missing_image, outside_image_roots, resolve_image
 from secure_fedvlp.data.labels import UncertainPolicy, parse_labels, resolve_label_columns
 from secure_fedvlp.data.records import Record, assemble
 from secure_fedvlp.data.spec import MODALITIES
@@ -109,6 +109,8 @@ def load_manifest(
         image_path = None
         if image_column in rec and not img and modality != "text":
             errs.append(f"column {image_column!r} is blank")
+        elif img and outside_image_roots(img, [root]):
+            errs.append(f"column {image_column!r}: image path {img!r} is outside the image root {root}")
         elif img:
             image_path, tried = resolve_image(img, [root])
             if image_path is None:
