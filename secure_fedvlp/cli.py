@@ -8,11 +8,14 @@ handed to the Flower apps as typed objects; a finished run is opened with
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from secure_fedvlp.errors import SecureFedVLPError
@@ -50,30 +53,113 @@ def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
 
 
 def _new_run_dir(output_dir: str, name: str) -> Path:
+    """A fresh ``<output_dir>/<name>-<time>`` path (not created)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(output_dir) / f"{name}-{stamp}"
     path, i = base, 1
     while path.exists():
         i += 1
         path = Path(f"{base}-{i}")
-    path.mkdir(parents=True)
     return path
 
 
+def _aside(path: Path) -> Path:
+    """A free name beside ``path`` to move it to (``<name>.replaced-<time>``)."""
+    base = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    out, i = base, 1
+    while out.exists():
+        i += 1
+        out = Path(f"{base}-{i}")
+    return out
+
+
+def _check_run_dir(rdir: Path, resume: bool, force: bool) -> None:
+    """Refuse a run directory that cannot take this run (nothing is written here)."""
+    if resume and force:
+        raise SecureFedVLPError("--resume and --force exclude each other: continue the run, or start a new one.")
+    if rdir.exists() and not rdir.is_dir():
+        raise SecureFedVLPError(f"--run-dir {rdir} is a file, not a directory.")
+    occupied = rdir.is_dir() and any(rdir.iterdir())
+    if resume and not RunLayout(rdir).config.exists():
+        raise SecureFedVLPError(f"--resume: {rdir} holds no run to resume (no {RunLayout(rdir).config.name}).")
+    if occupied and not resume and not force:
+        raise SecureFedVLPError(
+            f"run directory {rdir} exists and is not empty; pass --resume to continue that run, or --force to "
+            "start a new, separate run (the old directory is moved aside, not deleted)."
+        )
+
+
+def _check_resume_config(rdir: Path, cfg) -> None:  # noqa: ANN001 - ExperimentConfig
+    """A resumed run must be the same run: the resolved config must equal the one the run started with."""
+    from secure_fedvlp.config import config_to_dict, load_config
+
+    def flat(d, prefix=""):  # noqa: ANN001, ANN202
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    before = flat(config_to_dict(load_config(RunLayout(rdir).config)))
+    now = flat(config_to_dict(cfg))
+    diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if diff:
+        k = diff[0]
+        raise SecureFedVLPError(
+            f"--resume: the config differs from the run's {RunLayout(rdir).config} in {len(diff)} key(s), first "
+            f"{k} = {now.get(k)!r} (the run has {before.get(k)!r}); resume with the same config and --set options."
+        )
+
+
 def run_experiment(
-    config_path: str | os.PathLike, overrides: Sequence[str] = (), run_dir: str | None = None, verbose: bool = False
+    config_path: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    run_dir: str | None = None,
+    verbose: bool = False,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    key_dir: str | None = None,
 ) -> Path:
-    """Run one federated experiment on Flower's Simulation Engine; return the run directory."""
+    """Run one federated experiment on Flower's Simulation Engine; return the run directory.
+
+    Every check (config, run directory, key directory, the run to resume) passes before anything is
+    written.  A run directory that exists and is not empty is refused unless ``resume`` (continue
+    from its last checkpoint, ledgers and metrics kept) or ``force`` (a new run; the old directory is
+    moved aside).  Raises :class:`SecureFedVLPError` with one line when the run FAILED (no round
+    adopted an aggregate, or the server refused to go on).
+    """
     from secure_fedvlp.config import config_to_dict, dump_toml, load_config
 
-    cfg = load_config(config_path, list(overrides))
+    overrides = list(overrides)
+    cfg = load_config(config_path, overrides)
     rdir = Path(run_dir) if run_dir else _new_run_dir(cfg.run.output_dir, cfg.run.name)
-    rdir.mkdir(parents=True, exist_ok=True)
+    rdir = rdir.expanduser().absolute()
+    _check_run_dir(rdir, resume, force)
     layout = RunLayout(rdir)
-    layout.config.write_text(dump_toml(config_to_dict(cfg)), encoding="utf-8")
+    keys_plan = None
+    if cfg.encryption.enabled:
+        keys_plan = _plan_keys(cfg, layout, key_dir, resume=resume, force=force)
+        overrides.append(f"encryption.key_dir={json.dumps(str(keys_plan.key_dir))}")
+        cfg = load_config(config_path, overrides)
+    if resume:
+        _check_resume_config(rdir, cfg)
+        from secure_fedvlp.flower.server_app import load_checkpoint
+
+        load_checkpoint(layout)  # a damaged checkpoint is refused here, before anything is written
+
+    # -- every check passed: from here on the run writes ----------------------------------------
+    if force and rdir.is_dir() and any(rdir.iterdir()):
+        old = _aside(rdir)
+        rdir.rename(old)
+        print(f"--force: the previous run directory was moved to {old}", file=sys.stderr)
+        if keys_plan is not None and keys_plan.default and keys_plan.key_dir.exists():
+            keys_plan.key_dir.rename(RunLayout(old).default_key_dir)  # its keys go with it
+    rdir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        layout.config.write_text(dump_toml(config_to_dict(cfg)), encoding="utf-8")
     _setup_logging(verbose, layout.log)
     progress = logging.getLogger("secure_fedvlp.progress")
-    progress.info("run directory: %s", rdir)
+    progress.info("run directory: %s%s", rdir, " (resumed)" if resume else "")
 
     # Flower keeps its state under FLWR_HOME; keep it inside the run, never in ~/.flwr.
     os.environ.setdefault("FLWR_HOME", str(layout.flwr_home))
@@ -97,7 +183,8 @@ def run_experiment(
         1 if fed.heldout else 0,
         ", ".join(f"{s.name}: {len(s.train)} train / {len(s.test)} test" for s in fed.all_sites()),
     )
-    if cfg.audit.canaries:  # the CLI plays the auditor: coins drawn and kept before anything trains
+    if cfg.audit.canaries and not (resume and layout.canary_coins.exists()):
+        # the CLI plays the auditor: coins drawn and kept before anything trains
         from secure_fedvlp.evaluation.canary_files import prepare_canaries
 
         coins = prepare_canaries(cfg, rdir, [s.name for s in fed.sites])
@@ -108,10 +195,9 @@ def run_experiment(
             coins["canary_site"],
             layout.canary_coins,
         )
-    setup = RunSetup(cfg, rdir)
-    auto_keys = cfg.encryption.enabled and not cfg.encryption.key_dir
-    if cfg.encryption.enabled:
-        _prepare_keys(cfg, rdir, [s.name for s in fed.all_sites()], progress)
+    setup = RunSetup(cfg, rdir, resume=resume)
+    if keys_plan is not None:
+        _make_keys(keys_plan, cfg, [s.name for s in fed.all_sites()], progress)
 
     def provider(_context):  # noqa: ANN001 - Flower Context
         return setup
@@ -131,30 +217,49 @@ def run_experiment(
             "include_dashboard": False,
         },
     }
-    run_simulation(
-        server_app=make_server_app(provider),
-        client_app=make_client_app(provider),
-        num_supernodes=n_nodes,
-        backend_config=backend_config,
-        verbose_logging=verbose,
-    )
+    try:
+        run_simulation(
+            server_app=make_server_app(provider),
+            client_app=make_client_app(provider),
+            num_supernodes=n_nodes,
+            backend_config=backend_config,
+            verbose_logging=verbose,
+        )
+    except Exception as exc:  # noqa: BLE001 - said in one line; the traceback is in the run's log
+        logger.debug("the simulation raised", exc_info=True)
+        _raise_if_failed(layout)
+        msg = f"FAILED: the run stopped with {type(exc).__name__}: {exc}; see {layout.log}."
+        raise SecureFedVLPError(msg) from None
     report = layout.report_md
     if not report.exists():
-        raise SecureFedVLPError(f"the run ended without writing {report}; see {layout.log}.")
-    if auto_keys and layout.encrypted_model.exists():
-        # Simulation: the CLI played the key authority, so it also plays the key holder who releases
-        # the final model (in deployment a site runs `secure-fedvlp export` with its own key).
+        raise SecureFedVLPError(f"FAILED: the run ended without writing {report}; see {layout.log}.")
+    _raise_if_failed(layout)
+    if keys_plan is not None and keys_plan.created and layout.encrypted_model.exists():
+        # Simulation: the CLI played the key authority, so it also plays a key holder who releases the
+        # final model (in deployment a site runs `secure-fedvlp export` with its own key).  Both run in
+        # their own processes: the secret key never enters this one, which ran the ServerApp.
         from secure_fedvlp.evaluation.report import write_report
-        from secure_fedvlp.wrappers.encryption import encryption_settings, export_model
 
         site = fed.sites[0].name
-        info = export_model(rdir, encryption_settings(cfg, rdir).client_key(site))
-        progress.info("final model decrypted by key holder %s: %s", site, info["decryption"])
+        out = layout.key_holder_export(site)
+        _key_holder_export(layout, keys_plan.key_dir / f"client-{site}.key", out)
+        progress.info("final model decrypted by key holder %s (in its own process) into %s", site, out)
         write_report(rdir)
     if cfg.audit.canaries:
         _empirical_after_run(FinishedRun(layout, cfg), progress)
     progress.info("finished in %.0fs", time.perf_counter() - t0)
     return rdir
+
+
+def _raise_if_failed(layout: RunLayout) -> None:
+    """Raise the one-line FAILED error when the run's report says the run failed (and log it)."""
+    if not layout.report_json.exists():
+        return
+    rep = json.loads(layout.report_json.read_text(encoding="utf-8"))
+    if rep.get("status") == "FAILED":
+        msg = f"FAILED: {rep.get('status_reason', 'see the report')} (report: {layout.report_md})"
+        logging.getLogger("secure_fedvlp.progress").error(msg)
+        raise SecureFedVLPError(msg)
 
 
 def _empirical_after_run(run: FinishedRun, progress: logging.Logger) -> None:
@@ -183,46 +288,109 @@ def _empirical_after_run(run: FinishedRun, progress: logging.Logger) -> None:
     write_report(run)
 
 
-def _prepare_keys(cfg, rdir: Path, sites: list[str], progress: logging.Logger) -> None:
-    """Check the configured key directory, or create the run's keys (simulation: the CLI is the key authority)."""
-    from secure_fedvlp.encryption.keys import init_keys
+@dataclass(frozen=True)
+class _KeysPlan:
+    key_dir: Path
+    created: bool  # the CLI plays the key authority (creates the keys) for this run
+    overwrite: bool
+    default: bool = False  # the key directory is the run's default one (moved aside with it by --force)
+
+
+def _plan_keys(cfg, layout: RunLayout, key_dir: str | None, *, resume: bool, force: bool) -> _KeysPlan:  # noqa: ANN001
+    """Where this run's keys are and whether the CLI creates them, checked before anything is written.
+
+    ``--key-dir``, else ``encryption.key_dir``, else :attr:`RunLayout.default_key_dir` (beside the run,
+    never inside it).  A key directory that already holds keys is checked
+    (:func:`~secure_fedvlp.wrappers.encryption.keydir.check_key_dir`) and used; an empty or absent one
+    is filled by ``secure-fedvlp keys init`` run in its own process; ``encryption.key_dir`` naming a
+    directory without keys is refused (its keys come from the key authority).
+    """
+    from secure_fedvlp.build import build_federation
+    from secure_fedvlp.encryption.keys import MANIFEST_NAME
     from secure_fedvlp.wrappers.encryption import check_encryption_supported, encryption_settings
+    from secure_fedvlp.wrappers.encryption.keydir import check_key_dir
 
     check_encryption_supported(cfg)
-    enc = encryption_settings(cfg, rdir)
-    kdir = enc.key_dir
-    if cfg.encryption.key_dir:
-        missing = [str(p) for p in [enc.server_context, *(enc.client_key(s) for s in sites)] if not p.exists()]
-        if missing:
-            raise SecureFedVLPError(
-                f"encryption.key_dir = {str(kdir)!r} lacks {missing}; create them with "
-                f"`secure-fedvlp keys init --out {kdir} --clients {','.join(sites)} "
-                f"--preset {enc.preset}`."
-            )
+    named = key_dir or cfg.encryption.key_dir
+    kdir = Path(named).expanduser().absolute() if named else layout.default_key_dir
+    root = layout.root.absolute()
+    if kdir == root or root in kdir.parents:
+        raise SecureFedVLPError(f"key directory {kdir} is inside the run directory {root}; keys must live outside it.")
+    if kdir.exists() and not kdir.is_dir():
+        raise SecureFedVLPError(f"key directory {kdir} is a file, not a directory.")
+    has_keys = (kdir / MANIFEST_NAME).exists()
+    default = not named
+    if default and force and has_keys:  # the replaced run's keys go aside with it
+        return _KeysPlan(kdir, created=True, overwrite=False, default=True)
+    if default and has_keys and not resume:
+        # the default key directory of an earlier run at this path (its run directory is gone or empty)
+        return _KeysPlan(kdir, created=True, overwrite=True, default=True)
+    if has_keys:
+        from dataclasses import replace
+
+        settings = replace(encryption_settings(cfg, layout.root), key_dir=kdir)
+        check_key_dir(settings, [s.name for s in build_federation(cfg).all_sites()])
+        return _KeysPlan(kdir, created=default, overwrite=False, default=default)
+    if cfg.encryption.key_dir and not key_dir:
+        raise SecureFedVLPError(
+            f"encryption.key_dir = {str(kdir)!r} holds no keys; the key authority creates them with "
+            f"`secure-fedvlp keys init --out {kdir} --clients SITE,SITE,... --preset {cfg.encryption.preset}`."
+        )
+    return _KeysPlan(kdir, created=True, overwrite=False, default=default)
+
+
+def _run_cli_process(args: list[str], what: str) -> None:
+    """Run ``secure-fedvlp ARGS`` in a new process (a party other than the server); one-line error on failure."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "secure_fedvlp.cli", *args], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SecureFedVLPError(f"{what} failed (exit {proc.returncode}): {last}")
+
+
+def _make_keys(plan: _KeysPlan, cfg, sites: list[str], progress: logging.Logger) -> None:  # noqa: ANN001
+    """Simulation: the CLI plays the key authority, in a process of its own (never the server's)."""
+    if not plan.created or (plan.key_dir / "manifest.json").exists() and not plan.overwrite:
         return
-    bundle = init_keys(kdir, sites, enc.params)
+    args = ["keys", "init", "--out", str(plan.key_dir), "--clients", ",".join(sites)]
+    args += ["--preset", cfg.encryption.preset] + (["--overwrite"] if plan.overwrite else [])
+    _run_cli_process(args, "key generation")
     progress.info(
-        "CKKS keys created in %s (fingerprint %s): one secret-key file per site, a key-less server context",
-        kdir,
-        bundle.fingerprint,
+        "CKKS keys created by the key authority (its own process) in %s: one secret-key file per site (0600), "
+        "a key-less server context, directory 0700",
+        plan.key_dir,
     )
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
-    import json as _json
+def _key_holder_export(layout: RunLayout, key: Path, out: Path) -> None:
+    """Simulation: a key holder decrypts the final model in its own process into its own 0600 file."""
+    out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _run_cli_process(["export", str(layout.root), "--key", str(key), "--out", str(out)], "export by the key holder")
 
+
+def _cmd_export(args: argparse.Namespace) -> int:
     from secure_fedvlp.evaluation.report import write_report
     from secure_fedvlp.wrappers.encryption import export_model
 
     info = export_model(args.run_dir, args.key, out=args.out)
     if args.out is None:
         write_report(Path(args.run_dir))
-    print(_json.dumps(info, indent=2))
+    print(json.dumps(info, indent=2))
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    layout = RunLayout(run_experiment(args.config, args.set or [], args.run_dir, args.verbose))
+    rdir = run_experiment(
+        args.config,
+        args.set or [],
+        args.run_dir,
+        args.verbose,
+        resume=args.resume,
+        force=args.force,
+        key_dir=args.key_dir,
+    )
+    layout = RunLayout(rdir)
     print(f"Report: {layout.report_md}")
     print(f"        {layout.report_json}, plots in {layout.plots}")
     return 0
@@ -263,8 +431,17 @@ def _cmd_keys_init(args: argparse.Namespace) -> int:
     clients = [c.strip() for c in args.clients.split(",") if c.strip()]
     if not clients:
         raise SecureFedVLPError("--clients needs at least one client id (comma-separated).")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SecureFedVLPError(f"--out {out} is a file; name a directory for the key files.")
     params = preset(args.preset)
-    bundle = init_keys(args.out, clients, params, overwrite=args.overwrite)
+    if args.overwrite and out.is_dir():  # a key of a site no longer in the federation must not linger
+        for stale in sorted(out.glob("client-*.key")):
+            if stale.name not in {f"client-{c}.key" for c in clients}:
+                stale.unlink()
+                print(f"  removed stale key file {stale}")
+    bundle = init_keys(out, clients, params, overwrite=args.overwrite)
+    os.chmod(bundle.out_dir, 0o700)  # also when the directory existed before
     load_server_context(bundle.server_path)  # refuses a server file that holds a secret key
     print(
         f"CKKS keys for {len(clients)} client(s) in {bundle.out_dir} "
@@ -277,6 +454,27 @@ def _cmd_keys_init(args: argparse.Namespace) -> int:
     print(f"  fingerprint: {bundle.fingerprint}")
     print(f"  signing public keys (Ed25519; each client file holds its own private key): {bundle.manifest_path}")
     print("Give each client only its own file; give the server only the server file; give everyone the manifest.")
+    return 0
+
+
+def _cmd_keys_bind_nodes(args: argparse.Namespace) -> int:
+    from secure_fedvlp.flower.nodes import NODE_BINDING_FILE, write_node_binding
+
+    sites: dict[str, str] = {}
+    for item in args.node:
+        site, sep, pub = item.partition("=")
+        if not sep or not site or not pub:
+            raise SecureFedVLPError(f"--node {item!r} must look like SITE=PATH_TO_NODE_PUBLIC_KEY.")
+        if site in sites:
+            raise SecureFedVLPError(f"--node names site {site!r} twice.")
+        sites[site] = pub
+    out = Path(args.out)
+    if not out.is_dir():
+        raise SecureFedVLPError(f"--out {out} is not a directory (the key directory of the run).")
+    binding = write_node_binding(out / NODE_BINDING_FILE, sites)
+    print(f"node binding for {len(binding)} site(s): {out / NODE_BINDING_FILE}")
+    for fp, site in sorted(binding.items(), key=lambda kv: kv[1]):
+        print(f"  {site}: node key sha256 {fp}")
     return 0
 
 
@@ -325,6 +523,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config value, e.g. --set federation.num_rounds=5 (repeatable)",
     )
     r.add_argument("--run-dir", help="write the run here instead of run.output_dir/<name>-<time>")
+    r.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last finished round")
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="start a new run in a --run-dir that is not empty (the old directory is moved aside, not deleted)",
+    )
+    r.add_argument(
+        "--key-dir",
+        help="key directory of an encrypted run (default: encryption.key_dir, else <run-dir>.keys beside the run)",
+    )
     r.add_argument("-v", "--verbose", action="store_true", help="show Flower/Ray logs")
     r.set_defaults(func=_cmd_run)
     sw = sub.add_parser("sweep", help="run a grid of experiments (resumable) and summarise them")
@@ -342,6 +550,14 @@ def build_parser() -> argparse.ArgumentParser:
     ki.add_argument("--preset", default="sum_only_128", help="CKKS parameter preset (default: sum_only_128)")
     ki.add_argument("--overwrite", action="store_true", help="replace existing key files")
     ki.set_defaults(func=_cmd_keys_init)
+    kb = ksub.add_parser(
+        "bind-nodes", help="bind each site to its SuperNode's public key (deployment; written into the key directory)"
+    )
+    kb.add_argument("--out", required=True, help="the run's key directory")
+    kb.add_argument(
+        "--node", action="append", required=True, metavar="SITE=PUBKEY", help="a site and its node's OpenSSH public key"
+    )
+    kb.set_defaults(func=_cmd_keys_bind_nodes)
     au = sub.add_parser("audit", help="verify every client ledger of a run and recompute epsilon independently")
     au.add_argument("run_dir")
     au.add_argument("--json", action="store_true", help="machine-readable output")
@@ -374,6 +590,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SecureFedVLPError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command (with --resume for `run`) to continue.", file=sys.stderr)
+        return 130
 
 
 def entrypoint() -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "FederationConfig",
     "EvalConfig",
     "FedDRAConfig",
+    "CreamFLConfig",
     "PrivacyConfig",
     "EncryptionConfig",
     "AnchorConfig",
@@ -261,6 +262,60 @@ class FedDRAConfig:
         with a keyed hash (``secure_fedvlp.methods.feddra``), so its actual size only approximates this.
         """
         return max(1, int(round(self.holdout_fraction * int(declared))))
+
+
+@dataclass(frozen=True)
+class CreamFLConfig:
+    """CreamFL (Yu et al., ICLR 2023): a server model trained from heterogeneous sites' public-set representations.
+
+    The global model (``model.name``) is the *server's* model: it trains on the public set, and is
+    distilled towards the ensemble of the sites' representations of it.  Each site trains its own
+    local model (``client_model``, or ``client_models[site]``; any architecture with the server's
+    ``embed_dim``), which never leaves it.  Defaults follow the authors' code (docs/methods.md).
+    """
+
+    client_model: str = ""  # the sites' local architecture; "" = model.name
+    client_models: dict[str, str] = field(default_factory=dict)  # per-site architectures, e.g. {site2 = "tiny"}
+    use_clients: bool = True  # false: the server model trains on the public set alone (the reference)
+    server_steps: int = 8  # server steps on the public set per round (in-batch InfoNCE on public pairs)
+    distill_steps: int = 0  # distillation steps per round; 0 = one pass over the public set
+    server_lr: float = 1e-3
+    public_batch_size: int = 32  # batches over the public set (server training, regulariser, distillation)
+    reg_passes: int = 1  # regulariser passes over the public set per local job
+    reg_weight: float = 0.5  # weight of (inter + intra)
+    tau: float = 0.5  # regulariser temperature
+    kd_weight: float = 0.3  # distillation weight, per client type present
+    # Encrypted ensembles: each site's per-item weight exp(score + log M) is raised to this floor, so
+    # that no item's weight sum falls below the fixed-point grid.
+    weight_floor: float = 1e-4
+    # The public set's SHA-256 fingerprint (secure_fedvlp.data.VLPDataset.fingerprint); "" = pinned by each
+    # site at first use.  A site refuses a round whose public set differs from the pinned one.
+    public_fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        check = _Checks()
+        for key in ("server_steps", "distill_steps", "reg_passes"):
+            v = getattr(self, key)
+            low = 0 if key in ("distill_steps", "reg_passes") else 1
+            check(v >= low, f"creamfl.{key}", v, f"must be >= {low}")
+        check(self.server_lr > 0, "creamfl.server_lr", self.server_lr, "must be > 0")
+        check(self.public_batch_size >= 2, "creamfl.public_batch_size", self.public_batch_size, "must be >= 2")
+        for key in ("reg_weight", "kd_weight"):
+            check(getattr(self, key) >= 0, f"creamfl.{key}", getattr(self, key), "must be >= 0")
+        check(self.tau > 0, "creamfl.tau", self.tau, "must be > 0")
+        check(0 < self.weight_floor <= 1, "creamfl.weight_floor", self.weight_floor, "must be in (0, 1]")
+        fp = self.public_fingerprint
+        check(
+            fp == "" or (len(fp) == 64 and all(c in "0123456789abcdef" for c in fp)),
+            "creamfl.public_fingerprint",
+            fp,
+            "must be empty or a 64-character lowercase hex SHA-256",
+        )
+        check.done()
+
+    def client_model_for(self, site: str, default: str) -> str:
+        """The local architecture of ``site``."""
+        return self.client_models.get(site) or self.client_model or default
 
 
 @dataclass(frozen=True)
@@ -506,6 +561,7 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     feddra: FedDRAConfig = field(default_factory=FedDRAConfig)
+    creamfl: CreamFLConfig = field(default_factory=CreamFLConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
@@ -557,6 +613,17 @@ class ExperimentConfig:
             "sees every site's un-noised anchor sum, so the anchors' DP claim would not hold against it. Turn "
             "encryption on, use anchors.noise = 'distributed', or set anchors.trust_server = true to accept a claim "
             "that holds only against parties other than the server",
+        )
+        check(
+            not (
+                self.federation.method == "creamfl"
+                and self.data.source == "synthetic"
+                and self.data.synthetic.public_size < 2
+            ),
+            "data.synthetic.public_size",
+            self.data.synthetic.public_size,
+            "must be >= 2 with federation.method = 'creamfl', which trains the server model on the public set and "
+            "ensembles the sites' representations of it",
         )
         if self.privacy.enabled:
             self._check_declared_sizes(check)

@@ -84,14 +84,30 @@ class RunLayout:
         return self.model_dir / "README.txt"
 
     @property
+    def checkpoint(self) -> Path:
+        """The last adopted global model and its round (what ``secure-fedvlp run --resume`` continues from)."""
+        return self.model_dir / "checkpoint.json"
+
+    @property
+    def checkpoint_arrays(self) -> Path:
+        """The arrays of :attr:`checkpoint` (parameters, or the ciphertext of an encrypted run)."""
+        return self.model_dir / "checkpoint.npz"
+
+    @property
     def encryption_rounds(self) -> Path:
         """Per-round statistics of the encrypted aggregation."""
         return self.root / "encryption_rounds.json"
 
     @property
     def keys(self) -> Path:
-        """The default key directory of a simulation run (``encryption.key_dir`` empty)."""
+        """Where runs before the key directory moved out kept their keys (read only, for old runs)."""
         return self.root / "keys"
+
+    @property
+    def default_key_dir(self) -> Path:
+        """The key directory of a simulation run that names none: ``<run_dir>.keys``, beside the run and
+        outside it, so that archiving or handing over the run directory hands over no key."""
+        return self.root.parent / f"{self.root.name}.keys"
 
     @property
     def log(self) -> Path:
@@ -140,6 +156,10 @@ class RunLayout:
     def evaluation_guard(self, site: str) -> Path:
         """A site's record of the rounds and models it evaluated (once per round; see the client app)."""
         return self.client_dir(site) / "evaluation_guard.json"
+
+    def key_holder_export(self, site: str) -> Path:
+        """Where the CLI, playing key holder ``site`` in simulation, writes the decrypted final model (0600)."""
+        return self.client_dir(site) / "federated_params.npz"
 
     def site_canaries(self, site: str) -> Path:
         """The canary records the auditor hands the canary site."""

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["load_image", "resolve_image", "describe_missing_image"]
+__all__ = ["load_image", "resolve_image", "describe_missing_image", "outside_image_roots"]
 
 
 def load_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
@@ -52,14 +52,32 @@ def load_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
     return _square_resize(arr.astype(np.float32), image_size)
 
 
+def _within(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(Path(root).resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def outside_image_roots(value: str | os.PathLike, roots: Sequence[Path]) -> bool:
+    """Whether the image a table cell names lies outside every image root (``..`` or an absolute path
+    elsewhere, symbolic links followed): a manifest must not make a site read files beyond its images."""
+    rel = Path(value)
+    candidates = [rel] if rel.is_absolute() else [Path(r) / rel for r in roots]
+    return not any(_within(c, Path(r)) for c in candidates for r in roots)
+
+
 def resolve_image(value: str | os.PathLike, roots: Sequence[Path]) -> tuple[Path | None, list[Path]]:
     """Find the image a table cell names: ``(first existing file or None, every path tried)``.
 
-    A relative ``value`` is tried under each of ``roots`` in order; an absolute one as it is.
+    A relative ``value`` is tried under each of ``roots`` in order; an absolute one as it is.  A path
+    outside every root is never returned (see :func:`outside_image_roots`).
     """
     rel = Path(value)
     tried = [rel] if rel.is_absolute() else [Path(r) / rel for r in roots]
-    return next((p for p in tried if p.is_file()), None), tried
+    found = (p for p in tried if p.is_file() and any(_within(p, Path(r)) for r in roots))
+    return next(found, None), tried
 
 
 def describe_missing_image(column: str, value: str, tried: Sequence[Path]) -> str:

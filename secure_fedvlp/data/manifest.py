@@ -16,9 +16,10 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from secure_fedvlp.data.images import describe_missing_image, resolve_image
+from secure_fedvlp.data.images import describe_missing_image, outside_image_roots, resolve_image
 from secure_fedvlp.data.labels import UncertainPolicy, parse_labels, resolve_label_columns
 from secure_fedvlp.data.records import Record, assemble
+from secure_fedvlp.data.spec import MODALITIES
 from secure_fedvlp.data.tables import Problems, cell, check_header, hash_split, iter_table, parse_split
 from secure_fedvlp.data.types import Federation
 
@@ -36,6 +37,7 @@ def load_manifest(
     image_column: str = "image",
     report_column: str = "report",
     labels_column: str = "labels",
+    modality_column: str = "modality",
     heldout_site: str | None = None,
     public_site: str | None = None,
     default_site: str | None = None,
@@ -58,6 +60,10 @@ def load_manifest(
         :data:`~secure_fedvlp.data.labels.LABEL_ALIASES`).  Default: a ``labels_column`` of
         ``|``-separated finding names if the manifest has one, else every column whose name maps to a finding.
     site_column, split_column, image_column, report_column, labels_column : column names.
+    modality_column : optional column declaring what each row's site holds: ``paired`` (blank or
+        absent), ``image`` (images with labels; the report may be blank and is never read) or ``text``
+        (reports with labels; the image may be blank and is never read).  Every row of a site must
+        declare the same modality.
     heldout_site : a site that never trains (``Federation.heldout``).
     public_site : a site whose records (all splits) become ``Federation.public``.
     default_site : site of every record when the manifest has no site column.
@@ -92,34 +98,45 @@ def load_manifest(
             problems.add(path, row, line, rec["__error__"])
             continue
         errs: list[str] = []
+        modality = cell(rec, modality_column).lower() or "paired"
+        if modality not in MODALITIES:
+            errs.append(f"column {modality_column!r} has value {modality!r}; expected one of {', '.join(MODALITIES)}")
         if header is None:  # JSONL: keys may differ per row
             for col in required + ([site_column] if default_site is None else []):
-                if col not in rec:
+                if col not in rec and not (col == image_column and modality == "text"):
                     errs.append(f"required column {col!r} is missing")
-        img = cell(rec, image_column)
+        img = cell(rec, image_column) if modality != "text" else ""  # a text-only site's image is never read
         image_path = None
-        if image_column in rec and not img:
+        if image_column in rec and not img and modality != "text":
             errs.append(f"column {image_column!r} is blank")
+        elif img and outside_image_roots(img, [root]):
+            errs.append(f"column {image_column!r}: image path {img!r} is outside the image root {root}")
         elif img:
             image_path, tried = resolve_image(img, [root])
             if image_path is None:
                 errs.append(describe_missing_image(image_column, img, tried))
-        report = cell(rec, report_column)
-        if not report and report_column in rec and not allow_missing_text:
+        report = cell(rec, report_column) if modality != "image" else ""  # an image-only site's report is never read
+        if not report and report_column in rec and not allow_missing_text and modality == "paired":
             errs.append(f"column {report_column!r} is empty (set allow_missing_text=True to keep it as has_text=False)")
         site = cell(rec, site_column) or (default_site or "")
         if not site and site_column in rec:
             errs.append(f"column {site_column!r} is blank")
         raw_split = cell(rec, split_column)
-        split = parse_split(raw_split) if raw_split else hash_split(seed, img, val_fraction, test_fraction)
+        split = (
+            parse_split(raw_split)
+            if raw_split
+            else hash_split(seed, img or report or f"row{row}", val_fraction, test_fraction)
+        )
         if split is None:
             errs.append(f"column {split_column!r} has value {raw_split!r}; expected train, val/validate or test")
         lab, lab_errs = parse_labels(rec, mapping, uncertain=uncertain, labels_column=labels_column)
         errs += lab_errs
         for e in errs:
             problems.add(path, row, line, e)
-        if not errs and image_path is not None:
-            records.append(Record(path, row, line, image_path, report, bool(report), lab, site, split))
+        if not errs and (image_path is not None or modality == "text"):
+            records.append(
+                Record(path, row, line, image_path, report, bool(report), lab, site, split, modality=modality)
+            )
     problems.raise_if_any(path, "Invalid manifest")
     return assemble(
         records,

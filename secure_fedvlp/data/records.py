@@ -30,13 +30,19 @@ class Record:
     source: Path
     row: int
     line: int
-    image: Path
+    image: Path | None  # None for a text-only site's record
     report: str
     has_text: bool
     labels: np.ndarray
     site: str
     split: str
     rid: str = ""  # record id; default "<site>/<split>/row<row>"
+    modality: str = "paired"  # what the record's site holds (data.spec.MODALITIES)
+
+    @property
+    def has_image(self) -> bool:
+        """Whether the record carries an image (a text-only site's records carry none)."""
+        return self.modality != "text" and self.image is not None
 
 
 def assemble(
@@ -55,6 +61,17 @@ def assemble(
     ``public_site`` (all its splits) ``Federation.public``.
     """
     names = sorted({r.site for r in records})
+    site_modality: dict[str, str] = {}
+    for rec in records:  # every row of a site must declare the same modality
+        first = site_modality.setdefault(rec.site, rec.modality)
+        if rec.modality != first:
+            problems.add(
+                rec.source,
+                rec.row,
+                rec.line,
+                f"site {rec.site!r} is declared {first!r} elsewhere but {rec.modality!r} here",
+            )
+    problems.raise_if_any(source, "Inconsistent site modalities in")
     for role, name in (("heldout_site", heldout_site), ("public_site", public_site)):
         if name is not None and name not in names:
             raise DataError(f"{role}={name!r} is not a site of {source}; sites found: {', '.join(names) or 'none'}.")
@@ -62,6 +79,8 @@ def assemble(
         raise DataError(f"Manifest {source} yields no records (after filtering).")
 
     def decode(rec: Record) -> np.ndarray | str:
+        if not rec.has_image:  # a text-only site is never asked for an image
+            return np.zeros((image_size, image_size), np.float32)
         try:
             return load_image(rec.image, image_size)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a data problem of this row
@@ -96,7 +115,7 @@ def assemble(
             lab,
             None,
             [r.rid or f"{site}/{split}/row{r.row:06d}" for r in sel],
-            np.ones(len(sel), bool),
+            np.array([r.has_image for r in sel], bool),
             np.array([r.has_text for r in sel], bool),
         )
 
@@ -116,7 +135,7 @@ def assemble(
             )
             continue
         role = "heldout" if name == heldout_site else "train"
-        sd = SiteData(name, role, *(dataset(name, s) for s in SPLITS))
+        sd = SiteData(name, role, *(dataset(name, s) for s in SPLITS), site_modality.get(name, "paired"))
         if role == "heldout":
             heldout = sd
         else:

@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 from secure_fedvlp.errors import ConfigError
 
-__all__ = ["SyntheticSpec"]
+__all__ = ["SyntheticSpec", "MODALITIES"]
+
+#: What a site holds: image-report pairs, images only (with finding labels), or reports only (with labels).
+MODALITIES: tuple[str, ...] = ("paired", "image", "text")
 
 
 @dataclass(frozen=True)
@@ -23,13 +26,32 @@ class SyntheticSpec:
     dirichlet_alpha: float = 0.5
     missing_text_fraction: float = 0.0
     seed: int = 0
+    # What each training site holds, in site order: "paired", "image" (its reports are dropped) or
+    # "text" (its images are dropped); sites beyond the list hold pairs.  () = every site paired.
+    site_modalities: tuple[str, ...] = ()
 
     def site_names(self) -> tuple[str, ...]:
         """The training sites' names, in order (``site1``, ``site2``, ...); the held-out site is ``heldout``."""
         return tuple(f"site{i + 1}" for i in range(int(self.num_sites)))
 
+    def site_modality(self, index: int) -> str:
+        """What training site ``index`` (0-based) holds; the held-out site and the public set hold pairs."""
+        mods = tuple(self.site_modalities)
+        return mods[index] if 0 <= index < len(mods) and index < self.num_sites else "paired"
+
     def __post_init__(self) -> None:
         problems = []
+        mods = self.site_modalities
+        if not isinstance(mods, (tuple, list)) or any(m not in MODALITIES for m in mods):
+            problems.append(
+                f"'data.synthetic.site_modalities' must be a list of {', '.join(map(repr, MODALITIES))}. "
+                f"Found {mods!r}."
+            )
+        elif isinstance(self.num_sites, int) and len(mods) > self.num_sites:
+            problems.append(
+                f"'data.synthetic.site_modalities' names {len(mods)} sites but data.synthetic.num_sites = "
+                f"{self.num_sites}. Found {list(mods)!r}."
+            )
         for name in ("num_sites", "train_per_site", "val_per_site", "test_per_site", "image_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

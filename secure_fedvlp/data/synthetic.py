@@ -14,7 +14,9 @@ anatomy visibly and write the lesion mask:
 Sites differ the way hospitals do: scanner style (contrast, gamma, noise, blur, native
 resolution, offset), finding prevalence (Dirichlet skew around a base prevalence),
 reporting style (terse vs narrative templates, a site vocabulary of synonyms, negation
-habits) and, optionally, missing reports at one site.  The held-out site has its own style;
+habits), optionally missing reports at one site, and what each site holds
+(``SyntheticSpec.site_modalities``: an image-only site's reports and a text-only site's images are
+dropped, in every split, and its records say so in ``has_text`` / ``has_image``).  The held-out site has its own style;
 the public reference set uses a neutral style and a different seed.
 """
 
@@ -333,22 +335,40 @@ def _split(
     )
 
 
+def _hold_only(ds: VLPDataset, modality: str) -> VLPDataset:
+    """``ds`` as a site holding only ``modality`` keeps it: reports dropped (``"image"``) or images zeroed
+    (``"text"``), with ``has_text`` / ``has_image`` False; labels and record ids are kept."""
+    if modality == "paired":
+        return ds
+    n = len(ds)
+    has_image, has_text = np.asarray(ds.has_image, bool).copy(), np.asarray(ds.has_text, bool).copy()
+    images, reports, masks = ds.images, list(ds.reports), ds.masks
+    if modality == "image":
+        reports, has_text = [""] * n, np.zeros(n, bool)
+    else:  # "text"
+        images, has_image = np.zeros_like(ds.images), np.zeros(n, bool)
+        masks = None if masks is None else np.zeros_like(masks)
+    return VLPDataset(ds.site, images, reports, ds.labels, masks, ds.record_ids, has_image, has_text)
+
+
 def _generate(spec: SyntheticSpec) -> Federation:
     sites = []
     for i, name in enumerate(spec.site_names()):
         miss = spec.missing_text_fraction if i == spec.num_sites - 1 else 0.0
+        modality = spec.site_modality(i)
         sites.append(
             SiteData(
                 name,
                 "train",
                 *(
-                    _split(spec, name, i, "train", s, n, miss if s == "train" else 0.0)
+                    _hold_only(_split(spec, name, i, "train", s, n, miss if s == "train" else 0.0), modality)
                     for s, n in (
                         ("train", spec.train_per_site),
                         ("val", spec.val_per_site),
                         ("test", spec.test_per_site),
                     )
                 ),
+                modality=modality,
             )
         )
     heldout = None
@@ -411,7 +431,9 @@ def _save(fed: Federation, spec: SyntheticSpec, path: Path) -> tuple[bytes, dict
         arrays[f"{key}|labels"] = ds.labels.astype(np.uint8)
         arrays[f"{key}|masks"] = ds.masks if ds.masks is not None else np.zeros((0,), np.uint8)
         arrays[f"{key}|has_text"] = ds.has_text
+        arrays[f"{key}|has_image"] = ds.has_image
         meta[key] = {"reports": ds.reports, "record_ids": ds.record_ids}
+    modalities = {s.name: s.modality for s in fed.all_sites()}
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     blob = buf.getvalue()
@@ -421,6 +443,7 @@ def _save(fed: Federation, spec: SyntheticSpec, path: Path) -> tuple[bytes, dict
         "spec": dataclasses.asdict(spec),
         "npz_sha256": hashlib.sha256(blob).hexdigest(),
         "datasets": meta,
+        "modalities": modalities,
     }
     _atomic_write(path.with_suffix(".json"), json.dumps(side).encode())
     return blob, side
@@ -448,16 +471,23 @@ def _from_blob(blob: bytes, side: dict[str, Any]) -> Federation:
                 z[f"{key}|labels"].astype(np.float32),
                 masks if masks.ndim == 3 else None,
                 m["record_ids"],
-                None,
+                z[f"{key}|has_image"] if f"{key}|has_image" in z.files else None,
                 z[f"{key}|has_text"],
             )
             sites.setdefault(name, {})[split] = ds
             roles[name] = role
     public = sites.pop("public", {}).get("train")
+    mods = side.get("modalities", {})
     train = tuple(
-        SiteData(n, "train", d["train"], d["val"], d["test"]) for n, d in sites.items() if roles[n] == "train"
+        SiteData(n, "train", d["train"], d["val"], d["test"], mods.get(n, "paired"))
+        for n, d in sites.items()
+        if roles[n] == "train"
     )
-    held = [SiteData(n, "heldout", d["train"], d["val"], d["test"]) for n, d in sites.items() if roles[n] == "heldout"]
+    held = [
+        SiteData(n, "heldout", d["train"], d["val"], d["test"], mods.get(n, "paired"))
+        for n, d in sites.items()
+        if roles[n] == "heldout"
+    ]
     return Federation(train, held[0] if held else None, public)
 
 

@@ -81,6 +81,14 @@ def _open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8", newline="")  # noqa: SIM115 - closed by the caller's with
 
 
+def _utf8_rows(path: Path, rows: Iterator[Row]) -> Iterator[Row]:
+    """``rows``, with a file that is not UTF-8 reported as a one-line :class:`DataError` naming it."""
+    try:
+        yield from rows
+    except UnicodeDecodeError as exc:
+        raise DataError(f"Manifest file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
+
+
 def iter_table(path: Path) -> tuple[list[str] | None, Iterator[Row]]:
     """``(header, rows)`` of a ``.csv``/``.tsv``/``.jsonl``/``.ndjson`` file, optionally ``.gz``.
 
@@ -108,11 +116,14 @@ def iter_table(path: Path) -> tuple[list[str] | None, Iterator[Row]]:
                         rec = {"__error__": f"expected a JSON object, found {type(rec).__name__}"}
                     yield row, line_no, rec
 
-        return None, gen_json()
+        return None, _utf8_rows(path, gen_json())
     if kind in (".csv", ".tsv"):
         delimiter = "\t" if kind == ".tsv" else ","
-        with _open_text(path) as fh:
-            header = next(csv.reader(fh, delimiter=delimiter), None)
+        try:
+            with _open_text(path) as fh:
+                header = next(csv.reader(fh, delimiter=delimiter), None)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"Manifest file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
         if not header:
             raise DataError(f"Manifest file {path} is empty (no header line).")
 
@@ -122,7 +133,7 @@ def iter_table(path: Path) -> tuple[list[str] | None, Iterator[Row]]:
                 for row, rec in enumerate(reader, start=1):
                     yield row, reader.line_num, rec
 
-        return [h.strip() for h in header], gen_csv()
+        return [h.strip() for h in header], _utf8_rows(path, gen_csv())
     raise DataError(
         f"Manifest file {path}: unsupported format {kind or '(no suffix)'!r}; "
         "use .csv, .tsv, .jsonl or .ndjson (optionally .gz)."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,9 +11,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from secure_fedvlp.data.spec import MODALITIES
 from secure_fedvlp.errors import DataError
 
-__all__ = ["FINDINGS", "VLPDataset", "SiteData", "Federation"]
+__all__ = ["FINDINGS", "MODALITIES", "VLPDataset", "SiteData", "Federation"]
 
 #: The findings every dataset is mapped to, in label-column order.
 FINDINGS: tuple[str, ...] = (
@@ -97,6 +99,17 @@ class VLPDataset(Dataset):
             self.has_text[idx],
         )
 
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the records' images, reports, labels, ids and modality flags: pins a public set."""
+        h = hashlib.sha256()
+        for arr in (self.images, self.labels, self.has_image, self.has_text):
+            a = np.ascontiguousarray(arr)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        for text in (*self.reports, *self.record_ids):
+            h.update(text.encode("utf-8") + b"\0")
+        return h.hexdigest()
+
     def prevalence(self) -> np.ndarray:
         """Fraction of records positive for each finding."""
         return self.labels.mean(0) if len(self) else np.zeros(len(FINDINGS))
@@ -104,13 +117,24 @@ class VLPDataset(Dataset):
 
 @dataclass(frozen=True)
 class SiteData:
-    """One site's splits."""
+    """One site's splits.
+
+    ``modality`` is what the site holds (:data:`MODALITIES`): ``"paired"`` image-report pairs,
+    ``"image"`` images with finding labels and no reports, ``"text"`` reports with finding labels and
+    no images.  A site is never asked for a modality it does not hold (its records carry
+    ``has_text`` / ``has_image`` False for it).
+    """
 
     name: str
     role: str  # "train" or "heldout"
     train: VLPDataset
     val: VLPDataset
     test: VLPDataset
+    modality: str = "paired"
+
+    def __post_init__(self) -> None:
+        if self.modality not in MODALITIES:
+            raise DataError(f"site {self.name!r}: modality {self.modality!r} is not one of {', '.join(MODALITIES)}.")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,6 +80,8 @@ def load_final_model(cfg, run_dir: str | os.PathLike) -> torch.nn.Module:
 
     layout = RunLayout(run_dir)
     path = layout.model_params
+    if not path.exists() and layout.export_info.exists():  # a key holder's export, wherever it keeps it
+        path = Path(json.loads(layout.export_info.read_text(encoding="utf-8")).get("output", path))
     if not path.exists():
         hint = (
             " The final model is still encrypted; a key holder releases it with `secure-fedvlp export "

@@ -164,7 +164,24 @@ SEEDED_WARNING = (
 )
 
 
-def encryption_section(layout: RunLayout) -> dict[str, Any] | None:
+def run_status(records: list[dict[str, Any]]) -> tuple[str, str | None, list[int]]:
+    """``(status, reason, degraded rounds)`` of a run from its metrics records.
+
+    FAILED when the server refused to go on (a ``phase = "run"`` failure record) or when no round
+    adopted an aggregate (the final model is then the untrained one); OK otherwise.  A round is
+    degraded when fewer sites contributed to its aggregate than were asked.
+    """
+    failed = [r for r in records if r.get("phase") == "run" and r.get("status") == "failed"]
+    rounds = [r for r in records if r.get("phase") == "round"]
+    degraded = sorted({int(r["round"]) for r in rounds if r.get("degraded")})
+    if failed:
+        return "FAILED", str(failed[-1].get("reason", "")), degraded
+    if not any(r.get("adopted", True) for r in rounds):
+        return "FAILED", "no round adopted an aggregate: the final model is the untrained initial model", degraded
+    return "OK", None, degraded
+
+
+def encryption_section(layout: RunLayout, cfg: ExperimentConfig | None = None) -> dict[str, Any] | None:
     """CKKS aggregation of an encrypted run: per-round accepted/rejected contributions, upload
     sizes, and how the final model was released (:attr:`RunLayout.export_info`)."""
     rounds_path = layout.encryption_rounds
@@ -175,7 +192,8 @@ def encryption_section(layout: RunLayout) -> dict[str, Any] | None:
     rounds = json.loads(rounds_path.read_text(encoding="utf-8"))
     sizes = [b for r in rounds for b in r.get("bytes_per_update", {}).values()]
     export_path = layout.export_info
-    keys_manifest = layout.keys / MANIFEST_NAME
+    kdir = Path(cfg.encryption.key_dir) if cfg is not None and cfg.encryption.key_dir else layout.keys
+    keys_manifest = kdir / MANIFEST_NAME
     return {
         "rounds": rounds,
         "mean_upload_bytes": (sum(sizes) / len(sizes)) if sizes else None,
@@ -246,11 +264,15 @@ def build_report(run_dir: str | os.PathLike | FinishedRun) -> dict[str, Any]:
         for r in records
         if r.get("status") == "budget_exhausted"
     }
+    status, reason, degraded = run_status(records)
     return {
+        "status": status,
+        "status_reason": reason,
+        "degraded_rounds": degraded,
         "privacy": privacy_section(run),
         "not_covered": releases_not_covered(run.cfg),
         "evaluation": evaluation_section(run.cfg, layout),
-        "encryption": encryption_section(layout),
+        "encryption": encryption_section(layout, run.cfg),
         "empirical_audit": empirical_section(layout),
         "anchors": [r for r in records if r.get("phase") == "anchors" and r.get("status") in ("released", "withheld")]
         or None,
@@ -274,7 +296,17 @@ def _f(x: Any) -> str:
 
 def _markdown(rep: dict[str, Any]) -> str:
     layout = RunLayout(rep["run_dir"])
-    lines = [f"# Run report: `{rep['run_dir']}`", "", f"Rounds completed: {rep['final_round']}.", ""]
+    lines = [f"# Run report: `{rep['run_dir']}`", ""]
+    if rep.get("status") == "FAILED":
+        lines += [f"**Status: FAILED**: {rep.get('status_reason')}.", ""]
+    lines += [f"Rounds completed: {rep['final_round']}.", ""]
+    if rep.get("degraded_rounds"):
+        lines += [
+            "Degraded rounds (fewer sites contributed than were asked; see the failures below): "
+            + ", ".join(map(str, rep["degraded_rounds"]))
+            + ".",
+            "",
+        ]
     lines += ["## Final model vs untrained reference (test split of each site)", ""]
     ev = rep.get("evaluation") or {}
     if ev.get("release") == "local":

@@ -113,9 +113,11 @@ class ClientRuntime:
 
     # -- handlers ------------------------------------------------------------------
     def info(self) -> ConfigRecord:
-        """Name, role and training-split size (under DP the declared public size, never the count held)."""
+        """Name, role, training-split size (under DP the declared public size, never the count held) and modality."""
         size = self.trainer.released_site_size(self.site.train)
-        return ConfigRecord({"site": self.site.name, "role": self.site.role, "num-train": int(size)})
+        return ConfigRecord(
+            {"site": self.site.name, "role": self.site.role, "num-train": int(size), "modality": self.site.modality}
+        )
 
     def with_ledger_head(self, content: RecordDict) -> RecordDict:
         """``content`` with the site's ledger head (hash and sequence number of its last entry), under DP.
@@ -154,6 +156,8 @@ class ClientRuntime:
             stage=str(cfg.get(STAGE, "full")),
             steps=int(cfg.get(LOCAL_STEPS, self.setup.cfg.train.local_steps)),
             options={k: float(v) for k, v in cfg.items() if k not in reserved and isinstance(v, (int, float))},
+            records={k: arrays_to_numpy(r) for k, r in msg.content.array_records.items() if k != ARRAYS_KEY},
+            strings={k: v for k, v in cfg.items() if isinstance(v, str)},
         )
         global_state = arrays_to_numpy(msg.content[ARRAYS_KEY])
         if self.guard is not None:  # the first model of a round must be the one evaluated for the round before
@@ -168,13 +172,10 @@ class ClientRuntime:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)
             metrics = self.trainer.fit(self.model, self.site.train, task, gen, global_state)
-        return RecordDict(
-            {
-                ARRAYS_KEY: numpy_to_arrays(federated_state(self.model)),
-                METRICS_KEY: MetricRecord(metrics),
-                INFO_KEY: self.info(),
-            }
-        )
+        content = RecordDict({k: numpy_to_arrays(v) for k, v in self.trainer.reply_arrays(self.model).items()})
+        content[METRICS_KEY] = MetricRecord(metrics)
+        content[INFO_KEY] = self.info()
+        return content
 
     def query(self, msg: Message) -> RecordDict:
         """Answer a query: ``site-info`` here, an extension's kind by the extension, anything else by the trainer."""

@@ -281,6 +281,13 @@ class FedDRAStrategy(VLPStrategy):
         self.q = {s: v / total for s, v in q.items()}
         self.recorder.record({"round": server_round, "phase": "dro", "losses": losses, "weights": dict(self.q)})
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"q": dict(self.q)}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        if "q" in state:
+            self.q = {str(k): float(v) for k, v in state["q"].items()}
+
     # -- rounds -------------------------------------------------------------------------
     @classmethod
     def release_plan(cls, cfg: ExperimentConfig) -> ReleasePlan:

@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.result import Result
 
 from secure_fedvlp.config import ExperimentConfig
+from secure_fedvlp.errors import ProtocolError
 from secure_fedvlp.privacy.plan import ReleasePlan, StagePlan
 from secure_fedvlp.wire import (
     ARRAYS_KEY,
@@ -48,7 +49,7 @@ from secure_fedvlp.wire import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SiteInfo", "RoundRecorder", "VLPStrategy"]
+__all__ = ["SiteInfo", "RoundRecorder", "VLPStrategy", "refuse_duplicate_sites", "round_participation"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class SiteInfo:
     site: str
     role: str  # "train" or "heldout"
     num_train: int
+    modality: str = "paired"  # what the site holds: "paired", "image" or "text"
 
 
 class RoundRecorder:
@@ -110,6 +112,8 @@ class VLPStrategy(FedAvg):
         self.stopped: dict[str, int] = {}  # site -> round at which its privacy budget ran out
         self._rng = random.Random(cfg.run.seed)
         self.plan = self.release_plan(cfg)
+        self.participation: list[dict[str, Any]] = []  # the current round's stages (see run_stage)
+        self.site_binding: Callable[[int, str], str | None] | None = None  # see check_site_claim
 
     # -- discovery -----------------------------------------------------------------
     def discover(self, grid: Grid, expected_nodes: int, timeout: float) -> dict[int, SiteInfo]:
@@ -147,12 +151,38 @@ class VLPStrategy(FedAvg):
                 logger.warning("Node %s did not answer discovery: %s", nid, reply.error.reason)
                 continue
             info = reply.content[INFO_KEY]
-            sites[nid] = SiteInfo(nid, str(info["site"]), str(info["role"]), int(info["num-train"]))
+            claimed = SiteInfo(
+                nid, str(info["site"]), str(info["role"]), int(info["num-train"]), str(info.get("modality", "paired"))
+            )
+            refusal = self.check_site_claim(nid, claimed.site)
+            if refusal is not None:
+                logger.warning("Node %s refused at discovery: %s", nid, refusal)
+                self.recorder.record(
+                    {"round": 0, "phase": "discovery", "site": claimed.site, "status": "refused", "reason": refusal}
+                )
+                continue
+            sites[nid] = claimed
+        refuse_duplicate_sites(sites.values())
         if not any(s.role == "train" for s in sites.values()):
             raise RuntimeError("no training site answered discovery; cannot start federated training.")
         self.sites = dict(sorted(sites.items(), key=lambda kv: kv[1].site))
         logger.info("Discovered sites: %s", ", ".join(f"{s.site}({s.role})" for s in self.sites.values()))
         return self.sites
+
+    def check_site_claim(self, node_id: int, site: str) -> str | None:
+        """Reason to refuse node ``node_id``'s claim to serve ``site``, or None to accept it.
+
+        Every claim is accepted unless :attr:`site_binding` is set: a deployment binds each site to its
+        authenticated node (:mod:`secure_fedvlp.flower.nodes`) and refuses the rest.
+        """
+        return None if self.site_binding is None else self.site_binding(node_id, site)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a method carries from round to round besides the model (JSON), saved with each checkpoint."""
+        return {}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Take back :meth:`checkpoint_state` when a run resumes."""
 
     def train_nodes(self) -> list[int]:
         """Training sites still able to train (not held out, budget not exhausted)."""
@@ -399,10 +429,18 @@ class VLPStrategy(FedAvg):
 
     # -- the round loop --------------------------------------------------------------
     def run_stage(self, server_round: int, stage: str, grid: Grid, arrays: ArrayRecord, timeout: float) -> ArrayRecord:
-        """Send one train stage, aggregate, and return the new global arrays (or the old on failure)."""
+        """Send one train stage, aggregate, and return the new global arrays (or the old on failure).
+
+        How many sites were asked and how many contributions the aggregate holds go to
+        :attr:`participation` (the round's record, and the report's degraded rounds, read it).
+        """
         messages = list(self.configure_train(server_round, arrays, self.stage_config(server_round, stage), grid))
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         agg, metrics = self.aggregate_train(server_round, replies, stage=stage, reference=arrays)
+        accepted = 0 if agg is None else int(float((metrics or {}).get("clients", len(replies))))
+        self.participation.append(
+            {"stage": stage, "sampled": len(messages), "accepted": accepted, "adopted": agg is not None}
+        )
         if agg is None:
             logger.warning(
                 "Round %d (%s): no valid update arrived; the global model is unchanged.", server_round, stage
@@ -436,23 +474,49 @@ class VLPStrategy(FedAvg):
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
         *,
         expected_nodes: int = 1,
+        first_round: int = 1,
+        resume_state: dict[str, Any] | None = None,
+        on_round: Callable[[int, ArrayRecord], None] | None = None,
     ) -> Result:
-        """Discovery, round-0 reference evaluation, then ``num_rounds`` of train + evaluate."""
+        """Discovery, round-0 reference evaluation, then rounds ``first_round..num_rounds`` of train + evaluate.
+
+        ``first_round > 1`` resumes a run whose earlier rounds are done: ``initial_arrays`` is the
+        model adopted at round ``first_round - 1`` and ``resume_state`` what :meth:`checkpoint_state`
+        returned then (restored after discovery); the reference evaluation is not repeated.
+        ``on_round(round, arrays)`` is called after each round's training (the server's checkpoint).
+        Each round's record (``phase = "round"``) states whether it adopted an aggregate and how many
+        of the sites asked contributed to it (``degraded`` when fewer).
+        """
         result = Result()
         self.discover(grid, expected_nodes, timeout)
         t0 = time.perf_counter()
-        m = self.evaluate_round(0, grid, initial_arrays, timeout)
-        if m is not None:
-            result.evaluate_metrics_clientapp[0] = m
-        self.recorder.progress(f"round 0/{num_rounds} (untrained reference): {_fmt(m)}")
+        if first_round <= 1:
+            m = self.evaluate_round(0, grid, initial_arrays, timeout)
+            if m is not None:
+                result.evaluate_metrics_clientapp[0] = m
+            self.recorder.progress(f"round 0/{num_rounds} (untrained reference): {_fmt(m)}")
+        else:
+            self.restore_state(dict(resume_state or {}))
+            self.recorder.record({"round": first_round - 1, "phase": "resume", "first_round": first_round})
+            self.recorder.progress(f"resuming at round {first_round}/{num_rounds}")
         arrays = initial_arrays
-        for rnd in range(1, num_rounds + 1):
+        for rnd in range(max(1, first_round), num_rounds + 1):
             t_round = time.perf_counter()
+            self.participation = []
             self.prepare_round(rnd, grid, arrays, timeout)
             arrays = self.train_round(rnd, grid, arrays, timeout)
             # Server-side wall time of the training round (configure -> replies -> new global model),
             # read by benchmarks/bench_encrypted_round.py.
-            self.recorder.record({"round": rnd, "phase": "round", "train_seconds": time.perf_counter() - t_round})
+            self.recorder.record(
+                {
+                    "round": rnd,
+                    "phase": "round",
+                    "train_seconds": time.perf_counter() - t_round,
+                    **round_participation(self.participation),
+                }
+            )
+            if on_round is not None:
+                on_round(rnd, arrays)
             result.arrays = arrays
             if self.cfg.eval.every_round or rnd == num_rounds:
                 m = self.evaluate_round(rnd, grid, arrays, timeout)
@@ -463,6 +527,38 @@ class VLPStrategy(FedAvg):
                 self.recorder.progress(f"round {rnd}/{num_rounds} trained [{time.perf_counter() - t0:.0f}s]")
         result.arrays = arrays
         return result
+
+
+def round_participation(stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """A round's participation from its stages' (see :meth:`VLPStrategy.run_stage`): whether any stage
+    adopted an aggregate, the fewest contributions among the stages, and whether fewer sites contributed
+    than were asked (``degraded``: a site crashed, timed out or was dropped)."""
+    if not stages:
+        return {"adopted": False, "sampled": 0, "accepted": 0, "degraded": True}
+    return {
+        "adopted": any(s["adopted"] for s in stages),
+        "sampled": max(s["sampled"] for s in stages),
+        "accepted": min(s["accepted"] for s in stages),
+        "degraded": any(s["accepted"] < s["sampled"] for s in stages),
+    }
+
+
+def refuse_duplicate_sites(sites: Iterable[SiteInfo]) -> None:
+    """Raise :class:`~secure_fedvlp.errors.ProtocolError` when two nodes claim the same site.
+
+    Contributions, ledgers and weights are keyed by site name: a second node under an honest site's
+    name would make one of the two updates silently vanish, so the run does not start.
+    """
+    by_site: dict[str, list[int]] = {}
+    for s in sites:
+        by_site.setdefault(s.site, []).append(s.node_id)
+    dup = {site: nodes for site, nodes in sorted(by_site.items()) if len(nodes) > 1}
+    if dup:
+        which = "; ".join(f"site {site!r} by nodes {', '.join(map(str, nodes))}" for site, nodes in dup.items())
+        raise ProtocolError(
+            f"discovery refused: more than one node claims the same site ({which}); each site must be "
+            "served by exactly one node (check each SuperNode's --node-config \"site='...'\")."
+        )
 
 
 def _fmt(m: MetricRecord | None) -> str:

@@ -27,10 +27,10 @@ from torch.utils.data import DataLoader
 
 from secure_fedvlp.config import ExperimentConfig
 from secure_fedvlp.models.embed import embed_images, embed_texts
-from secure_fedvlp.models.state import make_collate
+from secure_fedvlp.models.state import federated_state, make_collate
 from secure_fedvlp.objectives import DecomposableContrastiveLoss, InfoNCELoss
 from secure_fedvlp.privacy.relation import load_or_create_site_key, seeded_site_key
-from secure_fedvlp.wire import NUM_EXAMPLES
+from secure_fedvlp.wire import ARRAYS_KEY, NUM_EXAMPLES
 
 __all__ = ["TrainTask", "LocalTrainer", "StepEngine", "PlainSteps", "EngineFactory"]
 
@@ -44,6 +44,11 @@ class TrainTask:
     steps: int
     options: Mapping[str, float] = field(default_factory=dict)  # method-specific scalars from the server
     anchors: Any = None  # the round's noised anchor bank (privacy.anchors.AnchorBank), when anchors are on
+    # Method-specific inputs the server sent beside the global model: its other array records (as
+    # ``{record: {name: array}}``) and its string config values (CreamFL: the global representations
+    # of the public set and the public set's fingerprint).
+    records: Mapping[str, Mapping[str, np.ndarray]] = field(default_factory=dict)
+    strings: Mapping[str, str] = field(default_factory=dict)
 
 
 class LocalTrainer:
@@ -57,6 +62,10 @@ class LocalTrainer:
     """
 
     name = "fedavg"
+    #: What a train reply releases besides the parameters' DP-SGD output, when it is a function of that
+    #: output and public data only (CreamFL's public-set representations); the DP wrapper logs it as a
+    #: post-processing release.  None: the reply carries the parameters.
+    post_processing_release: str | None = None
 
     def __init__(self, cfg: ExperimentConfig, device: torch.device, public=None) -> None:
         self.cfg = cfg
@@ -106,6 +115,14 @@ class LocalTrainer:
     def released_train_count(self, dataset) -> int:
         """The training-record count this site states in clear (``num-examples``): exact without DP."""
         return len(self.training_subset(dataset))
+
+    def bind_site(self, site, site_dir) -> None:
+        """Called once by the client runtime with the site's data (:class:`~secure_fedvlp.data.SiteData`) and its
+        own directory, before any job.  Nothing by default (a method that keeps per-site state uses it)."""
+
+    def reply_arrays(self, model: nn.Module) -> dict[str, dict[str, np.ndarray]]:
+        """The array records of a train reply, by record name: the federated parameters by default."""
+        return {ARRAYS_KEY: federated_state(model)}
 
     # -- hooks ---------------------------------------------------------------------
     def make_objective(self) -> nn.Module:

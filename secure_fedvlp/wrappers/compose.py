@@ -71,6 +71,7 @@ def client_parts(
 ) -> ClientParts:
     """The site's trainer, encryption state and extensions, as the config asks."""
     trainer: Any = get_method(cfg.federation.method).trainer(cfg, device, public)
+    trainer.bind_site(site, RunLayout(run_dir).client_dir(site.name))
     if cfg.privacy.enabled and not cfg.privacy.seeded_randomness:
         trainer.site_key_path = RunLayout(run_dir).site_key(site.name)  # a secret in the site's own directory
     else:  # reproducible runs: a key anyone holding the config can derive
@@ -103,6 +104,12 @@ def client_parts(
 
         encryption = ClientEncryption.load(encryption_settings(cfg, run_dir), site.name, reference_state)
     extensions: list[Any] = []
+    if encryption is not None and getattr(get_method(cfg.federation.method).strategy, "reply_payload", "") == (
+        "representations"
+    ):
+        from secure_fedvlp.wrappers.encryption.ensemble import EnsembleKeyHolder
+
+        extensions.append(EnsembleKeyHolder(cfg.encryption.min_contributors))
     if cfg.anchors.enabled:
         extensions.append(
             anchors_wrapper.AnchorClient(

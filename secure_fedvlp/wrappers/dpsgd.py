@@ -83,7 +83,7 @@ from secure_fedvlp.methods.trainer import LocalTrainer, TrainTask
 from secure_fedvlp.models.state import make_collate
 from secure_fedvlp.privacy.budget import Budget
 from secure_fedvlp.privacy.calibration import calibrate_plan
-from secure_fedvlp.privacy.events import DPSGDEvent
+from secure_fedvlp.privacy.events import DPSGDEvent, PostProcessingEvent
 from secure_fedvlp.privacy.ledger import PrivacyLedger
 from secure_fedvlp.privacy.mechanisms import mean_release_event, noised_clipped_mean
 from secure_fedvlp.privacy.plan import ReleasePlan
@@ -98,6 +98,7 @@ __all__ = [
     "client_noise_multiplier",
     "sample_rate",
     "make_ledger",
+    "refuse_batch_norm",
     "RELEASED_TRAIN_METRICS",
     "GRAD_SAMPLE_MODES",
 ]
@@ -128,6 +129,17 @@ def client_noise_multiplier(cfg: ExperimentConfig, plan: ReleasePlan, num_train:
     """
     q = sample_rate(cfg, num_train)
     return calibrate_plan(cfg.privacy, plan, cfg.federation.num_rounds, q), q
+
+
+def refuse_batch_norm(model: nn.Module) -> None:
+    """Refuse a model with BatchNorm: its batch statistics mix records, so per-sample clipping bounds nothing."""
+    bn = [n or type(model).__name__ for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if bn:
+        raise ValueError(
+            f"DP-SGD refuses a model with BatchNorm ({', '.join(bn[:3])}): batch statistics make each record's "
+            "output depend on the other records of its batch, so per-sample clipping would not bound one record's "
+            "influence. Use GroupNorm or LayerNorm."
+        )
 
 
 class _PoissonBatches:
@@ -169,6 +181,7 @@ class PrivateGradient:
     ) -> None:
         if mode not in GRAD_SAMPLE_MODES:
             raise ValueError(f"grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}. Found {mode!r}.")
+        refuse_batch_norm(model)
         if mode == "ghost" and clipping != "flat":
             raise ValueError(
                 "ghost clipping clips the whole per-sample gradient by one norm; it cannot clip per "
@@ -568,6 +581,9 @@ class DPTrainer:
 
         local = inner.fit(model, dataset, task, generator, global_state, engine=engine)
         self.steps_taken += task.steps
+        if inner.post_processing_release is not None:
+            # A function of this job's DP-SGD output and public data only: free, but logged before it leaves.
+            ledger.record(PostProcessingEvent(what=inner.post_processing_release, round=task.server_round))
         self._log_local(task, {k: v for k, v in local.items() if k.startswith("train_")})
         metrics = {
             "steps": float(task.steps),

@@ -1,6 +1,7 @@
 """CLI smoke test: a tiny federated run on the real Flower Simulation Engine, end to end."""
 
 import json
+import stat
 
 import pytest
 
@@ -157,7 +158,9 @@ def test_encrypted_run_end_to_end_server_keeps_only_ciphertexts(tiny_encrypted_r
     # the server's final model is a ciphertext its own context cannot decrypt
     from secure_fedvlp.encryption.envelope import decode_chain
 
-    server = load_server_context(run_dir / "keys" / "server.ctx")
+    key_dir = run_dir.parent / f"{run_dir.name}.keys"  # beside the run, never inside it
+    assert not (run_dir / "keys").exists() and stat.S_IMODE(key_dir.stat().st_mode) == 0o700
+    server = load_server_context(key_dir / "server.ctx")
     _, aggregates = decode_chain((run_dir / "model" / "global_model.ckks").read_bytes())
     assert len(aggregates) == len(stats)  # delta protocol: one signed, packed aggregate per stage
     for blob in aggregates:
@@ -169,7 +172,10 @@ def test_encrypted_run_end_to_end_server_keeps_only_ciphertexts(tiny_encrypted_r
     export = json.loads((run_dir / "model" / "export.json").read_text())
     assert export["decryption"] == "exact (packed integers)" and export["flooding_sigma"] == 0.0
     assert export["refused_aggregates"] == []
-    assert (run_dir / "model" / "federated_params.npz").exists()
+    # the plaintext model exists only in the key holder's own 0600 file, not on the server's side
+    assert not (run_dir / "model" / "federated_params.npz").exists()
+    released = run_dir / "clients" / "site1" / "federated_params.npz"
+    assert stat.S_IMODE(released.stat().st_mode) == 0o600 and export["output"] == str(released)
     rep = json.loads((run_dir / "report.json").read_text())
     assert rep["encryption"]["keys"]["params"]["poly_modulus_degree"] == 8192
     assert rep["encryption"]["export"]["decryption"] == "exact (packed integers)"

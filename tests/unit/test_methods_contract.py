@@ -184,21 +184,30 @@ def test_dp_replies_carry_no_unnoised_loss(dp_run):
 
 @pytest.mark.parametrize("method", list_methods())
 def test_clients_send_only_parameters_scalar_metrics_and_site_info(method, tmp_path):
-    """No image, report or label ever leaves a client: replies hold federated parameters,
-    scalar metrics and the site's name/role/size, nothing else."""
+    """No image, report or label ever leaves a client: replies hold federated parameters (or, for a method
+    whose replies are public-set representations, those and no parameters), scalar metrics and the
+    site's name/role/size/modality, nothing else."""
     cfg = tiny_cfg(tmp_path, method)
     strategy, result, rec, grid, init = run_method(cfg, tmp_path)
     federated = set(arrays_to_numpy(init))
     assert grid.replies
+    payload = getattr(type(strategy), "reply_payload", "parameters")
     for reply in grid.replies:
         content = reply.content
-        assert set(content.array_records) <= {"arrays"}
-        for rec_ in content.array_records.values():
-            assert set(rec_.keys()) == federated  # model parameters only, by name and count
+        if payload == "representations":
+            assert "arrays" not in content.array_records  # never parameters
+            public = strategy.public
+            for rec_ in content.array_records.values():
+                assert set(rec_.keys()) <= {"image", "text"}
+                assert all(a.numpy().shape == (len(public), strategy.embed_dim) for a in rec_.values())
+        else:
+            assert set(content.array_records) <= {"arrays"}
+            for rec_ in content.array_records.values():
+                assert set(rec_.keys()) == federated  # model parameters only, by name and count
         for m in content.metric_records.values():
             assert all(isinstance(v, (int, float)) for v in m.values())
         for c in content.config_records.values():
-            assert set(c.keys()) <= {"site", "role", "num-train", "reason"}
+            assert set(c.keys()) <= {"site", "role", "num-train", "modality", "reason"}
 
 
 def test_dp_replies_carry_the_ledger_head(dp_run):

@@ -409,6 +409,10 @@ def make_encryption_mod(runtime: Callable[[Context], Any]) -> Callable[[Message,
             else:
                 reply.content[ARRAYS_KEY] = sa.encrypt_update(state, weight, rnd, stage, _nonce(cfg))
             metrics[WEIGHT_KEY] = weight
+        if msg.metadata.message_type == MessageType.TRAIN:  # CreamFL: representations, as ratio-of-sums ciphertexts
+            from secure_fedvlp.wrappers.encryption.ensemble import encrypt_representations
+
+            encrypt_representations(sa, original, reply, rt.setup.cfg.creamfl.weight_floor)
         if (
             msg.metadata.message_type == MessageType.QUERY
             and not reply.has_error()

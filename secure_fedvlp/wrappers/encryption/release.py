@@ -26,7 +26,7 @@ from secure_fedvlp.encryption import (
 )
 from secure_fedvlp.encryption.envelope import decode_chain, is_chain
 from secure_fedvlp.encryption.packing import fixed_point_failure_bound
-from secure_fedvlp.errors import CiphertextError, ConfigError
+from secure_fedvlp.errors import CiphertextError, ConfigError, DataError
 from secure_fedvlp.layout import RunLayout, load_run
 from secure_fedvlp.wrappers.encryption.records import CHAIN_KEY, blob_record, canonical_state, layout_of, record_blob
 from secure_fedvlp.wrappers.encryption.settings import (
@@ -73,8 +73,10 @@ def export_model(
     noise flooding with ``flooding_bits`` of statistical security is added instead
     (:func:`~secure_fedvlp.encryption.flooding_sigma`), and its sigma is reported.
 
-    Writes the run's plaintext model (:attr:`~secure_fedvlp.layout.RunLayout.model_params`, or
-    ``out``) and what was released (:attr:`~secure_fedvlp.layout.RunLayout.export_info`).
+    Writes the plaintext model to ``out`` (default :attr:`~secure_fedvlp.layout.RunLayout.model_params`),
+    mode 0600, and what was released (no parameter values) to
+    :attr:`~secure_fedvlp.layout.RunLayout.export_info`.  A missing encrypted model or output directory
+    is refused before anything is decrypted.
     """
     from secure_fedvlp.build import build_model
     from secure_fedvlp.encryption import (
@@ -89,7 +91,15 @@ def export_model(
     cfg, layout = run.cfg, run.layout
     blob_path = layout.encrypted_model
     if not blob_path.exists():
-        raise FileNotFoundError(f"{blob_path} does not exist: was this run encrypted, and did it finish a round?")
+        raise DataError(
+            f"{blob_path} does not exist: {layout.root} holds no encrypted final model (was the run encrypted, "
+            "and did it finish?)."
+        )
+    out_path = Path(out) if out else layout.model_params
+    if not out_path.parent.is_dir():  # checked before anything is decrypted
+        raise DataError(f"--out {out_path}: the directory {out_path.parent} does not exist.")
+    if out_path.is_dir():
+        raise DataError(f"--out {out_path} is a directory; name the file to write (e.g. {out_path / 'model.npz'}).")
     settings = encryption_settings(cfg, layout.root)
     ctx = load_client_context(key_file, n_threads=settings.n_threads)
     if is_chain(blob_path.read_bytes()):
@@ -145,8 +155,7 @@ def export_model(
             }
         )
     state = {k: np.asarray(v, dtype=np.float32) for k, v in unflatten_update(flat, model_layout).items()}
-    out_path = Path(out) if out else layout.model_params
-    np.savez(out_path, **state)
+    _save_private_npz(out_path, state)
     info["output"] = str(out_path)
     layout.export_info.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     logger.info("exported the decrypted model to %s (%s)", out_path, info["decryption"])
@@ -188,11 +197,27 @@ def _export_delta_model(cfg, layout, settings, ctx, blob_path: Path, out) -> dic
         "released model is an exact function of the plaintexts and reveals no CKKS error",
     }
     out_path = Path(out) if out else layout.model_params
-    np.savez(out_path, **{k: np.asarray(v, dtype=np.float32) for k, v in state.items()})
+    _save_private_npz(out_path, {k: np.asarray(v, dtype=np.float32) for k, v in state.items()})
     info["output"] = str(out_path)
     layout.export_info.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     logger.info("exported the decrypted model to %s (%s)", out_path, info["decryption"])
     return info
+
+
+def _save_private_npz(path: Path, state: dict[str, np.ndarray]) -> None:
+    """Write the decrypted model readable by its owner only (0600), atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o600)
+            np.savez(fh, **state)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def check_encryption_supported(cfg: ExperimentConfig) -> None:

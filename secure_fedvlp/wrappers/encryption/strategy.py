@@ -392,6 +392,10 @@ def encrypted_strategy(strategy_cls: type[VLPStrategy]) -> type[VLPStrategy]:
     bases: tuple[type, ...] = (EncryptionStrategyMixin, strategy_cls)
     if issubclass(strategy_cls, AnchoredStrategyMixin):
         bases = (EncryptedAnchorsMixin, *bases)
+    if getattr(strategy_cls, "reply_payload", "parameters") == "representations":
+        from secure_fedvlp.wrappers.encryption.ensemble import EncryptedEnsembleMixin
+
+        bases = (EncryptedEnsembleMixin, *bases)
     return type(
         f"Encrypted{strategy_cls.__name__}",
         bases,
