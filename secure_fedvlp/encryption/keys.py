@@ -12,8 +12,9 @@
   *signing public key* (``signing_public_keys``).  Not secret, but it is the trust anchor for
   signatures: every party must read it from the key authority, not from the server.
 
-Each client file also names its site and holds that site's own Ed25519 *signing key* (in its
-header; the file is mode 0600).  The CKKS secret key is shared by every site; the signing keys are
+Each client file also names its site (header) and holds that site's own Ed25519 *signing key*
+(the last 32 bytes of its sha256-checked body, never in the header, which key-directory checks
+read; the file is mode 0600).  The CKKS secret key is shared by every site; the signing keys are
 not: a signature shows which site made a contribution (:mod:`secure_fedvlp.encryption.auth`).
 
 Every file is a small container: ``MAGIC | u32 header length | JSON header | TenSEAL bytes``; the
@@ -66,6 +67,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _MAGIC = b"SFVLPCTX"
+_SIGNING_KEY_BYTES = 32  # raw Ed25519 private key at the end of a client file's body
 _FORMAT = 1
 _FP_DOMAIN = b"secure_fedvlp/ckks-context/v1"
 _CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -322,8 +324,10 @@ def init_keys(
     for cid, path in client_paths.items():
         sk = Ed25519PrivateKey.generate()  # one per site, from the OS CSPRNG
         signing_public[cid] = sk.public_key().public_bytes_raw().hex()
-        header = {**base, "role": "client", "site": cid, "signing_key": sk.private_bytes_raw().hex()}
-        _write_private(path, _frame(header, secret_body), overwrite)
+        # The signing key goes into the (hashed) body, after the TenSEAL bytes, never into the header: a
+        # process that only checks a key directory reads headers, and must not learn a site's signing key.
+        header = {**base, "role": "client", "site": cid, "signing_key_bytes": _SIGNING_KEY_BYTES}
+        _write_private(path, _frame(header, secret_body + sk.private_bytes_raw()), overwrite)
     server_blob = _frame({**base, "role": "server"}, _public_bytes(ctx, params.symmetric))
     _write_public(server_path, server_blob)
     manifest = {
@@ -396,7 +400,9 @@ def _read(path: Path) -> bytes:
         raise KeyMaterialError(f"Cannot read key material {path}: {e}.") from e
 
 
-def _wrap(header: dict[str, Any], ctx: ts.Context, role: str, path: Path) -> EncryptionContext:
+def _wrap(
+    header: dict[str, Any], ctx: ts.Context, role: str, path: Path, signing_raw: bytes | None = None
+) -> EncryptionContext:
     try:
         params = CKKSParams.from_dict(header["params"])
         context_id = str(header["context_id"])
@@ -408,9 +414,9 @@ def _wrap(header: dict[str, Any], ctx: ts.Context, role: str, path: Path) -> Enc
             f"{path}: recomputed fingerprint {fp} differs from the recorded {header.get('fingerprint')}."
         )
     signing_key = None
-    if header.get("signing_key") is not None:
+    if signing_raw is not None:
         try:
-            signing_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(str(header["signing_key"])))
+            signing_key = Ed25519PrivateKey.from_private_bytes(signing_raw)
         except ValueError as e:
             raise KeyMaterialError(f"{path}: its signing key is malformed: {e}.") from e
     site = header.get("site")
@@ -449,6 +455,12 @@ def load_client_context(
     header, body = _unframe(_read(p), p)
     if header.get("role") != "client":
         raise KeyMaterialError(f"{p} is a {header.get('role')!r} file, not a client key file.")
+    signing_raw = None
+    n_sk = header.get("signing_key_bytes")
+    if n_sk is not None:
+        if n_sk != _SIGNING_KEY_BYTES or len(body) <= n_sk:
+            raise KeyMaterialError(f"{p}: its header announces a {n_sk!r}-byte signing key; expected 32.")
+        body, signing_raw = body[:-n_sk], body[-n_sk:]
     threads = n_threads or int(header.get("params", {}).get("n_threads", 1) or 1)
     try:
         ctx = ts.context_from(body, threads)
@@ -456,7 +468,7 @@ def load_client_context(
         raise KeyMaterialError(f"{p} does not hold a valid TenSEAL context: {e}.") from e
     if not ctx.has_secret_key():
         raise KeyMaterialError(f"{p} holds no secret key; clients need one to decrypt.")
-    return _wrap(header, ctx, "client", p)
+    return _wrap(header, ctx, "client", p, signing_raw)
 
 
 def load_server_context(path: str | os.PathLike[str], *, n_threads: int | None = None) -> EncryptionContext:

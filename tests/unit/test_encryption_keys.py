@@ -209,7 +209,13 @@ def test_each_site_gets_its_own_signing_key_and_the_manifest_lists_the_public_ke
     assert not any(r.hex() in manifest for r in raw.values())  # no private signing key in the manifest
     server = load_server_context(bundle.server_path)
     assert server.signing_key is None and server.site is None
-    assert b"signing_key" not in bundle.server_path.read_bytes()
+    assert not any(r in bundle.server_path.read_bytes() for r in raw.values())
+    # a check of the key directory reads only the headers: they name the site but hold no signing key
+    from secure_fedvlp.wrappers.encryption.keydir import read_key_header
+
+    for cid, path in bundle.client_paths.items():
+        header = json.dumps(read_key_header(path))
+        assert f'"site": "{cid}"' in header and raw[cid].hex() not in header and 'signing_key"' not in header
 
 
 def test_manifest_of_another_run_or_without_signing_keys_is_refused(bundle, tmp_path):
