@@ -199,9 +199,13 @@ class EncryptedUpdate:
     signature: str = field(default="", repr=False)
 
     def digest(self) -> str:
-        """sha256 over the ciphertext bytes (:func:`~secure_fedvlp.encryption.auth.ciphertext_digest`)."""
-        blobs = list(self.ciphertexts) + ([self.weight_ciphertext] if self.weight_ciphertext is not None else [])
-        return ciphertext_digest(blobs)
+        """sha256 over the ciphertext bytes (:func:`~secure_fedvlp.encryption.auth.ciphertext_digest`), once."""
+        cached = self.__dict__.get("_digest")
+        if cached is None:
+            blobs = list(self.ciphertexts) + ([self.weight_ciphertext] if self.weight_ciphertext is not None else [])
+            cached = ciphertext_digest(blobs)
+            object.__setattr__(self, "_digest", cached)  # frozen: the ciphertexts cannot change after this
+        return cached
 
     def signed_header(self) -> SignedHeader:
         """What the site signs: the header fields, the ciphertext digest and the nonce."""
