@@ -102,7 +102,8 @@ def client_parts(
     if cfg.encryption.enabled:
         from secure_fedvlp.wrappers.encryption import ClientEncryption, encryption_settings
 
-        encryption = ClientEncryption.load(encryption_settings(cfg, run_dir), site.name, reference_state)
+        state = RunLayout(run_dir).client_dir(site.name) / "encryption_state.npz"  # the site's own directory
+        encryption = ClientEncryption.load(encryption_settings(cfg, run_dir), site.name, reference_state, state)
     extensions: list[Any] = []
     if encryption is not None and getattr(get_method(cfg.federation.method).strategy, "reply_payload", "") == (
         "representations"

@@ -366,9 +366,14 @@ def test_a_site_that_returns_late_gets_the_whole_encrypted_model_first(tmp_path)
         return client_app.get_runtime(lambda ctx: setup, grid.contexts[nid])
 
     in_step = rt(1).encryption.memory["previous"]
-    # site2's process restarts: its state is gone, and its first answer is an error
+    # site2's process restarts with its state gone (memory and its directory's copy), and its first answer is an error
     for key in [k for k in client_app._RUNTIMES if k[2] == 2]:
         del client_app._RUNTIMES[key]
+    from secure_fedvlp.layout import RunLayout
+
+    state = RunLayout(run_dir).client_dir("site2") / "encryption_state.npz"
+    assert state.exists() and (state.stat().st_mode & 0o077) == 0  # kept in the site's own directory, 0600
+    state.unlink()
     proxy = EncryptedModelGrid(grid, strategy)
 
     def query(nid):

@@ -11,8 +11,10 @@ and the site keeps the previous model it accepted.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,7 +67,10 @@ class ClientEncryption:
     ``public_keys`` are the sites' signing public keys from the manifest; ``memory`` holds the last
     global model the site accepted (``"previous"``; the seeded initial model at first), the version
     of the delta protocol's encrypted model it holds (``"version"``: how many aggregates it has
-    processed) and the reasons of the aggregates it refused (``"refused"``).
+    processed) and the reasons of the aggregates it refused (``"refused"``).  A site's messages may be
+    handled by different processes (Flower's Simulation Engine runs clients in Ray workers), so the
+    model and version are also kept in the site's own directory (``state_path``, mode 0600) and read
+    back before each use.
     """
 
     ctx: EncryptionContext
@@ -74,6 +79,7 @@ class ClientEncryption:
     settings: EncryptionSettings
     public_keys: Mapping[str, Ed25519PublicKey] = field(default_factory=dict, repr=False)
     memory: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    state_path: Path | None = None
 
     @property
     def fixed_point_bits(self) -> int:
@@ -89,9 +95,16 @@ class ClientEncryption:
 
     @classmethod
     def load(
-        cls, settings: EncryptionSettings, site: str, reference_state: Mapping[str, np.ndarray]
+        cls,
+        settings: EncryptionSettings,
+        site: str,
+        reference_state: Mapping[str, np.ndarray],
+        state_path: str | os.PathLike | None = None,
     ) -> ClientEncryption:
-        """Load ``site``'s key file and check it was made for the run's CKKS parameters."""
+        """Load ``site``'s key file and check it was made for the run's CKKS parameters.
+
+        ``state_path``: where the site keeps the global model it holds and its version (its own directory).
+        """
         path = settings.client_key(site)
         if not path.exists():
             raise KeyMaterialError(
@@ -117,10 +130,36 @@ class ClientEncryption:
                 f"again with `secure-fedvlp keys init --out {settings.key_dir} --clients <every site>`."
             )
         public_keys = load_signing_public_keys(settings.manifest, ctx.fingerprint)
-        enc = cls(ctx, layout_of(reference_state), site, settings, public_keys)
-        enc.remember(canonical_state(reference_state))  # version 0: the seeded initial model
+        enc = cls(ctx, layout_of(reference_state), site, settings, public_keys, state_path=_path_or_none(state_path))
+        enc.memory["previous"] = canonical_state(reference_state)  # version 0: the seeded initial model
         enc.memory["version"] = 0
+        enc.restore()
         return enc
+
+    def restore(self) -> None:
+        """Read the model and version this site last stored, when another process of the site stored a newer one."""
+        p = self.state_path
+        if p is None or not p.exists():
+            return
+        try:
+            with np.load(p) as z:
+                version = int(z[_VERSION_KEY])
+                if version != self.memory.get("version") or "previous" not in self.memory:
+                    self.memory["previous"] = {k: np.array(z[k]) for k in z.files if k != _VERSION_KEY}
+                    self.memory["version"] = version
+        except (OSError, KeyError, ValueError) as exc:
+            raise CiphertextError(f"site {self.site}: its encryption state {p} is unreadable: {exc}.") from None
+
+    def _store(self) -> None:
+        p = self.state_path
+        if p is None:
+            return
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **self.memory["previous"], **{_VERSION_KEY: np.asarray(self.memory.get("version", 0))})
+        os.replace(tmp, p)
 
     def _flat(self, state: Mapping[str, np.ndarray]) -> np.ndarray:
         canon = canonical_state(state)
@@ -146,6 +185,7 @@ class ClientEncryption:
         same one: the checks are deterministic), so the site keeps the model it held.
         """
         base, blobs = decode_chain(record_blob(record))
+        self.restore()
         version = int(self.memory.get("version", 0))
         if base > version:
             raise CiphertextError(
@@ -182,8 +222,7 @@ class ClientEncryption:
                     exc,
                 )
             version = index + 1
-        self.memory["version"] = version
-        self.remember(current)
+        self.remember(current, version)
         return {k: v.copy() for k, v in current.items()}
 
     def encrypt_delta(
@@ -229,9 +268,12 @@ class ClientEncryption:
         )
         return blob_record(upd.to_bytes())
 
-    def remember(self, state: Mapping[str, np.ndarray]) -> None:
-        """Keep ``state`` as the last global model this site accepted."""
+    def remember(self, state: Mapping[str, np.ndarray], version: int | None = None) -> None:
+        """Keep ``state`` (and the delta protocol's ``version``) as the last global model this site accepted."""
         self.memory["previous"] = {k: np.array(v, dtype=np.float32, copy=True) for k, v in state.items()}
+        if version is not None:
+            self.memory["version"] = int(version)
+        self._store()
 
     def refused(self) -> list[str]:
         """Reasons of the aggregates this site refused, oldest first."""
@@ -247,6 +289,7 @@ class ClientEncryption:
         """
         if is_chain_record(record):
             return self.apply_chain(record)
+        self.restore()
         try:
             agg = AggregateCiphertext.from_bytes(record_blob(record), self.ctx)
             if agg.layout_hash != self.layout.layout_hash():
@@ -276,7 +319,7 @@ class ClientEncryption:
             return {k: v.copy() for k, v in previous.items()}
         state = unflatten_update(flat, self.layout)
         out = {k: np.asarray(v, dtype=np.float32) for k, v in state.items()}
-        self.remember(out)
+        self.remember(out, int(self.memory.get("version", 0)) + 1)  # a newer model for the site's other processes
         return out
 
     def encrypt_update(
@@ -424,6 +467,13 @@ def make_encryption_mod(runtime: Callable[[Context], Any]) -> Callable[[Message,
         return reply
 
     return encryption_mod
+
+
+_VERSION_KEY = "__encryption_version__"
+
+
+def _path_or_none(p: str | os.PathLike | None) -> Path | None:
+    return None if p is None else Path(p)
 
 
 def _nonce(cfg: Any) -> str:
