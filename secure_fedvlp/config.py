@@ -157,6 +157,11 @@ class TrainConfig:
     # "infonce": in-batch negatives (couples records; refused under DP-SGD).
     # "decomposable": negatives from the public reference set embedded by the global model.
     objective: Literal["infonce", "decomposable"] = "infonce"
+    # Where the decomposable objective's positives and public negatives come from:
+    # "global": the global model of the round embeds each record's pair (positive) and the public
+    #   bank once per job; "current": the model being trained embeds both, the bank re-embedded at
+    #   every step (cheap when the towers are locked and cached, e.g. model.trainable = "heads").
+    bank: Literal["global", "current"] = "global"
     grad_clip: float = 0.0  # plain gradient-norm clipping without DP; 0 = off
 
     def __post_init__(self) -> None:
@@ -557,6 +562,13 @@ class ExperimentConfig:
             "depend on every other record of its batch (they are its negatives), so per-sample clipping does not "
             "bound one record's influence and the DP-SGD guarantee would not hold. Set train.objective = "
             "'decomposable' (negatives from the public reference set)",
+        )
+        check(
+            not (self.train.bank == "current" and self.train.objective != "decomposable"),
+            "train.bank",
+            self.train.bank,
+            "= 'current' applies to the decomposable objective (its public negatives); set train.objective = "
+            "'decomposable' or train.bank = 'global'",
         )
         check(
             not (
