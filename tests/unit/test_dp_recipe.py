@@ -128,3 +128,37 @@ def _task():
 def test_config_refuses_a_current_bank_without_the_decomposable_objective():
     with pytest.raises(ConfigError, match="train.bank"):
         parse_config({"train": {"objective": "infonce", "bank": "current"}})
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_dp_sgd_on_the_heads_with_the_current_bank_trains_only_the_heads(tmp_path, mode):
+    """Through the real Opacus engine: only head coordinates move, the ledger records the job first."""
+    from secure_fedvlp.build import build_federation, build_model
+    from secure_fedvlp.methods.trainer import TrainTask
+    from secure_fedvlp.models.state import federated_state
+    from secure_fedvlp.wrappers.compose import release_plan
+    from secure_fedvlp.wrappers.dpsgd import DPTrainer, client_noise_multiplier
+    from tests.unit.test_methods_contract import tiny_cfg
+
+    cfg = tiny_cfg(
+        tmp_path,
+        "fedavg",
+        privacy={"enabled": True, "noise_multiplier": 2.0, "grad_sample_mode": mode},
+        train={"objective": "decomposable", "bank": "current", "batch_size": 8},
+        model={"name": "tiny", "trainable": "heads"},
+    )
+    fed = build_federation(cfg)
+    model = build_model(cfg)
+    assert model.towers_locked()
+    inner = LocalTrainer(cfg, torch.device("cpu"), fed.public)
+    declared = cfg.require_declared_size("site1")
+    z, q = client_noise_multiplier(cfg, release_plan(cfg), inner.declared_training_size(declared))
+    dp = DPTrainer(inner, tmp_path / "ledger.jsonl", "site1", z, q, cfg.privacy, declared_size=declared)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    before = federated_state(model)
+    assert set(before) == {n for n in before if n.startswith(("image_head.", "text_head.", "logit_scale."))}
+    dp.fit(model, fed.sites[0].train, TrainTask(1, "full", 3), torch.Generator().manual_seed(0), before)
+    after = federated_state(model)
+    assert all(not np.array_equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert len(dp.ledger.events()) == 1 and dp.ledger.events()[0].steps == 3
