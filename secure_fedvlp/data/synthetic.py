@@ -300,6 +300,40 @@ def _render(
     )
 
 
+#: Splits larger than this are rendered in chunks of this many images (bounded memory at 10k+ per site).
+RENDER_CHUNK = 2048
+
+
+def _render_chunked(
+    labels: np.ndarray, style: dict[str, Any], out_size: int, rng: np.random.Generator, key: list
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]], list[dict[str, str]]]:
+    """:func:`_render` in chunks of :data:`RENDER_CHUNK` images, so peak memory does not grow with the split.
+
+    The renderer's intermediates (masks, textures, native-resolution images) are a few times the
+    size of its output; rendering a 10,000-record split at once held them all.  A split of at most
+    ``RENDER_CHUNK`` records is rendered as before, from ``rng`` (the same bytes as earlier
+    versions); a larger one renders chunk ``c`` from its own generator, seeded from ``key`` and
+    ``c``, so the result is deterministic and independent of how much memory the machine has.
+    """
+    n = labels.shape[0]
+    if n <= RENDER_CHUNK:
+        return _render(labels, style, out_size, rng)
+    images = np.empty((n, out_size, out_size), np.float32)
+    masks = np.empty((n, out_size, out_size), np.uint8)
+    sides: list[dict[str, str]] = []
+    sizes: list[dict[str, str]] = []
+    kinds = {"train": 0, "heldout": 1, "public": 2}
+    splits = {"train": 0, "val": 1, "test": 2}
+    seed = [int(key[0]), int(key[1]), kinds.get(key[2], 3), splits.get(key[3], 3), 5_150]
+    for c, start in enumerate(range(0, n, RENDER_CHUNK)):
+        stop = min(n, start + RENDER_CHUNK)
+        im, ma, si, sz = _render(labels[start:stop], style, out_size, np.random.default_rng([*seed, c]))
+        images[start:stop], masks[start:stop] = im, ma
+        sides += si
+        sizes += sz
+    return images, masks, sides, sizes
+
+
 def _labels(n: int, prevalence: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     lab = np.zeros((n, len(FINDINGS)), np.float32)
     lab[:, 1:] = rng.random((n, len(LESIONS))) < prevalence
@@ -316,7 +350,7 @@ def _split(
     style = _style(spec, index, kind)
     labels = _labels(n, _prevalence(spec, index, kind), rng)
     images, masks, sides, sizes = (
-        _render(labels, style, spec.image_size, rng)
+        _render_chunked(labels, style, spec.image_size, rng, [spec.seed, index, kind, split])
         if n
         else (
             np.zeros((0, spec.image_size, spec.image_size), np.float32),
