@@ -313,9 +313,10 @@ def _prepare_public_start(cfg, rdir: Path, progress: logging.Logger):  # noqa: A
         if not (dest.exists() and os.path.samefile(src, dest)):
             if src.suffix.lower() == ".npz":
                 ps.install_public_start(src, info, dest)
-            else:  # a torch checkpoint: the run keeps it in the package's format
-                save_checkpoint(model, dest, meta={"model": cfg.model.name, "origin": str(src)})
-                ps.install_public_start(dest, info, dest)
+            else:  # a torch checkpoint: the run keeps it in the package's format (and its hash in that form)
+                digest = save_checkpoint(model, dest, meta={"model": cfg.model.name, "origin": str(src)})
+                info = {**info, "state_hash": digest}
+                ps.write_info(ps.info_path(dest), {**info, "installed_from": str(src)})
         progress.info(
             "public start: model.init_checkpoint %s checked (state hash %s) -> %s",
             src,

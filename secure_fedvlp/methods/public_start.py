@@ -73,6 +73,7 @@ __all__ = [
     "checkpoint_info",
     "cache_path",
     "info_path",
+    "write_info",
     "describe",
     "read_info",
     "TRAINING_RUNS",
@@ -351,6 +352,11 @@ def describe(cfg: ExperimentConfig, key: str, digest: str, stats: Mapping[str, A
         **{k: stats[k] for k in ("wall_seconds", "cpu_seconds", "train_loss_mean", "train_loss_last", "records_seen")},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def write_info(path: str | os.PathLike, info: Mapping[str, Any]) -> None:
+    """Write a checkpoint's description (JSON, atomically) to ``path``."""
+    _write_json(Path(path), info)
 
 
 def _write_json(path: Path, info: Mapping[str, Any]) -> None:

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,6 +202,28 @@ def test_a_relative_checkpoint_path_is_made_absolute_for_every_party(start, tmp_
     assert resolved.model.init_checkpoint == str(got.path.resolve())
     monkeypatch.chdir(tmp_path)  # a client in another working directory reads the same file
     assert state_hash(full_state(build_model(resolved))) == got.info["state_hash"]
+
+
+def test_a_users_checkpoint_is_checked_and_installed_as_the_public_start(start, tmp_path):
+    """model.init_checkpoint given (a .pt state dict here): nothing is trained; the CLI's step checks it, keeps it
+    in the run in the package's format and describes it as a public checkpoint, with the hash of what it holds."""
+    import logging
+
+    from secure_fedvlp.cli import _prepare_public_start
+
+    cfg, got = start
+    arrays, _ = read_checkpoint(got.path)
+    pt = tmp_path / "user.pt"
+    torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, pt)
+    user = with_checkpoint(dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, enabled=False)), pt)
+    n0 = ps.TRAINING_RUNS[0]
+    run_cfg = _prepare_public_start(user, tmp_path / "run", logging.getLogger("test"))
+    dest = tmp_path / "run" / "model" / "public_start.npz"
+    assert run_cfg.model.init_checkpoint == str(dest.resolve()) and ps.TRAINING_RUNS[0] == n0
+    info = json.loads(dest.with_suffix(".json").read_text())
+    assert info["source"] == "checkpoint" and info["public"] and Path(info["origin"]).resolve() == pt.resolve()
+    assert info["state_hash"] == read_checkpoint(dest)[1]["state_hash"] == got.info["state_hash"]
+    assert state_hash(full_state(build_model(run_cfg))) == got.info["state_hash"]
 
 
 def test_pretrain_enabled_without_a_checkpoint_is_refused_by_the_apps(tmp_path):
