@@ -284,7 +284,6 @@ def _prepare_public_start(cfg, rdir: Path, progress: logging.Logger):  # noqa: A
     there first (:func:`~secure_fedvlp.methods.public_start.cached_public_start`), then installed.  Either
     way the run holds it as :attr:`RunLayout.public_start` with its description beside it.
     """
-    import dataclasses
 
     from secure_fedvlp.methods import public_start as ps
 
