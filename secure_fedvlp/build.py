@@ -1,7 +1,7 @@
 """Everything a party builds from the resolved config: the model, the federation's data, the device.
 
-Every party builds the model identically (seeded), so frozen parts never travel; data are built
-once per process and cached.
+Every party builds the model identically (seeded, then ``model.init_checkpoint`` when one is
+configured), so frozen parts never travel; data are built once per process and cached.
 """
 
 from __future__ import annotations
@@ -10,14 +10,23 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
 from secure_fedvlp.config import ExperimentConfig, config_hash
 from secure_fedvlp.data import Federation, load_federation
-from secure_fedvlp.errors import ConfigError
+from secure_fedvlp.errors import CheckpointError, ConfigError
 
-__all__ = ["build_federation", "build_model", "resolve_device", "seeded", "configure_threads", "expected_num_nodes"]
+__all__ = [
+    "build_federation",
+    "build_model",
+    "checkpoint_path",
+    "resolve_device",
+    "seeded",
+    "configure_threads",
+    "expected_num_nodes",
+]
 
 _CACHE_LOCK = threading.Lock()
 _FED_CACHE: dict[str, Federation] = {}
@@ -72,12 +81,50 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def build_model(cfg: ExperimentConfig) -> torch.nn.Module:
-    """The model every party builds identically (seeded), so frozen parts need not travel."""
-    from secure_fedvlp.models import create_model
+def checkpoint_path(cfg: ExperimentConfig) -> Path | None:
+    """``model.init_checkpoint`` as an absolute path (a relative one is read from the current directory), or None."""
+    if not cfg.model.init_checkpoint:
+        return None
+    p = Path(cfg.model.init_checkpoint).expanduser()
+    return p if p.is_absolute() else (Path.cwd() / p)
 
+
+def build_model(cfg: ExperimentConfig, *, untrained: bool = False) -> torch.nn.Module:
+    """The model every party builds identically, so frozen parts need not travel.
+
+    The architecture is built under ``run.seed``; then, unless ``untrained``, the checkpoint
+    ``model.init_checkpoint`` (every parameter and buffer: a public start, or a user's checkpoint)
+    is loaded over it, so the server, every site, the evaluation and the export all start from the
+    same round-0 model, frozen parts included.  Last, ``model.trainable`` picks what is federated.
+    ``untrained=True`` gives the seeded initialisation alone (the untrained reference).
+
+    Raises
+    ------
+    CheckpointError
+        The checkpoint is missing, unreadable or does not fit the model (the message names the file and key).
+    ConfigError
+        ``pretrain.enabled`` without ``model.init_checkpoint``: the public start is computed before the
+        Flower apps start (``secure-fedvlp run`` does it; in deployment ``secure-fedvlp pretrain``).
+    """
+    from secure_fedvlp.models import create_model
+    from secure_fedvlp.models.checkpoint import load_checkpoint
+
+    if cfg.pretrain.enabled and not cfg.model.init_checkpoint and not untrained:
+        raise ConfigError(
+            "'pretrain.enabled' = true but 'model.init_checkpoint' is empty: the public start is computed before the "
+            "Flower apps start. `secure-fedvlp run` computes it and sets model.init_checkpoint; for `flwr run` or a "
+            "deployment, run `secure-fedvlp pretrain CONFIG --out FILE`, give every party FILE and set "
+            "model.init_checkpoint = FILE."
+        )
     with seeded(cfg.run.seed):
         model = create_model(cfg.model.name, text_weights_dir=cfg.model.text_weights_dir or None)
+    path = None if untrained else checkpoint_path(cfg)
+    if path is not None:
+        try:
+            load_checkpoint(model, path, model_name=cfg.model.name)
+        except CheckpointError as exc:
+            raise CheckpointError(f"model.init_checkpoint: {exc}") from None
+        model.text_encoder._cache.clear()  # locked-prefix states of the seeded tower, if any were cached
     model.restrict_trainable(cfg.model.trainable)
     return model
 

@@ -1,4 +1,4 @@
-"""Command line: ``secure-fedvlp run | sweep | keys init | export | audit | report``.
+"""Command line: ``secure-fedvlp run | sweep | pretrain | keys init | export | audit | report``.
 
 ``main(argv) -> int`` so tests call it directly.  Configuration is read here, once, and
 handed to the Flower apps as typed objects; a finished run is opened with
@@ -122,16 +122,20 @@ def run_experiment(
 ) -> Path:
     """Run one federated experiment on Flower's Simulation Engine; return the run directory.
 
-    Every check (config, run directory, key directory, the run to resume) passes before anything is
-    written.  A run directory that exists and is not empty is refused unless ``resume`` (continue
-    from its last checkpoint, ledgers and metrics kept) or ``force`` (a new run; the old directory is
-    moved aside).  Raises :class:`SecureFedVLPError` with one line when the run FAILED (no round
-    adopted an aggregate, or the server refused to go on).
+    Every check (config, run directory, key directory, the run to resume, a given checkpoint) passes
+    before anything is written.  A run directory that exists and is not empty is refused unless
+    ``resume`` (continue from its last checkpoint, ledgers and metrics kept) or ``force`` (a new run;
+    the old directory is moved aside).  Raises :class:`SecureFedVLPError` with one line when the run
+    FAILED (no round adopted an aggregate, or the server refused to go on).
+
+    With a public start (``pretrain.enabled``, or ``model.init_checkpoint``) the CLI plays the server
+    operator's public step before any site starts (:func:`_prepare_public_start`): the run's config then
+    names the run's own copy of the public start as ``model.init_checkpoint``, so every party builds it.
     """
-    from secure_fedvlp.config import config_to_dict, dump_toml, load_config
+    from secure_fedvlp.config import config_to_dict, dump_toml, load_config, resolve_paths
 
     overrides = list(overrides)
-    cfg = load_config(config_path, overrides)
+    cfg = resolve_paths(load_config(config_path, overrides))
     rdir = Path(run_dir) if run_dir else _new_run_dir(cfg.run.output_dir, cfg.run.name)
     rdir = rdir.expanduser().absolute()
     _check_run_dir(rdir, resume, force)
@@ -140,12 +144,19 @@ def run_experiment(
     if cfg.encryption.enabled:
         keys_plan = _plan_keys(cfg, layout, key_dir, resume=resume, force=force)
         overrides.append(f"encryption.key_dir={json.dumps(str(keys_plan.key_dir))}")
-        cfg = load_config(config_path, overrides)
+        cfg = resolve_paths(load_config(config_path, overrides))
+    if resume and (cfg.pretrain.enabled or cfg.model.init_checkpoint) and layout.public_start.is_file():
+        # the run made its public start when it began: it resumes from the run's own copy
+        cfg = _with_checkpoint(cfg, layout.public_start)
     if resume:
         _check_resume_config(rdir, cfg)
         from secure_fedvlp.flower.server_app import load_checkpoint
 
         load_checkpoint(layout)  # a damaged checkpoint is refused here, before anything is written
+    elif cfg.model.init_checkpoint:
+        from secure_fedvlp.build import build_model
+
+        build_model(cfg)  # a bad model.init_checkpoint is refused here (file and key named), before any write
 
     # -- every check passed: from here on the run writes ----------------------------------------
     if force and rdir.is_dir() and any(rdir.iterdir()):
@@ -155,11 +166,13 @@ def run_experiment(
         if keys_plan is not None and keys_plan.default and keys_plan.key_dir.exists():
             keys_plan.key_dir.rename(RunLayout(old).default_key_dir)  # its keys go with it
     rdir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        layout.config.write_text(dump_toml(config_to_dict(cfg)), encoding="utf-8")
     _setup_logging(verbose, layout.log)
     progress = logging.getLogger("secure_fedvlp.progress")
     progress.info("run directory: %s%s", rdir, " (resumed)" if resume else "")
+    if not resume:
+        if cfg.pretrain.enabled or cfg.model.init_checkpoint:
+            cfg = _prepare_public_start(cfg, rdir, progress)
+        layout.config.write_text(dump_toml(config_to_dict(cfg)), encoding="utf-8")
 
     # Flower keeps its state under FLWR_HOME; keep it inside the run, never in ~/.flwr.
     os.environ.setdefault("FLWR_HOME", str(layout.flwr_home))
@@ -260,6 +273,76 @@ def _raise_if_failed(layout: RunLayout) -> None:
         msg = f"FAILED: {rep.get('status_reason', 'see the report')} (report: {layout.report_md})"
         logging.getLogger("secure_fedvlp.progress").error(msg)
         raise SecureFedVLPError(msg)
+
+
+def _prepare_public_start(cfg, rdir: Path, progress: logging.Logger):  # noqa: ANN001, ANN202 - ExperimentConfig
+    """The run's public start, before any site starts; returns ``cfg`` naming it as ``model.init_checkpoint``.
+
+    ``model.init_checkpoint`` given: the checkpoint is checked by building the model with it (a bad file
+    is an error naming the file and key, before any site starts) and installed in the run.  Else
+    (``pretrain.enabled``): the public start is taken from the cache under ``data.cache_dir`` or trained
+    there first (:func:`~secure_fedvlp.methods.public_start.cached_public_start`), then installed.  Either
+    way the run holds it as :attr:`RunLayout.public_start` with its description beside it.
+    """
+
+    from secure_fedvlp.methods import public_start as ps
+
+    layout = RunLayout(rdir)
+    dest = layout.public_start
+    if cfg.model.init_checkpoint:
+        from secure_fedvlp.build import build_model, checkpoint_path
+        from secure_fedvlp.models.checkpoint import save_checkpoint
+
+        src = checkpoint_path(cfg)
+        model = build_model(cfg)  # loads it strictly: CheckpointError names the file and the key
+        info = ps.checkpoint_info(cfg)
+        if cfg.pretrain.enabled and info.get("key"):
+            try:
+                expected = ps.public_start_key(cfg)
+            except SecureFedVLPError:
+                expected = info["key"]
+            if expected != info["key"]:
+                logger.warning(
+                    "model.init_checkpoint %s was pre-trained under another configuration (key %s, this "
+                    "config's public start is %s); it is used as given.",
+                    src,
+                    info["key"],
+                    expected,
+                )
+        if not (dest.exists() and os.path.samefile(src, dest)):
+            if src.suffix.lower() == ".npz":
+                ps.install_public_start(src, info, dest)
+            else:  # a torch checkpoint: the run keeps it in the package's format (and its hash in that form)
+                digest = save_checkpoint(model, dest, meta={"model": cfg.model.name, "origin": str(src)})
+                info = {**info, "state_hash": digest}
+                ps.write_info(ps.info_path(dest), {**info, "installed_from": str(src)})
+        progress.info(
+            "public start: model.init_checkpoint %s checked (state hash %s) -> %s",
+            src,
+            info["state_hash"][:16],
+            dest,
+        )
+    else:
+        start = ps.cached_public_start(cfg, log=progress.info)
+        ps.install_public_start(start.path, {**start.info, "from_cache": not start.trained}, dest)
+        progress.info(
+            "public start %s: %s (state hash %s, %s steps on %s public records, %s; no privacy budget spent) -> %s",
+            "trained" if start.trained else "from the cache",
+            start.path,
+            start.info["state_hash"][:16],
+            start.info.get("steps"),
+            start.info.get("corpus_size"),
+            f"{start.info.get('wall_seconds', 0):.0f}s" if start.trained else "reused",
+            dest,
+        )
+    return _with_checkpoint(cfg, dest)
+
+
+def _with_checkpoint(cfg, path: Path):  # noqa: ANN001, ANN202 - ExperimentConfig
+    """``cfg`` with ``model.init_checkpoint`` = ``path``, absolute."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_checkpoint=str(Path(path).resolve())))
 
 
 def _empirical_after_run(run: FinishedRun, progress: logging.Logger) -> None:
@@ -424,6 +507,32 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    """The public start for a deployment: trained (or taken from the cache) and written to ``--out``."""
+    from secure_fedvlp.config import load_config
+    from secure_fedvlp.methods import public_start as ps
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".npz":
+        raise SecureFedVLPError(f"--out {str(out)!r} must name a .npz file (the public start's checkpoint).")
+    # The public start is made from the seeded model and the [pretrain] settings, whatever the config's
+    # pretrain.enabled and model.init_checkpoint say.
+    cfg = load_config(args.config, ["pretrain.enabled=true", "model.init_checkpoint=''", *(args.set or [])])
+    _setup_logging(args.verbose)
+    start = ps.cached_public_start(cfg)
+    ps.install_public_start(start.path, {**start.info, "from_cache": not start.trained}, out)
+    info = start.info
+    how = f"trained in {info.get('wall_seconds', 0):.0f}s" if start.trained else "from the cache"
+    print(
+        f"Public start: {out} ({info.get('steps')} steps on {info.get('corpus_size')} public records "
+        f"({info.get('source')}), {how})"
+    )
+    print(f"  state hash {info['state_hash']}; description {ps.info_path(out)}")
+    print("  public data only: no site's record was read, no privacy budget was spent.")
+    print(f'Give every party {out.name} and set model.init_checkpoint = "<path to {out.name}>" in its config.')
+    return 0
+
+
 def _cmd_keys_init(args: argparse.Namespace) -> int:
     from secure_fedvlp.encryption.keys import init_keys, load_server_context
     from secure_fedvlp.encryption.params import preset, security_level
@@ -540,6 +649,16 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--summarise-only", action="store_true", help="only rebuild the summary of finished cells")
     sw.add_argument("-v", "--verbose", action="store_true")
     sw.set_defaults(func=_cmd_sweep)
+    pre = sub.add_parser(
+        "pretrain",
+        help="train the public start of a config (non-private, public data, no privacy budget) and write it to "
+        "--out, for deployments (then set model.init_checkpoint)",
+    )
+    pre.add_argument("config", help="experiment config (TOML); its [pretrain] section and model")
+    pre.add_argument("--out", required=True, help="the checkpoint to write (.npz; a .json description goes beside it)")
+    pre.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    pre.add_argument("-v", "--verbose", action="store_true")
+    pre.set_defaults(func=_cmd_pretrain)
     keys = sub.add_parser("keys", help="CKKS key material for a federation run")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
     ki = ksub.add_parser(

@@ -31,6 +31,7 @@ __all__ = [
     "RunConfig",
     "DataConfig",
     "ModelConfig",
+    "PretrainConfig",
     "TrainConfig",
     "FederationConfig",
     "EvalConfig",
@@ -47,7 +48,12 @@ __all__ = [
     "apply_overrides",
     "config_to_dict",
     "config_hash",
+    "resolve_paths",
+    "CHECKPOINT_SUFFIXES",
 ]
+
+#: File types ``model.init_checkpoint`` may name: a numpy archive or a torch state dict.
+CHECKPOINT_SUFFIXES: tuple[str, ...] = (".npz", ".pt")
 
 
 @dataclass(frozen=True)
@@ -136,12 +142,74 @@ class ModelConfig:
     whole text tower is then locked and cached).  Everything else stays at its seeded or
     pretrained value, identical at every party, and never travels.  Under DP-SGD fewer
     trained parameters means less total noise for the same privacy.
+
+    ``init_checkpoint`` (a ``.npz`` or ``.pt`` file of every parameter and buffer, e.g. a public
+    start written by ``secure-fedvlp pretrain``) is loaded by every party right after it builds the
+    seeded model (:func:`secure_fedvlp.build.build_model`), so the round-0 model, frozen parts
+    included, is the checkpoint's.  A relative path is read from the current directory;
+    ``secure-fedvlp run`` writes it absolute into the run's config.  It is treated as public: it
+    spends no privacy budget (a checkpoint trained on private records carries no DP guarantee for them).
     """
 
     name: str = "demo"
     # Optional directory of a transformers text encoder; "" = the model config's default.
     text_weights_dir: str = ""
     trainable: Literal["all", "alignment", "heads"] = "all"
+    init_checkpoint: str = ""
+
+    def __post_init__(self) -> None:
+        check = _Checks()
+        check(
+            not self.init_checkpoint or Path(self.init_checkpoint).suffix.lower() in CHECKPOINT_SUFFIXES,
+            "model.init_checkpoint",
+            self.init_checkpoint,
+            f"must name a {' or '.join(CHECKPOINT_SUFFIXES)} file (every parameter and buffer of the model)",
+        )
+        check.done()
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The public start: a non-private pre-training stage on a public image-report set (docs/design.md, "Public start").
+
+    With ``enabled = true``, ``secure-fedvlp run`` trains the model every party builds on the public
+    corpus *before* the Flower apps start (the server operator's public step; it touches no site's
+    records and spends no privacy budget), with in-batch InfoNCE, every parameter the architecture
+    leaves trainable (whatever ``model.trainable`` federates later), AdamW at ``lr`` (``text_lr``
+    for the text tower), ``steps`` steps of ``batch_size`` records.  The result is cached under
+    ``data.cache_dir`` by a hash of everything that determines it and becomes ``model.init_checkpoint``
+    of the run.  ``source = "synthetic"`` uses ``data.synthetic.pretrain_size`` records of the
+    synthetic public corpus (its own style, wording and prevalences); ``"manifest"`` reads
+    ``manifest_path`` (every record, whatever its site or split; images under ``image_root``).
+    ``log_every`` prints a progress line every that many steps (0 = none).
+    """
+
+    enabled: bool = False
+    source: Literal["synthetic", "manifest"] = "synthetic"
+    manifest_path: str = ""
+    image_root: str = ""
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 1e-3
+    text_lr: float = 1e-4
+    weight_decay: float = 0.05
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        check = _Checks()
+        check(self.steps >= 1, "pretrain.steps", self.steps, "must be >= 1")
+        check(self.batch_size >= 2, "pretrain.batch_size", self.batch_size, "must be >= 2 (in-batch negatives)")
+        check(self.lr > 0, "pretrain.lr", self.lr, "must be > 0")
+        check(self.text_lr >= 0, "pretrain.text_lr", self.text_lr, "must be >= 0")
+        check(self.weight_decay >= 0, "pretrain.weight_decay", self.weight_decay, "must be >= 0")
+        check(self.log_every >= 0, "pretrain.log_every", self.log_every, "must be >= 0 (0 = no progress lines)")
+        check(
+            self.source != "manifest" or bool(self.manifest_path),
+            "pretrain.manifest_path",
+            self.manifest_path,
+            "is required when pretrain.source = 'manifest'",
+        )
+        check.done()
 
 
 @dataclass(frozen=True)
@@ -157,6 +225,11 @@ class TrainConfig:
     # "infonce": in-batch negatives (couples records; refused under DP-SGD).
     # "decomposable": negatives from the public reference set embedded by the global model.
     objective: Literal["infonce", "decomposable"] = "infonce"
+    # Where the decomposable objective's positives and public negatives come from:
+    # "global": the global model of the round embeds each record's pair (positive) and the public
+    #   bank once per job; "current": the model being trained embeds both, the bank re-embedded at
+    #   every step (cheap when the towers are locked and cached, e.g. model.trainable = "heads").
+    bank: Literal["global", "current"] = "global"
     grad_clip: float = 0.0  # plain gradient-norm clipping without DP; 0 = off
 
     def __post_init__(self) -> None:
@@ -557,6 +630,7 @@ class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -589,6 +663,13 @@ class ExperimentConfig:
             "depend on every other record of its batch (they are its negatives), so per-sample clipping does not "
             "bound one record's influence and the DP-SGD guarantee would not hold. Set train.objective = "
             "'decomposable' (negatives from the public reference set)",
+        )
+        check(
+            not (self.train.bank == "current" and self.train.objective != "decomposable"),
+            "train.bank",
+            self.train.bank,
+            "= 'current' applies to the decomposable objective (its public negatives); set train.objective = "
+            "'decomposable' or train.bank = 'global'",
         )
         check(
             not (
@@ -624,6 +705,19 @@ class ExperimentConfig:
             self.data.synthetic.public_size,
             "must be >= 2 with federation.method = 'creamfl', which trains the server model on the public set and "
             "ensembles the sites' representations of it",
+        )
+        check(
+            not (
+                self.pretrain.enabled
+                and not self.model.init_checkpoint
+                and self.pretrain.source == "synthetic"
+                and self.data.synthetic.pretrain_size < self.pretrain.batch_size
+            ),
+            "data.synthetic.pretrain_size",
+            self.data.synthetic.pretrain_size,
+            f"must be >= pretrain.batch_size = {self.pretrain.batch_size} with pretrain.enabled = true and "
+            "pretrain.source = 'synthetic' (the public start trains on that many synthetic public records; "
+            "e.g. 4096)",
         )
         if self.privacy.enabled:
             self._check_declared_sizes(check)
@@ -924,6 +1018,25 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         return v
 
     return conv(cfg)
+
+
+def resolve_paths(cfg: ExperimentConfig, base: str | Path | None = None) -> ExperimentConfig:
+    """``cfg`` with ``model.init_checkpoint`` made absolute (relative to ``base``, default the current directory).
+
+    Every party of a run must read the same file whatever its working directory (a simulation
+    client, a ``flwr run`` app), so the edges that read a config (the CLI, the ``flwr run`` apps)
+    resolve it once.
+    """
+    path = cfg.model.init_checkpoint
+    if not path:
+        return cfg
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        p = Path(base if base is not None else Path.cwd()) / p
+    resolved = str(p.resolve())
+    if resolved == path:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_checkpoint=resolved))
 
 
 def config_hash(cfg: Any) -> str:

@@ -41,6 +41,11 @@ class ModelConfigError(ConfigError):
     """A model architecture config is invalid or cannot be loaded."""
 
 
+class CheckpointError(SecureFedVLPError, ValueError):
+    """A model checkpoint (``model.init_checkpoint``, a public start) is missing, unreadable, or does not fit
+    the model it is loaded into; the message names the file and the missing or mismatched key or shape."""
+
+
 class PrivacyError(SecureFedVLPError):
     """Base class of privacy-mechanism and accounting errors."""
 

@@ -11,6 +11,7 @@ Nothing else in the package spells these names.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -78,6 +79,17 @@ class RunLayout:
     def export_info(self) -> Path:
         """What a key holder's export released."""
         return self.model_dir / "export.json"
+
+    @property
+    def public_start(self) -> Path:
+        """The run's public start (``model.init_checkpoint`` of the run): every parameter and buffer of its
+        round-0 model (a hard link to the cache, or a copy)."""
+        return self.model_dir / "public_start.npz"
+
+    @property
+    def public_start_info(self) -> Path:
+        """What the public start is: public, epsilon spent 0, source, steps, corpus size, hash, wall time."""
+        return self.model_dir / "public_start.json"
 
     @property
     def model_readme(self) -> Path:
@@ -253,4 +265,16 @@ def load_run(run_dir: str | os.PathLike | FinishedRun) -> FinishedRun:
         raise DataError(f"{layout.root} is not a directory: give the run directory that `secure-fedvlp run` wrote.")
     if not layout.config.exists():
         raise DataError(f"{layout.config} is missing: {layout.root} is not a run directory.")
-    return FinishedRun(layout, load_config(layout.config))
+    cfg = load_config(layout.config)
+    own = layout.public_start
+    if cfg.model.init_checkpoint and not Path(cfg.model.init_checkpoint).exists() and own.is_file():
+        # A moved or copied run directory: its config names the public start where the run wrote it; the
+        # run's own copy is the same file.
+        logger.info(
+            "%s: model.init_checkpoint %s is gone; using the run's own %s",
+            layout.config,
+            cfg.model.init_checkpoint,
+            own,
+        )
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_checkpoint=str(own.resolve())))
+    return FinishedRun(layout, cfg)

@@ -5,7 +5,7 @@ Every Flower message of a run is a ``RecordDict`` with at most these records:
 * ``arrays`` (:data:`ARRAYS_KEY`): the federated parameters (an ``ArrayRecord``), or a ciphertext
   when encryption is on;
 * ``config`` (:data:`CONFIG_KEY`): what the server asks (``server-round``, ``stage``, ``local-steps``,
-  ``query``) or, in a refusal, the reason;
+  ``query``, ``reference``) or, in a refusal, the reason;
 * ``metrics`` (:data:`METRICS_KEY`): what a site reports (``num-examples``, ...);
 * ``info`` (:data:`INFO_KEY`): which site answered and its role;
 * ``ledger`` (:data:`LEDGER_KEY`): under DP, the head of the answering site's privacy ledger after
@@ -40,6 +40,8 @@ __all__ = [
     "LOCAL_STEPS",
     "QUERY",
     "SITE_INFO_QUERY",
+    "REFERENCE",
+    "UNTRAINED_REFERENCE",
     "arrays_to_numpy",
     "numpy_to_arrays",
 ]
@@ -71,6 +73,10 @@ LOCAL_STEPS = "local-steps"
 QUERY = "query"
 #: The ``query`` kind that asks a node which site it serves.
 SITE_INFO_QUERY = "site-info"
+#: Config key of an evaluate request for a reference model the site builds itself (no arrays travel).
+REFERENCE = "reference"
+#: The reference evaluated besides round 0 when the round-0 model is a public start: the seeded, untrained model.
+UNTRAINED_REFERENCE = "untrained"
 
 
 def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:

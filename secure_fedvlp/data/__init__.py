@@ -16,6 +16,8 @@ _EXPORTS = {
     "VLPDataset": "secure_fedvlp.data.types",
     "SyntheticSpec": "secure_fedvlp.data.spec",
     "generate_federation": "secure_fedvlp.data.synthetic",
+    "generate_pretrain_corpus": "secure_fedvlp.data.synthetic",
+    "pretrain_corpus_key": "secure_fedvlp.data.synthetic",
     "site_style": "secure_fedvlp.data.synthetic",
     "SOURCES": "secure_fedvlp.data.sources",
     "load_federation": "secure_fedvlp.data.sources",

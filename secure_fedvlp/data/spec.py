@@ -22,6 +22,9 @@ class SyntheticSpec:
     val_per_site: int = 48
     test_per_site: int = 96
     public_size: int = 256
+    # A separate public pre-training corpus (its own style, wording and prevalences; 0 = none): the
+    # public start's data (``[pretrain] source = "synthetic"``). It never changes the sites' data.
+    pretrain_size: int = 0
     image_size: int = 64
     dirichlet_alpha: float = 0.5
     missing_text_fraction: float = 0.0
@@ -56,8 +59,10 @@ class SyntheticSpec:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 problems.append(f"'data.synthetic.{name}' must be an integer >= 1. Found {v!r}.")
-        if isinstance(self.public_size, bool) or not isinstance(self.public_size, int) or self.public_size < 0:
-            problems.append(f"'data.synthetic.public_size' must be an integer >= 0. Found {self.public_size!r}.")
+        for name in ("public_size", "pretrain_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                problems.append(f"'data.synthetic.{name}' must be an integer >= 0. Found {v!r}.")
         if isinstance(self.image_size, int) and not isinstance(self.image_size, bool) and self.image_size < 16:
             problems.append(f"'data.synthetic.image_size' must be >= 16. Found {self.image_size!r}.")
         if not (isinstance(self.dirichlet_alpha, (int, float)) and self.dirichlet_alpha > 0):

@@ -18,6 +18,16 @@ habits), optionally missing reports at one site, and what each site holds
 (``SyntheticSpec.site_modalities``: an image-only site's reports and a text-only site's images are
 dropped, in every split, and its records say so in ``has_text`` / ``has_image``).  The held-out site has its own style;
 the public reference set uses a neutral style and a different seed.
+
+The **public pre-training corpus** (``SyntheticSpec.pretrain_size`` records,
+:func:`generate_pretrain_corpus`) is the public start's data, built to differ from every site so
+that the sites' private records still carry something it lacks: clean images (no scanner
+noise, blur or tone shift), structured "Findings: ... Impression: ..." reports written with a
+vocabulary of its own (:data:`PRETRAIN_TERMS`, no phrase shared with the sites'), and
+prevalences that under-represent cardiomegaly and nodule (2 % each, :data:`PRETRAIN_PREVALENCE`;
+the demo's training sites hold about a third of their records with each).  It is generated
+from its own random streams and cached in its own file, so adding it leaves the sites' data
+byte-identical.
 """
 
 from __future__ import annotations
@@ -41,10 +51,23 @@ from scipy.ndimage import gaussian_filter
 
 from secure_fedvlp.data.spec import SyntheticSpec
 from secure_fedvlp.data.types import FINDINGS, Federation, SiteData, VLPDataset
+from secure_fedvlp.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SyntheticSpec", "generate_federation", "site_style", "SYNONYMS", "GENERATOR_VERSION"]
+__all__ = [
+    "SyntheticSpec",
+    "generate_federation",
+    "generate_pretrain_corpus",
+    "pretrain_corpus_key",
+    "site_style",
+    "pretrain_style",
+    "SYNONYMS",
+    "PRETRAIN_TERMS",
+    "PRETRAIN_PREVALENCE",
+    "GENERATOR_VERSION",
+    "PRETRAIN_VERSION",
+]
 
 GENERATOR_VERSION = 2
 LESIONS = FINDINGS[1:]
@@ -100,6 +123,33 @@ NORMAL: tuple[str, ...] = (
     "no acute findings",
 )
 SIZES = ("small", "moderate", "large")
+
+# ----------------------------------------------------------------------------- the public pre-training corpus
+
+#: Version of the public pre-training corpus (its cache key changes with it).
+PRETRAIN_VERSION = 1
+#: Its prevalences (cardiomegaly, effusion, consolidation, pneumothorax, nodule): the sites' base prevalence
+#: (:data:`BASE_PREVALENCE`) except cardiomegaly and nodule, which it under-represents (2 % each).
+PRETRAIN_PREVALENCE = np.array([0.02, 0.22, 0.2, 0.12, 0.02])
+#: Its positive phrases per finding: a vocabulary of its own, no phrase shared with :data:`SYNONYMS`.
+PRETRAIN_TERMS: dict[str, tuple[str, ...]] = {
+    "cardiomegaly": ("cardiac enlargement", "heart size is increased", "enlargement of the heart shadow"),
+    "pleural_effusion": ("{side} pleural fluid collection", "layering {side} pleural fluid", "{side} hydrothorax"),
+    "consolidation": ("{side} lobar opacification", "dense {side} parenchymal opacity", "{side} alveolar filling"),
+    "pneumothorax": ("{side} pleural gas collection", "{side} visceral pleural line", "{side} collapsed lung"),
+    "nodule": ("{side} coin lesion", "{side} solitary rounded lesion", "{side} small round lesion"),
+}
+#: Its negations per finding (none shared with :data:`NEGATIONS`).
+PRETRAIN_NEGATIONS: dict[str, tuple[str, ...]] = {
+    "cardiomegaly": ("cardiac size within normal limits", "heart shadow not enlarged"),
+    "pleural_effusion": ("no pleural fluid", "pleural spaces are clear"),
+    "consolidation": ("no parenchymal opacification", "lung parenchyma is clear"),
+    "pneumothorax": ("no pleural gas", "lung edges are normally positioned"),
+    "nodule": ("no coin lesion", "no rounded lesion seen"),
+}
+#: Its impression when nothing is found (none shared with :data:`NORMAL`).
+PRETRAIN_NORMAL: tuple[str, ...] = ("unremarkable chest", "heart and lungs within normal limits")
+_PRETRAIN_CHUNK = 512  # records rendered at a time (bounded memory; each chunk has its own random stream)
 
 
 def _style(spec: SyntheticSpec, index: int, kind: str) -> dict[str, Any]:
@@ -173,6 +223,29 @@ def _report(
         parts = [p[0].upper() + p[1:] for p in pos + neg]
         text = ". ".join(parts) + ("." if style["period"] else "")
     return text
+
+
+def pretrain_style(spec: SyntheticSpec) -> dict[str, Any]:
+    """The public pre-training corpus' scanner style: clean and neutral (no noise, blur, tone or offset)."""
+    return {"contrast": 1.0, "gamma": 1.0, "noise": 0.0, "blur": 0.0, "native": max(spec.image_size, 64), "offset": 0.0}
+
+
+def _pretrain_report(labels: np.ndarray, sides: dict[str, str], sizes: dict[str, str], rng: np.random.Generator) -> str:
+    """A structured public report: ``Findings: <clauses>. Impression: <positives or a normal phrase>.``"""
+    pos, neg = [], []
+    for k, f in enumerate(LESIONS):
+        if labels[k + 1]:
+            terms = PRETRAIN_TERMS[f]
+            phrase = terms[int(rng.integers(len(terms)))].format(side=sides.get(f, "right"))
+            if f in sizes and rng.random() < 0.5:
+                phrase = f"{sizes[f]} {phrase}"
+            pos.append(phrase)
+        elif rng.random() < 0.6:
+            negs = PRETRAIN_NEGATIONS[f]
+            neg.append(negs[int(rng.integers(len(negs)))])
+    impression = "; ".join(pos) if pos else PRETRAIN_NORMAL[int(rng.integers(len(PRETRAIN_NORMAL)))]
+    findings = "; ".join(pos + neg) or "no abnormality"
+    return f"Findings: {findings}. Impression: {impression}."
 
 
 # ----------------------------------------------------------------------------- images
@@ -300,6 +373,40 @@ def _render(
     )
 
 
+#: Splits larger than this are rendered in chunks of this many images (bounded memory at 10k+ per site).
+RENDER_CHUNK = 2048
+
+
+def _render_chunked(
+    labels: np.ndarray, style: dict[str, Any], out_size: int, rng: np.random.Generator, key: list
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]], list[dict[str, str]]]:
+    """:func:`_render` in chunks of :data:`RENDER_CHUNK` images, so peak memory does not grow with the split.
+
+    The renderer's intermediates (masks, textures, native-resolution images) are a few times the
+    size of its output; rendering a 10,000-record split at once held them all.  A split of at most
+    ``RENDER_CHUNK`` records is rendered as before, from ``rng`` (the same bytes as earlier
+    versions); a larger one renders chunk ``c`` from its own generator, seeded from ``key`` and
+    ``c``, so the result is deterministic and independent of how much memory the machine has.
+    """
+    n = labels.shape[0]
+    if n <= RENDER_CHUNK:
+        return _render(labels, style, out_size, rng)
+    images = np.empty((n, out_size, out_size), np.float32)
+    masks = np.empty((n, out_size, out_size), np.uint8)
+    sides: list[dict[str, str]] = []
+    sizes: list[dict[str, str]] = []
+    kinds = {"train": 0, "heldout": 1, "public": 2}
+    splits = {"train": 0, "val": 1, "test": 2}
+    seed = [int(key[0]), int(key[1]), kinds.get(key[2], 3), splits.get(key[3], 3), 5_150]
+    for c, start in enumerate(range(0, n, RENDER_CHUNK)):
+        stop = min(n, start + RENDER_CHUNK)
+        im, ma, si, sz = _render(labels[start:stop], style, out_size, np.random.default_rng([*seed, c]))
+        images[start:stop], masks[start:stop] = im, ma
+        sides += si
+        sizes += sz
+    return images, masks, sides, sizes
+
+
 def _labels(n: int, prevalence: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     lab = np.zeros((n, len(FINDINGS)), np.float32)
     lab[:, 1:] = rng.random((n, len(LESIONS))) < prevalence
@@ -316,7 +423,7 @@ def _split(
     style = _style(spec, index, kind)
     labels = _labels(n, _prevalence(spec, index, kind), rng)
     images, masks, sides, sizes = (
-        _render(labels, style, spec.image_size, rng)
+        _render_chunked(labels, style, spec.image_size, rng, [spec.seed, index, kind, split])
         if n
         else (
             np.zeros((0, spec.image_size, spec.image_size), np.float32),
@@ -385,11 +492,59 @@ def _generate(spec: SyntheticSpec) -> Federation:
     return Federation(tuple(sites), heldout, public)
 
 
+def _generate_pretrain(spec: SyntheticSpec) -> VLPDataset:
+    """The public pre-training corpus, rendered in chunks of :data:`_PRETRAIN_CHUNK` records.
+
+    Chunk ``c`` draws from its own stream ``[seed, 31337, PRETRAIN_VERSION, c]``, disjoint from every
+    stream of the sites, the held-out site and the public reference set, so the sites' data do not
+    change when the corpus is added, and a larger corpus extends a smaller one.
+    """
+    n, style = int(spec.pretrain_size), pretrain_style(spec)
+    images, labels, reports = [], [], []
+    for c, start in enumerate(range(0, n, _PRETRAIN_CHUNK)):
+        m = min(_PRETRAIN_CHUNK, n - start)
+        rng = np.random.default_rng([spec.seed, 31_337, PRETRAIN_VERSION, c])
+        lab = _labels(m, PRETRAIN_PREVALENCE, rng)
+        img, _masks, sides, sizes = _render(lab, style, spec.image_size, rng)
+        images.append(img)
+        labels.append(lab)
+        reports += [_pretrain_report(lab[i], sides[i], sizes[i], rng) for i in range(m)]
+    size = spec.image_size
+    return VLPDataset(
+        "pretrain",
+        np.concatenate(images) if images else np.zeros((0, size, size), np.float32),
+        reports,
+        np.concatenate(labels) if labels else np.zeros((0, len(FINDINGS)), np.float32),
+        None,
+        [f"pretrain/{i:06d}" for i in range(n)],
+    )
+
+
 # ----------------------------------------------------------------------------- cache
+
+#: Spec fields that shape only the public pre-training corpus: left out of the sites' cache key,
+#: so the sites' cache file (and data) stay those of a spec without them.
+_CORPUS_ONLY_FIELDS = ("pretrain_size",)
 
 
 def _cache_key(spec: SyntheticSpec) -> str:
-    blob = json.dumps({"v": GENERATOR_VERSION, **dataclasses.asdict(spec)}, sort_keys=True)
+    fields = {k: v for k, v in dataclasses.asdict(spec).items() if k not in _CORPUS_ONLY_FIELDS}
+    blob = json.dumps({"v": GENERATOR_VERSION, **fields}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def pretrain_corpus_key(spec: SyntheticSpec) -> str:
+    """Content address of the public pre-training corpus: what determines it and nothing else."""
+    blob = json.dumps(
+        {
+            "pretrain_v": PRETRAIN_VERSION,
+            "v": GENERATOR_VERSION,
+            "seed": spec.seed,
+            "pretrain_size": spec.pretrain_size,
+            "image_size": spec.image_size,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -489,6 +644,79 @@ def _from_blob(blob: bytes, side: dict[str, Any]) -> Federation:
         if roles[n] == "heldout"
     ]
     return Federation(train, held[0] if held else None, public)
+
+
+def _save_corpus(ds: VLPDataset, spec: SyntheticSpec, path: Path) -> tuple[bytes, dict[str, Any]]:
+    """The pre-training corpus to ``path`` (.npz) and its .json sidecar, as :func:`_save` does for the sites."""
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        images=(ds.images * 65535).round().astype(np.uint16),
+        labels=ds.labels.astype(np.uint8),
+        has_text=ds.has_text,
+    )
+    blob = buf.getvalue()
+    _atomic_write(path, blob)
+    side = {
+        "pretrain_version": PRETRAIN_VERSION,
+        "generator_version": GENERATOR_VERSION,
+        "spec": dataclasses.asdict(spec),
+        "npz_sha256": hashlib.sha256(blob).hexdigest(),
+        "reports": ds.reports,
+        "record_ids": ds.record_ids,
+    }
+    _atomic_write(path.with_suffix(".json"), json.dumps(side).encode())
+    return blob, side
+
+
+def _corpus_from_blob(blob: bytes, side: dict[str, Any]) -> VLPDataset:
+    with np.load(io.BytesIO(blob)) as z:
+        return VLPDataset(
+            "pretrain",
+            z["images"].astype(np.float32) / 65535,
+            side["reports"],
+            z["labels"].astype(np.float32),
+            None,
+            side["record_ids"],
+            None,
+            z["has_text"],
+        )
+
+
+def generate_pretrain_corpus(spec: SyntheticSpec, cache_dir: str | os.PathLike | None = None) -> VLPDataset:
+    """Generate (or load from ``cache_dir``) the public pre-training corpus of ``spec``.
+
+    ``spec.pretrain_size`` records in the corpus' own style, wording and prevalences (module
+    docstring); deterministic in ``spec.seed``, ``spec.pretrain_size`` and ``spec.image_size`` only.
+    Cached as ``synthetic-pretrain-<hash>.npz`` plus its ``.json`` sidecar, apart from the sites'
+    cache, with the same atomic writes and the same 16-bit images; an unreadable cache is regenerated.
+
+    Raises
+    ------
+    DataError
+        ``spec.pretrain_size`` is 0 (the spec asks for no corpus).
+    """
+    if spec.pretrain_size < 1:
+        raise DataError(
+            f"data.synthetic.pretrain_size = {spec.pretrain_size}: the synthetic federation has no public "
+            "pre-training corpus; set data.synthetic.pretrain_size (e.g. 4096) for pretrain.source = 'synthetic'."
+        )
+    if cache_dir is None:
+        return _generate_pretrain(spec)
+    path = Path(cache_dir) / f"synthetic-pretrain-{pretrain_corpus_key(spec)}.npz"
+    if path.exists():
+        try:
+            blob = path.read_bytes()
+            side = json.loads(path.with_suffix(".json").read_text())
+            if side.get("npz_sha256") != hashlib.sha256(blob).hexdigest():
+                raise ValueError("the npz does not match the digest in its .json sidecar")
+            return _corpus_from_blob(blob, side)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            logger.warning("pre-training corpus cache %s is unreadable (%s); regenerating it.", path, exc)
+    t0 = time.perf_counter()
+    ds = _corpus_from_blob(*_save_corpus(_generate_pretrain(spec), spec, path))
+    logger.info("generated the public pre-training corpus in %.1fs -> %s", time.perf_counter() - t0, path)
+    return ds
 
 
 def generate_federation(spec: SyntheticSpec, cache_dir: str | os.PathLike | None = None) -> Federation:

@@ -4,8 +4,11 @@ The server-side :class:`RunRecorder` appends one JSON record per (round, phase, 
 run's metrics file (:attr:`RunLayout.metrics <secure_fedvlp.layout.RunLayout.metrics>`) as the
 run goes (flushed and fsynced, so a crash loses nothing already measured).  :func:`write_report`
 turns that file into the JSON and Markdown reports and PNG plots: final metrics beside the
-untrained (round-0) reference, per site, the worst training site, and the held-out site.  The
-run's settings are its resolved config (:func:`~secure_fedvlp.layout.load_run`).
+references, per site, the worst training site, and the held-out site.  The references are the
+untrained (seeded) model and, when the run starts from a public start (``model.init_checkpoint``),
+that public start: round 0 is then the public start and the untrained model is the reference
+evaluation every site ran before it (records tagged ``reference = "untrained"``).  The run's
+settings are its resolved config (:func:`~secure_fedvlp.layout.load_run`).
 """
 
 from __future__ import annotations
@@ -60,11 +63,82 @@ class RunRecorder(RoundRecorder):
 
 
 def _eval_by_round(records: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
-    """site -> round -> evaluation record."""
+    """site -> round -> evaluation record of the round's global model (reference evaluations left out)."""
     out: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
     for r in records:
-        if r.get("phase") == "evaluate" and r.get("status") == "ok":
+        if r.get("phase") == "evaluate" and r.get("status") == "ok" and "reference" not in r:
             out[r["site"]][int(r["round"])] = r
+    return out
+
+
+def _reference_evals(records: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    """site -> evaluation record of the reference model ``kind`` (e.g. the untrained model beside a public start)."""
+    return {
+        r["site"]: r
+        for r in records
+        if r.get("phase") == "evaluate" and r.get("status") == "ok" and r.get("reference") == kind
+    }
+
+
+def has_public_start(cfg: ExperimentConfig) -> bool:
+    """Whether the run's round-0 model is a public start (a checkpoint loaded over the seeded model)."""
+    return bool(cfg.model.init_checkpoint)
+
+
+def max_evaluations_per_site(cfg: ExperimentConfig) -> int:
+    """One evaluation per round, round 0 included, plus the untrained reference when the run has a public start."""
+    return cfg.federation.num_rounds + 1 + (1 if has_public_start(cfg) else 0)
+
+
+#: What the report keeps of a public start's description (``model/public_start.json``).
+_PUBLIC_START_KEYS = (
+    "source",
+    "steps",
+    "batch_size",
+    "lr",
+    "text_lr",
+    "corpus_size",
+    "state_hash",
+    "key",
+    "wall_seconds",
+    "cpu_seconds",
+    "model",
+    "seed",
+    "origin",
+    "corpus",
+)
+
+
+def public_start_section(run: FinishedRun) -> dict[str, Any] | None:
+    """The run's public start: public, epsilon spent 0, its source, steps, corpus size and hash; None without one.
+
+    Read from the run's :attr:`~secure_fedvlp.layout.RunLayout.public_start_info` (written by
+    ``secure-fedvlp run``), else from the description beside ``model.init_checkpoint`` (a ``flwr run``).
+    """
+    if not has_public_start(run.cfg):
+        return None
+    from secure_fedvlp.methods.public_start import read_info
+
+    layout = run.layout
+    info = None
+    if layout.public_start_info.exists():
+        try:
+            info = json.loads(layout.public_start_info.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            logger.warning("%s is unreadable: %s", layout.public_start_info, exc)
+    if info is None:
+        info = read_info(run.cfg.model.init_checkpoint) or {"source": "checkpoint"}
+    out = {k: info[k] for k in _PUBLIC_START_KEYS if k in info}
+    out.update(
+        {
+            "public": True,
+            "epsilon_spent": 0.0,
+            "hash": info.get("state_hash"),
+            "checkpoint": run.cfg.model.init_checkpoint,
+            "note": "public data only, before any site trained: no site's record was read and no privacy budget "
+            "was spent (no ledger records it)",
+        }
+    )
     return out
 
 
@@ -136,7 +210,8 @@ def releases_not_covered(cfg: ExperimentConfig) -> list[str]:
             "the split (a finding with a single class there has no AUROC key), retrieval Recall@K and the "
             f"exact {ev.split}-record count (the split's exact size); "
             "each site evaluates only the current round's global model, once "
-            f"(at most {cfg.federation.num_rounds + 1} evaluations per site)"
+            f"(at most {max_evaluations_per_site(cfg)} evaluations per site"
+            + (", the untrained reference beside the public start included)" if has_public_start(cfg) else ")")
         )
     return out
 
@@ -147,7 +222,7 @@ def evaluation_section(cfg: ExperimentConfig, layout: RunLayout) -> dict[str, An
     return {
         "release": ev.release,
         "split": ev.split,
-        "max_evaluations_per_site": cfg.federation.num_rounds + 1,
+        "max_evaluations_per_site": max_evaluations_per_site(cfg),
         "metrics_at": (
             layout.relative(layout.metrics)
             if ev.release == "clear"
@@ -226,32 +301,45 @@ def build_report(run_dir: str | os.PathLike | FinishedRun) -> dict[str, Any]:
     layout = run.layout
     records = run.metrics()
     evals = _eval_by_round(records)
+    public = has_public_start(run.cfg)
+    untrained_ref = _reference_evals(records, "untrained")
     roles = {site: next(iter(rs.values())).get("role", "train") for site, rs in evals.items() if rs}
     keys = [k for k, _ in HEADLINE] + ["mean_R@5"]
     sites: dict[str, Any] = {}
     final_round = max((rnd for rs in evals.values() for rnd in rs), default=0)
     for site, rs in sorted(evals.items()):
         last = max(rs)
+        round0 = {k: rs[0][k] for k in keys if 0 in rs and k in rs[0]}
+        ref = untrained_ref.get(site, {})
         sites[site] = {
             "role": roles[site],
             "final_round": last,
-            "untrained": {k: rs[0][k] for k in keys if 0 in rs and k in rs[0]},
+            # with a public start, round 0 is the public start and the untrained model is its own reference
+            "untrained": {k: ref[k] for k in keys if k in ref} if public else round0,
+            "public_start": round0 if public else {},
             "final": {k: rs[last][k] for k in keys if k in rs[last]},
             "final_per_finding": {k.split("/", 1)[1]: v for k, v in rs[last].items() if k.startswith("zs_auroc/")},
         }
     train_sites = [s for s, v in sites.items() if v["role"] == "train"]
     summary: dict[str, Any] = {}
+
+    def mean(d: dict[str, float]) -> float | None:
+        return (sum(d.values()) / len(d)) if d else None
+
     for k in keys:
         fin = {s: sites[s]["final"].get(k) for s in train_sites if k in sites[s]["final"]}
         unt = {s: sites[s]["untrained"].get(k) for s in train_sites if k in sites[s]["untrained"]}
+        pub = {s: sites[s]["public_start"].get(k) for s in train_sites if k in sites[s]["public_start"]}
         if fin:
             worst = min(fin, key=fin.get)
             summary[k] = {
-                "mean_final": sum(fin.values()) / len(fin),
-                "mean_untrained": (sum(unt.values()) / len(unt)) if unt else None,
+                "mean_final": mean(fin),
+                "mean_untrained": mean(unt),
+                "mean_public_start": mean(pub),
                 "worst_site": worst,
                 "worst_final": fin[worst],
                 "worst_untrained": min(unt.values()) if unt else None,
+                "worst_public_start": min(pub.values()) if pub else None,
             }
     heldout = {s: v for s, v in sites.items() if v["role"] == "heldout"}
     dropped = [r for r in records if r.get("status") in ("dropped", "error")]  # budget stops are listed apart
@@ -269,6 +357,7 @@ def build_report(run_dir: str | os.PathLike | FinishedRun) -> dict[str, Any]:
         "status": status,
         "status_reason": reason,
         "degraded_rounds": degraded,
+        "public_start": public_start_section(run),
         "privacy": privacy_section(run),
         "not_covered": releases_not_covered(run.cfg),
         "evaluation": evaluation_section(run.cfg, layout),
@@ -294,8 +383,33 @@ def _f(x: Any) -> str:
     return f"{x:.3f}"
 
 
+def _public_start_lines(ps: dict[str, Any]) -> list[str]:
+    """The report's "Public start" section."""
+    src = ps.get("source", "checkpoint")
+    if src == "checkpoint":
+        made = f"a checkpoint given as model.init_checkpoint (`{ps.get('origin') or ps.get('checkpoint')}`)"
+    else:
+        made = (
+            f"non-private pre-training on {ps.get('corpus_size', '?')} public records ({src}), "
+            f"{ps.get('steps', '?')} steps of {ps.get('batch_size', '?')}, in-batch InfoNCE"
+            + (f", {ps['wall_seconds']:.0f} s" if isinstance(ps.get("wall_seconds"), (int, float)) else "")
+        )
+    return [
+        "## Public start",
+        "",
+        f"The round-0 model is a public start: {made}; state hash `{str(ps.get('hash'))[:16]}`. "
+        "**Public**: it was made before any site trained, from public data only; no site's record was read, "
+        "**no privacy budget was spent** (epsilon 0) and no ledger records it. Every party built it from the "
+        "config (the seeded model with the checkpoint loaded over it), and each site checked that the round-0 "
+        "model it evaluated is this one. Round 0 in the tables and plots is the public start; the untrained "
+        "(seeded) model was evaluated once per site as a reference.",
+        "",
+    ]
+
+
 def _markdown(rep: dict[str, Any]) -> str:
     layout = RunLayout(rep["run_dir"])
+    ps = rep.get("public_start")
     lines = [f"# Run report: `{rep['run_dir']}`", ""]
     if rep.get("status") == "FAILED":
         lines += [f"**Status: FAILED**: {rep.get('status_reason')}.", ""]
@@ -307,7 +421,10 @@ def _markdown(rep: dict[str, Any]) -> str:
             + ".",
             "",
         ]
-    lines += ["## Final model vs untrained reference (test split of each site)", ""]
+    if ps:
+        lines += _public_start_lines(ps)
+    refs = "untrained -> public start -> final" if ps else "untrained -> final"
+    lines += [f"## Final model vs {'references' if ps else 'untrained reference'} (test split of each site)", ""]
     ev = rep.get("evaluation") or {}
     if ev.get("release") == "local":
         lines += [
@@ -315,21 +432,39 @@ def _markdown(rep: dict[str, Any]) -> str:
             f"keeps its own in `{ev['metrics_at']}`.",
             "",
         ]
-    header = "| site | role | " + " | ".join(f"{lab} (untrained -> final)" for _, lab in HEADLINE) + " |"
+
+    def chain(v: dict[str, Any], k: str, bold: bool = True) -> str:
+        fin = _f(v["final"].get(k))
+        parts = [_f(v["untrained"].get(k))] + ([_f(v.get("public_start", {}).get(k))] if ps else [])
+        return " -> ".join(parts + [f"**{fin}**" if bold else fin])
+
+    header = "| site | role | " + " | ".join(f"{lab} ({refs})" for _, lab in HEADLINE) + " |"
     lines += [header, "|" + "---|" * (2 + len(HEADLINE))]
     for site, v in rep["sites"].items():
-        cells = [f"{_f(v['untrained'].get(k))} -> **{_f(v['final'].get(k))}**" for k, _ in HEADLINE]
-        lines.append(f"| {site} | {v['role']} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "## Training sites: mean and worst site",
-        "",
-        "| metric | mean untrained | mean final | worst site (final) | lowest site untrained | worst site final |",
-        "|---|---|---|---|---|---|",
-    ]
+        lines.append(f"| {site} | {v['role']} | " + " | ".join(chain(v, k) for k, _ in HEADLINE) + " |")
+    lines += ["", "## Training sites: mean and worst site", ""]
+    if ps:
+        lines += [
+            "| metric | mean untrained | mean public start | mean final | worst site (final) | lowest site untrained "
+            "| lowest site public start | worst site final |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+    else:
+        lines += [
+            "| metric | mean untrained | mean final | worst site (final) | lowest site untrained | worst site final |",
+            "|---|---|---|---|---|---|",
+        ]
     for k, lab in HEADLINE:
         s = rep["summary_train_sites"].get(k)
-        if s:
+        if not s:
+            continue
+        if ps:
+            lines.append(
+                f"| {lab} | {_f(s['mean_untrained'])} | {_f(s.get('mean_public_start'))} | {_f(s['mean_final'])} | "
+                f"{s['worst_site']} | {_f(s['worst_untrained'])} | {_f(s.get('worst_public_start'))} | "
+                f"{_f(s['worst_final'])} |"
+            )
+        else:
             lines.append(
                 f"| {lab} | {_f(s['mean_untrained'])} | {_f(s['mean_final'])} | {s['worst_site']} | "
                 f"{_f(s['worst_untrained'])} | {_f(s['worst_final'])} |"
@@ -337,10 +472,7 @@ def _markdown(rep: dict[str, Any]) -> str:
     if rep["heldout"]:
         lines += ["", "## Held-out site (never trains: out-of-distribution)", ""]
         for site, v in rep["heldout"].items():
-            lines.append(
-                f"- **{site}**: "
-                + ", ".join(f"{lab} {_f(v['untrained'].get(k))} -> {_f(v['final'].get(k))}" for k, lab in HEADLINE)
-            )
+            lines.append(f"- **{site}** ({refs}): " + ", ".join(f"{lab} {chain(v, k, False)}" for k, lab in HEADLINE))
     lines += ["", "## Zero-shot AUROC per finding (final)", ""]
     findings = sorted({f for v in rep["sites"].values() for f in v["final_per_finding"]})
     if findings:
@@ -499,16 +631,31 @@ def _plots(run_dir: Path, rep: dict[str, Any], records: list[dict[str, Any]]) ->
                 )
         return lines
 
-    xlabel = "round (0 = untrained)"
+    public = bool(rep.get("public_start"))
+    xlabel = "round (0 = public start)" if public else "round (0 = untrained)"
+
+    def untrained_ref(key: str) -> tuple[RefLine, ...]:
+        s = rep["summary_train_sites"].get(key) or {}
+        if not public or s.get("mean_untrained") is None:
+            return ()
+        return (RefLine(float(s["mean_untrained"]), "untrained (mean of training sites)", linestyle="--"),)
+
     panels = [
         Panel(
             site_lines(MACRO_AUROC),
             xlabel=xlabel,
             ylabel="zero-shot AUROC (macro)",
             integer_x=True,
-            refs=(RefLine(0.5, linestyle=":"),),
+            refs=(RefLine(0.5, linestyle=":"), *untrained_ref(MACRO_AUROC)),
         ),
-        Panel(site_lines("mean_R@5"), xlabel=xlabel, ylabel="Recall@5 (mean i2t, t2i)", integer_x=True, legend=True),
+        Panel(
+            site_lines("mean_R@5"),
+            xlabel=xlabel,
+            ylabel="Recall@5 (mean i2t, t2i)",
+            integer_x=True,
+            legend=True,
+            refs=untrained_ref("mean_R@5"),
+        ),
     ]
     paths = [
         save_figure(

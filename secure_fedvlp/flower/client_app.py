@@ -42,9 +42,11 @@ from secure_fedvlp.wire import (
     LOCAL_STEPS,
     METRICS_KEY,
     QUERY,
+    REFERENCE,
     SERVER_ROUND,
     SITE_INFO_QUERY,
     STAGE,
+    UNTRAINED_REFERENCE,
     arrays_to_numpy,
     numpy_to_arrays,
 )
@@ -98,7 +100,8 @@ class ClientRuntime:
             RunLayout(setup.run_dir).evaluation_guard(site.name),
             site.name,
             cfg.federation.num_rounds,
-            model_hash(initial),
+            model_hash(initial),  # with model.init_checkpoint: the public start's hash
+            references=(UNTRAINED_REFERENCE,) if cfg.model.init_checkpoint else (),
         )
         logger.info(
             "Client for site %s (%s) ready on %s%s",
@@ -205,23 +208,35 @@ class ClientRuntime:
 
         ``eval.release = "clear"``: the metrics go to the server. ``"local"``: they are appended to the
         site's own file (:meth:`RunLayout.local_eval_metrics`) and the reply carries none.
+
+        A request naming a ``reference`` (:data:`~secure_fedvlp.wire.UNTRAINED_REFERENCE`, when the
+        round-0 model is a public start) carries no model: the site builds the untrained (seeded) model
+        itself from the config and evaluates it once, before round 1.
         """
         cfg = msg.content[CONFIG_KEY] if CONFIG_KEY in msg.content.config_records else ConfigRecord()
         if SERVER_ROUND not in cfg:
             raise ProtocolError(f"site {self.site.name}: an evaluate message must name its round; refused.")
         rnd = int(cfg[SERVER_ROUND])
-        state = arrays_to_numpy(msg.content[ARRAYS_KEY])
-        if self.guard is not None:
-            self.guard.evaluate(rnd, model_hash(state))  # recorded before anything is evaluated
-        load_federated_state(self.model, state)
+        reference = str(cfg[REFERENCE]) if REFERENCE in cfg else None
+        if reference is not None:
+            if self.guard is not None:
+                self.guard.evaluate_reference(reference)  # recorded before anything is evaluated
+            model = build_model(self.setup.cfg, untrained=True).to(self.device)
+        else:
+            state = arrays_to_numpy(msg.content[ARRAYS_KEY])
+            if self.guard is not None:
+                self.guard.evaluate(rnd, model_hash(state))  # recorded before anything is evaluated
+            load_federated_state(self.model, state)
+            model = self.model
         ev = self.setup.cfg.eval
         split = self.site.test if ev.split == "test" else self.site.val
-        metrics = evaluate_split(self.model, split, ks=ev.recall_ks, batch_size=ev.batch_size, device=self.device)
+        metrics = evaluate_split(model, split, ks=ev.recall_ks, batch_size=ev.batch_size, device=self.device)
         if ev.release == "local":
             path = RunLayout(self.setup.run_dir).local_eval_metrics(self.site.name)
             path.parent.mkdir(parents=True, exist_ok=True)
+            row = {"round": rnd, **({"reference": reference} if reference is not None else {}), **metrics}
             with open(path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"round": rnd, **metrics}, sort_keys=True) + "\n")
+                fh.write(json.dumps(row, sort_keys=True) + "\n")
             logger.info("site %s round %d: evaluation kept at the site (%s)", self.site.name, rnd, path)
             return self.with_ledger_head(RecordDict({INFO_KEY: self.info()}))
         return self.with_ledger_head(RecordDict({METRICS_KEY: MetricRecord(metrics), INFO_KEY: self.info()}))

@@ -9,6 +9,7 @@ CLI passes a closure over the config it parsed; ``flwr run .`` uses
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,11 +67,18 @@ def resolve_app_path(value: str, key: str) -> Path:
 def config_from_run_config(context: Context) -> RunSetup:
     """Read ``config-path``, ``overrides``, ``run-dir`` and ``node-binding`` from ``context.run_config``
     (``flwr run``): paths are resolved with :func:`resolve_app_path`, a relative ``run-dir`` against the
-    working directory."""
+    working directory.
+
+    ``model.init_checkpoint`` is resolved the same way and made absolute, so the server and every client
+    read the same file whatever their working directory.
+    """
     rc = context.run_config
     path = resolve_app_path(str(rc.get("config-path", "configs/demo.toml")), "config-path")
     overrides = [o for o in str(rc.get("overrides", "")).split(";") if o.strip()]
     cfg = load_config(path, overrides)
+    if cfg.model.init_checkpoint:
+        ckpt = resolve_app_path(cfg.model.init_checkpoint, "model.init_checkpoint")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_checkpoint=str(ckpt)))
     run_dir = str(rc.get("run-dir", "")) or str(Path(cfg.run.output_dir) / f"{cfg.run.name}-{config_hash(cfg)}")
     binding = str(rc.get("node-binding", ""))
     return RunSetup(

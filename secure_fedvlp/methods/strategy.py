@@ -40,9 +40,11 @@ from secure_fedvlp.wire import (
     METRICS_KEY,
     NUM_EXAMPLES,
     QUERY,
+    REFERENCE,
     SERVER_ROUND,
     SITE_INFO_QUERY,
     STAGE,
+    UNTRAINED_REFERENCE,
     arrays_to_numpy,
     numpy_to_arrays,
 )
@@ -86,7 +88,9 @@ class VLPStrategy(FedAvg):
 
     * **discovery**: a ``query`` message asks each node which site it serves; held-out
       sites are evaluated but never trained;
-    * **round-0 evaluation** of the untrained model, as the reference;
+    * **round-0 evaluation** of the round-0 model, as the reference: the untrained (seeded) model, or
+      the public start (``model.init_checkpoint``), beside which every site then also evaluates the
+      untrained model once (:meth:`evaluate_reference`; the site builds it itself);
     * **robust aggregation**: each reply is validated on its own (keys, shapes, finite
       values, positive weight) and a bad one is dropped with its reason, never the round;
     * per-site records of every train and evaluate reply to a :class:`RoundRecorder`.
@@ -390,8 +394,13 @@ class VLPStrategy(FedAvg):
             }
         )
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message], *, reference: str | None = None
+    ) -> MetricRecord | None:
+        """Record every evaluate reply (``reference``: the reference model the replies evaluated, written into
+        each record) and return the training sites' example-weighted mean metrics."""
         rows = []
+        tag = {"reference": reference} if reference is not None else {}
         for msg in replies:
             site = self.site_name(msg)
             if msg.has_error():
@@ -403,6 +412,7 @@ class VLPStrategy(FedAvg):
                         "site": site,
                         "status": "error",
                         "reason": msg.error.reason,
+                        **tag,
                     }
                 )
                 continue
@@ -410,12 +420,27 @@ class VLPStrategy(FedAvg):
             self.note_ledger_head(server_round, msg, "evaluate")
             if METRICS_KEY not in msg.content.metric_records:  # eval.release = "local": the site kept them
                 self.recorder.record(
-                    {"round": server_round, "phase": "evaluate", "site": site, "role": role, "status": "kept_at_site"}
+                    {
+                        "round": server_round,
+                        "phase": "evaluate",
+                        "site": site,
+                        "role": role,
+                        "status": "kept_at_site",
+                        **tag,
+                    }
                 )
                 continue
             metrics = {k: float(v) for k, v in msg.content[METRICS_KEY].items()}
             self.recorder.record(
-                {"round": server_round, "phase": "evaluate", "site": site, "role": role, "status": "ok", **metrics}
+                {
+                    "round": server_round,
+                    "phase": "evaluate",
+                    "site": site,
+                    "role": role,
+                    "status": "ok",
+                    **tag,
+                    **metrics,
+                }
             )
             if role == "train":
                 rows.append(metrics)
@@ -463,6 +488,15 @@ class VLPStrategy(FedAvg):
         )
         return self.aggregate_evaluate(server_round, replies)
 
+    def evaluate_reference(self, kind: str, grid: Grid, timeout: float) -> MetricRecord | None:
+        """Every site evaluates the reference model ``kind`` once, before round 1 (round 0 of the records,
+        tagged ``reference``).  The request carries no arrays: a site builds the reference itself from the
+        config (:data:`~secure_fedvlp.wire.UNTRAINED_REFERENCE`: the seeded model without the checkpoint)."""
+        config = ConfigRecord({SERVER_ROUND: 0, REFERENCE: kind})
+        messages = self._construct_messages(RecordDict({CONFIG_KEY: config}), list(self.sites), MessageType.EVALUATE)
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        return self.aggregate_evaluate(0, replies, reference=kind)
+
     def start(
         self,
         grid: Grid,
@@ -478,11 +512,15 @@ class VLPStrategy(FedAvg):
         resume_state: dict[str, Any] | None = None,
         on_round: Callable[[int, ArrayRecord], None] | None = None,
     ) -> Result:
-        """Discovery, round-0 reference evaluation, then rounds ``first_round..num_rounds`` of train + evaluate.
+        """Discovery, the reference evaluations (round 0), then rounds ``first_round..num_rounds`` of train + evaluate.
+
+        Round 0 evaluates ``initial_arrays``, the model every party builds from the config: the untrained
+        model, or the public start when ``model.init_checkpoint`` is set; with a public start every site
+        first evaluates the untrained model as well (:meth:`evaluate_reference`).
 
         ``first_round > 1`` resumes a run whose earlier rounds are done: ``initial_arrays`` is the
         model adopted at round ``first_round - 1`` and ``resume_state`` what :meth:`checkpoint_state`
-        returned then (restored after discovery); the reference evaluation is not repeated.
+        returned then (restored after discovery); the reference evaluations are not repeated.
         ``on_round(round, arrays)`` is called after each round's training (the server's checkpoint).
         Each round's record (``phase = "round"``) states whether it adopted an aggregate and how many
         of the sites asked contributed to it (``degraded`` when fewer).
@@ -491,10 +529,15 @@ class VLPStrategy(FedAvg):
         self.discover(grid, expected_nodes, timeout)
         t0 = time.perf_counter()
         if first_round <= 1:
+            public_start = bool(self.cfg.model.init_checkpoint)
+            if public_start:
+                m = self.evaluate_reference(UNTRAINED_REFERENCE, grid, timeout)
+                self.recorder.progress(f"untrained reference (seeded model, before the public start): {_fmt(m)}")
             m = self.evaluate_round(0, grid, initial_arrays, timeout)
             if m is not None:
                 result.evaluate_metrics_clientapp[0] = m
-            self.recorder.progress(f"round 0/{num_rounds} (untrained reference): {_fmt(m)}")
+            what = "public start reference" if public_start else "untrained reference"
+            self.recorder.progress(f"round 0/{num_rounds} ({what}): {_fmt(m)}")
         else:
             self.restore_state(dict(resume_state or {}))
             self.recorder.record({"round": first_round - 1, "phase": "resume", "first_round": first_round})

@@ -218,6 +218,11 @@ class LocalTrainer:
         """
         if self.objective.couples_samples:
             return self.objective(out["image_emb"], out["text_emb"], model.logit_scale, reduction=reduction)
+        if "bank" in state:
+            neg_image, neg_text = state["bank"].embed(model)
+            return self.objective(
+                out["image_emb"], out["text_emb"], model.logit_scale, neg_image, neg_text, reduction=reduction
+            )
         if "pos_image" not in state or batch is None:
             raise ValueError(
                 "the decomposable objective takes each record's positive from the global model's view "
@@ -283,7 +288,11 @@ class LocalTrainer:
         the decomposable objective needs it.
         """
         state: dict[str, Any] = {}
-        if not self.objective.couples_samples:
+        if not self.objective.couples_samples and self.cfg.train.bank == "current":
+            if self.public is None or len(self.public) == 0:
+                raise ValueError("the decomposable objective needs a public reference set; none was given.")
+            state["bank"] = CurrentBank(model, self.public, self.cfg.eval.batch_size, self.device)
+        elif not self.objective.couples_samples:
             state["neg_image"], state["neg_text"] = self.negative_banks(model)
             bank = task.anchors
             if bank is not None and len(bank) and self.cfg.anchors.use_as_negatives:
@@ -391,6 +400,65 @@ class LocalTrainer:
             }
         )
         return metrics
+
+
+class CurrentBank:
+    """The public negative bank embedded by the model being trained, at every step (``train.bank = "current"``).
+
+    Each record's loss then contrasts its own image and report, both embedded by the current
+    model, against public negatives embedded by the same model (detached): a function of the
+    record alone and public data, so the objective stays per-sample decomposable.  Because the
+    negatives move with the model, moving every embedding towards one direction no longer lowers
+    the loss (the collapse that a bank embedded once per job allows, see
+    :class:`~secure_fedvlp.objectives.DecomposableContrastiveLoss`).
+
+    Cost: a locked tower's outputs for the public set are computed once, at the start of the job,
+    and each step runs only the heads over them; a tower that trains is re-run over the whole
+    public set at every step (no gradient), which is what makes this choice expensive unless
+    ``model.trainable = "heads"``.
+    """
+
+    def __init__(self, model: nn.Module, public, batch_size: int, device: torch.device) -> None:
+        self.device = device
+        self.batch_size = int(batch_size)
+        self.images = torch.from_numpy(np.ascontiguousarray(public.images)).unsqueeze(1)
+        reports = [r for r in public.reports if r]
+        tok = model.tokenize(reports)
+        self.input_ids, self.attention_mask = tok["input_ids"], tok["attention_mask"]
+        self._image_feats = self._text_feats = None
+        with torch.no_grad():
+            if not any(p.requires_grad for p in model.image_encoder.parameters()):
+                self._image_feats = self._image_features(model)
+            if not any(p.requires_grad for p in model.text_encoder.parameters()):
+                self._text_feats = self._text_features(model)
+
+    def _image_features(self, model: nn.Module) -> torch.Tensor:
+        bs = self.batch_size
+        return torch.cat(
+            [model.image_features(self.images[i : i + bs].to(self.device)) for i in range(0, len(self.images), bs)]
+        )
+
+    def _text_features(self, model: nn.Module) -> torch.Tensor:
+        bs, ids, mask = self.batch_size, self.input_ids, self.attention_mask
+        return torch.cat(
+            [
+                model.text_features(ids[i : i + bs].to(self.device), mask[i : i + bs].to(self.device))
+                for i in range(0, len(ids), bs)
+            ]
+        )
+
+    @torch.no_grad()
+    def embed(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image bank, text bank) embedded by ``model`` as it is now, normalised, without gradient.
+
+        ``model`` may be Opacus' ``GradSampleModule``, which forwards submodules but not methods:
+        the wrapped model's own methods run on the same (hooked) modules, and without gradient the
+        hooks record nothing.
+        """
+        model = getattr(model, "_module", model)
+        image = self._image_feats if self._image_feats is not None else self._image_features(model)
+        text = self._text_feats if self._text_feats is not None else self._text_features(model)
+        return model.project_image(image), model.project_text(text)
 
 
 class StepEngine(Protocol):

@@ -13,6 +13,7 @@ DP compatibility is designed in, not patched on:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -157,6 +158,25 @@ class TextTower(nn.Module):
         self.out_dim = int(encoder.config.hidden_size)
         self.cache_size = cache_size
         self._cache: dict[bytes, torch.Tensor] = {}
+        self._pooled: dict[bytes, torch.Tensor] = {}
+
+    def _locked_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states after the locked prefix, computed (eval mode, no gradient), ``[B, L, H]``."""
+        enc = self.encoder
+        locked = (enc.embeddings, *enc.encoder.layer[: self.frozen_layers])
+        was = [m.training for m in locked]
+        for m in locked:
+            m.eval()
+        try:
+            with torch.no_grad():
+                h = enc.embeddings(input_ids=input_ids, position_ids=_positions(input_ids))
+                mask4 = _additive_mask(attention_mask, h.dtype)
+                for layer in enc.encoder.layer[: self.frozen_layers]:
+                    h = layer(h, mask4)
+        finally:
+            for m, w in zip(locked, was, strict=True):
+                m.train(w)
+        return h
 
     def _prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Hidden states after the locked prefix, ``[B, L, H]`` (cached per sequence)."""
@@ -164,21 +184,7 @@ class TextTower(nn.Module):
         keys = [input_ids[i, : int(n)].cpu().numpy().tobytes() for i, n in enumerate(lengths)]
         todo = [i for i, k in enumerate(keys) if k not in self._cache]
         if todo:
-            ids, mask = input_ids[todo], attention_mask[todo]
-            enc = self.encoder
-            was = [m.training for m in (enc.embeddings, *enc.encoder.layer[: self.frozen_layers])]
-            enc.embeddings.eval()
-            for layer in enc.encoder.layer[: self.frozen_layers]:
-                layer.eval()
-            try:
-                with torch.no_grad():
-                    h = enc.embeddings(input_ids=ids, position_ids=_positions(ids))
-                    mask4 = _additive_mask(mask, h.dtype)
-                    for layer in enc.encoder.layer[: self.frozen_layers]:
-                        h = layer(h, mask4)
-            finally:
-                for m, w in zip((enc.embeddings, *enc.encoder.layer[: self.frozen_layers]), was, strict=True):
-                    m.train(w)
+            h = self._locked_states(input_ids[todo], attention_mask[todo])
             if len(self._cache) + len(todo) > self.cache_size:
                 self._cache.clear()
             for j, i in enumerate(todo):
@@ -189,8 +195,35 @@ class TextTower(nn.Module):
             out[i, : v.shape[0]] = v.to(out.device)
         return out
 
+    def _pooled_locked(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled output of a wholly locked tower, ``[B, H]``, cached per sequence (``H`` floats each)."""
+        lengths = attention_mask.sum(1).tolist()
+        keys = [input_ids[i, : int(n)].cpu().numpy().tobytes() for i, n in enumerate(lengths)]
+        todo = [i for i, k in enumerate(keys) if k not in self._pooled]
+        if todo:
+            states = self._locked_states(input_ids[todo], attention_mask[todo])
+            pooled = self._pool(states, attention_mask[todo])
+            if len(self._pooled) + len(todo) > self.cache_size:
+                self._pooled.clear()
+            for j, i in enumerate(todo):
+                self._pooled[keys[i]] = pooled[j].detach()
+        return torch.stack([self._pooled[k] for k in keys]).to(input_ids.device)
+
+    def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    def clear_cache(self) -> None:
+        """Forget every cached state (call after the locked weights change)."""
+        self._cache.clear()
+        self._pooled.clear()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         enc = self.encoder
+        if self.frozen_layers >= len(enc.encoder.layer):
+            return self._pooled_locked(input_ids, attention_mask)
         if self.frozen_layers > 0:
             hidden = self._prefix(input_ids, attention_mask)
             mask4 = _additive_mask(attention_mask, hidden.dtype)
@@ -200,10 +233,7 @@ class TextTower(nn.Module):
             hidden = enc(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(input_ids)
             ).last_hidden_state
-        if self.pooling == "cls":
-            return hidden[:, 0]
-        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return self._pool(hidden, attention_mask)
 
 
 class LogitScale(nn.Module):
@@ -243,6 +273,8 @@ class VLPModel(nn.Module):
         self.text_head = self._head(self.text_encoder.out_dim, spec.embed_dim, spec.head)
         self.logit_scale = LogitScale(spec.init_logit_scale, spec.learn_logit_scale)
         self.tokenizer = tokenizer
+        self.feature_cache_size = 200_000
+        self._image_cache: dict[bytes, torch.Tensor] = {}
         self._freeze_text(spec.text.frozen_layers)
 
     @staticmethod
@@ -272,15 +304,67 @@ class VLPModel(nn.Module):
         )
         return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        z = self.image_head(self.image_encoder(images))
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The image tower's output ``[B, F]``.
+
+        A locked tower (no parameter with ``requires_grad``, e.g. ``trainable = "heads"``) is a
+        fixed function of the pixels: its output is computed once per distinct image (keyed by a
+        BLAKE2b digest of the pixel bytes) and cached in memory, so a training step runs only
+        the heads.  The tower has no dropout and GroupNorm has no running statistics, so the
+        cached value equals the uncached one in train and eval mode.  The cache lives in the
+        process that holds the model and is cleared by :meth:`load_state_dict`.
+        """
+        if any(p.requires_grad for p in self.image_encoder.parameters()):
+            return self.image_encoder(images)
+        flat = images.detach().to("cpu", torch.float32).contiguous().numpy()
+        keys = [hashlib.blake2b(x.tobytes(), digest_size=16).digest() for x in flat]
+        todo = [i for i, k in enumerate(keys) if k not in self._image_cache]
+        if todo:
+            with torch.no_grad():
+                feats = self.image_encoder(images[todo]).detach()
+            if len(self._image_cache) + len(todo) > self.feature_cache_size:
+                self._image_cache.clear()
+            for j, i in enumerate(todo):
+                self._image_cache[keys[i]] = feats[j].cpu()
+        return torch.stack([self._image_cache[k] for k in keys]).to(images.device)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The text tower's pooled output ``[B, H]`` (a wholly locked tower is cached, see :class:`TextTower`)."""
+        return self.text_encoder(input_ids, attention_mask)
+
+    def project_image(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Image head on tower features."""
+        z = self.image_head(features)
         return F.normalize(z, dim=-1) if normalize else z
+
+    def project_text(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Text head on tower features."""
+        z = self.text_head(features)
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.project_image(self.image_features(images), normalize)
 
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
     ) -> torch.Tensor:
-        z = self.text_head(self.text_encoder(input_ids, attention_mask))
-        return F.normalize(z, dim=-1) if normalize else z
+        return self.project_text(self.text_features(input_ids, attention_mask), normalize)
+
+    def towers_locked(self) -> bool:
+        """Whether both towers are locked (only heads and the logit scale train)."""
+        return not any(
+            p.requires_grad for m in (self.image_encoder, self.text_encoder) for p in m.parameters()
+        )
+
+    def clear_feature_caches(self) -> None:
+        """Forget every cached tower output (call after a locked tower's weights change)."""
+        self._image_cache.clear()
+        self.text_encoder.clear_cache()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.clear_feature_caches()
+        return result
 
     def forward(
         self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -332,7 +416,7 @@ class VLPModel(nn.Module):
             for p in self.text_encoder.encoder.embeddings.parameters():
                 p.requires_grad_(False)
             self.text_encoder.frozen_layers = k
-            self.text_encoder._cache.clear()
+        self.clear_feature_caches()
 
     def trainable_parameter_names(self) -> list[str]:
         return [n for n, p in self.named_parameters() if p.requires_grad]

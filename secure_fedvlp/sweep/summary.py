@@ -2,7 +2,9 @@
 
 Without an epsilon axis the cells are grouped by ``group_by`` (mean and sample std over the other
 axes, bars in ``summary.png``).  With one, the privacy-utility trade-off: one row per series and
-epsilon, statistics over seeds, drawn in ``tradeoff.png`` (copied to ``summary.png``).
+epsilon, statistics over seeds, drawn in ``tradeoff.png`` (copied to ``summary.png``).  Either way
+a references table gives the untrained model and, for cells that start from one, the public start
+(:data:`REFERENCES`), and the trade-off plot draws both as reference lines.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from secure_fedvlp.sweep.spec import EPSILON_KEY, SEED_KEY, VARIANT_KEY, SweepSp
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SUMMARY_METRICS", "TRADEOFF_METRICS", "summarise_sweep"]
+__all__ = ["SUMMARY_METRICS", "TRADEOFF_METRICS", "REFERENCES", "summarise_sweep"]
 
 #: (key in the summary, label): train-site mean, worst train site, held-out site.
 SUMMARY_METRICS: tuple[tuple[str, str], ...] = (
@@ -42,19 +44,28 @@ TRADEOFF_METRICS: tuple[tuple[str, str], ...] = (
 )
 
 
+#: (metric-key prefix, label) of the references a cell's report gives beside its final model.
+REFERENCES: tuple[tuple[str, str], ...] = (("untrained", "untrained"), ("public_start", "public start"))
+
+
 def _cell_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """The flat metrics of one finished cell, from its report."""
+    """The flat metrics of one finished cell, from its report (final model, and the references as
+    ``untrained_<mean|worst|heldout>/<metric>`` and ``public_start_<mean|worst|heldout>/<metric>``)."""
     out: dict[str, float] = {}
     for key, s in report.get("summary_train_sites", {}).items():
         out[f"mean/{key}"] = s["mean_final"]
         out[f"worst/{key}"] = s["worst_final"]
-        if s.get("mean_untrained") is not None:
-            out[f"untrained_mean/{key}"] = s["mean_untrained"]
-        if s.get("worst_untrained") is not None:
-            out[f"untrained_worst/{key}"] = s["worst_untrained"]
+        for ref, _ in REFERENCES:
+            if s.get(f"mean_{ref}") is not None:
+                out[f"{ref}_mean/{key}"] = s[f"mean_{ref}"]
+            if s.get(f"worst_{ref}") is not None:
+                out[f"{ref}_worst/{key}"] = s[f"worst_{ref}"]
     for site in report.get("heldout", {}).values():
         for key, v in site["final"].items():
             out[f"heldout/{key}"] = v
+        for ref, _ in REFERENCES:
+            for key, v in (site.get(ref) or {}).items():
+                out[f"{ref}_heldout/{key}"] = v
     for name, site in report.get("sites", {}).items():
         for key, v in site["final"].items():
             out[f"site:{name}/{key}"] = v
@@ -131,6 +142,8 @@ def summarise_sweep(spec: SweepSpec) -> dict[str, Any]:
         lines += _tradeoff_markdown(spec, summary["tradeoff"])
     else:
         lines += _group_markdown(spec, summary, order)
+    summary["references"] = _references(metrics)
+    lines += _references_markdown(summary["references"])
     if missing:
         lines += ["", f"{len(missing)} cell(s) have no report (failed or not run yet): {missing}"]
     layout.summary_json.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
@@ -141,6 +154,49 @@ def summarise_sweep(spec: SweepSpec) -> dict[str, Any]:
     else:
         _plot_groups(spec, summary, order, layout.summary_png)
     return summary
+
+
+def _references(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """Per reference (:data:`REFERENCES`), statistics over every finished cell that has it of the same
+    metrics as the summary's (:data:`SUMMARY_METRICS`: mean of sites, worst site, held-out site)."""
+    out: dict[str, dict[str, Any]] = {}
+    for ref, _ in REFERENCES:
+        row: dict[str, Any] = {}
+        for k, _ in SUMMARY_METRICS:
+            where, metric = k.split("/", 1)
+            values = [m[f"{ref}_{where}/{metric}"] for m in metrics.values() if f"{ref}_{where}/{metric}" in m]
+            if values:
+                row[k] = _stats(values)
+        if row:
+            out[ref] = row
+    return out
+
+
+def _references_markdown(refs: dict[str, dict[str, Any]]) -> list[str]:
+    if not refs:
+        return []
+    labels = dict(REFERENCES)
+    lines = [
+        "",
+        "## References",
+        "",
+        "The models every cell is compared with, mean ± sample std [min, max] over the cells that have them: the "
+        "untrained (seeded) model and, where a cell starts from one, the public start (public data only, no "
+        "privacy budget spent).",
+        "",
+        "| reference | n | " + " | ".join(lab for _, lab in SUMMARY_METRICS) + " |",
+        "|---|---|" + "---|" * len(SUMMARY_METRICS),
+    ]
+    for ref, row in refs.items():
+        n = max(s["n"] for s in row.values())
+        cells = [
+            f"{row[k]['mean']:.3f} ± {row[k]['std']:.3f} [{row[k]['min']:.3f}, {row[k]['max']:.3f}]"
+            if k in row
+            else "n/a"
+            for k, _ in SUMMARY_METRICS
+        ]
+        lines.append(f"| {labels[ref]} | {n} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _group_markdown(spec: SweepSpec, summary: dict[str, Any], order: list[str]) -> list[str]:
@@ -352,9 +408,10 @@ def _plot_tradeoff(spec: SweepSpec, rows: list[dict[str, Any]], path: Path) -> N
                 for i, v in enumerate(variants)
             ]
         refs = []
-        untrained = [r[f"untrained_{metric}"]["mean"] for r in rows if f"untrained_{metric}" in r]
-        if untrained:
-            refs.append(RefLine(statistics.fmean(untrained), "untrained"))
+        for ref, label in REFERENCES:
+            values = [r[f"{ref}_{metric}"]["mean"] for r in rows if f"{ref}_{metric}" in r]
+            if values:
+                refs.append(RefLine(statistics.fmean(values), label, linestyle="--" if ref == "untrained" else "-."))
         if finite:  # the break before the non-private points
             refs.append(RefLine(finite[-1] * 2.0, color="black", linestyle=(0, (2, 4)), linewidth=0.6, vertical=True))
         panels.append(

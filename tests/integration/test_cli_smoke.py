@@ -185,3 +185,41 @@ def test_encrypted_run_end_to_end_server_keeps_only_ciphertexts(tiny_encrypted_r
     for c in rep["privacy"]["clients"].values():
         ledger = [json.loads(x) for x in (run_dir / c["ledger"]).read_text().splitlines()]
         assert [e["event"]["what"] for e in ledger if e["event"].get("what") == "anchors"] == ["anchors"] * 2
+
+
+@pytest.mark.slow
+def test_a_dp_run_from_a_public_start_end_to_end(tmp_path, capsys):
+    """`secure-fedvlp run` with pretrain.enabled on the real Simulation Engine: the public start is trained before
+    the sites start, installed in the run and named in its config, every site evaluates the untrained reference
+    and the public start, the report carries the three references and the public start's block, and the audit
+    passes (the public start spends nothing: no ledger records it). A second run reuses the cached start."""
+    cache = tmp_path / "cache"
+    sets = [
+        f"data.cache_dir={cache}",
+        "data.synthetic.pretrain_size=32",
+        "pretrain.enabled=true",
+        "pretrain.steps=3",
+        "pretrain.batch_size=8",
+        "federation.num_rounds=1",
+        "train.objective=decomposable",
+        "privacy.enabled=true",
+    ]
+    args = [a for s in sets for a in ("--set", s)]
+    run_dir = tmp_path / "run"
+    assert main(["run", "configs/tiny.toml", "--run-dir", str(run_dir), *args]) == 0
+    start = run_dir / "model" / "public_start.npz"
+    info = json.loads(start.with_suffix(".json").read_text())
+    assert info["public"] and info["epsilon_spent"] == 0.0 and info["from_cache"] is False
+    assert f'init_checkpoint = "{start.resolve()}"' in (run_dir / "config.toml").read_text()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    refs = {r["site"] for r in rows if r["phase"] == "evaluate" and r.get("reference") == "untrained"}
+    assert refs == {"site1", "site2", "heldout"}
+    rep = json.loads((run_dir / "report.json").read_text())
+    assert rep["public_start"]["public"] and rep["public_start"]["hash"] == info["state_hash"]
+    for site in rep["sites"].values():
+        assert all("zs_auroc_macro" in site[k] for k in ("untrained", "public_start", "final"))
+    capsys.readouterr()
+    assert main(["audit", str(run_dir)]) == 0
+    again = tmp_path / "again"
+    assert main(["run", "configs/tiny.toml", "--run-dir", str(again), *args]) == 0
+    assert json.loads((again / "model" / "public_start.json").read_text())["from_cache"] is True

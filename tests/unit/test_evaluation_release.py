@@ -14,6 +14,7 @@ from secure_fedvlp.build import build_model
 from secure_fedvlp.config import config_to_dict, dump_toml
 from secure_fedvlp.evaluation.report import RunRecorder, write_report
 from secure_fedvlp.flower.client_app import GENERIC_ERROR_REASON
+from secure_fedvlp.flower.eval_guard import model_hash
 from secure_fedvlp.layout import RunLayout
 from secure_fedvlp.models.state import federated_state
 from secure_fedvlp.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, numpy_to_arrays
@@ -147,3 +148,50 @@ def test_local_release_keeps_the_metrics_at_the_site(tmp_path):
     assert rep["evaluation"]["release"] == "local" and rep["sites"] == {}
     assert not any("AUROC" in s for s in rep["not_covered"])
     assert "eval.release = 'local'" in (run_dir / "report.md").read_text()
+
+
+def test_round_0_must_be_the_public_start_when_the_run_has_one(tmp_path):
+    """With model.init_checkpoint (a public start) every party builds the seeded model with the checkpoint loaded
+    over it, and a site's round-0 evaluation must carry exactly that model: the seeded initial model without the
+    checkpoint, or any other model, is refused. The untrained model is evaluated once as a reference (the site
+    builds it itself; no model travels), and not again, nor after round 1."""
+    from secure_fedvlp.models.checkpoint import save_checkpoint
+    from secure_fedvlp.wire import REFERENCE, UNTRAINED_REFERENCE
+
+    seeded = tiny_cfg(tmp_path, "fedavg")
+    public = build_model(seeded, untrained=True)
+    for p in public.parameters():  # a stand-in public start: the seeded model moved
+        p.data.add_(0.01)
+    ckpt = tmp_path / "public_start.npz"
+    save_checkpoint(public, ckpt)
+    cfg, grid = _fresh_site(tmp_path, model={"init_checkpoint": str(ckpt)}, federation={"num_rounds": 2})
+    start = federated_state(build_model(cfg))
+    untrained = federated_state(build_model(cfg, untrained=True))
+    assert model_hash(start) != model_hash(untrained)
+    assert _refused(_evaluate(grid, 1, 0, untrained))  # the seeded model is not this run's round-0 model
+    assert _refused(_evaluate(grid, 1, 0, {k: v + np.float32(0.01) for k, v in start.items()}))
+    assert not _refused(_evaluate(grid, 1, 0, start))  # the public start is
+
+    def reference(node):
+        msg = Message(
+            RecordDict({CONFIG_KEY: ConfigRecord({"server-round": 0, REFERENCE: UNTRAINED_REFERENCE})}),
+            dst_node_id=node,
+            message_type=MessageType.EVALUATE,
+        )
+        return grid.send_and_receive([msg])[0]
+
+    ok = reference(2)
+    assert not _refused(ok) and "zs_auroc_macro" in ok.content[METRICS_KEY]
+    assert _refused(reference(2))  # once
+    train = Message(
+        RecordDict(
+            {
+                ARRAYS_KEY: numpy_to_arrays(start),
+                CONFIG_KEY: ConfigRecord({"server-round": 1, "stage": "full", "local-steps": 1}),
+            }
+        ),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
+    )
+    assert not _refused(grid.send_and_receive([train])[0])  # site1 trains round 1 from the public start ...
+    assert _refused(reference(1))  # ... and may no longer evaluate the reference

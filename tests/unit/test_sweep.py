@@ -217,3 +217,27 @@ def test_a_cell_whose_run_directory_cannot_be_read_counts_as_missing(tmp_path, c
     summary = sweep_mod.summarise_sweep(spec)
     assert summary["missing_cells"] == spec.cells()[:1] and summary["groups"]["fedavg"]["n"] == 1
     assert "cannot be read" in caplog.text
+
+
+def test_the_summary_lists_the_public_start_beside_the_untrained_reference(tmp_path, monkeypatch):
+    spec = load_sweep(_sweep_file(tmp_path))
+
+    def fake_call(cmd, stdout=None, stderr=None):
+        run_dir = Path(cmd[cmd.index("--run-dir") + 1])
+        _fake_report(run_dir, 0.7)
+        rep = json.loads((run_dir / "report.json").read_text())
+        s = rep["summary_train_sites"]["zs_auroc_macro"]
+        s.update({"mean_public_start": 0.62, "worst_public_start": 0.58, "worst_untrained": 0.45})
+        rep["heldout"] = {"heldout": {"final": {"zs_auroc_macro": 0.66}, "untrained": {}, "public_start": {}}}
+        (run_dir / "report.json").write_text(json.dumps(rep))
+        return 0
+
+    monkeypatch.setattr(runner.subprocess, "call", fake_call)
+    run_sweep(spec)
+    summary = json.loads((spec.root / "summary.json").read_text())
+    refs = summary["references"]
+    assert refs["untrained"]["mean/zs_auroc_macro"]["mean"] == pytest.approx(0.5)
+    assert refs["public_start"]["mean/zs_auroc_macro"]["mean"] == pytest.approx(0.62)
+    assert refs["public_start"]["worst/zs_auroc_macro"]["n"] == 4
+    md = (spec.root / "summary.md").read_text()
+    assert "## References" in md and "| public start | 4 | 0.620 ± 0.000" in md and "| untrained | 4 |" in md
