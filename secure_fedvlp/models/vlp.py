@@ -352,9 +352,7 @@ class VLPModel(nn.Module):
 
     def towers_locked(self) -> bool:
         """Whether both towers are locked (only heads and the logit scale train)."""
-        return not any(
-            p.requires_grad for m in (self.image_encoder, self.text_encoder) for p in m.parameters()
-        )
+        return not any(p.requires_grad for m in (self.image_encoder, self.text_encoder) for p in m.parameters())
 
     def clear_feature_caches(self) -> None:
         """Forget every cached tower output (call after a locked tower's weights change)."""
