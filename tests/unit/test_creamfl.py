@@ -148,6 +148,48 @@ def test_a_configured_pin_refuses_a_different_public_set(tmp_path):
         trainer.global_bank(task)
 
 
+def _smuggled(public, private):
+    """``public`` with one record's image and report replaced by a private record's: same ids, size and shapes."""
+    return VLPDataset(
+        public.site,
+        np.concatenate([private.images[:1], public.images[1:]]),
+        [private.reports[0], *public.reports[1:]],
+        np.concatenate([private.labels[:1], public.labels[1:]]),
+        record_ids=public.record_ids,
+        has_image=public.has_image,
+        has_text=public.has_text,
+    )
+
+
+@pytest.mark.parametrize("pin", ["configured", "first-use"])
+def test_a_foreign_public_set_with_the_genuine_header_is_refused(tmp_path, pin):
+    """A site whose "public" set is not the pinned one (a private record smuggled in, same ids, size and shapes)
+    refuses the round even though the server's message carries the genuine fingerprint: releasing
+    representations of that set would not be post-processing of public data."""
+    from secure_fedvlp.errors import ProtocolError
+
+    _, fed, _, task = _trainer_and_task(tmp_path)
+    genuine = fed.public.fingerprint()
+    cfg = hetero_cfg(tmp_path, creamfl={"public_fingerprint": genuine} if pin == "configured" else {})
+    site_dir = tmp_path / "site1"
+    if pin == "first-use":  # an earlier job pinned the genuine set in the site's directory
+        first = CreamFLTrainer(cfg, torch.device("cpu"), fed.public)
+        first.bind_site(fed.sites[0], site_dir)
+        first.global_bank(task)
+    foreign = _smuggled(fed.public, fed.sites[0].train)
+    assert len(foreign) == len(fed.public) and foreign.record_ids == fed.public.record_ids
+    assert foreign.images.shape == fed.public.images.shape and foreign.fingerprint() != genuine
+    assert task.strings[PUBLIC_FP] == genuine  # the header is the genuine one
+    trainer = CreamFLTrainer(cfg, torch.device("cpu"), foreign)  # a later job, in a new process
+    trainer.bind_site(fed.sites[0], site_dir)
+    with pytest.raises(ProtocolError, match="its public set .* is not the pinned one"):
+        trainer.global_bank(task)
+    # the genuine set passes the same check
+    honest = CreamFLTrainer(cfg, torch.device("cpu"), fed.public)
+    honest.bind_site(fed.sites[0], site_dir)
+    assert set(honest.global_bank(task)) == {"image", "text"}
+
+
 # ------------------------------------------------------------------------------------------- DP
 @pytest.fixture(scope="module")
 def dp_run(tmp_path_factory):
