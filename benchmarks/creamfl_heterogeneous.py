@@ -50,12 +50,13 @@ SITE_LABEL = {
 
 
 def cells(seeds: list[int], epsilon: float) -> list[dict]:
+    """Seed-major, non-private cells first, so that an interrupted measurement holds whole seeds."""
     out = []
-    for variant in VARIANTS:
+    for seed in seeds:
         for dp in (False, True):
-            if variant == "server-only" and dp:
-                continue
-            for seed in seeds:
+            for variant in VARIANTS:
+                if variant == "server-only" and dp:
+                    continue
                 out.append({"variant": variant, "dp": dp, "seed": seed, "epsilon": epsilon if dp else None})
     return out
 
