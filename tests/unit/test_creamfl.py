@@ -294,3 +294,30 @@ def test_private_gradient_refuses_batch_norm():
         PrivateGradient(
             model, opt, mode="hooks", clipping="flat", clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=4
         )
+
+
+def test_the_server_drops_a_reply_with_parameters_or_a_modality_the_site_does_not_hold(tmp_path):
+    """Well-formed replies from a site that sends more than representations of what it holds are dropped."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from secure_fedvlp.methods.creamfl import CreamFLStrategy
+    from secure_fedvlp.methods.strategy import SiteInfo
+    from secure_fedvlp.wire import ARRAYS_KEY, numpy_to_arrays
+
+    cfg = hetero_cfg(tmp_path)
+    s = CreamFLStrategy(cfg)
+    s.sites = {1: SiteInfo(1, "site1", "train", 20, "paired"), 2: SiteInfo(2, "site2", "train", 20, "image")}
+    rep = np.zeros((len(s.public), s.embed_dim), np.float32)
+
+    def reply(nid, reps, params=False):
+        out = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=nid, message_type=MessageType.TRAIN)
+        content = RecordDict({REPS_KEY: numpy_to_arrays(reps)})
+        if params:
+            content[ARRAYS_KEY] = numpy_to_arrays({"w": np.ones(3, np.float32)})
+        return Message(content, reply_to=out)
+
+    assert s.validate_representations(reply(1, {"image": rep, "text": rep})) is None
+    assert s.validate_representations(reply(2, {"image": rep})) is None
+    assert "model parameters" in s.validate_representations(reply(1, {"image": rep, "text": rep}, params=True))
+    assert "the site holds ['image']" in s.validate_representations(reply(2, {"image": rep, "text": rep}))
+    assert "shape" in s.validate_representations(reply(2, {"image": rep[:-1]}))

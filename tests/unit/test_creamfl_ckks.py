@@ -234,3 +234,53 @@ def test_a_server_that_lies_about_the_contributors_gets_one_sites_representation
     got = s_enc.decrypt_by_key_holder(1, forged, "image")
     assert got is not None
     assert float(np.abs(got.numpy() - site1["image"]).max()) < 1e-3
+
+
+def _encrypted_pair(tmp_path, reps, banks, floor=1e-4):
+    """Two sites' encrypted contributions (each against the bank it was sent), summed by the server."""
+    keys = init_keys(tmp_path, ["a", "b"], PARAMS)
+    ctxs = {c: load_client_context(p) for c, p in keys.client_paths.items()}
+    server = load_server_context(keys.server_path)
+    bits = fixed_point_bits_for(PARAMS, 4)
+    m, d = reps[0].shape
+    common = dict(stage="creamfl-image", layout_hash=ensemble_layout_hash(m, d), fixed_point_bits=bits)
+    updates = {
+        c: encrypt_update(ctxs[c], ensemble_vector(r, g, floor), 1.0, 2, client_id=c, max_clients=4, **common)
+        for c, r, g in zip(("a", "b"), reps, banks, strict=True)
+    }
+    agg = aggregate_encrypted(server, updates, round_id=2, num_values=m * d + m, **common).aggregate
+    return ctxs, bits, agg
+
+
+def test_a_key_holder_among_two_contributors_recovers_the_other_sites_representations(tmp_path):
+    """The limit, shown: the decrypted aggregate is ``[sum w r, sum w]``; a key-holding contributor subtracts its
+    own ``[w r, w]`` and divides, and holds the other site's representations (min_contributors = 2 stops one
+    contributor, not this)."""
+    gen = torch.Generator().manual_seed(1)
+    m, d = 8, 6
+    reps = [F.normalize(torch.randn(m, d, generator=gen), dim=-1).double().numpy() for _ in range(2)]
+    bank = F.normalize(torch.randn(m, d, generator=gen), dim=-1).double().numpy()
+    ctxs, bits, agg = _encrypted_pair(tmp_path, reps, [bank, bank])
+    from secure_fedvlp.encryption import decrypt_aggregate
+
+    flat = np.asarray(decrypt_aggregate(ctxs["a"], agg, total_weight=1.0, fixed_point_bits=bits), np.float64)
+    mine = ensemble_vector(reps[0], bank, 1e-4)  # site a knows its own contribution
+    other = flat - mine
+    recovered = other[: m * d].reshape(m, d) / other[m * d :, None]
+    assert np.abs(recovered - reps[1]).max() < 1e-3
+
+
+def test_a_crafted_global_bank_drives_a_sites_weights_to_the_floor(tmp_path):
+    """The limit, shown: a site checks the global bank's shape and finiteness, not that it is the server model's.
+    A server that sends site b a scaled random bank pushes b's con_w weights to the floor, and the decrypted
+    ensemble of two honest contributors is then site a's representations on nearly every item."""
+    gen = torch.Generator().manual_seed(2)
+    m, d = 64, 8
+    reps = [F.normalize(torch.randn(m, d, generator=gen), dim=-1).double().numpy() for _ in range(2)]
+    honest = F.normalize(torch.randn(m, d, generator=gen), dim=-1).double().numpy()
+    crafted = 100.0 * F.normalize(torch.randn(m, d, generator=gen), dim=-1).double().numpy()
+    ctxs, bits, agg = _encrypted_pair(tmp_path, reps, [honest, crafted])
+    assert agg.contributors == ("a", "b")  # an honest contributor list
+    got = decrypt_ensemble(_Site(ctxs["a"], "a", bits), agg, m, d, min_contributors=2)
+    err = np.abs(got - reps[0]).max(axis=1)
+    assert (err < 1e-2).mean() >= 0.9, err
