@@ -167,7 +167,7 @@ class VLPStrategy(FedAvg):
         return self.sites
 
     def train_nodes(self) -> list[int]:
-        """Training sites still able to train (not held out, budget not exhausted, holding what the method learns from)."""
+        """Training sites able to train: not held out, budget left, holding what the method learns from."""
         return [
             nid
             for nid, s in self.sites.items()
