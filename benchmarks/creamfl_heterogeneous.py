@@ -111,27 +111,28 @@ def run_cells(config: str, out: Path, todo: list[dict], python: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------- summary
-def _fmt(values: list[float]) -> str:
+def _fmt(values: list[float], n: int = 0) -> str:
+    """Mean ± sample std; ``(n=k)`` when fewer than the ``n`` seeds asked for are finished."""
     if not values:
         return "n/a"
     m = statistics.fmean(values)
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{m:.3f} ± {sd:.3f}"
+    return f"{m:.3f} ± {sd:.3f}" + (f" (n={len(values)})" if n and len(values) < n else "")
 
 
 #: Two-sided 95 % Student t quantiles by degrees of freedom (paired differences over n seeds: n - 1).
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def _fmt_diff(values: list[float]) -> str:
-    """A paired difference, signed; in bold when its 95 % t-interval excludes 0."""
+def _fmt_diff(values: list[float], n: int = 0) -> str:
+    """A paired difference, signed; in bold when its 95 % t-interval excludes 0; ``(n=k)`` as :func:`_fmt`."""
     if not values:
         return "n/a"
     m = statistics.fmean(values)
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     clear = len(values) > 1 and abs(m) > _T95.get(len(values) - 1, 2.0) * sd / len(values) ** 0.5
     b = "**" if clear else ""
-    return f"{b}{m:+.3f} ± {sd:.3f}{b}"
+    return f"{b}{m:+.3f} ± {sd:.3f}{b}" + (f" (n={len(values)})" if n and len(values) < n else "")
 
 
 def _site_value(report: dict, site: str, key: str, when: str = "final") -> float | None:
@@ -185,7 +186,7 @@ def summarise(out: Path, todo: list[dict], state: dict) -> str:
         lines.append("| model | " + " | ".join(SITE_LABEL[s] for s in sites) + " |")
         lines.append("|---|" + "---|" * len(sites))
         for variant, dp, label in rows:
-            lines.append(f"| {label} | " + " | ".join(_fmt(values(variant, dp, s, key)) for s in sites) + " |")
+            lines.append(f"| {label} | " + " | ".join(_fmt(values(variant, dp, s, key), n_seeds) for s in sites) + " |")
         lines.append("")
 
     # paired differences (same seed, same initial server model)
@@ -217,7 +218,7 @@ def summarise(out: Path, todo: list[dict], state: dict) -> str:
                 x, y = _site_value(a, site, key), _site_value(b, site, key)
                 if x is not None and y is not None:
                     diffs.append(x - y)
-            cells_out.append(_fmt_diff(diffs))
+            cells_out.append(_fmt_diff(diffs, n_seeds))
         lines.append(f"| {label} | " + " | ".join(cells_out) + " |")
     lines.append("")
 
