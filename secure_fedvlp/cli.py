@@ -701,10 +701,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _register_builtin_methods() -> None:
+    """Register the built-in methods before any config is read.
+
+    The config layer knows method names from the installed entry points; an editable install made
+    before a method was added has stale entry points, and the method's name would be refused.
+    Importing :mod:`secure_fedvlp.methods` registers every built-in method whatever the metadata says.
+    """
+    import secure_fedvlp.methods  # noqa: F401
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     args = build_parser().parse_args(argv)
     try:
+        _register_builtin_methods()
         return int(args.func(args))
     except SecureFedVLPError as exc:
         print(f"error: {exc}", file=sys.stderr)

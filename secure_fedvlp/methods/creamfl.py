@@ -379,6 +379,8 @@ class CreamFLStrategy(VLPStrategy):
     method_name = "creamfl"
     #: What a train reply carries: representations of the public set, not parameters.
     reply_payload = "representations"
+    #: Image-only, text-only and paired sites all train (each on what it holds).
+    trains_on = ("paired", "image", "text")
 
     def __init__(self, cfg: ExperimentConfig, recorder: RoundRecorder | None = None) -> None:
         super().__init__(cfg, recorder)

@@ -97,6 +97,10 @@ class VLPStrategy(FedAvg):
     """
 
     method_name = "fedavg"
+    #: The site modalities this method's trainer can learn from.  The shared objectives need
+    #: image-report pairs, so an image-only or text-only site is never asked to train (it is still
+    #: evaluated); a method that learns from single-modality sites (CreamFL) widens this.
+    trains_on: tuple[str, ...] = ("paired",)
 
     def __init__(self, cfg: ExperimentConfig, recorder: RoundRecorder | None = None) -> None:
         fed = cfg.federation
@@ -169,6 +173,11 @@ class VLPStrategy(FedAvg):
         refuse_duplicate_sites(sites.values())
         if not any(s.role == "train" for s in sites.values()):
             raise RuntimeError("no training site answered discovery; cannot start federated training.")
+        if not any(s.role == "train" and s.modality in self.trains_on for s in sites.values()):
+            raise RuntimeError(
+                f"no training site holds what federation.method = {self.method_name!r} learns from "
+                f"({', '.join(self.trains_on)}); the sites hold {sorted({s.modality for s in sites.values()})}."
+            )
         self.sites = dict(sorted(sites.items(), key=lambda kv: kv[1].site))
         logger.info("Discovered sites: %s", ", ".join(f"{s.site}({s.role})" for s in self.sites.values()))
         return self.sites
@@ -189,8 +198,12 @@ class VLPStrategy(FedAvg):
         """Take back :meth:`checkpoint_state` when a run resumes."""
 
     def train_nodes(self) -> list[int]:
-        """Training sites still able to train (not held out, budget not exhausted)."""
-        return [nid for nid, s in self.sites.items() if s.role == "train" and s.site not in self.stopped]
+        """Training sites able to train: not held out, budget left, holding what the method learns from."""
+        return [
+            nid
+            for nid, s in self.sites.items()
+            if s.role == "train" and s.site not in self.stopped and s.modality in self.trains_on
+        ]
 
     def note_budget_exhausted(self, server_round: int, msg: Message, phase: str) -> bool:
         """If ``msg`` says its site's privacy budget is spent, stop training it; return True if so."""

@@ -72,3 +72,12 @@ def test_bench_ckks_runs():
 def test_bench_encrypted_round_runs(tmp_path):
     text = _run("bench_encrypted_round.py", "--config", "configs/tiny.toml", "--rounds", "1", timeout=1200)
     assert "encrypted" in text.lower(), text
+
+
+def test_creamfl_heterogeneous_names_its_cells_and_summarises_without_runs(tmp_path):
+    """The measurement script's cells and tables (the runs themselves are the measurement, minutes each)."""
+    text = _run("creamfl_heterogeneous.py", "--summarise-only", "--out", str(tmp_path / "m"), "--seeds", "0", "1")
+    assert "| CreamFL, no DP | n/a" in text and "| FedAvg, paired sites only, DP-SGD epsilon 8 | n/a" in text, text
+    for cell in ("creamfl_nodp_seed0", "fedavg_dp8_seed1", "server-only_nodp_seed1"):
+        assert f"| {cell} |" in text, text
+    assert "server-only_dp" not in text  # no site trains: no DP variant

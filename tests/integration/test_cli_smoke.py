@@ -2,6 +2,10 @@
 
 import json
 import stat
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -223,3 +227,72 @@ def test_a_dp_run_from_a_public_start_end_to_end(tmp_path, capsys):
     again = tmp_path / "again"
     assert main(["run", "configs/tiny.toml", "--run-dir", str(again), *args]) == 0
     assert json.loads((again / "model" / "public_start.json").read_text())["from_cache"] is True
+
+
+# --------------------------------------------------------------------------------------------- CreamFL
+def _cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``python -m secure_fedvlp.cli ...`` in a fresh process: what a user types, registry and all."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    return subprocess.run(
+        [sys.executable, "-m", "secure_fedvlp.cli", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow  # the Simulation Engine with five nodes, three rounds (~40 s idle, minutes under load)
+def test_creamfl_config_runs_end_to_end_from_the_cli(tmp_path):
+    run_dir = tmp_path / "creamfl"
+    out = _cli("run", "configs/creamfl.toml", "--run-dir", str(run_dir), "--set", f"data.cache_dir={tmp_path / 'c'}")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = _rows(run_dir)
+    rounds = [r for r in rows if r["phase"] == "creamfl"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    for r in rounds:  # the replies' order is the transport's
+        assert sorted(r["contributors_image"]) == ["site1", "site2"]
+        assert sorted(r["contributors_text"]) == ["site1", "site3"]
+    trained = {(r["round"], r["site"]) for r in rows if r["phase"] == "train" and r["status"] == "ok"}
+    assert trained == {(r, s) for r in (1, 2, 3) for s in ("site1", "site2", "site3")}
+    rep = json.loads((run_dir / "report.json").read_text())
+    assert rep["final_round"] == 3
+    assert "zs_auroc_macro" in rep["sites"]["site2"]["final"]  # the image-only site scores the server model
+    assert rep["sites"]["site3"]["final"] == {}  # the text-only site holds no image to score it on
+    assert "mean_R@5" in rep["heldout"]["heldout"]["final"]
+    # each site's own model stays in its directory; only the server model is written as the run's model
+    for site in ("site1", "site2", "site3"):
+        assert (run_dir / "clients" / site / "creamfl_local_model.pt").exists()
+    assert (run_dir / "model" / "federated_params.npz").exists()
+
+
+@pytest.mark.slow  # a DP run through the Simulation Engine, then the ledger audit (minutes)
+def test_creamfl_dp_run_from_the_cli_passes_the_ledger_audit(tmp_path):
+    run_dir = tmp_path / "creamfl_dp"
+    out = _cli(
+        "run",
+        "configs/creamfl.toml",
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        f"data.cache_dir={tmp_path / 'c'}",
+        "--set",
+        "federation.num_rounds=2",
+        "--set",
+        "privacy.enabled=true",
+        "--set",
+        "privacy.target_epsilon=8.0",
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    audit = _cli("audit", str(run_dir))
+    assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-3000:]
+    assert "AUDIT PASSED" in audit.stdout
+    rep = json.loads((run_dir / "report.json").read_text())
+    spent = {s: c["epsilon"] for s, c in rep["privacy"]["clients"].items()}
+    assert set(spent) == {"site1", "site2", "site3"} and all(0 < e <= 8.0 for e in spent.values())

@@ -148,6 +148,48 @@ def test_a_configured_pin_refuses_a_different_public_set(tmp_path):
         trainer.global_bank(task)
 
 
+def _smuggled(public, private):
+    """``public`` with one record's image and report replaced by a private record's: same ids, size and shapes."""
+    return VLPDataset(
+        public.site,
+        np.concatenate([private.images[:1], public.images[1:]]),
+        [private.reports[0], *public.reports[1:]],
+        np.concatenate([private.labels[:1], public.labels[1:]]),
+        record_ids=public.record_ids,
+        has_image=public.has_image,
+        has_text=public.has_text,
+    )
+
+
+@pytest.mark.parametrize("pin", ["configured", "first-use"])
+def test_a_foreign_public_set_with_the_genuine_header_is_refused(tmp_path, pin):
+    """A site whose "public" set is not the pinned one (a private record smuggled in, same ids, size and shapes)
+    refuses the round even though the server's message carries the genuine fingerprint: releasing
+    representations of that set would not be post-processing of public data."""
+    from secure_fedvlp.errors import ProtocolError
+
+    _, fed, _, task = _trainer_and_task(tmp_path)
+    genuine = fed.public.fingerprint()
+    cfg = hetero_cfg(tmp_path, creamfl={"public_fingerprint": genuine} if pin == "configured" else {})
+    site_dir = tmp_path / "site1"
+    if pin == "first-use":  # an earlier job pinned the genuine set in the site's directory
+        first = CreamFLTrainer(cfg, torch.device("cpu"), fed.public)
+        first.bind_site(fed.sites[0], site_dir)
+        first.global_bank(task)
+    foreign = _smuggled(fed.public, fed.sites[0].train)
+    assert len(foreign) == len(fed.public) and foreign.record_ids == fed.public.record_ids
+    assert foreign.images.shape == fed.public.images.shape and foreign.fingerprint() != genuine
+    assert task.strings[PUBLIC_FP] == genuine  # the header is the genuine one
+    trainer = CreamFLTrainer(cfg, torch.device("cpu"), foreign)  # a later job, in a new process
+    trainer.bind_site(fed.sites[0], site_dir)
+    with pytest.raises(ProtocolError, match="its public set .* is not the pinned one"):
+        trainer.global_bank(task)
+    # the genuine set passes the same check
+    honest = CreamFLTrainer(cfg, torch.device("cpu"), fed.public)
+    honest.bind_site(fed.sites[0], site_dir)
+    assert set(honest.global_bank(task)) == {"image", "text"}
+
+
 # ------------------------------------------------------------------------------------------- DP
 @pytest.fixture(scope="module")
 def dp_run(tmp_path_factory):
@@ -252,3 +294,30 @@ def test_private_gradient_refuses_batch_norm():
         PrivateGradient(
             model, opt, mode="hooks", clipping="flat", clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=4
         )
+
+
+def test_the_server_drops_a_reply_with_parameters_or_a_modality_the_site_does_not_hold(tmp_path):
+    """Well-formed replies from a site that sends more than representations of what it holds are dropped."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from secure_fedvlp.methods.creamfl import CreamFLStrategy
+    from secure_fedvlp.methods.strategy import SiteInfo
+    from secure_fedvlp.wire import ARRAYS_KEY, numpy_to_arrays
+
+    cfg = hetero_cfg(tmp_path)
+    s = CreamFLStrategy(cfg)
+    s.sites = {1: SiteInfo(1, "site1", "train", 20, "paired"), 2: SiteInfo(2, "site2", "train", 20, "image")}
+    rep = np.zeros((len(s.public), s.embed_dim), np.float32)
+
+    def reply(nid, reps, params=False):
+        out = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=nid, message_type=MessageType.TRAIN)
+        content = RecordDict({REPS_KEY: numpy_to_arrays(reps)})
+        if params:
+            content[ARRAYS_KEY] = numpy_to_arrays({"w": np.ones(3, np.float32)})
+        return Message(content, reply_to=out)
+
+    assert s.validate_representations(reply(1, {"image": rep, "text": rep})) is None
+    assert s.validate_representations(reply(2, {"image": rep})) is None
+    assert "model parameters" in s.validate_representations(reply(1, {"image": rep, "text": rep}, params=True))
+    assert "the site holds ['image']" in s.validate_representations(reply(2, {"image": rep, "text": rep}))
+    assert "shape" in s.validate_representations(reply(2, {"image": rep[:-1]}))
