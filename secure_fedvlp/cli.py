@@ -1,4 +1,4 @@
-"""Command line: ``secure-fedvlp run | sweep | keys init | export | audit | report``.
+"""Command line: ``secure-fedvlp run | sweep | keys init | export | audit | ledger repair | report``.
 
 ``main(argv) -> int`` so tests call it directly.  Configuration is read here, once, and
 handed to the Flower apps as typed objects; a finished run is opened with
@@ -500,6 +500,27 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0 if audit.ok else 1
 
 
+def _cmd_ledger_repair(args: argparse.Namespace) -> int:
+    from secure_fedvlp.privacy.ledger import repair_ledger
+
+    ledgers: list[Path] = []
+    for item in args.ledger:
+        path = Path(item)
+        if path.is_dir():
+            found = list(RunLayout(path).ledgers().values())
+            if not found:
+                raise SecureFedVLPError(f"{path} is a directory holding no ledger (clients/SITE/privacy_ledger.jsonl)")
+            ledgers += found
+        elif path.exists():
+            ledgers.append(path)
+        else:
+            raise SecureFedVLPError(f"ledger {path} does not exist.")
+    for path in ledgers:  # each is checked before it is changed; the first one refused stops here
+        done = repair_ledger(path)
+        print(f"{path}: {done or 'intact, nothing to repair'}")
+    return 0
+
+
 def _beta(text: str) -> float:
     try:
         b = float(text)
@@ -570,6 +591,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--beta", type=_beta, default=0.05, help="1 - confidence of the empirical bound (default 0.05: 95%% confidence)"
     )
     au.set_defaults(func=_cmd_audit)
+    led = sub.add_parser("ledger", help="privacy ledger maintenance")
+    lsub = led.add_subparsers(dest="ledger_command", required=True)
+    lr = lsub.add_parser(
+        "repair",
+        help="drop a partial last line a crash left, when the head file proves it was never committed "
+        "(anything else is refused)",
+    )
+    lr.add_argument("ledger", nargs="+", help="a ledger file, or a run directory (each of its site ledgers)")
+    lr.set_defaults(func=_cmd_ledger_repair)
     ex = sub.add_parser("export", help="decrypt an encrypted run's final model for release (key holders only)")
     ex.add_argument("run_dir")
     ex.add_argument("--key", required=True, help="this site's client key file (client-<site>.key)")

@@ -648,6 +648,11 @@ class DPTrainer:
         return {kind: float(estimate.reshape(-1)[0]), NUM_EXAMPLES: float(m), EPSILON: ledger.epsilon()}
 
 
-def make_ledger(path, client_id: str, privacy: PrivacyConfig) -> PrivacyLedger:
-    """The client's ledger (resumed if it exists), enforcing its (epsilon, delta) budget."""
-    return PrivacyLedger(path, client_id, Budget(privacy.target_epsilon, privacy.delta), accountant=privacy.accountant)
+def make_ledger(path, client_id: str, privacy: PrivacyConfig, *, repair: bool = False) -> PrivacyLedger:
+    """The client's ledger (resumed if it exists), enforcing its (epsilon, delta) budget.
+
+    ``repair`` (a site's start): drop a partial last line the head file proves was never committed
+    (:func:`~secure_fedvlp.privacy.ledger.repair_ledger`, logged); anything else is refused.
+    """
+    budget = Budget(privacy.target_epsilon, privacy.delta)
+    return PrivacyLedger(path, client_id, budget, accountant=privacy.accountant, repair=repair)
