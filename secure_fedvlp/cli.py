@@ -8,11 +8,14 @@ handed to the Flower apps as typed objects; a finished run is opened with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -169,7 +172,7 @@ def run_experiment(
 
     from flwr.simulation import run_simulation
 
-    from secure_fedvlp.build import build_federation, expected_num_nodes, resolve_device
+    from secure_fedvlp.build import build_federation, expected_num_nodes
     from secure_fedvlp.flower.client_app import make_client_app
     from secure_fedvlp.flower.runtime import RunSetup
     from secure_fedvlp.flower.server_app import make_server_app
@@ -202,29 +205,30 @@ def run_experiment(
     def provider(_context):  # noqa: ANN001 - Flower Context
         return setup
 
-    n_nodes = expected_num_nodes(cfg)
-    device = resolve_device(cfg.run.device)
-    cpus = cfg.run.num_cpus or (os.cpu_count() or 1)
-    backend_config = {
-        "client_resources": {
-            "num_cpus": cfg.run.threads_per_client,
-            "num_gpus": (1.0 / max(1, n_nodes)) if device.type == "cuda" else 0.0,
-        },
-        "init_args": {
-            "num_cpus": cpus,
-            "logging_level": "warning",
-            "log_to_driver": verbose,
-            "include_dashboard": False,
-        },
-    }
+    stop = threading.Event()
     try:
-        run_simulation(
-            server_app=make_server_app(provider),
-            client_app=make_client_app(provider),
-            num_supernodes=n_nodes,
-            backend_config=backend_config,
-            verbose_logging=verbose,
+        with _sigint_sets(stop):
+            run_simulation(
+                server_app=make_server_app(provider, stop=stop),
+                client_app=make_client_app(provider),
+                num_supernodes=expected_num_nodes(cfg),
+                backend_config=simulation_backend_config(cfg, verbose),
+                verbose_logging=verbose,
+            )
+    except KeyboardInterrupt:
+        stop.set()  # the ServerApp stops at its next exchange; no report: the run is not over
+        _shutdown_ray()
+        from secure_fedvlp.flower.server_app import load_checkpoint
+
+        try:
+            done = (load_checkpoint(layout) or (0,))[0]
+        except SecureFedVLPError:
+            done = 0
+        progress.warning(
+            "interrupted after %d finished round(s); Ray was shut down. Continue with the same command and --resume.",
+            done,
         )
+        raise
     except Exception as exc:  # noqa: BLE001 - said in one line; the traceback is in the run's log
         logger.debug("the simulation raised", exc_info=True)
         _raise_if_failed(layout)
@@ -249,6 +253,70 @@ def run_experiment(
         _empirical_after_run(FinishedRun(layout, cfg), progress)
     progress.info("finished in %.0fs", time.perf_counter() - t0)
     return rdir
+
+
+def simulation_backend_config(cfg, verbose: bool = False) -> dict:  # noqa: ANN001 - ExperimentConfig
+    """Flower's Ray backend settings for a simulated run.
+
+    Flower's Simulation Engine runs every site's ClientApp in a pool of Ray actors (one per
+    ``run.threads_per_client`` CPUs of ``run.num_cpus``), any actor taking any site's message, so one
+    actor per site would not keep sites apart.  What does: ``max_restarts`` (passed to each actor's
+    ``options``): an actor whose process dies (a crash, the OOM killer, ``kill -9``) is restarted by
+    Ray instead of staying dead in the pool, where it would fail every later message it was given,
+    whichever site's.  The message it was running fails (the server counts the site as missing for
+    that round, which the report flags as degraded); the other sites' replies arrive.
+    """
+    from secure_fedvlp.build import expected_num_nodes, resolve_device
+
+    n_nodes = expected_num_nodes(cfg)
+    device = resolve_device(cfg.run.device)
+    return {
+        "client_resources": {
+            "num_cpus": cfg.run.threads_per_client,
+            "num_gpus": (1.0 / max(1, n_nodes)) if device.type == "cuda" else 0.0,
+            "max_restarts": ACTOR_MAX_RESTARTS,
+        },
+        "init_args": {
+            "num_cpus": cfg.run.num_cpus or (os.cpu_count() or 1),
+            "logging_level": "warning",
+            "log_to_driver": verbose,
+            "include_dashboard": False,
+        },
+    }
+
+
+#: How often Ray restarts a crashed ClientApp actor over a run (-1 would be without limit: a site that
+#: crashes its process on every message would then be retried forever rather than reported).
+ACTOR_MAX_RESTARTS = 100
+
+
+@contextlib.contextmanager
+def _sigint_sets(stop: threading.Event):  # noqa: ANN202
+    """While inside, Ctrl-C (SIGINT) first sets ``stop``, then raises KeyboardInterrupt as usual.
+
+    Setting ``stop`` before the exception unwinds lets the ServerApp's thread stop at its next exchange
+    instead of taking the replies the interruption cut short for failed sites.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ANN001, ANN202
+        stop.set()
+        signal.default_int_handler(signum, frame)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _shutdown_ray() -> None:
+    """Stop the Ray processes this process started (Flower's backend does so too when it gets the chance)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def _raise_if_failed(layout: RunLayout) -> None:
@@ -418,7 +486,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         summarise_sweep(spec)
         root = spec.root
     else:
-        root = run_sweep(spec, verbose=args.verbose)
+        try:
+            root = run_sweep(spec, verbose=args.verbose)
+        except KeyboardInterrupt:
+            print(
+                f"interrupted, rerun to resume: secure-fedvlp sweep {args.config} (finished cells are kept; "
+                "the interrupted cell is moved aside, ledgers and all, and run again)",
+                file=sys.stderr,
+            )
+            return 130
     print((root / "summary.md").read_text(encoding="utf-8"))
     print(f"Summary: {root / 'summary.md'} (json, png beside it)")
     return 0
