@@ -26,7 +26,7 @@ from secure_fedvlp.errors import PrivacyBudgetExhausted, ProtocolError
 from secure_fedvlp.evaluation.metrics import evaluate_split
 from secure_fedvlp.flower.eval_guard import EvaluationGuard, model_hash
 from secure_fedvlp.flower.runtime import ConfigProvider, RunSetup, config_from_run_config, resolve_site
-from secure_fedvlp.layout import RunLayout
+from secure_fedvlp.layout import RunLayout, open_site_file
 from secure_fedvlp.methods.trainer import TrainTask
 from secure_fedvlp.models.state import federated_state, load_federated_state
 from secure_fedvlp.privacy.ledger import verify_ledger
@@ -219,8 +219,7 @@ class ClientRuntime:
         metrics = evaluate_split(self.model, split, ks=ev.recall_ks, batch_size=ev.batch_size, device=self.device)
         if ev.release == "local":
             path = RunLayout(self.setup.run_dir).local_eval_metrics(self.site.name)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as fh:
+            with open_site_file(path) as fh:  # 0600: the site's own record
                 fh.write(json.dumps({"round": rnd, **metrics}, sort_keys=True) + "\n")
             logger.info("site %s round %d: evaluation kept at the site (%s)", self.site.name, rnd, path)
             return self.with_ledger_head(RecordDict({INFO_KEY: self.info()}))

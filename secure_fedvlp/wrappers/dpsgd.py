@@ -78,7 +78,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
 from secure_fedvlp.config import ExperimentConfig, PrivacyConfig
-from secure_fedvlp.layout import RunLayout
+from secure_fedvlp.layout import RunLayout, open_site_file
 from secure_fedvlp.methods.trainer import LocalTrainer, TrainTask
 from secure_fedvlp.models.state import make_collate
 from secure_fedvlp.privacy.budget import Budget
@@ -607,8 +607,7 @@ class DPTrainer:
             ", ".join(f"{k}={v:.4f}" for k, v in values.items()),
         )
         path = RunLayout.local_train_metrics_beside(self.ledger_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
+        with open_site_file(path) as f:  # 0600, like the ledger beside it
             f.write(json.dumps({"round": task.server_round, "stage": task.stage, **values}) + "\n")
 
     def answer_query(self, kind: str, model: nn.Module, site, config: Mapping[str, Any]) -> dict[str, float]:

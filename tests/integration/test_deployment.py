@@ -5,7 +5,8 @@ Real processes: ``flower-superlink`` (TLS, ``--enable-supernode-auth``), one ``f
 Negative cases in the same federation: a SuperNode whose key was never registered (claiming an honest site's
 name) is refused by the SuperLink and never appears in the run; a SuperNode without the CA fails the TLS
 handshake.  While the ServerApp runs, its process's memory is scanned for the secret key (``tests/memscan.py``,
-another process); afterwards the server's files are scanned for the key and the key holder's plaintext export.
+another process); after its last round its memory is copied, and once a key holder exported the model, the
+copy and the server's files are scanned for the key and for the plaintext model values.
 Teardown kills every Flower process started, and checks by process id that none is alive.
 """
 
@@ -33,6 +34,7 @@ from secure_fedvlp.deploy import (
     supernode_command,
     write_flwr_connection,
 )
+from secure_fedvlp.layout import RunLayout
 
 REPO = Path(__file__).resolve().parents[2]
 SITES = ("site1", "site2")
@@ -185,12 +187,32 @@ def test_loopback_deployment_tls_node_auth_and_no_secrets_at_the_server(tmp_path
         )
 
         scans, last_scan = [], 0.0
+        copies: list[Path] = []  # the ServerApp's memory after its last round
+        final_model = RunLayout(run_dir).encrypted_model
         deadline = time.monotonic() + 1500
         while not (run_dir / "report.json").exists():
             if time.monotonic() > deadline:
                 pytest.fail(f"the deployed run did not finish:\n{_tail(tmp_path / 'superlink.log')}")
             pids = _descendants([p.pid for p in procs.values()])
             seen |= pids
+            if final_model.exists() and not copies:
+                # the last round is over: copy the ServerApp's memory (stopped for the few seconds the copy
+                # takes); it is searched for the plaintext model once a key holder has exported it
+                for pid in [p for p in pids if "flwr-serverapp" in _cmdline(p) and _alive(p)]:
+                    os.kill(pid, signal.SIGSTOP)
+                    copies.append(tmp_path / f"serverapp-{pid}.mem")
+                    try:
+                        dump = ["--dump-pid", str(pid), "--dump-out", str(copies[-1])]
+                        subprocess.run(
+                            [sys.executable, "-m", "tests.memscan", *dump],
+                            cwd=REPO,
+                            env=env,
+                            capture_output=True,
+                            check=True,
+                        )
+                    finally:
+                        os.kill(pid, signal.SIGCONT)
+                assert copies, "the ServerApp was gone before its final memory could be read"
             due = not scans or time.monotonic() - last_scan > 60  # a scan reads the whole process: not too often
             servers = [p for p in pids if due and "flwr-serverapp" in _cmdline(p) and _alive(p)]
             for pid in servers:
@@ -213,7 +235,7 @@ def test_loopback_deployment_tls_node_auth_and_no_secrets_at_the_server(tmp_path
                 if scan.returncode == 0:
                     scans.append(json.loads(scan.stdout))
                     last_scan = time.monotonic()
-            time.sleep(5)
+            time.sleep(5 if copies else 0.5)
 
         report = json.loads((run_dir / "report.json").read_text())
         assert report["status"] == "OK" and sorted(report["sites"]) == list(SITES)
@@ -250,8 +272,12 @@ def test_loopback_deployment_tls_node_auth_and_no_secrets_at_the_server(tmp_path
             str(export),
         ]
         cmd += ["--config", str(REPO / "configs" / "tiny.toml"), "--files", str(run_dir), "--skip", "clients"]
+        cmd += [a for c in copies for a in ("--dump", str(c))]
         files = json.loads(subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout)
+        assert files["needles"]["plaintext_model"] >= 4 and files["self_check"] == files["needles"]
         assert files["files"] == {"secret_key": [], "plaintext_model": []}
+        # the ServerApp's memory after its last round: neither the secret key nor the plaintext model
+        assert copies and all(files["memory"][str(c)] == {"secret_key": 0, "plaintext_model": 0} for c in copies)
     finally:
         seen |= _descendants([p.pid for p in procs.values()])
         for p in procs.values():
