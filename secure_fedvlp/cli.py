@@ -1,4 +1,4 @@
-"""Command line: ``secure-fedvlp run | sweep | keys init | export | audit | ledger repair | report``.
+"""Command line: ``secure-fedvlp run | sweep | keys | deploy init | export | audit | ledger repair | report``.
 
 ``main(argv) -> int`` so tests call it directly.  Configuration is read here, once, and
 handed to the Flower apps as typed objects; a finished run is opened with
@@ -260,11 +260,15 @@ def simulation_backend_config(cfg, verbose: bool = False) -> dict:  # noqa: ANN0
 
     Flower's Simulation Engine runs every site's ClientApp in a pool of Ray actors (one per
     ``run.threads_per_client`` CPUs of ``run.num_cpus``), any actor taking any site's message, so one
-    actor per site would not keep sites apart.  What does: ``max_restarts`` (passed to each actor's
-    ``options``): an actor whose process dies (a crash, the OOM killer, ``kill -9``) is restarted by
-    Ray instead of staying dead in the pool, where it would fail every later message it was given,
-    whichever site's.  The message it was running fails (the server counts the site as missing for
-    that round, which the report flags as degraded); the other sites' replies arrive.
+    actor per site would not keep sites apart.  What does is in each actor's ``options`` (Flower passes
+    ``client_resources`` to them): ``max_restarts``: an actor whose process dies (a crash, the OOM
+    killer, ``kill -9``) is restarted by Ray instead of staying dead in the pool, where it failed every
+    later message it was given, whichever site's; ``max_task_retries``: a message given to the actor
+    while it restarts waits for it instead of failing with it, and the message that was running when
+    the process died gets one more try (a site that crashes again on it is counted missing for that
+    round, which the report flags as degraded).  Only system failures are retried, never an exception a
+    ClientApp raises.  A retried DP job records its release in the ledger again: an over-count, never
+    an under-count.
     """
     from secure_fedvlp.build import expected_num_nodes, resolve_device
 
@@ -275,6 +279,7 @@ def simulation_backend_config(cfg, verbose: bool = False) -> dict:  # noqa: ANN0
             "num_cpus": cfg.run.threads_per_client,
             "num_gpus": (1.0 / max(1, n_nodes)) if device.type == "cuda" else 0.0,
             "max_restarts": ACTOR_MAX_RESTARTS,
+            "max_task_retries": 1,
         },
         "init_args": {
             "num_cpus": cfg.run.num_cpus or (os.cpu_count() or 1),
@@ -597,6 +602,65 @@ def _cmd_ledger_repair(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_deploy_init(args: argparse.Namespace) -> int:
+    """Everything a loopback (or one-machine) Deployment Engine federation needs, and the scripts that start it."""
+    from secure_fedvlp.config import load_config
+    from secure_fedvlp.deploy import write_deployment
+
+    sites = [c.strip() for c in args.sites.split(",") if c.strip()]
+    if not sites or len(set(sites)) != len(sites):
+        raise SecureFedVLPError(f"--sites needs distinct site names, comma-separated. Found {args.sites!r}.")
+    out = Path(args.out).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise SecureFedVLPError(f"{out} is a file, not a directory.")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise SecureFedVLPError(f"{out} exists and is not empty; pass --overwrite (the old one is moved aside).")
+    load_config(args.config, args.set or [])  # a bad config or --set is refused before anything is written
+    run_dir = Path(args.run_dir).expanduser().absolute() if args.run_dir else out / "run"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise SecureFedVLPError(f"run directory {run_dir} exists and is not empty; name another with --run-dir.")
+    import secure_fedvlp
+
+    app_dir = Path(args.app_dir).absolute() if args.app_dir else Path(secure_fedvlp.__file__).resolve().parent.parent
+    if not (app_dir / "pyproject.toml").exists():
+        raise SecureFedVLPError(f"--app-dir {app_dir} holds no pyproject.toml (the Flower app to `flwr run`).")
+    # -- checks passed ---------------------------------------------------------------------------
+    if out.is_dir() and any(out.iterdir()):
+        old = _aside(out)
+        out.rename(old)
+        print(f"--overwrite: the previous deployment directory was moved to {old}", file=sys.stderr)
+    dep = write_deployment(
+        out,
+        sites,
+        app_dir=app_dir,
+        config_path=args.config,
+        run_dir=run_dir,
+        overrides=args.set or [],
+        host=args.host,
+        port=args.port,
+    )
+    # the key authority's part, in processes of its own (this one never holds a secret key)
+    _run_cli_process(
+        ["keys", "init", "--out", str(dep.key_dir), "--clients", ",".join(sites), "--preset", args.preset],
+        "key generation",
+    )
+    _run_cli_process(
+        ["keys", "bind-nodes", "--out", str(dep.key_dir), *[f"--node={s}={dep.node_keys[s][1]}" for s in sites]],
+        "node binding",
+    )
+    print(f"Deployment for {len(sites)} site(s) in {out}:")
+    print(f"  TLS: CA {dep.pki.ca_cert} (give the sites this file only), SuperLink {dep.pki.server_cert}")
+    print(f"  node keys (0600, each stays at its site): {', '.join(str(dep.node_keys[s][0]) for s in sites)}")
+    print(f"  CKKS keys and node binding (key authority): {dep.key_dir}")
+    print(f"  flwr CLI connection: {dep.flwr_home / 'config.toml'}")
+    print("Start, each in its own terminal and in this order (run.sh follows the run's log):")
+    for script in dep.scripts.values():
+        print(f"  {script}")
+    print(f"The report lands in {run_dir}; a key holder then releases the model with")
+    print(f"  secure-fedvlp export {run_dir} --key {dep.key_dir / f'client-{sites[0]}.key'} --out MODEL.npz")
+    return 0
+
+
 def _beta(text: str) -> float:
     try:
         b = float(text)
@@ -667,6 +731,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--beta", type=_beta, default=0.05, help="1 - confidence of the empirical bound (default 0.05: 95%% confidence)"
     )
     au.set_defaults(func=_cmd_audit)
+    dep = sub.add_parser("deploy", help="the Deployment Engine: TLS, node authentication, keys and start scripts")
+    dsub = dep.add_subparsers(dest="deploy_command", required=True)
+    di = dsub.add_parser(
+        "init",
+        help="write the TLS material, node keys, CKKS keys, node binding, flwr connection and one start script "
+        "per party (SuperLink, registration, a SuperNode per site, the run) into OUT",
+    )
+    di.add_argument("out", help="the deployment directory (0700)")
+    di.add_argument("--sites", required=True, help="comma-separated site names, e.g. site1,site2")
+    di.add_argument("--config", required=True, help="the experiment config the run uses, e.g. configs/demo.toml")
+    di.add_argument("--set", action="append", metavar="KEY=VALUE", help="a config override for the run (repeatable)")
+    di.add_argument("--run-dir", help="where the ServerApp writes the run (default: OUT/run)")
+    di.add_argument("--host", default="127.0.0.1", help="the SuperLink's address (default 127.0.0.1: loopback)")
+    di.add_argument("--port", type=int, default=9093, help="the SuperLink's port; SuperNodes take the next ones")
+    di.add_argument("--preset", default="sum_only_128", help="CKKS parameter preset (default: sum_only_128)")
+    di.add_argument("--app-dir", help="the Flower app to run (default: this project's directory)")
+    di.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (moved aside, not deleted)")
+    di.set_defaults(func=_cmd_deploy_init)
     led = sub.add_parser("ledger", help="privacy ledger maintenance")
     lsub = led.add_subparsers(dest="ledger_command", required=True)
     lr = lsub.add_parser(

@@ -2,10 +2,11 @@
 
 Flower's Simulation Engine with the CLI's backend settings (:func:`secure_fedvlp.cli.simulation_backend_config`):
 a pool of Ray actors smaller than the federation (two CPUs, four sites), any actor running any site's
-message.  Site1's ClientApp kills its own process (``os._exit``, as a segfault or the OOM killer would) on its
-first training message.  Without actor restarts the dead actor went back into the pool and every later
-message it was given, of whichever site, failed too; here the other sites' replies arrive, the round adopts
-their aggregate and the report flags it degraded.
+message.  Site1's ClientApp kills its own process (``os._exit``, as a segfault or the OOM killer would) on
+every training message.  Without actor restarts the dead actor went back into the pool and every later
+message it was given, of whichever site, failed too; with restarts alone, the messages given to the actor
+while it restarted failed.  Here the other sites' replies arrive, the round adopts their aggregate and the
+report flags it degraded.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def crashing_client_app(provider, partition: int) -> ClientApp:
-    """The project's ClientApp, except that node ``partition``'s process dies on its first training message."""
+    """The project's ClientApp, except that node ``partition``'s process dies on every training message."""
     inner = make_client_app(provider)
     app = ClientApp()
 

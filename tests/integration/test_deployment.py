@@ -27,12 +27,9 @@ import pytest
 from secure_fedvlp.deploy import (
     flower_env,
     make_node_key,
-    make_pki,
-    register_command,
     run_command,
-    superlink_command,
     supernode_command,
-    write_flwr_connection,
+    write_deployment,
 )
 from secure_fedvlp.layout import RunLayout
 
@@ -120,12 +117,22 @@ def test_loopback_deployment_tls_node_auth_and_no_secrets_at_the_server(tmp_path
 
     try:
         link_port, *node_ports = _free_ports(5)
-        pki = make_pki(tmp_path / "pki")
-        node_keys = {s: make_node_key(tmp_path / "nodes", s) for s in (*SITES, "intruder")}
-        key_dir = tmp_path / "keys"  # the key authority's work, in its own processes
+        cache, run_dir = tmp_path / "cache", tmp_path / "run"
+        # the scripted deployment (what `secure-fedvlp deploy init` writes): TLS, node keys, connection, scripts
+        dep = write_deployment(
+            tmp_path / "deploy",
+            SITES,
+            app_dir=REPO,
+            config_path=str(REPO / "configs" / "tiny.toml"),
+            run_dir=run_dir,
+            port=link_port,
+            node_ports=node_ports[:2],
+            connection="loop",
+        )
+        pki, node_keys = dep.pki, {**dep.node_keys, "intruder": make_node_key(tmp_path / "nodes", "intruder")}
+        key_dir = dep.key_dir  # the key authority's work, in its own processes
         cli("keys", "init", "--out", str(key_dir), "--clients", ",".join(SITES))
         cli("keys", "bind-nodes", "--out", str(key_dir), *[f"--node={s}={node_keys[s][1]}" for s in SITES])
-        cache, run_dir = tmp_path / "cache", tmp_path / "run"
         overrides = [
             f"data.cache_dir={cache}",
             "data.synthetic.heldout_site=false",
@@ -141,24 +148,19 @@ def test_loopback_deployment_tls_node_auth_and_no_secrets_at_the_server(tmp_path
 
         build_federation(load_config(REPO / "configs" / "tiny.toml", overrides))  # nodes only read the cache
 
-        start("superlink", superlink_command(pki, link_port), tmp_path / "link")
+        start("superlink", ["bash", str(dep.scripts["superlink"])], tmp_path / "link")
         try:
             _wait_port(link_port, 120)
         except TimeoutError:
             pytest.fail(f"the SuperLink did not start:\n{_tail(tmp_path / 'superlink.log')}")
-        cli_home = tmp_path / "cli"
-        write_flwr_connection(cli_home, "loop", f"127.0.0.1:{link_port}", pki.ca_cert)
-        cli_env = dict(env, FLWR_HOME=str(cli_home))
-        node_ids = {}
+        cli_env = dict(env, FLWR_HOME=str(dep.flwr_home))
         holder_key = str(key_dir / "client-site1.key")
-        for s in SITES:
-            out = subprocess.run(
-                register_command(node_keys[s][1], "loop", s), env=cli_env, capture_output=True, text=True, check=True
-            ).stdout
-            node_ids[s] = json.loads(out[out.index("{") :])["node-id"]
+        registered = subprocess.run(["bash", str(dep.scripts["register"])], env=env, capture_output=True, text=True)
+        assert registered.returncode == 0, registered.stderr
+        assert registered.stdout.count('"node-id"') == len(SITES)
         address = f"127.0.0.1:{link_port}"
-        for s, port in zip(SITES, node_ports, strict=False):
-            start(s, supernode_command(address, pki.ca_cert, node_keys[s][0], s, port), tmp_path / f"sn-{s}")
+        for s in SITES:
+            start(s, ["bash", str(dep.scripts[f"supernode-{s}"])], tmp_path / f"sn-{s}")
         # an unregistered key claiming an honest site's name, and an honest key without the CA
         start(
             "intruder",
