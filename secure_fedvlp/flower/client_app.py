@@ -29,7 +29,7 @@ from secure_fedvlp.flower.runtime import ConfigProvider, RunSetup, config_from_r
 from secure_fedvlp.layout import RunLayout, open_site_file
 from secure_fedvlp.methods.trainer import TrainTask
 from secure_fedvlp.models.state import federated_state, load_federated_state
-from secure_fedvlp.privacy.ledger import verify_ledger
+from secure_fedvlp.privacy.ledger import repair_ledger, verify_ledger
 from secure_fedvlp.wire import (
     ARRAYS_KEY,
     BUDGET_EXHAUSTED,
@@ -125,6 +125,8 @@ class ClientRuntime:
         The ledger is read back and verified from disk, after the releases this reply answers were recorded.
         """
         if self.ledger_path is not None:
+            # a write torn by another process of this site that died is dropped if never committed (logged)
+            repair_ledger(self.ledger_path, client_id=self.site.name)
             head = verify_ledger(self.ledger_path, client_id=self.site.name)
             content[LEDGER_KEY] = ConfigRecord({LEDGER_HEAD: str(head.hash), LEDGER_SEQ: head.count - 1})
         return content

@@ -43,11 +43,12 @@ Crash repair
 A crash in the middle of :meth:`PrivacyLedger.record`'s append leaves a partial last line.  The head
 file is written only after the whole line is fsynced, so when the complete lines verify and the head
 file records no more of them (one fewer at most), the partial line was never committed and nothing
-was released under it: :func:`repair_ledger` (``secure-fedvlp ledger repair LEDGER``, and a site's
-start, which opens its ledger with ``repair=True``) truncates it away under the ledger's lock and logs
-it.  Anything else (a committed entry cut, no head file, an edited line) is refused, saying so and to
-restore both files from a backup; the read-only checks (:func:`verify_ledger`, the audit) name the
-repair command when the head file proves a partial line uncommitted.
+was released under it: :func:`repair_ledger` (``secure-fedvlp ledger repair LEDGER``, and a site,
+which opens its ledger with ``repair=True`` at its start and at every release) truncates it away under
+the ledger's lock and logs it.  Anything else (a committed entry cut, no head file, an edited line)
+is refused, saying so and to restore both files from a backup; the read-only checks
+(:func:`verify_ledger`, the audit) name the repair command when the head file proves a partial line
+uncommitted.
 
 What it does not detect
 -----------------------
@@ -380,7 +381,7 @@ def _with_repair_hint(path: Path, exc: LedgerError, client_id: str | None) -> Le
     if why is None:
         hint = (
             f"The head file shows that line was never committed (a crash in the middle of a write): run "
-            f"`{REPAIR_COMMAND} {path}` to drop it (a site's next start does so itself)."
+            f"`{REPAIR_COMMAND} {path}` to drop it (the site does so itself the next time it opens its ledger)."
         )
     else:
         hint = _not_repairable(path, why)

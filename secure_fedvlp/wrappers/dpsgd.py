@@ -499,9 +499,11 @@ class DPTrainer:
         A site's messages may be handled by different processes over a run (Flower's
         simulation runs a node's ClientApp in whichever actor is free), so no process keeps
         the ledger open between releases: each release resumes it from disk, and the ledger
-        refuses a write if the file changed underneath it.
+        refuses a write if the file changed underneath it.  A partial last line left by a process of
+        this site that died in the middle of a write is dropped when the head file proves it was never
+        committed (``repair=True``, logged): the process that reopens the ledger may not be a new one.
         """
-        return make_ledger(self.ledger_path, self.client_id, self.privacy)
+        return make_ledger(self.ledger_path, self.client_id, self.privacy, repair=True)
 
     # Delegate everything the runtime may ask of a trainer.
     def __getattr__(self, item: str) -> Any:

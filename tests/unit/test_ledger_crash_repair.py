@@ -144,3 +144,23 @@ def test_cli_repairs_a_run_and_refuses_in_one_line(tmp_path, capsys):
     assert main(["ledger", "repair", str(torn)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: Ledger ") and "refusing to repair" in err and err.count("\n") == 1
+
+
+def test_a_reply_of_the_site_repairs_a_write_torn_by_another_of_its_processes(tmp_path, caplog):
+    """In simulation a site's messages go to whichever process is free: one that already started the site
+    (and so never passes through the start again) repairs the torn write before it reports its ledger head."""
+    from types import SimpleNamespace
+
+    from flwr.app import RecordDict
+
+    from secure_fedvlp.flower.client_app import ClientRuntime
+    from secure_fedvlp.wire import LEDGER_KEY, LEDGER_SEQ
+
+    path = tmp_path / "privacy_ledger.jsonl"
+    _crash_mid_write(path)
+    site = SimpleNamespace(name="site1")
+    runtime = ClientRuntime(setup=None, site=site, model=None, trainer=None, device=None, ledger_path=path)
+    with caplog.at_level(logging.WARNING, logger="secure_fedvlp.privacy.ledger"):
+        content = runtime.with_ledger_head(RecordDict())
+    assert content[LEDGER_KEY][LEDGER_SEQ] == 2 and "dropped an uncommitted partial last line" in caplog.text
+    assert verify_ledger(path).count == 3
