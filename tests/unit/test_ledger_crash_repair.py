@@ -49,20 +49,37 @@ _CRASHING_WRITER = textwrap.dedent(
 )
 
 
-def _crash_mid_write(path: Path, keep: int = 40) -> None:
-    proc = subprocess.run([sys.executable, "-c", _CRASHING_WRITER, str(path), str(keep)], check=False)
+@pytest.fixture(scope="module")
+def torn(tmp_path_factory) -> Path:
+    """A ledger (and head file) left by a process that died in the middle of its fourth write, made once."""
+    path = tmp_path_factory.mktemp("crash") / "privacy_ledger.jsonl"
+    proc = subprocess.run([sys.executable, "-c", _CRASHING_WRITER, str(path), "40"], check=False)
     assert proc.returncode == 9  # it died in the middle of the write
     raw = path.read_bytes()
     assert raw.count(b"\n") == 3 and not raw.endswith(b"\n")  # three committed lines and a torn fourth
+    return path
+
+
+@pytest.fixture()
+def crash_mid_write(torn):
+    """``crash_mid_write(path, keep=40)``: put the torn ledger at ``path``, its fourth line cut after ``keep`` bytes."""
+
+    def place(path: Path, keep: int = 40) -> None:
+        raw = torn.read_bytes()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(raw[: raw.rindex(b"\n") + 1 + keep])
+        head_path(path).write_bytes(head_path(torn).read_bytes())
+
+    return place
 
 
 def _eps(n: int) -> float:
     return make_accountant("rdp", [DPSGDEvent(1.1, 0.05, 10, 1.0, r) for r in range(n)]).get_epsilon(DELTA)
 
 
-def test_torn_write_is_named_and_repaired_on_the_next_start(tmp_path, caplog):
+def test_torn_write_is_named_and_repaired_on_the_next_start(tmp_path, caplog, crash_mid_write):
     path = tmp_path / "site1" / "privacy_ledger.jsonl"
-    _crash_mid_write(path)
+    crash_mid_write(path)
     # read-only checks (the audit, a reply's ledger head) change nothing and name the repair command
     with pytest.raises(LedgerError, match=rf"line 4: partial last line.*never committed.*`{REPAIR_COMMAND} {path}`"):
         verify_ledger(path)
@@ -78,13 +95,13 @@ def test_torn_write_is_named_and_repaired_on_the_next_start(tmp_path, caplog):
     assert verify_ledger(path).count == 4
 
 
-def test_the_site_start_repairs_its_ledger(tmp_path, caplog):
+def test_the_site_start_repairs_its_ledger(tmp_path, caplog, crash_mid_write):
     """The site's start opens its ledger through ``make_ledger(..., repair=True)`` (``client_parts``)."""
     from secure_fedvlp.config import PrivacyConfig
     from secure_fedvlp.wrappers.dpsgd import make_ledger
 
     path = tmp_path / "privacy_ledger.jsonl"
-    _crash_mid_write(path, keep=5)
+    crash_mid_write(path, keep=5)
     privacy = PrivacyConfig(enabled=True, target_epsilon=50.0, delta=DELTA)
     with pytest.raises(LedgerError, match="never committed"):
         make_ledger(path, "site1", privacy)
@@ -109,9 +126,9 @@ def test_torn_committed_entry_is_refused_and_nothing_changes(tmp_path):
     assert path.read_bytes() == before
 
 
-def test_torn_write_without_head_or_after_an_edit_is_refused(tmp_path):
+def test_torn_write_without_head_or_after_an_edit_is_refused(tmp_path, crash_mid_write):
     path = tmp_path / "privacy_ledger.jsonl"
-    _crash_mid_write(path)
+    crash_mid_write(path)
     lines = path.read_bytes().split(b"\n")
     hp = head_path(path)
     head = hp.read_bytes()
@@ -129,10 +146,10 @@ def test_torn_write_without_head_or_after_an_edit_is_refused(tmp_path):
     assert path.read_bytes() == before
 
 
-def test_cli_repairs_a_run_and_refuses_in_one_line(tmp_path, capsys):
+def test_cli_repairs_a_run_and_refuses_in_one_line(tmp_path, capsys, crash_mid_write):
     run = tmp_path / "run"
     torn = run / "clients" / "site1" / "privacy_ledger.jsonl"
-    _crash_mid_write(torn)
+    crash_mid_write(torn)
     intact = PrivacyLedger(run / "clients" / "site2" / "privacy_ledger.jsonl", "site2", Budget(50.0, DELTA))
     intact.record(EVENT)
     assert main(["ledger", "repair", str(run)]) == 0
@@ -146,7 +163,7 @@ def test_cli_repairs_a_run_and_refuses_in_one_line(tmp_path, capsys):
     assert err.startswith("error: Ledger ") and "refusing to repair" in err and err.count("\n") == 1
 
 
-def test_a_reply_of_the_site_repairs_a_write_torn_by_another_of_its_processes(tmp_path, caplog):
+def test_a_reply_of_the_site_repairs_a_write_torn_by_another_of_its_processes(tmp_path, caplog, crash_mid_write):
     """In simulation a site's messages go to whichever process is free: one that already started the site
     (and so never passes through the start again) repairs the torn write before it reports its ledger head."""
     from types import SimpleNamespace
@@ -157,7 +174,7 @@ def test_a_reply_of_the_site_repairs_a_write_torn_by_another_of_its_processes(tm
     from secure_fedvlp.wire import LEDGER_KEY, LEDGER_SEQ
 
     path = tmp_path / "privacy_ledger.jsonl"
-    _crash_mid_write(path)
+    crash_mid_write(path)
     site = SimpleNamespace(name="site1")
     runtime = ClientRuntime(setup=None, site=site, model=None, trainer=None, device=None, ledger_path=path)
     with caplog.at_level(logging.WARNING, logger="secure_fedvlp.privacy.ledger"):
