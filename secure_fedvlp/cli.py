@@ -290,8 +290,8 @@ def simulation_backend_config(cfg, verbose: bool = False) -> dict:  # noqa: ANN0
     }
 
 
-#: How often Ray restarts a crashed ClientApp actor over a run (-1 would be without limit: a site that
-#: crashes its process on every message would then be retried forever rather than reported).
+#: How often Ray restarts one crashed ClientApp actor over a run (a bound, not -1: an actor whose process
+#: keeps dying stays dead after that, and the messages it is given fail as missing replies).
 ACTOR_MAX_RESTARTS = 100
 
 
