@@ -34,7 +34,7 @@ CELL_STOP_GRACE_S = 120.0
 
 
 def set_aside(spec: SweepSpec, cid: str) -> Path | None:
-    """Move an unfinished cell's run directory (and its default key directory) under ``interrupted/``.
+    """Move an unfinished cell's run directory (with its default key directory and its log) under ``interrupted/``.
 
     Nothing of an interrupted cell is deleted: a DP cell's ledgers record what its sites released.
     Returns where it went (None: the cell had not started).
@@ -52,6 +52,8 @@ def set_aside(spec: SweepSpec, cid: str) -> Path | None:
     run.root.rename(dest)
     if run.default_key_dir.exists():
         run.default_key_dir.rename(dest.with_name(dest.name + ".keys"))
+    if spec.layout.cell_log(cid).exists():
+        spec.layout.cell_log(cid).rename(dest.with_name(dest.name + ".log"))
     return dest
 
 

@@ -228,6 +228,7 @@ def test_an_unfinished_cell_is_moved_aside_with_its_ledger_and_keys_never_delete
     ledger.write_bytes(b'{"a torn, interrupted ledger"')
     run.default_key_dir.mkdir()
     (run.default_key_dir / "client-site1.key").write_bytes(b"key")
+    spec.layout.cell_log(cid).write_text("interrupted after 3 finished round(s)")
     monkeypatch.setattr(
         runner, "_run_cell", lambda cmd, log: _fake_report(Path(cmd[cmd.index("--run-dir") + 1]), 0.6) or 0
     )
@@ -235,4 +236,5 @@ def test_an_unfinished_cell_is_moved_aside_with_its_ledger_and_keys_never_delete
     [aside] = (spec.root / "interrupted").glob(f"{cid}-*[0-9]")
     assert (aside / "clients" / "site1" / "privacy_ledger.jsonl").read_bytes() == b'{"a torn, interrupted ledger"'
     assert (aside.parent / f"{aside.name}.keys" / "client-site1.key").read_bytes() == b"key"
+    assert (aside.parent / f"{aside.name}.log").read_text() == "interrupted after 3 finished round(s)"
     assert run.report_json.exists() and not run.default_key_dir.exists()  # the cell ran again, from scratch
