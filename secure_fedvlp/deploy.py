@@ -13,8 +13,9 @@ connection from ``$FLWR_HOME/config.toml`` (``[superlink.<name>] address`` and a
 
 This module makes the material (:func:`make_pki`, :func:`make_node_key`), writes the CLI
 connection (:func:`write_flwr_connection`) and builds each command line (:func:`superlink_command`,
-:func:`supernode_command`, :func:`register_command`, :func:`run_command`); ``deploy/`` holds the
-scripts that use them and the README's "Deployment" section walks through them.
+:func:`supernode_command`, :func:`register_command`, :func:`run_command`); :func:`write_deployment`
+(``secure-fedvlp deploy init``) writes them all with one start script per party, and the README's
+"Deployment Engine" section walks through them.
 """
 
 from __future__ import annotations
