@@ -1,4 +1,4 @@
-"""Command line: ``secure-fedvlp run | sweep | pretrain | keys init | export | audit | report``.
+"""Command line: ``secure-fedvlp run | sweep | pretrain | keys | deploy init | export | audit | ledger repair | report``.
 
 ``main(argv) -> int`` so tests call it directly.  Configuration is read here, once, and
 handed to the Flower apps as typed objects; a finished run is opened with
@@ -8,11 +8,14 @@ handed to the Flower apps as typed objects; a finished run is opened with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -182,7 +185,7 @@ def run_experiment(
 
     from flwr.simulation import run_simulation
 
-    from secure_fedvlp.build import build_federation, expected_num_nodes, resolve_device
+    from secure_fedvlp.build import build_federation, expected_num_nodes
     from secure_fedvlp.flower.client_app import make_client_app
     from secure_fedvlp.flower.runtime import RunSetup
     from secure_fedvlp.flower.server_app import make_server_app
@@ -215,29 +218,30 @@ def run_experiment(
     def provider(_context):  # noqa: ANN001 - Flower Context
         return setup
 
-    n_nodes = expected_num_nodes(cfg)
-    device = resolve_device(cfg.run.device)
-    cpus = cfg.run.num_cpus or (os.cpu_count() or 1)
-    backend_config = {
-        "client_resources": {
-            "num_cpus": cfg.run.threads_per_client,
-            "num_gpus": (1.0 / max(1, n_nodes)) if device.type == "cuda" else 0.0,
-        },
-        "init_args": {
-            "num_cpus": cpus,
-            "logging_level": "warning",
-            "log_to_driver": verbose,
-            "include_dashboard": False,
-        },
-    }
+    stop = threading.Event()
     try:
-        run_simulation(
-            server_app=make_server_app(provider),
-            client_app=make_client_app(provider),
-            num_supernodes=n_nodes,
-            backend_config=backend_config,
-            verbose_logging=verbose,
+        with _sigint_sets(stop):
+            run_simulation(
+                server_app=make_server_app(provider, stop=stop),
+                client_app=make_client_app(provider),
+                num_supernodes=expected_num_nodes(cfg),
+                backend_config=simulation_backend_config(cfg, verbose),
+                verbose_logging=verbose,
+            )
+    except KeyboardInterrupt:
+        stop.set()  # the ServerApp stops at its next exchange; no report: the run is not over
+        _shutdown_ray()
+        from secure_fedvlp.flower.server_app import load_checkpoint
+
+        try:
+            done = (load_checkpoint(layout) or (0,))[0]
+        except SecureFedVLPError:
+            done = 0
+        progress.warning(
+            "interrupted after %d finished round(s); Ray was shut down. Continue with the same command and --resume.",
+            done,
         )
+        raise
     except Exception as exc:  # noqa: BLE001 - said in one line; the traceback is in the run's log
         logger.debug("the simulation raised", exc_info=True)
         _raise_if_failed(layout)
@@ -262,6 +266,75 @@ def run_experiment(
         _empirical_after_run(FinishedRun(layout, cfg), progress)
     progress.info("finished in %.0fs", time.perf_counter() - t0)
     return rdir
+
+
+def simulation_backend_config(cfg, verbose: bool = False) -> dict:  # noqa: ANN001 - ExperimentConfig
+    """Flower's Ray backend settings for a simulated run.
+
+    Flower's Simulation Engine runs every site's ClientApp in a pool of Ray actors (one per
+    ``run.threads_per_client`` CPUs of ``run.num_cpus``), any actor taking any site's message, so one
+    actor per site would not keep sites apart.  What does is in each actor's ``options`` (Flower passes
+    ``client_resources`` to them): ``max_restarts``: an actor whose process dies (a crash, the OOM
+    killer, ``kill -9``) is restarted by Ray instead of staying dead in the pool, where it failed every
+    later message it was given, whichever site's; ``max_task_retries``: a message given to the actor
+    while it restarts waits for it instead of failing with it, and the message that was running when
+    the process died gets one more try (a site that crashes again on it is counted missing for that
+    round, which the report flags as degraded).  Only system failures are retried, never an exception a
+    ClientApp raises.  A retried DP job records its release in the ledger again: an over-count, never
+    an under-count.
+    """
+    from secure_fedvlp.build import expected_num_nodes, resolve_device
+
+    n_nodes = expected_num_nodes(cfg)
+    device = resolve_device(cfg.run.device)
+    return {
+        "client_resources": {
+            "num_cpus": cfg.run.threads_per_client,
+            "num_gpus": (1.0 / max(1, n_nodes)) if device.type == "cuda" else 0.0,
+            "max_restarts": ACTOR_MAX_RESTARTS,
+            "max_task_retries": 1,
+        },
+        "init_args": {
+            "num_cpus": cfg.run.num_cpus or (os.cpu_count() or 1),
+            "logging_level": "warning",
+            "log_to_driver": verbose,
+            "include_dashboard": False,
+        },
+    }
+
+
+#: How often Ray restarts one crashed ClientApp actor over a run (a bound, not -1: an actor whose process
+#: keeps dying stays dead after that, and the messages it is given fail as missing replies).
+ACTOR_MAX_RESTARTS = 100
+
+
+@contextlib.contextmanager
+def _sigint_sets(stop: threading.Event):  # noqa: ANN202
+    """While inside, Ctrl-C (SIGINT) first sets ``stop``, then raises KeyboardInterrupt as usual.
+
+    Setting ``stop`` before the exception unwinds lets the ServerApp's thread stop at its next exchange
+    instead of taking the replies the interruption cut short for failed sites.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ANN001, ANN202
+        stop.set()
+        signal.default_int_handler(signum, frame)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _shutdown_ray() -> None:
+    """Stop the Ray processes this process started (Flower's backend does so too when it gets the chance)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def _raise_if_failed(layout: RunLayout) -> None:
@@ -501,7 +574,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         summarise_sweep(spec)
         root = spec.root
     else:
-        root = run_sweep(spec, verbose=args.verbose)
+        try:
+            root = run_sweep(spec, verbose=args.verbose)
+        except KeyboardInterrupt:
+            print(
+                f"interrupted, rerun to resume: secure-fedvlp sweep {args.config} (finished cells are kept; "
+                "the interrupted cell is moved aside, ledgers and all, and run again)",
+                file=sys.stderr,
+            )
+            return 130
     print((root / "summary.md").read_text(encoding="utf-8"))
     print(f"Summary: {root / 'summary.md'} (json, png beside it)")
     return 0
@@ -610,6 +691,86 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0 if audit.ok else 1
 
 
+def _cmd_ledger_repair(args: argparse.Namespace) -> int:
+    from secure_fedvlp.privacy.ledger import repair_ledger
+
+    ledgers: list[Path] = []
+    for item in args.ledger:
+        path = Path(item)
+        if path.is_dir():
+            found = list(RunLayout(path).ledgers().values())
+            if not found:
+                raise SecureFedVLPError(f"{path} is a directory holding no ledger (clients/SITE/privacy_ledger.jsonl)")
+            ledgers += found
+        elif path.exists():
+            ledgers.append(path)
+        else:
+            raise SecureFedVLPError(f"ledger {path} does not exist.")
+    for path in ledgers:  # each is checked before it is changed; the first one refused stops here
+        done = repair_ledger(path)
+        print(f"{path}: {done or 'intact, nothing to repair'}")
+    return 0
+
+
+def _cmd_deploy_init(args: argparse.Namespace) -> int:
+    """Everything a loopback (or one-machine) Deployment Engine federation needs, and the scripts that start it."""
+    from secure_fedvlp.config import load_config
+    from secure_fedvlp.deploy import write_deployment
+
+    sites = [c.strip() for c in args.sites.split(",") if c.strip()]
+    if not sites or len(set(sites)) != len(sites):
+        raise SecureFedVLPError(f"--sites needs distinct site names, comma-separated. Found {args.sites!r}.")
+    out = Path(args.out).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise SecureFedVLPError(f"{out} is a file, not a directory.")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise SecureFedVLPError(f"{out} exists and is not empty; pass --overwrite (the old one is moved aside).")
+    load_config(args.config, args.set or [])  # a bad config or --set is refused before anything is written
+    run_dir = Path(args.run_dir).expanduser().absolute() if args.run_dir else out / "run"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise SecureFedVLPError(f"run directory {run_dir} exists and is not empty; name another with --run-dir.")
+    import secure_fedvlp
+
+    app_dir = Path(args.app_dir).absolute() if args.app_dir else Path(secure_fedvlp.__file__).resolve().parent.parent
+    if not (app_dir / "pyproject.toml").exists():
+        raise SecureFedVLPError(f"--app-dir {app_dir} holds no pyproject.toml (the Flower app to `flwr run`).")
+    # -- checks passed ---------------------------------------------------------------------------
+    if out.is_dir() and any(out.iterdir()):
+        old = _aside(out)
+        out.rename(old)
+        print(f"--overwrite: the previous deployment directory was moved to {old}", file=sys.stderr)
+    dep = write_deployment(
+        out,
+        sites,
+        app_dir=app_dir,
+        config_path=args.config,
+        run_dir=run_dir,
+        overrides=args.set or [],
+        host=args.host,
+        port=args.port,
+    )
+    # the key authority's part, in processes of its own (this one never holds a secret key)
+    _run_cli_process(
+        ["keys", "init", "--out", str(dep.key_dir), "--clients", ",".join(sites), "--preset", args.preset],
+        "key generation",
+    )
+    _run_cli_process(
+        ["keys", "bind-nodes", "--out", str(dep.key_dir), *[f"--node={s}={dep.node_keys[s][1]}" for s in sites]],
+        "node binding",
+    )
+    print(f"Deployment for {len(sites)} site(s) in {out}:")
+    print(f"  TLS: CA {dep.pki.ca_cert} (give the sites this file only), SuperLink {dep.pki.server_cert}")
+    print(f"  node keys (0600, each stays at its site): {', '.join(str(dep.node_keys[s][0]) for s in sites)}")
+    print(f"  CKKS keys and node binding (key authority): {dep.key_dir}")
+    print(f"  flwr CLI connection: {dep.flwr_home / 'config.toml'}")
+    print("Start, each in its own terminal and in this order (run.sh follows the run's log):")
+    for script in dep.scripts.values():
+        print(f"  {script}")
+    print(f"The report lands in {run_dir}; a key holder then releases the model with")
+    print(f"  secure-fedvlp export {run_dir} --key {dep.key_dir / f'client-{sites[0]}.key'} --out MODEL.npz")
+    return 0
+
+
 def _beta(text: str) -> float:
     try:
         b = float(text)
@@ -690,6 +851,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--beta", type=_beta, default=0.05, help="1 - confidence of the empirical bound (default 0.05: 95%% confidence)"
     )
     au.set_defaults(func=_cmd_audit)
+    dep = sub.add_parser("deploy", help="the Deployment Engine: TLS, node authentication, keys and start scripts")
+    dsub = dep.add_subparsers(dest="deploy_command", required=True)
+    di = dsub.add_parser(
+        "init",
+        help="write the TLS material, node keys, CKKS keys, node binding, flwr connection and one start script "
+        "per party (SuperLink, registration, a SuperNode per site, the run) into OUT",
+    )
+    di.add_argument("out", help="the deployment directory (0700)")
+    di.add_argument("--sites", required=True, help="comma-separated site names, e.g. site1,site2")
+    di.add_argument("--config", required=True, help="the experiment config the run uses, e.g. configs/demo.toml")
+    di.add_argument("--set", action="append", metavar="KEY=VALUE", help="a config override for the run (repeatable)")
+    di.add_argument("--run-dir", help="where the ServerApp writes the run (default: OUT/run)")
+    di.add_argument("--host", default="127.0.0.1", help="the SuperLink's address (default 127.0.0.1: loopback)")
+    di.add_argument("--port", type=int, default=9093, help="the SuperLink's port; SuperNodes take the next ones")
+    di.add_argument("--preset", default="sum_only_128", help="CKKS parameter preset (default: sum_only_128)")
+    di.add_argument("--app-dir", help="the Flower app to run (default: this project's directory)")
+    di.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (moved aside, not deleted)")
+    di.set_defaults(func=_cmd_deploy_init)
+    led = sub.add_parser("ledger", help="privacy ledger maintenance")
+    lsub = led.add_subparsers(dest="ledger_command", required=True)
+    lr = lsub.add_parser(
+        "repair",
+        help="drop a partial last line a crash left, when the head file proves it was never committed "
+        "(anything else is refused)",
+    )
+    lr.add_argument("ledger", nargs="+", help="a ledger file, or a run directory (each of its site ledgers)")
+    lr.set_defaults(func=_cmd_ledger_repair)
     ex = sub.add_parser("export", help="decrypt an encrypted run's final model for release (key holders only)")
     ex.add_argument("run_dir")
     ex.add_argument("--key", required=True, help="this site's client key file (client-<site>.key)")

@@ -13,8 +13,9 @@ connection from ``$FLWR_HOME/config.toml`` (``[superlink.<name>] address`` and a
 
 This module makes the material (:func:`make_pki`, :func:`make_node_key`), writes the CLI
 connection (:func:`write_flwr_connection`) and builds each command line (:func:`superlink_command`,
-:func:`supernode_command`, :func:`register_command`, :func:`run_command`); ``deploy/`` holds the
-scripts that use them and the README's "Deployment" section walks through them.
+:func:`supernode_command`, :func:`register_command`, :func:`run_command`); :func:`write_deployment`
+(``secure-fedvlp deploy init``) writes them all with one start script per party, and the README's
+"Deployment Engine" section walks through them.
 """
 
 from __future__ import annotations
@@ -222,3 +223,102 @@ def run_command(
     for k, v in run_config.items():
         cmd += ["--run-config", f'{k}="{v}"']
     return cmd
+
+
+# --------------------------------------------------------------------------- the scripted plan
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What :func:`write_deployment` made: the material, one start script per party, and the commands."""
+
+    root: Path
+    pki: PKI
+    node_keys: dict[str, tuple[Path, Path]]
+    key_dir: Path
+    flwr_home: Path
+    scripts: dict[str, Path]  # in the order to run them: superlink, register, supernode-<site>..., run
+
+
+def _shell(cmd: Sequence[str]) -> str:
+    import shlex
+
+    return " ".join(shlex.quote(str(c)) for c in cmd)
+
+
+def _write_script(path: Path, lines: Sequence[str]) -> Path:
+    text = (
+        "#!/usr/bin/env bash\n# Written by `secure-fedvlp deploy init`.\nset -euo pipefail\n" + "\n".join(lines) + "\n"
+    )
+    _write(path, text.encode("utf-8"), 0o700)
+    return path
+
+
+def write_deployment(
+    out: str | os.PathLike,
+    sites: Sequence[str],
+    *,
+    app_dir: str | os.PathLike,
+    config_path: str,
+    run_dir: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    host: str = "127.0.0.1",
+    port: int = 9093,
+    node_ports: Sequence[int] | None = None,
+    connection: str = "deploy",
+) -> Deployment:
+    """Write a deployment of ``sites`` into ``out``: TLS material, node keys, the CLI connection and scripts.
+
+    The CKKS keys and the node binding (``out/keys``) are the key authority's; the caller makes them
+    (``secure-fedvlp deploy init`` runs ``keys init`` and ``keys bind-nodes`` in processes of their own).
+    One script per party and step, to run in order: ``superlink.sh`` (TLS, node authentication, no
+    runtime installs), ``register.sh`` (each site's node public key, with ``flwr supernode register``),
+    ``supernode-<site>.sh`` (one per site, its own ``--port``, ``--node-config "site='<site>'"``) and
+    ``run.sh`` (``flwr run`` of the project at ``app_dir`` with absolute paths in its run config).  Every
+    party has its own ``FLWR_HOME`` under ``out``; the scripts put this interpreter's ``bin`` first on
+    ``PATH`` (the SuperLink and SuperNodes start Flower's executables by name).  On one machine this is a
+    loopback federation; across machines, copy each party's files (``pki/ca.crt`` and its own node key to a
+    site, ``pki/server.*`` to the SuperLink) and replace ``host``.
+    """
+    root = Path(out).absolute()
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    hosts = [host] + [h for h in ("localhost", "127.0.0.1") if h != host]
+    pki = make_pki(root / "pki", hosts=hosts)
+    node_keys = {s: make_node_key(root / "nodes", s) for s in sites}
+    key_dir = root / "keys"
+    cli_home = root / "flwr-cli"
+    address = f"{host}:{port}"
+    write_flwr_connection(cli_home, connection, address, pki.ca_cert)
+    ports = list(node_ports) if node_ports is not None else [port + 1 + i for i in range(len(sites))]
+    path_line = f'export PATH={_shell([str(Path(sys.executable).parent)])}:"$PATH"'
+
+    def party(name: str, cmd: Sequence[str], home: Path) -> list[str]:
+        return [
+            path_line,
+            f"mkdir -p {_shell([str(home)])} && cd {_shell([str(home)])}",
+            f"FLWR_HOME={_shell([str(home)])} exec {_shell(cmd)}",
+        ]
+
+    scripts: dict[str, Path] = {}
+    scripts["superlink"] = _write_script(
+        root / "superlink.sh", party("superlink", superlink_command(pki, port, host=host), root / "superlink")
+    )
+    reg = [path_line, f"export FLWR_HOME={_shell([str(cli_home)])}"]
+    reg += [_shell(register_command(node_keys[s][1], connection, s)) for s in sites]
+    scripts["register"] = _write_script(root / "register.sh", reg)
+    for s, p in zip(sites, ports, strict=True):
+        cmd = supernode_command(address, pki.ca_cert, node_keys[s][0], s, p)
+        scripts[f"supernode-{s}"] = _write_script(root / f"supernode-{s}.sh", party(s, cmd, root / f"supernode-{s}"))
+    run_config = {
+        "config-path": str(Path(config_path).absolute()),
+        "overrides": ";".join([*overrides, "encryption.enabled=true", f"encryption.key_dir={key_dir}"]),
+        "run-dir": str(Path(run_dir).absolute()),
+        "node-binding": str(key_dir / "node_binding.json"),
+    }
+    run = [
+        path_line,
+        f"export FLWR_HOME={_shell([str(cli_home)])}",
+        _shell(run_command(app_dir, connection, run_config, stream=True)),
+    ]
+    scripts["run"] = _write_script(root / "run.sh", run)
+    return Deployment(root, pki, node_keys, key_dir, cli_home, scripts)

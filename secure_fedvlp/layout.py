@@ -26,7 +26,21 @@ logger = logging.getLogger(__name__)
 
 _LEDGER = "privacy_ledger.jsonl"
 
-__all__ = ["RunLayout", "FinishedRun", "load_run", "read_metrics"]
+__all__ = ["RunLayout", "FinishedRun", "load_run", "read_metrics", "SITE_FILE_MODE", "open_site_file"]
+
+#: The mode of a site's own files (its ledger, local metrics, evaluation guard): its owner only.
+SITE_FILE_MODE = 0o600
+
+
+def open_site_file(path: str | os.PathLike, mode: str = "a"):  # noqa: ANN201 - a text file object
+    """Open a file of a site's own (``"a"`` append or ``"w"`` write, text) created mode 0600, its directory
+    0700 when it is created here; a file that exists is brought to 0600."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "a" else os.O_TRUNC)
+    fd = os.open(p, flags, SITE_FILE_MODE)
+    os.fchmod(fd, SITE_FILE_MODE)
+    return os.fdopen(fd, mode, encoding="utf-8")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Scan a process's memory and a directory's files for a run's secrets, from a separate process.
 
 ``python -m tests.memscan --pid PID --key CLIENT_KEY --model EXPORT.npz --config CONFIG.toml
-[--files DIR --skip SUBDIR]`` prints one JSON object: which needles were found where.
+[--files DIR --skip SUBDIR] [--dump COPY]`` prints one JSON object: which needles were found where.
+``--dump-pid PID --dump-out COPY`` only copies a (stopped) process's memory, reading no needle, for a scan
+once the needles exist (a key holder's export made after the process's last round).
 
 The needles are read here, never by the process under scan (which would otherwise hold them):
 
@@ -94,6 +96,46 @@ def scan_memory(pid: int, needles: dict[str, list[bytes]]) -> dict[str, int]:
     return found
 
 
+def dump_memory(pid: int, out: Path) -> int:
+    """Copy the readable memory of process ``pid`` (stopped by the caller) into ``out``; return its size.
+
+    For a process that must not stay stopped long (a ServerApp the SuperLink expects heartbeats from): the
+    copy takes seconds, the search for needles (which needs a key holder's export first) runs on the copy.
+    """
+    total = 0
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem, os.fdopen(fd, "wb") as dst:
+        for lo, hi in _regions(pid):
+            pos = lo
+            while pos < hi:
+                size = min(_CHUNK, hi - pos)
+                try:
+                    mem.seek(pos)
+                    buf = mem.read(size)
+                except (OSError, ValueError, OverflowError):
+                    break
+                dst.write(buf)
+                total += len(buf)
+                pos += size
+    return total
+
+
+def scan_dump(path: Path, needles: dict[str, list[bytes]]) -> dict[str, int]:
+    """How many needles of each kind occur in a memory copy made by :func:`dump_memory`."""
+    seen: dict[str, set[int]] = {k: set() for k in needles}
+    overlap = _WINDOW_BYTES * 2
+    with open(path, "rb") as fh:
+        prev = b""
+        while chunk := fh.read(_CHUNK):
+            buf = prev + chunk
+            for kind, ns in needles.items():
+                for i, n in enumerate(ns):
+                    if n and i not in seen[kind] and buf.find(n) >= 0:
+                        seen[kind].add(i)
+            prev = buf[-overlap:]
+    return {k: len(v) for k, v in seen.items()}
+
+
 def scan_files(root: Path, needles: dict[str, list[bytes]], skip: list[str]) -> dict[str, list[str]]:
     hits: dict[str, list[str]] = {k: [] for k in needles}
     for p in sorted(root.rglob("*")):
@@ -110,18 +152,28 @@ def scan_files(root: Path, needles: dict[str, list[bytes]], skip: list[str]) -> 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pid", type=int, action="append", default=[])
-    ap.add_argument("--key", type=Path, required=True)
+    ap.add_argument("--dump-pid", type=int, help="only copy this (stopped) process's memory to --dump-out")
+    ap.add_argument("--dump-out", type=Path)
+    ap.add_argument("--dump", type=Path, action="append", default=[], help="a memory copy to scan")
+    ap.add_argument("--key", type=Path)
     ap.add_argument("--model", type=Path)
     ap.add_argument("--config", type=Path)
     ap.add_argument("--files", type=Path)
     ap.add_argument("--skip", action="append", default=[])
     args = ap.parse_args(argv)
+    if args.dump_pid is not None:  # no needles are read in this mode
+        print(json.dumps({"dumped": dump_memory(args.dump_pid, args.dump_out)}))
+        return 0
+    if args.key is None:
+        ap.error("--key is required")
     needles = {"secret_key": key_needles(args.key)}
     if args.model is not None:
         needles["plaintext_model"] = model_needles(args.model, args.config)
     out: dict = {"needles": {k: len(v) for k, v in needles.items()}, "memory": {}, "files": None}
     for pid in args.pid:
         out["memory"][str(pid)] = scan_memory(pid, needles)
+    for dump in args.dump:
+        out["memory"][str(dump)] = scan_dump(dump, needles)
     if args.files is not None:
         out["files"] = scan_files(args.files, needles, args.skip)
     # a self-check that the scanner can find what it looks for: its own memory holds every needle

@@ -26,10 +26,10 @@ from secure_fedvlp.errors import PrivacyBudgetExhausted, ProtocolError
 from secure_fedvlp.evaluation.metrics import evaluate_split
 from secure_fedvlp.flower.eval_guard import EvaluationGuard, model_hash
 from secure_fedvlp.flower.runtime import ConfigProvider, RunSetup, config_from_run_config, resolve_site
-from secure_fedvlp.layout import RunLayout
+from secure_fedvlp.layout import RunLayout, open_site_file
 from secure_fedvlp.methods.trainer import TrainTask
 from secure_fedvlp.models.state import federated_state, load_federated_state
-from secure_fedvlp.privacy.ledger import verify_ledger
+from secure_fedvlp.privacy.ledger import repair_ledger, verify_ledger
 from secure_fedvlp.wire import (
     ARRAYS_KEY,
     BUDGET_EXHAUSTED,
@@ -128,6 +128,8 @@ class ClientRuntime:
         The ledger is read back and verified from disk, after the releases this reply answers were recorded.
         """
         if self.ledger_path is not None:
+            # a write torn by another process of this site that died is dropped if never committed (logged)
+            repair_ledger(self.ledger_path, client_id=self.site.name)
             head = verify_ledger(self.ledger_path, client_id=self.site.name)
             content[LEDGER_KEY] = ConfigRecord({LEDGER_HEAD: str(head.hash), LEDGER_SEQ: head.count - 1})
         return content
@@ -233,10 +235,10 @@ class ClientRuntime:
         metrics = evaluate_split(model, split, ks=ev.recall_ks, batch_size=ev.batch_size, device=self.device)
         if ev.release == "local":
             path = RunLayout(self.setup.run_dir).local_eval_metrics(self.site.name)
-            path.parent.mkdir(parents=True, exist_ok=True)
             row = {"round": rnd, **({"reference": reference} if reference is not None else {}), **metrics}
-            with open(path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row, sort_keys=True) + "\n")
+            with open_site_file(path) as fh:  # 0600: the site's own record
+                fh.write(json.dumps(row, sort_keys=True) + "
+")
             logger.info("site %s round %d: evaluation kept at the site (%s)", self.site.name, rnd, path)
             return self.with_ledger_head(RecordDict({INFO_KEY: self.info()}))
         return self.with_ledger_head(RecordDict({METRICS_KEY: MetricRecord(metrics), INFO_KEY: self.info()}))

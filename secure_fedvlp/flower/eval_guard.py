@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from secure_fedvlp.errors import ProtocolError
+from secure_fedvlp.layout import open_site_file
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +89,8 @@ class EvaluationGuard:
         return state
 
     def _save(self, state: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with open_site_file(tmp, "w") as fh:  # 0600: the site's own record
             fh.write(json.dumps(state, sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())

@@ -11,10 +11,13 @@ import io
 import json
 import logging
 import os
+import threading
+import time
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from secure_fedvlp.build import build_model, expected_num_nodes
@@ -29,15 +32,79 @@ from secure_fedvlp.wrappers.compose import strategy_class
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["make_server_app", "app", "save_checkpoint", "load_checkpoint"]
+__all__ = ["make_server_app", "app", "save_checkpoint", "load_checkpoint", "RunInterrupted"]
 
 
-def make_server_app(provider: ConfigProvider = config_from_run_config) -> ServerApp:
-    """A ServerApp whose config comes from ``provider(context)``."""
+class RunInterrupted(Exception):  # noqa: N818 - not an error of the run: the user stopped it
+    """The user interrupted the run (Ctrl-C): the ServerApp stops at its next exchange with the sites,
+    keeping the last checkpoint, and writes no report (the run is not over: ``--resume`` continues it)."""
+
+
+class _StoppableGrid(Grid):
+    """``grid``, refusing every exchange once ``stop`` is set (polled while waiting for replies)."""
+
+    def __init__(self, grid: Grid, stop: threading.Event, poll_s: float = 0.1) -> None:
+        self._grid, self._stop, self._poll_s = grid, stop, poll_s
+
+    def _check(self) -> None:
+        if self._stop.is_set():
+            raise RunInterrupted("the run was interrupted; the ServerApp stopped before its next exchange")
+
+    def set_run(self, run) -> None:  # noqa: ANN001, D102
+        self._grid.set_run(run)
+
+    @property
+    def run(self):  # noqa: ANN201, D102
+        return self._grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:  # noqa: ANN001, D102
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
+        self._check()
+        return self._grid.get_node_ids()
+
+    def get_nodes(self):  # noqa: ANN201, D102
+        self._check()
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
+        self._check()
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
+        self._check()
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Push, then pull until every reply is in or ``timeout`` passed, stopping as soon as ``stop`` is set."""
+        ids = set(self.push_messages(messages))
+        end = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while ids and (end is None or time.monotonic() < end):
+            got = list(self.pull_messages(ids))
+            replies += got
+            ids -= {m.metadata.reply_to_message_id for m in got}
+            if ids:
+                self._stop.wait(self._poll_s)
+        self._check()  # replies cut short by an interruption are not the sites' answers
+        return replies
+
+
+def make_server_app(
+    provider: ConfigProvider = config_from_run_config, *, stop: threading.Event | None = None
+) -> ServerApp:
+    """A ServerApp whose config comes from ``provider(context)``.
+
+    ``stop`` (the CLI's Ctrl-C): once set, the ServerApp's next exchange with the sites raises
+    :class:`RunInterrupted`, before replies cut short by the interruption can be taken for failures.
+    """
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        if stop is not None:
+            grid = _StoppableGrid(grid, stop)
         setup = provider(context)
         run_dir = setup.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)

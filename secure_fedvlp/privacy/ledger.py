@@ -38,6 +38,18 @@ What verification detects
   fsync and the head update; it can only over-count) and the head is repaired on open;
 * a missing head file next to a non-empty ledger.
 
+Crash repair
+------------
+A crash in the middle of :meth:`PrivacyLedger.record`'s append leaves a partial last line.  The head
+file is written only after the whole line is fsynced, so when the complete lines verify and the head
+file records no more of them (one fewer at most), the partial line was never committed and nothing
+was released under it: :func:`repair_ledger` (``secure-fedvlp ledger repair LEDGER``, and a site,
+which opens its ledger with ``repair=True`` at its start and at every release) truncates it away under
+the ledger's lock and logs it.  Anything else (a committed entry cut, no head file, an edited line)
+is refused, saying so and to restore both files from a backup; the read-only checks
+(:func:`verify_ledger`, the audit) name the repair command when the head file proves a partial line
+uncommitted.
+
 What it does not detect
 -----------------------
 The chain is unkeyed.  Someone who can write both files can rewrite them consistently (for
@@ -84,6 +96,8 @@ __all__ = [
     "replay",
     "head_path",
     "ledger_relation",
+    "repair_ledger",
+    "REPAIR_COMMAND",
 ]
 
 logger = logging.getLogger(__name__)
@@ -221,7 +235,11 @@ def _parse_lines(path: Path, client_id: str | None) -> tuple[list[LedgerEntry], 
         raise LedgerError(f"Ledger {path} does not exist.") from exc
     except OSError as exc:
         raise LedgerError(f"Ledger {path} cannot be read: {exc}.") from exc
+    return _parse_bytes(raw, path, client_id)
 
+
+def _parse_bytes(raw: bytes, path: Path, client_id: str | None) -> tuple[list[LedgerEntry], str | None, int]:
+    """:func:`_parse_lines` of the ledger content ``raw`` (read from ``path``)."""
     entries: list[LedgerEntry] = []
     owner = client_id
     prev = genesis_hash(owner) if owner is not None else None
@@ -319,6 +337,115 @@ def _check_against_head(
     return lag
 
 
+#: The command that repairs a ledger torn by a crash in the middle of a write (:func:`repair_ledger`).
+REPAIR_COMMAND = "secure-fedvlp ledger repair"
+
+
+def _torn_tail_verdict(path: Path, complete: bytes, client_id: str | None) -> str | None:
+    """Why the partial last line after ``complete`` (the ledger's complete lines) may have been committed,
+    or None when the head file proves it never was.
+
+    :meth:`PrivacyLedger.record` writes the head file only after the whole line (newline included) is
+    fsynced, so a partial last line is uncommitted exactly when the complete lines verify and the head
+    file records no more of them than there are (one fewer at most: the crash of an earlier write).
+    """
+    try:
+        head = _read_head(path)
+        if head is None:
+            return f"its head file {head_path(path)} is missing, so nothing shows the line was never committed"
+        entries, owner, _ = _parse_bytes(complete, path, client_id)
+        _check_against_head(path, entries, head, owner, require_head=True)
+    except LedgerError as exc:
+        return str(exc).rstrip(".")
+    return None
+
+
+def _not_repairable(path: Path, why: str) -> str:
+    return (
+        f"refusing to repair: {why}. Dropping or rewriting lines could under-count the privacy spent; restore "
+        f"{path} and {head_path(path)} together from a backup."
+    )
+
+
+def _with_repair_hint(path: Path, exc: LedgerError, client_id: str | None) -> LedgerError:
+    """``exc`` (a ledger that does not verify) with what to do about it: the repair command for a partial
+    last line the head file proves uncommitted, a backup for anything else."""
+    tail_at = getattr(exc, "partial_tail_offset", None)
+    if tail_at is None:
+        return exc
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return exc
+    why = _torn_tail_verdict(path, raw[:tail_at], client_id)
+    if why is None:
+        hint = (
+            f"The head file shows that line was never committed (a crash in the middle of a write): run "
+            f"`{REPAIR_COMMAND} {path}` to drop it (the site does so itself the next time it opens its ledger)."
+        )
+    else:
+        hint = _not_repairable(path, why)
+    new = LedgerError(f"{exc} {hint}")
+    new.partial_tail_offset = tail_at  # type: ignore[attr-defined]
+    return new
+
+
+def repair_ledger(path: str | os.PathLike[str], *, client_id: str | None = None) -> str | None:
+    """Repair what a crash in the middle of a ledger write leaves, and nothing else.
+
+    Under the ledger's lock (no writer is mid-append): a partial last line is dropped (truncated away)
+    when the head file proves it was never committed, and a head file one entry behind (a crash between
+    an append and the head update) is brought up to date.  Both are logged.  Returns what was repaired
+    (None: the ledger was intact).
+
+    Raises
+    ------
+    LedgerError
+        For anything else (a committed entry cut, a missing head file, an edited or reordered line...),
+        naming the problem and saying to restore both files from a backup; nothing is changed.
+    """
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDWR)
+    except FileNotFoundError:
+        raise LedgerError(f"Ledger {p} does not exist.") from None
+    try:
+        if _fcntl is not None:
+            _fcntl.flock(fd, _fcntl.LOCK_EX)
+        raw = os.pread(fd, os.fstat(fd).st_size, 0)
+        done: list[str] = []
+        try:
+            entries, owner, _ = _parse_bytes(raw, p, client_id)
+        except LedgerError as exc:
+            tail_at = getattr(exc, "partial_tail_offset", None)
+            why = str(exc).rstrip(".") if tail_at is None else _torn_tail_verdict(p, raw[:tail_at], client_id)
+            if why is not None:
+                raise LedgerError(f"Ledger {p}: {_not_repairable(p, why)}") from None
+            os.ftruncate(fd, tail_at)
+            os.fsync(fd)
+            logger.warning(
+                "Ledger %s: dropped an uncommitted partial last line (%d bytes, line %d): a crash in the middle "
+                "of a write, which the head file shows was never committed (nothing was released under it).",
+                p,
+                len(raw) - tail_at,
+                raw[:tail_at].count(b"\n") + 1,
+            )
+            done.append(f"dropped an uncommitted partial last line ({len(raw) - tail_at} bytes)")
+            entries, owner, _ = _parse_bytes(raw[:tail_at], p, client_id)
+        head = _read_head(p)
+        try:
+            lag = _check_against_head(p, entries, head, owner, require_head=True)
+        except LedgerError as exc:
+            raise LedgerError(f"Ledger {p}: {_not_repairable(p, str(exc).rstrip('.'))}") from None
+        if lag and head is not None:
+            _write_head(p, head["client_id"], len(entries), entries[-1].hash, head.get("relation"))
+            logger.warning("Ledger %s: head file brought up to the last entry (%d).", p, len(entries))
+            done.append(f"head file brought up to entry {len(entries)}")
+    finally:
+        os.close(fd)  # releases the lock
+    return "; ".join(done) or None
+
+
 def verify_ledger(
     path: str | os.PathLike[str],
     *,
@@ -357,7 +484,10 @@ def _verify(
     expected_count: int | None,
     expected_head_hash: str | None,
 ) -> tuple[list[LedgerEntry], LedgerHead]:
-    entries, owner, _ = _parse_lines(p, client_id)
+    try:
+        entries, owner, _ = _parse_lines(p, client_id)
+    except LedgerError as exc:
+        raise _with_repair_hint(p, exc, client_id) from None
     head = _read_head(p)
     _check_against_head(p, entries, head, owner, require_head)
     n = len(entries)
@@ -383,7 +513,10 @@ def read_ledger(
 ) -> list[LedgerEntry]:
     """Verify and return every entry of a ledger file."""
     p = Path(path)
-    entries, owner, _ = _parse_lines(p, client_id)
+    try:
+        entries, owner, _ = _parse_lines(p, client_id)
+    except LedgerError as exc:
+        raise _with_repair_hint(p, exc, client_id) from None
     _check_against_head(p, entries, _read_head(p), owner, require_head)
     return entries
 
@@ -494,7 +627,7 @@ class PrivacyLedger:
                 if not (repair and hasattr(exc, "partial_tail_offset")):
                     raise
                 raise LedgerError(
-                    f"Ledger {p} has a partial last line and no head file; cannot repair safely."
+                    f"Ledger {p}: " + _not_repairable(p, f"it has a partial last line and no head file {head_path(p)}")
                 ) from exc
         if owner is None:
             raise LedgerError(f"Ledger {p} is empty and has no head file; its client is unknown.")
@@ -513,14 +646,16 @@ class PrivacyLedger:
         logger.info("Created privacy ledger %s for client %r.", self.path, self.client_id)
 
     def _resume(self, repair: bool) -> None:
-        head = _read_head(self.path)
         try:
             entries, owner, offset = _parse_lines(self.path, self.client_id)
         except LedgerError as exc:
-            tail_at = getattr(exc, "partial_tail_offset", None)
-            if not repair or tail_at is None or head is None:
-                raise
-            entries, owner, offset = self._repair_tail(tail_at, head)
+            if not repair:
+                raise _with_repair_hint(self.path, exc, self.client_id) from None
+            if getattr(exc, "partial_tail_offset", None) is None:  # not a torn write: nothing to repair
+                raise LedgerError(f"Ledger {self.path}: {_not_repairable(self.path, str(exc).rstrip('.'))}") from None
+            repair_ledger(self.path, client_id=self.client_id)  # raises unless the head proves it uncommitted
+            entries, owner, offset = _parse_lines(self.path, self.client_id)
+        head = _read_head(self.path)
         lag = _check_against_head(self.path, entries, head, self.client_id, require_head=True)
         if head is None:
             if entries:  # pragma: no cover - _check_against_head raised
@@ -543,25 +678,6 @@ class PrivacyLedger:
                     spent,
                     self.budget.epsilon,
                 )
-
-    def _repair_tail(self, tail_at: int, head: dict[str, Any]) -> tuple[list[LedgerEntry], str | None, int]:
-        # Only safe if the head shows that the partial line was never committed.
-        with open(self.path, "rb") as fh:
-            complete = fh.read(tail_at)
-        n_complete = complete.count(b"\n")
-        if head["count"] > n_complete:
-            raise LedgerError(
-                f"Ledger {self.path} line {n_complete + 1} is partial but the head file records "
-                f"{head['count']} entries: a committed entry was truncated; refusing to repair."
-            )
-        logger.warning("Ledger %s: dropping an uncommitted partial last line (crash mid-write).", self.path)
-        fd = os.open(self.path, os.O_WRONLY)
-        try:
-            os.ftruncate(fd, tail_at)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return _parse_lines(self.path, self.client_id)
 
     # ------------------------------------------------------------------ queries
 

@@ -83,7 +83,7 @@ def client_parts(
 
         declared = cfg.require_declared_size(site.name)  # public configuration, never a count of the data
         path = RunLayout(run_dir).ledger(site.name)
-        make_ledger(path, site.name, cfg.privacy)  # create (or resume and verify) it now
+        make_ledger(path, site.name, cfg.privacy, repair=True)  # create, or resume: a torn write is repaired
         z, q = client_noise_multiplier(cfg, release_plan(cfg), trainer.declared_training_size(declared))
         logger.info(
             "site %s: DP-SGD noise multiplier %.4f, sample rate %.4f (declared size %d; %d records held, "

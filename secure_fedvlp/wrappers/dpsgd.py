@@ -78,7 +78,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
 from secure_fedvlp.config import ExperimentConfig, PrivacyConfig
-from secure_fedvlp.layout import RunLayout
+from secure_fedvlp.layout import RunLayout, open_site_file
 from secure_fedvlp.methods.trainer import LocalTrainer, TrainTask
 from secure_fedvlp.models.state import make_collate
 from secure_fedvlp.privacy.budget import Budget
@@ -499,9 +499,11 @@ class DPTrainer:
         A site's messages may be handled by different processes over a run (Flower's
         simulation runs a node's ClientApp in whichever actor is free), so no process keeps
         the ledger open between releases: each release resumes it from disk, and the ledger
-        refuses a write if the file changed underneath it.
+        refuses a write if the file changed underneath it.  A partial last line left by a process of
+        this site that died in the middle of a write is dropped when the head file proves it was never
+        committed (``repair=True``, logged): the process that reopens the ledger may not be a new one.
         """
-        return make_ledger(self.ledger_path, self.client_id, self.privacy)
+        return make_ledger(self.ledger_path, self.client_id, self.privacy, repair=True)
 
     # Delegate everything the runtime may ask of a trainer.
     def __getattr__(self, item: str) -> Any:
@@ -607,8 +609,7 @@ class DPTrainer:
             ", ".join(f"{k}={v:.4f}" for k, v in values.items()),
         )
         path = RunLayout.local_train_metrics_beside(self.ledger_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
+        with open_site_file(path) as f:  # 0600, like the ledger beside it
             f.write(json.dumps({"round": task.server_round, "stage": task.stage, **values}) + "\n")
 
     def answer_query(self, kind: str, model: nn.Module, site, config: Mapping[str, Any]) -> dict[str, float]:
@@ -648,6 +649,11 @@ class DPTrainer:
         return {kind: float(estimate.reshape(-1)[0]), NUM_EXAMPLES: float(m), EPSILON: ledger.epsilon()}
 
 
-def make_ledger(path, client_id: str, privacy: PrivacyConfig) -> PrivacyLedger:
-    """The client's ledger (resumed if it exists), enforcing its (epsilon, delta) budget."""
-    return PrivacyLedger(path, client_id, Budget(privacy.target_epsilon, privacy.delta), accountant=privacy.accountant)
+def make_ledger(path, client_id: str, privacy: PrivacyConfig, *, repair: bool = False) -> PrivacyLedger:
+    """The client's ledger (resumed if it exists), enforcing its (epsilon, delta) budget.
+
+    ``repair`` (a site's start): drop a partial last line the head file proves was never committed
+    (:func:`~secure_fedvlp.privacy.ledger.repair_ledger`, logged); anything else is refused.
+    """
+    budget = Budget(privacy.target_epsilon, privacy.delta)
+    return PrivacyLedger(path, client_id, budget, accountant=privacy.accountant, repair=repair)

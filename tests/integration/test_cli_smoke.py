@@ -1,8 +1,8 @@
 """CLI smoke test: a tiny federated run on the real Flower Simulation Engine, end to end."""
 
 import json
-import stat
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path

@@ -5,7 +5,8 @@ Real processes: ``flower-superlink`` (TLS, ``--enable-supernode-auth``), one ``f
 Negative cases in the same federation: a SuperNode whose key was never registered (claiming an honest site's
 name) is refused by the SuperLink and never appears in the run; a SuperNode without the CA fails the TLS
 handshake.  While the ServerApp runs, its process's memory is scanned for the secret key (``tests/memscan.py``,
-another process); afterwards the server's files are scanned for the key and the key holder's plaintext export.
+another process); after its last round its memory is copied, and once a key holder exported the model, the
+copy and the server's files are scanned for the key and for the plaintext model values.
 Teardown kills every Flower process started, and checks by process id that none is alive.
 """
 
@@ -26,13 +27,11 @@ import pytest
 from secure_fedvlp.deploy import (
     flower_env,
     make_node_key,
-    make_pki,
-    register_command,
     run_command,
-    superlink_command,
     supernode_command,
-    write_flwr_connection,
+    write_deployment,
 )
+from secure_fedvlp.layout import RunLayout
 
 REPO = Path(__file__).resolve().parents[2]
 SITES = ("site1", "site2")
@@ -118,12 +117,22 @@ def test_loopback_deployment_tls_node_auth_and_no_secrets_at_the_server(tmp_path
 
     try:
         link_port, *node_ports = _free_ports(5)
-        pki = make_pki(tmp_path / "pki")
-        node_keys = {s: make_node_key(tmp_path / "nodes", s) for s in (*SITES, "intruder")}
-        key_dir = tmp_path / "keys"  # the key authority's work, in its own processes
+        cache, run_dir = tmp_path / "cache", tmp_path / "run"
+        # the scripted deployment (what `secure-fedvlp deploy init` writes): TLS, node keys, connection, scripts
+        dep = write_deployment(
+            tmp_path / "deploy",
+            SITES,
+            app_dir=REPO,
+            config_path=str(REPO / "configs" / "tiny.toml"),
+            run_dir=run_dir,
+            port=link_port,
+            node_ports=node_ports[:2],
+            connection="loop",
+        )
+        pki, node_keys = dep.pki, {**dep.node_keys, "intruder": make_node_key(tmp_path / "nodes", "intruder")}
+        key_dir = dep.key_dir  # the key authority's work, in its own processes
         cli("keys", "init", "--out", str(key_dir), "--clients", ",".join(SITES))
         cli("keys", "bind-nodes", "--out", str(key_dir), *[f"--node={s}={node_keys[s][1]}" for s in SITES])
-        cache, run_dir = tmp_path / "cache", tmp_path / "run"
         overrides = [
             f"data.cache_dir={cache}",
             "data.synthetic.heldout_site=false",
@@ -139,24 +148,19 @@ def test_loopback_deployment_tls_node_auth_and_no_secrets_at_the_server(tmp_path
 
         build_federation(load_config(REPO / "configs" / "tiny.toml", overrides))  # nodes only read the cache
 
-        start("superlink", superlink_command(pki, link_port), tmp_path / "link")
+        start("superlink", ["bash", str(dep.scripts["superlink"])], tmp_path / "link")
         try:
             _wait_port(link_port, 120)
         except TimeoutError:
             pytest.fail(f"the SuperLink did not start:\n{_tail(tmp_path / 'superlink.log')}")
-        cli_home = tmp_path / "cli"
-        write_flwr_connection(cli_home, "loop", f"127.0.0.1:{link_port}", pki.ca_cert)
-        cli_env = dict(env, FLWR_HOME=str(cli_home))
-        node_ids = {}
+        cli_env = dict(env, FLWR_HOME=str(dep.flwr_home))
         holder_key = str(key_dir / "client-site1.key")
-        for s in SITES:
-            out = subprocess.run(
-                register_command(node_keys[s][1], "loop", s), env=cli_env, capture_output=True, text=True, check=True
-            ).stdout
-            node_ids[s] = json.loads(out[out.index("{") :])["node-id"]
+        registered = subprocess.run(["bash", str(dep.scripts["register"])], env=env, capture_output=True, text=True)
+        assert registered.returncode == 0, registered.stderr
+        assert registered.stdout.count('"node-id"') == len(SITES)
         address = f"127.0.0.1:{link_port}"
-        for s, port in zip(SITES, node_ports, strict=False):
-            start(s, supernode_command(address, pki.ca_cert, node_keys[s][0], s, port), tmp_path / f"sn-{s}")
+        for s in SITES:
+            start(s, ["bash", str(dep.scripts[f"supernode-{s}"])], tmp_path / f"sn-{s}")
         # an unregistered key claiming an honest site's name, and an honest key without the CA
         start(
             "intruder",
@@ -185,12 +189,32 @@ def test_loopback_deployment_tls_node_auth_and_no_secrets_at_the_server(tmp_path
         )
 
         scans, last_scan = [], 0.0
+        copies: list[Path] = []  # the ServerApp's memory after its last round
+        final_model = RunLayout(run_dir).encrypted_model
         deadline = time.monotonic() + 1500
         while not (run_dir / "report.json").exists():
             if time.monotonic() > deadline:
                 pytest.fail(f"the deployed run did not finish:\n{_tail(tmp_path / 'superlink.log')}")
             pids = _descendants([p.pid for p in procs.values()])
             seen |= pids
+            if final_model.exists() and not copies:
+                # the last round is over: copy the ServerApp's memory (stopped for the few seconds the copy
+                # takes); it is searched for the plaintext model once a key holder has exported it
+                for pid in [p for p in pids if "flwr-serverapp" in _cmdline(p) and _alive(p)]:
+                    os.kill(pid, signal.SIGSTOP)
+                    copies.append(tmp_path / f"serverapp-{pid}.mem")
+                    try:
+                        dump = ["--dump-pid", str(pid), "--dump-out", str(copies[-1])]
+                        subprocess.run(
+                            [sys.executable, "-m", "tests.memscan", *dump],
+                            cwd=REPO,
+                            env=env,
+                            capture_output=True,
+                            check=True,
+                        )
+                    finally:
+                        os.kill(pid, signal.SIGCONT)
+                assert copies, "the ServerApp was gone before its final memory could be read"
             due = not scans or time.monotonic() - last_scan > 60  # a scan reads the whole process: not too often
             servers = [p for p in pids if due and "flwr-serverapp" in _cmdline(p) and _alive(p)]
             for pid in servers:
@@ -213,7 +237,7 @@ def test_loopback_deployment_tls_node_auth_and_no_secrets_at_the_server(tmp_path
                 if scan.returncode == 0:
                     scans.append(json.loads(scan.stdout))
                     last_scan = time.monotonic()
-            time.sleep(5)
+            time.sleep(5 if copies else 0.5)
 
         report = json.loads((run_dir / "report.json").read_text())
         assert report["status"] == "OK" and sorted(report["sites"]) == list(SITES)
@@ -250,8 +274,12 @@ def test_loopback_deployment_tls_node_auth_and_no_secrets_at_the_server(tmp_path
             str(export),
         ]
         cmd += ["--config", str(REPO / "configs" / "tiny.toml"), "--files", str(run_dir), "--skip", "clients"]
+        cmd += [a for c in copies for a in ("--dump", str(c))]
         files = json.loads(subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout)
+        assert files["needles"]["plaintext_model"] >= 4 and files["self_check"] == files["needles"]
         assert files["files"] == {"secret_key": [], "plaintext_model": []}
+        # the ServerApp's memory after its last round: neither the secret key nor the plaintext model
+        assert copies and all(files["memory"][str(c)] == {"secret_key": 0, "plaintext_model": 0} for c in copies)
     finally:
         seen |= _descendants([p.pid for p in procs.values()])
         for p in procs.values():

@@ -144,6 +144,7 @@ def test_local_release_keeps_the_metrics_at_the_site(tmp_path):
     for s in strategy.sites.values():
         rows = [json.loads(x) for x in layout.local_eval_metrics(s.site).read_text().splitlines()]
         assert [r["round"] for r in rows] == [0, 1] and all("zs_auroc_macro" in r for r in rows)
+        assert layout.local_eval_metrics(s.site).stat().st_mode & 0o777 == 0o600  # the site's own, like its ledger
     rep = json.loads((run_dir / "report.json").read_text())
     assert rep["evaluation"]["release"] == "local" and rep["sites"] == {}
     assert not any("AUROC" in s for s in rep["not_covered"])

@@ -235,3 +235,15 @@ def test_dp_replies_carry_the_ledger_head(dp_run):
         assert 0 <= seq < len(entries) and entries[seq].hash == head[LEDGER_HEAD] or seq == -1
         kinds.add(reply.metadata.message_type)
     assert kinds >= {MessageType.TRAIN, MessageType.EVALUATE}
+
+
+def test_site_files_are_owner_only(dp_run):
+    """A site's own files (ledger, un-noised local training metrics, evaluation guard) are created 0600."""
+    import stat
+
+    from secure_fedvlp.layout import RunLayout
+
+    layout = RunLayout(dp_run.tmp_path / "run")
+    for site in ("site1", "site2"):
+        files = [layout.ledger(site), layout.local_train_metrics(site), layout.evaluation_guard(site)]
+        assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: 0o600 for f in files}

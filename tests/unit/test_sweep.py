@@ -57,7 +57,7 @@ def test_resume_skips_finished_cells_and_summarises(tmp_path, monkeypatch):
         _fake_report(run_dir, 0.6)
         return 0
 
-    monkeypatch.setattr(runner.subprocess, "call", fake_call)
+    monkeypatch.setattr(runner, "_run_cell", lambda cmd, log: fake_call(cmd))
     run_sweep(spec)
     assert cell_id(done) not in ran and len(ran) == 3  # the finished cell was not redone
     ran.clear()
@@ -81,7 +81,7 @@ def test_failed_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
         _fake_report(Path(cmd[cmd.index("--run-dir") + 1]), 0.6)
         return 0
 
-    monkeypatch.setattr(runner.subprocess, "call", fake_call)
+    monkeypatch.setattr(runner, "_run_cell", lambda cmd, log: fake_call(cmd))
     run_sweep(spec)
     state = json.loads((spec.root / "sweep_state.json").read_text())
     assert sorted(v["returncode"] for v in state.values()) == [0, 0, 0, 3]
@@ -179,7 +179,7 @@ def test_epsilon_sweep_summarises_the_tradeoff_and_resumes(tmp_path, monkeypatch
         _fake_dp_report(run_dir, auroc + 0.02 * seed, eps)
         return 0
 
-    monkeypatch.setattr(runner.subprocess, "call", fake_call)
+    monkeypatch.setattr(runner, "_run_cell", lambda cmd, log: fake_call(cmd))
     run_sweep(spec)
     assert len(ran) == 24
     ran.clear()
@@ -241,3 +241,24 @@ def test_the_summary_lists_the_public_start_beside_the_untrained_reference(tmp_p
     assert refs["public_start"]["worst/zs_auroc_macro"]["n"] == 4
     md = (spec.root / "summary.md").read_text()
     assert "## References" in md and "| public start | 4 | 0.620 ± 0.000" in md and "| untrained | 4 |" in md
+
+
+def test_an_unfinished_cell_is_moved_aside_with_its_ledger_and_keys_never_deleted(tmp_path, monkeypatch):
+    spec = load_sweep(_sweep_file(tmp_path, grid='"federation.method" = ["fedavg"]'))
+    cid = cell_id(spec.cells()[0])
+    run = spec.layout.cell(cid)
+    ledger = run.ledger("site1")
+    ledger.parent.mkdir(parents=True)
+    ledger.write_bytes(b'{"a torn, interrupted ledger"')
+    run.default_key_dir.mkdir()
+    (run.default_key_dir / "client-site1.key").write_bytes(b"key")
+    spec.layout.cell_log(cid).write_text("interrupted after 3 finished round(s)")
+    monkeypatch.setattr(
+        runner, "_run_cell", lambda cmd, log: _fake_report(Path(cmd[cmd.index("--run-dir") + 1]), 0.6) or 0
+    )
+    run_sweep(spec)
+    [aside] = (spec.root / "interrupted").glob(f"{cid}-*[0-9]")
+    assert (aside / "clients" / "site1" / "privacy_ledger.jsonl").read_bytes() == b'{"a torn, interrupted ledger"'
+    assert (aside.parent / f"{aside.name}.keys" / "client-site1.key").read_bytes() == b"key"
+    assert (aside.parent / f"{aside.name}.log").read_text() == "interrupted after 3 finished round(s)"
+    assert run.report_json.exists() and not run.default_key_dir.exists()  # the cell ran again, from scratch
