@@ -1,4 +1,5 @@
-"""Command line: ``secure-fedvlp run | sweep | pretrain | keys | deploy init | export | audit | ledger repair | report``.
+"""Command line: ``secure-fedvlp run | sweep | pretrain | keys | deploy init | export | audit | ledger repair``
+and ``report``.
 
 ``main(argv) -> int`` so tests call it directly.  Configuration is read here, once, and
 handed to the Flower apps as typed objects; a finished run is opened with

@@ -237,8 +237,7 @@ class ClientRuntime:
             path = RunLayout(self.setup.run_dir).local_eval_metrics(self.site.name)
             row = {"round": rnd, **({"reference": reference} if reference is not None else {}), **metrics}
             with open_site_file(path) as fh:  # 0600: the site's own record
-                fh.write(json.dumps(row, sort_keys=True) + "
-")
+                fh.write(json.dumps(row, sort_keys=True) + "\n")
             logger.info("site %s round %d: evaluation kept at the site (%s)", self.site.name, rnd, path)
             return self.with_ledger_head(RecordDict({INFO_KEY: self.info()}))
         return self.with_ledger_head(RecordDict({METRICS_KEY: MetricRecord(metrics), INFO_KEY: self.info()}))
