@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from secure_fedvlp.data.images import describe_missing_image, resolve_image
+from secure_fedvlp.data.images import describe_missing_image, is_rle, resolve_image
 from secure_fedvlp.data.labels import UncertainPolicy, parse_labels, resolve_label_columns
 from secure_fedvlp.data.records import Record, assemble
 from secure_fedvlp.data.tables import Problems, cell, check_header, hash_split, iter_table, parse_split
@@ -36,6 +36,7 @@ def load_manifest(
     image_column: str = "image",
     report_column: str = "report",
     labels_column: str = "labels",
+    mask_column: str = "mask",
     heldout_site: str | None = None,
     public_site: str | None = None,
     default_site: str | None = None,
@@ -58,6 +59,8 @@ def load_manifest(
         :data:`~secure_fedvlp.data.labels.LABEL_ALIASES`).  Default: a ``labels_column`` of
         ``|``-separated finding names if the manifest has one, else every column whose name maps to a finding.
     site_column, split_column, image_column, report_column, labels_column : column names.
+    mask_column : optional column of lesion masks: a PNG path (resolved like images) or a SIIM-ACR
+        run-length encoding (``-1`` = empty); a split's masks are used when every record of it has one.
     heldout_site : a site that never trains (``Federation.heldout``).
     public_site : a site whose records (all splits) become ``Federation.public``.
     default_site : site of every record when the manifest has no site column.
@@ -116,10 +119,16 @@ def load_manifest(
             errs.append(f"column {split_column!r} has value {raw_split!r}; expected train, val/validate or test")
         lab, lab_errs = parse_labels(rec, mapping, uncertain=uncertain, labels_column=labels_column)
         errs += lab_errs
+        mask = cell(rec, mask_column)
+        if mask and not is_rle(mask):
+            mask_path, tried = resolve_image(mask, [root])
+            if mask_path is None:
+                errs.append(describe_missing_image(mask_column, mask, tried))
+            mask = str(mask_path or "")
         for e in errs:
             problems.add(path, row, line, e)
         if not errs and image_path is not None:
-            records.append(Record(path, row, line, image_path, report, bool(report), lab, site, split))
+            records.append(Record(path, row, line, image_path, report, bool(report), lab, site, split, mask=mask))
     problems.raise_if_any(path, "Invalid manifest")
     return assemble(
         records,
