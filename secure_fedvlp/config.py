@@ -210,9 +210,25 @@ class EvalConfig:
     every_round: bool = True
     split: Literal["test", "val"] = "test"
     release: Literal["clear", "local"] = "clear"
+    # Downstream tasks run at each site after the run ("linear", "segmentation"; see docs/methods.md),
+    # on the final model and the references; the same release policy applies to their metrics.
+    downstream: tuple[str, ...] = ()
+    downstream_fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
+    downstream_seeds: int = 3
+    downstream_seg_steps: int = 150
 
     def __post_init__(self) -> None:
         check = _Checks()
+        bad = sorted(set(self.downstream) - {"linear", "segmentation"})
+        check(not bad, "eval.downstream", list(self.downstream), "lists unknown tasks; known: linear, segmentation")
+        check(
+            bool(self.downstream_fractions) and all(0 < f <= 1 for f in self.downstream_fractions),
+            "eval.downstream_fractions",
+            list(self.downstream_fractions),
+            "must be a non-empty list of label fractions in (0, 1]",
+        )
+        check(self.downstream_seeds >= 1, "eval.downstream_seeds", self.downstream_seeds, "must be >= 1")
+        check(self.downstream_seg_steps >= 1, "eval.downstream_seg_steps", self.downstream_seg_steps, "must be >= 1")
         check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
         check(
             len(self.recall_ks) > 0 and all(k >= 1 for k in self.recall_ks),

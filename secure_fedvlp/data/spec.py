@@ -23,6 +23,9 @@ class SyntheticSpec:
     dirichlet_alpha: float = 0.5
     missing_text_fraction: float = 0.0
     seed: int = 0
+    # Training records of the held-out site: it never trains in the federation; downstream evaluation
+    # (linear probe, segmentation decoder) fits its heads on them at that site.
+    heldout_train_size: int = 0
 
     def site_names(self) -> tuple[str, ...]:
         """The training sites' names, in order (``site1``, ``site2``, ...); the held-out site is ``heldout``."""
@@ -43,6 +46,14 @@ class SyntheticSpec:
         if not (isinstance(self.missing_text_fraction, (int, float)) and 0 <= self.missing_text_fraction < 1):
             problems.append(
                 f"'data.synthetic.missing_text_fraction' must be in [0, 1). Found {self.missing_text_fraction!r}."
+            )
+        if (
+            isinstance(self.heldout_train_size, bool)
+            or not isinstance(self.heldout_train_size, int)
+            or (self.heldout_train_size < 0)
+        ):
+            problems.append(
+                f"'data.synthetic.heldout_train_size' must be an integer >= 0. Found {self.heldout_train_size!r}."
             )
         if problems:
             raise ConfigError(problems)

@@ -249,7 +249,8 @@ def site_downstream(
 
     A flat dict of floats (what may leave the site): ``linear@<fraction>/auroc_macro`` with
     ``/std`` over seeds and ``/num_train``; ``segmentation/dice``, ``/dice_lesion`` with ``/std``;
-    ``seconds/<task>``.  A site without masks has no segmentation keys.
+    ``seconds/<task>``.  A site without masks has no segmentation keys; one with fewer than two
+    training or test records returns only ``skipped``.
     """
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
@@ -257,6 +258,14 @@ def site_downstream(
     dev = torch.device(device)
     enc = model.image_encoder
     out: dict[str, float] = {}
+    if len(site.train) < 2 or len(site.test) < 2:  # e.g. a held-out site without training records
+        logger.warning(
+            "site %s: downstream evaluation needs >= 2 training and test records (has %d / %d); skipped",
+            site.name,
+            len(site.train),
+            len(site.test),
+        )
+        return {"skipped": 1.0}
     if "linear" in tasks:
         t0 = time.perf_counter()
         trx = pooled_features(enc, site.train, settings.batch_size, dev)

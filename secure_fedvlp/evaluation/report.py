@@ -184,6 +184,29 @@ def encryption_section(layout: RunLayout) -> dict[str, Any] | None:
     }
 
 
+#: What downstream evaluation releases under eval.release = "clear" (report and SECURITY.md).
+DOWNSTREAM_NOT_COVERED = (
+    "downstream evaluation metrics of every site (linear-probe macro AUROC per label fraction with its spread over "
+    "seeds and the number of training records used, segmentation Dice, wall times), computed at the site on its own "
+    "training and test records for the final model and the untrained and public-start references and sent in clear "
+    "(eval.release = 'clear'; not a DP release); at most one evaluation per model and site"
+)
+
+
+def downstream_section(layout: RunLayout) -> dict[str, Any] | None:
+    """The downstream metrics the sites released (``secure-fedvlp evaluate``) and their summary, or None."""
+    path = layout.downstream_results
+    if not path.exists():
+        return None
+    from secure_fedvlp.evaluation.downstream_run import downstream_summary
+
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        return {"error": f"{layout.relative(path)} is not valid JSON: {exc}"}
+    return {"results": results, "summary": downstream_summary(results), "file": layout.relative(path)}
+
+
 def empirical_section(layout: RunLayout) -> dict[str, Any] | None:
     """The run's empirical privacy audit (:attr:`RunLayout.empirical_audit`, written by the auditor's step
     after training), without the per-canary scores; None when the run had no canaries."""
@@ -246,9 +269,17 @@ def build_report(run_dir: str | os.PathLike | FinishedRun) -> dict[str, Any]:
         for r in records
         if r.get("status") == "budget_exhausted"
     }
+    downstream = downstream_section(layout)
+    not_covered = releases_not_covered(run.cfg)
+    if downstream and downstream.get("results", {}).get("release") == "clear":
+        not_covered.append(DOWNSTREAM_NOT_COVERED)
+    priv = privacy_section(run)
+    if priv is not None:
+        priv["not_covered"] = not_covered
     return {
-        "privacy": privacy_section(run),
-        "not_covered": releases_not_covered(run.cfg),
+        "privacy": priv,
+        "not_covered": not_covered,
+        "downstream": downstream,
         "evaluation": evaluation_section(run.cfg, layout),
         "encryption": encryption_section(layout),
         "empirical_audit": empirical_section(layout),
@@ -315,6 +346,7 @@ def _markdown(rep: dict[str, Any]) -> str:
         lines += ["| site | " + " | ".join(findings) + " |", "|---|" + "---|" * len(findings)]
         for site, v in rep["sites"].items():
             lines.append(f"| {site} | " + " | ".join(_f(v["final_per_finding"].get(f)) for f in findings) + " |")
+    lines += _downstream_markdown(rep.get("downstream"))
     priv = rep.get("privacy")
     if priv:
         lines += [
@@ -440,6 +472,45 @@ def _markdown(rep: dict[str, Any]) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _downstream_markdown(ds: dict[str, Any] | None) -> list[str]:
+    if not ds:
+        return []
+    lines = ["", "## Downstream evaluation (frozen image encoder, at each site on its own records)", ""]
+    if "error" in ds:
+        return lines + [f"Unreadable: {ds['error']}"]
+    res = ds["results"]
+    st = res.get("settings", {})
+    lines += [
+        f"Tasks: {', '.join(res.get('tasks', []))}; label fractions {st.get('fractions')}, {st.get('seeds')} seeds "
+        f"(mean +- std over seeds), segmentation decoder {st.get('seg_steps')} steps. Test split of each site. "
+        f"Metrics released: eval.release = '{res.get('release')}' (`{ds['file']}`).",
+        "",
+    ]
+    models = [m for m in ("untrained", "public_start", "final") if any(m in v for v in ds["summary"].values())]
+    metrics = list(ds["summary"])
+    if not metrics:
+        return lines + ["No metrics reached the server (kept at the sites)."]
+    lines += ["| site | role | metric | " + " | ".join(models) + " |", "|---|---|---|" + "---|" * len(models)]
+    for site, v in sorted(res.get("sites", {}).items()):
+        for metric in metrics:
+            cells = []
+            for m in models:
+                got = v["models"].get(m)
+                if not isinstance(got, dict):
+                    cells.append("kept at site" if got else "n/a")
+                    continue
+                mean, sd = got.get(metric), got.get(f"{metric}/std")
+                cells.append(_f(mean) + (f" +- {sd:.3f}" if isinstance(sd, float) and sd == sd and sd > 0 else ""))
+            lines.append(f"| {site} | {v['role']} | {metric} | " + " | ".join(cells) + " |")
+    lines += ["", "| metric | model | training sites mean | worst training site | held-out |", "|---|---|---|---|---|"]
+    for metric, per_model in ds["summary"].items():
+        for m, row in per_model.items():
+            held = ", ".join(f"{s} {_f(x)}" for s, x in row["heldout"].items()) or "n/a"
+            worst = f"{row['worst_site']} {_f(row['worst'])}" if "worst_site" in row else "n/a"
+            lines.append(f"| {metric} | {m} | {_f(row.get('mean_train'))} | {worst} | {held} |")
+    return lines
 
 
 def _plots(run_dir: Path, rep: dict[str, Any], records: list[dict[str, Any]]) -> list[Path]:

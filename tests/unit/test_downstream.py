@@ -1,6 +1,7 @@
 """Downstream evaluation: label fractions, the linear probe, Dice (MONAI), the decoder, and masks in manifests."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from secure_fedvlp.data.images import decode_siim_rle
 from secure_fedvlp.data.spec import SyntheticSpec
 from secure_fedvlp.data.synthetic import generate_federation
 from secure_fedvlp.data.types import FINDINGS
-from secure_fedvlp.errors import DataError
+from secure_fedvlp.errors import DataError, ProtocolError
 from secure_fedvlp.evaluation.downstream import (
     ProbeSettings,
     evaluate_decoder,
@@ -162,3 +163,140 @@ def test_manifest_mask_column_png_and_rle(tmp_path):
         w.writerows(rows)
     with pytest.raises(DataError, match=r"m\.csv.*row 1.*'mask'.*missing\.png"):
         load_manifest(path, image_size=8)
+
+
+# ----------------------------------------------------------------------------- a finished run, evaluated
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("federation-cache")
+
+
+def _finished_run(tmp_path, cache, release="clear"):
+    """A run directory as `secure-fedvlp run` leaves it: resolved config, metrics, the final parameters."""
+    from secure_fedvlp.build import build_model
+    from secure_fedvlp.config import config_to_dict, dump_toml, parse_config
+    from secure_fedvlp.models.state import federated_state
+
+    cfg = parse_config(
+        {
+            "run": {"seed": 0, "device": "cpu"},
+            "data": {
+                "cache_dir": str(cache),
+                "synthetic": {
+                    "num_sites": 2,
+                    "heldout_site": True,
+                    "train_per_site": 30,
+                    "val_per_site": 2,
+                    "test_per_site": 12,
+                    "public_size": 4,
+                    "image_size": 32,
+                    "seed": 3,
+                    "heldout_train_size": 12,
+                },
+            },
+            "model": {"name": "tiny"},
+            "eval": {"release": release, "downstream_fractions": [0.1, 1.0], "downstream_seeds": 2},
+        }
+    )
+    run_dir = tmp_path / "run"
+    (run_dir / "model").mkdir(parents=True)
+    (run_dir / "config.toml").write_text(dump_toml(config_to_dict(cfg)))
+    (run_dir / "metrics.jsonl").write_text("")
+    state = federated_state(build_model(cfg))
+    rng = np.random.default_rng(0)
+    state = {k: v + 0.05 * rng.standard_normal(v.shape).astype(np.float32) for k, v in state.items()}
+    np.savez(run_dir / "model" / "federated_params.npz", **state)
+    return run_dir, cfg
+
+
+FAST = ProbeSettings(fractions=(0.1, 1.0), seeds=2, seg_steps=2, seg_batch_size=4, seg_width=4)
+
+
+def test_evaluate_run_releases_site_metrics_into_the_report(tmp_path, data_cache):
+    """Each site evaluates the untrained and final models on its own records; the report shows them per site,
+    worst training site and held-out site, and names the metrics as released without DP."""
+    from secure_fedvlp.evaluation.downstream_run import evaluate_run
+    from secure_fedvlp.evaluation.report import write_report
+    from secure_fedvlp.layout import RunLayout
+
+    run_dir, cfg = _finished_run(tmp_path, data_cache)
+    out = evaluate_run(run_dir, tasks=["linear", "segmentation"], settings=FAST)
+    assert set(out["sites"]) == {"site1", "site2", "heldout"} and out["sites"]["heldout"]["role"] == "heldout"
+    for site in out["sites"].values():
+        assert set(site["models"]) == {"untrained", "final"}  # no public start in this run
+        assert {"linear@0.1/auroc_macro", "linear@1/auroc_macro", "segmentation/dice"} <= set(site["models"]["final"])
+    layout = RunLayout(run_dir)
+    kept = [json.loads(line) for line in layout.site_downstream("site1").read_text().splitlines()]
+    assert [r["key"]["model"] for r in kept] == ["untrained", "final"]
+    md = write_report(run_dir).read_text()
+    assert "## Downstream evaluation" in md and "| heldout | heldout | segmentation/dice |" in md
+    rep = json.loads(layout.report_json.read_text())
+    summary = rep["downstream"]["summary"]["linear@1/auroc_macro"]["final"]
+    assert summary["worst_site"] in ("site1", "site2") and set(summary["heldout"]) == {"heldout"}
+    assert any("downstream evaluation metrics" in line for line in rep["not_covered"])
+    # asked again: the same numbers, from the site's record (nothing new is computed or released)
+    again = evaluate_run(run_dir, tasks=["linear", "segmentation"], settings=FAST)
+    assert again["sites"] == out["sites"]
+    assert len(layout.site_downstream("site1").read_text().splitlines()) == 2
+
+
+def test_local_release_keeps_downstream_metrics_at_the_site(tmp_path, data_cache):
+    from secure_fedvlp.evaluation.downstream_run import evaluate_run
+    from secure_fedvlp.layout import RunLayout
+
+    run_dir, _ = _finished_run(tmp_path, data_cache, release="local")
+    out = evaluate_run(run_dir, tasks=["linear"], settings=FAST, sites=["site2"])
+    assert out["sites"] == {
+        "site2": {"role": "train", "models": {"untrained": "kept_at_site", "final": "kept_at_site"}}
+    }
+    assert "linear@1/auroc_macro" in (RunLayout(run_dir).site_downstream("site2").read_text())
+    assert "auroc" not in RunLayout(run_dir).downstream_results.read_text()
+
+
+def test_a_site_evaluates_one_encoder_per_model_name(tmp_path, data_cache):
+    """A second, different 'final' model (a server probing a site's records with crafted encoders) is refused,
+    as is an 'untrained' model that is not the seeded one."""
+    from secure_fedvlp.evaluation.downstream_run import evaluate_run
+    from secure_fedvlp.layout import RunLayout
+
+    run_dir, _ = _finished_run(tmp_path, data_cache)
+    evaluate_run(run_dir, tasks=["linear"], settings=FAST, sites=["site1"])
+    path = RunLayout(run_dir).model_params
+    crafted = {k: v * 1.5 for k, v in np.load(path).items()}
+    np.savez(path, **crafted)
+    with pytest.raises(ProtocolError, match="site1: model 'final' was already evaluated with another image encoder"):
+        evaluate_run(run_dir, tasks=["linear"], settings=FAST, sites=["site1"])
+    from secure_fedvlp.build import build_federation, build_model
+    from secure_fedvlp.evaluation.downstream_run import SiteDownstream, encoder_hash
+    from secure_fedvlp.layout import load_run
+
+    cfg = load_run(run_dir).cfg
+    site = build_federation(cfg).site("site2")
+    runner = SiteDownstream(RunLayout(run_dir), site, encoder_hash(build_model(cfg)))
+    fake = build_model(cfg)
+    with torch.no_grad():
+        next(fake.image_encoder.parameters()).add_(1.0)
+    with pytest.raises(ProtocolError, match="not the seeded initial model"):
+        runner.evaluate("untrained", fake, ["linear"], FAST, "cpu")
+
+
+def test_cli_evaluate_and_its_errors(tmp_path, data_cache, capsys):
+    from secure_fedvlp.cli import main
+
+    run_dir, _ = _finished_run(tmp_path, data_cache)
+    assert (
+        main(["evaluate", str(run_dir), "--tasks", "linear", "--fractions", "0.5", "--seeds", "1", "--sites", "site1"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "## Downstream evaluation" in out and "linear@0.5/auroc_macro" in out
+    assert main(["evaluate", str(run_dir), "--tasks", "detection"]) == 2
+    assert "detection" in capsys.readouterr().err
+    assert main(["evaluate", str(run_dir), "--fractions", "0,1"]) == 2
+    assert "(0, 1]" in capsys.readouterr().err
+    (run_dir / "model" / "federated_params.npz").unlink()
+    (run_dir / "model" / "global_model.ckks").write_bytes(b"x")
+    assert main(["evaluate", str(tmp_path / "run"), "--tasks", "linear", "--seeds", "1", "--fractions", "0.2"]) == 2
+    assert "secure-fedvlp export" in capsys.readouterr().err
