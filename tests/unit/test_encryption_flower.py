@@ -15,7 +15,6 @@ from secure_fedvlp.encryption import AggregateCiphertext, EncryptedUpdate, init_
 from secure_fedvlp.encryption.keys import SERVER_FILE
 from secure_fedvlp.flower.client_app import make_client_app
 from secure_fedvlp.flower.runtime import RunSetup
-from secure_fedvlp.methods import list_methods
 from secure_fedvlp.models.state import federated_state
 from secure_fedvlp.wire import ARRAYS_KEY, arrays_to_numpy, numpy_to_arrays
 from secure_fedvlp.wrappers.compose import strategy_class
@@ -26,7 +25,7 @@ from secure_fedvlp.wrappers.encryption import (
     is_encrypted,
     load_server_encryption,
 )
-from tests.loopback import LoopbackGrid
+from tests.loopback import LoopbackGrid, private_methods
 from tests.unit.test_methods_contract import ListRecorder, tiny_cfg
 
 
@@ -94,7 +93,7 @@ def decrypt_final(cfg, run_dir, arrays):
     return sa.decrypt_global(arrays)
 
 
-@pytest.mark.parametrize("method", list_methods())
+@pytest.mark.parametrize("method", private_methods())
 def test_encrypted_run_matches_plaintext_run(method, tmp_path):
     """A full encrypted run of each method ends with the plaintext run's metrics and parameters.
 
