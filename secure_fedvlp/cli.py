@@ -462,6 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     args = build_parser().parse_args(argv)
+    # Register the built-in methods now: a config naming one then validates even where the installed package
+    # metadata (its entry points) predates the method.
+    import secure_fedvlp.methods  # noqa: F401
+
     try:
         return int(args.func(args))
     except SecureFedVLPError as exc:

@@ -35,6 +35,7 @@ __all__ = [
     "FederationConfig",
     "EvalConfig",
     "FedDRAConfig",
+    "FedSMConfig",
     "PrivacyConfig",
     "EncryptionConfig",
     "AnchorConfig",
@@ -280,6 +281,38 @@ class FedDRAConfig:
 
 
 @dataclass(frozen=True)
+class FedSMConfig:
+    """FedSM (CVPR 2022; NVFlare ``research/fed-sm``): federated segmentation fine-tuning on a frozen VLP encoder.
+
+    A global decoder (FedAvg), a personalised decoder per site (SoftPull with ``soft_pull_lambda``) and a site
+    selector (one full-batch Adam step per round, moments averaged); at inference an image goes to the site's
+    personalised decoder when the selector gives it that site with probability above ``threshold``, else to the
+    global decoder.  ``encoder_checkpoint`` is the parameter file of a finished VLP run whose image encoder is
+    used frozen (``""``: the seeded, untrained encoder).
+    """
+
+    encoder_checkpoint: str = ""
+    soft_pull_lambda: float = 0.7
+    threshold: float = 0.9
+    lr: float = 1e-3
+    select_lr: float = 1e-3
+    decoder_width: int = 16
+    global_steps: int = 0  # 0 = train.local_steps
+    person_steps: int = 0  # 0 = train.local_steps
+
+    def __post_init__(self) -> None:
+        check = _Checks()
+        check(0 < self.soft_pull_lambda <= 1, "fedsm.soft_pull_lambda", self.soft_pull_lambda, "must be in (0, 1]")
+        check(0 <= self.threshold <= 1, "fedsm.threshold", self.threshold, "must be in [0, 1] (1 = global model only)")
+        check(self.lr > 0, "fedsm.lr", self.lr, "must be > 0")
+        check(self.select_lr > 0, "fedsm.select_lr", self.select_lr, "must be > 0")
+        check(self.decoder_width >= 1, "fedsm.decoder_width", self.decoder_width, "must be >= 1")
+        check(self.global_steps >= 0, "fedsm.global_steps", self.global_steps, "must be >= 0 (0 = train.local_steps)")
+        check(self.person_steps >= 0, "fedsm.person_steps", self.person_steps, "must be >= 0 (0 = train.local_steps)")
+        check.done()
+
+
+@dataclass(frozen=True)
 class PrivacyConfig:
     """Sample-level DP for each client's records (docs/design.md, "The privacy unit").
 
@@ -490,6 +523,7 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     feddra: FedDRAConfig = field(default_factory=FedDRAConfig)
+    fedsm: FedSMConfig = field(default_factory=FedSMConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
     anchors: AnchorConfig = field(default_factory=AnchorConfig)

@@ -19,7 +19,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from secure_fedvlp.build import build_federation, build_model, configure_threads, resolve_device
+from secure_fedvlp.build import build_federation, configure_threads, resolve_device
 from secure_fedvlp.config import config_hash
 from secure_fedvlp.data import SiteData
 from secure_fedvlp.errors import PrivacyBudgetExhausted, ProtocolError
@@ -48,7 +48,7 @@ from secure_fedvlp.wire import (
     arrays_to_numpy,
     numpy_to_arrays,
 )
-from secure_fedvlp.wrappers.compose import client_parts
+from secure_fedvlp.wrappers.compose import client_parts, method_model
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class ClientRuntime:
 
             site = insert_canaries(cfg, setup.run_dir, site, [s.name for s in federation.sites])
         device = resolve_device(cfg.run.device)
-        model = build_model(cfg).to(device)
+        model = method_model(cfg).to(device)
         initial = federated_state(model)
         parts = client_parts(cfg, setup.run_dir, site, initial, device, federation.public)
         guard = EvaluationGuard(
@@ -215,7 +215,11 @@ class ClientRuntime:
         load_federated_state(self.model, state)
         ev = self.setup.cfg.eval
         split = self.site.test if ev.split == "test" else self.site.val
-        metrics = evaluate_split(self.model, split, ks=ev.recall_ks, batch_size=ev.batch_size, device=self.device)
+        evaluate = getattr(self.trainer, "evaluate_model", None)  # a method with its own metrics (FedSM: Dice)
+        if evaluate is not None:
+            metrics = evaluate(self.model, split, ev, self.device)
+        else:
+            metrics = evaluate_split(self.model, split, ks=ev.recall_ks, batch_size=ev.batch_size, device=self.device)
         if ev.release == "local":
             path = RunLayout(self.setup.run_dir).local_eval_metrics(self.site.name)
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,10 @@ naming it validates.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from typing import Any
 
 from secure_fedvlp.config import ExperimentConfig, declare_method
 from secure_fedvlp.errors import ConfigError
@@ -30,6 +32,8 @@ class MethodSpec:
     strategy: type
     trainer: type
     description: str = ""
+    #: Builds the model the method federates from the config (None: the VLP model, ``build.build_model``).
+    model_builder: Callable[[ExperimentConfig], Any] | None = None
 
     def plan(self, cfg: ExperimentConfig) -> ReleasePlan:
         """What a training site releases per round under this method (the strategy's declaration)."""
@@ -39,11 +43,13 @@ class MethodSpec:
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, strategy: type, trainer: type, description: str = "") -> MethodSpec:
-    """Register a method under ``name`` (names are unique)."""
+def register_method(
+    name: str, strategy: type, trainer: type, description: str = "", model_builder: Callable | None = None
+) -> MethodSpec:
+    """Register a method under ``name`` (names are unique); ``model_builder`` if it federates another model."""
     if name in _REGISTRY:
         raise ValueError(f"method {name!r} is already registered.")
-    spec = MethodSpec(name, strategy, trainer, description)
+    spec = MethodSpec(name, strategy, trainer, description, model_builder)
     _REGISTRY[name] = spec
     declare_method(name)
     return spec

@@ -110,6 +110,7 @@ class VLPStrategy(FedAvg):
         self.stopped: dict[str, int] = {}  # site -> round at which its privacy budget ran out
         self._rng = random.Random(cfg.run.seed)
         self.plan = self.release_plan(cfg)
+        self.last_accepted: dict[str, list[str]] = {}  # stage -> sites whose update the latest aggregate holds
 
     # -- discovery -----------------------------------------------------------------
     def discover(self, grid: Grid, expected_nodes: int, timeout: float) -> dict[int, SiteInfo]:
@@ -333,9 +334,12 @@ class VLPStrategy(FedAvg):
                 self._drop(server_round, stage, site, reason)
                 continue
             accepted.append(msg)
+        self.last_accepted[stage] = []
         if not accepted:
             return None, None
         arrays, metrics, rejected = self.combine_updates(server_round, stage, accepted)
+        if arrays is not None:  # the sites whose update is in the new model (FedSM's SoftPull needs them)
+            self.last_accepted[stage] = [self.site_name(m) for m in accepted if self.site_name(m) not in rejected]
         for msg in accepted:
             site = self.site_name(msg)
             if site in rejected:

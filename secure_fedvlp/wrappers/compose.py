@@ -28,7 +28,7 @@ from secure_fedvlp.wrappers import anchors as anchors_wrapper
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["release_plan", "strategy_class", "ClientParts", "client_parts"]
+__all__ = ["release_plan", "strategy_class", "method_model", "ClientParts", "client_parts"]
 
 
 def release_plan(cfg: ExperimentConfig) -> ReleasePlan:
@@ -37,6 +37,16 @@ def release_plan(cfg: ExperimentConfig) -> ReleasePlan:
     if cfg.anchors.enabled:
         plan = anchors_wrapper.extend_plan(plan, cfg)
     return plan
+
+
+def method_model(cfg: ExperimentConfig) -> torch.nn.Module:
+    """The model the configured method federates, built identically by every party (the VLP model by default)."""
+    builder = get_method(cfg.federation.method).model_builder
+    if builder is None:
+        from secure_fedvlp.build import build_model
+
+        return build_model(cfg)
+    return builder(cfg)
 
 
 def strategy_class(cfg: ExperimentConfig) -> type[VLPStrategy]:
@@ -71,6 +81,8 @@ def client_parts(
 ) -> ClientParts:
     """The site's trainer, encryption state and extensions, as the config asks."""
     trainer: Any = get_method(cfg.federation.method).trainer(cfg, device, public)
+    if hasattr(trainer, "site_dir"):  # methods that keep per-site state between rounds (FedSM's v_i)
+        trainer.site_dir = RunLayout(run_dir).client_dir(site.name)
     if cfg.privacy.enabled and not cfg.privacy.seeded_randomness:
         trainer.site_key_path = RunLayout(run_dir).site_key(site.name)  # a secret in the site's own directory
     else:  # reproducible runs: a key anyone holding the config can derive

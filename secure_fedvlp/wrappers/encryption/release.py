@@ -71,7 +71,6 @@ def export_model(
     Writes the run's plaintext model (:attr:`~secure_fedvlp.layout.RunLayout.model_params`, or
     ``out``) and what was released (:attr:`~secure_fedvlp.layout.RunLayout.export_info`).
     """
-    from secure_fedvlp.build import build_model
     from secure_fedvlp.encryption import (
         exact_error_bound,
         flooding_sigma,
@@ -79,6 +78,7 @@ def export_model(
     )
     from secure_fedvlp.encryption.aggregate import _fixed_point_bits
     from secure_fedvlp.models.state import federated_state
+    from secure_fedvlp.wrappers.compose import method_model
 
     run = load_run(run_dir)
     cfg, layout = run.cfg, run.layout
@@ -88,7 +88,7 @@ def export_model(
     settings = encryption_settings(cfg, layout.root)
     ctx = load_client_context(key_file, n_threads=settings.n_threads)
     agg = AggregateCiphertext.from_bytes(blob_path.read_bytes(), ctx)
-    model_layout = layout_of(federated_state(build_model(cfg)))
+    model_layout = layout_of(federated_state(method_model(cfg)))
     if agg.layout_hash != model_layout.layout_hash():
         raise CiphertextError(f"{blob_path}: layout {agg.layout_hash!r} does not match model {cfg.model.name!r}.")
     bits = _fixed_point_bits(agg.codec)
