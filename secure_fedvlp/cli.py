@@ -436,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tasks",
         type=_csv_list(str, "--tasks"),
         default=["linear", "segmentation"],
-        help="comma-separated tasks: linear, segmentation (default: both)",
+        help="comma-separated tasks: linear, segmentation (default: both); segmentation_pooled adds the "
+        "centralized reference (one decoder on every training site's records pooled)",
     )
     ev.add_argument(
         "--fractions",

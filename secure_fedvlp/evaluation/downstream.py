@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "TASKS",
+    "POOLED_TASK",
     "ProbeSettings",
     "label_fraction_indices",
     "pooled_features",
@@ -57,6 +58,9 @@ __all__ = [
 ]
 
 TASKS = ("linear", "segmentation")
+#: A reference, not a site-local task: one decoder trained on every training site's records pooled at one party
+#: (:func:`secure_fedvlp.evaluation.downstream_run.evaluate_run`), scored at each site.
+POOLED_TASK = "segmentation_pooled"
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,16 @@ from secure_fedvlp.build import build_federation, build_model
 from secure_fedvlp.config import ExperimentConfig
 from secure_fedvlp.data import SiteData
 from secure_fedvlp.errors import DataError, ProtocolError
-from secure_fedvlp.evaluation.downstream import TASKS, ProbeSettings, site_downstream
+from secure_fedvlp.evaluation.downstream import (
+    POOLED_TASK,
+    TASKS,
+    ProbeSettings,
+    _mean_std,
+    dice_summary,
+    evaluate_decoder,
+    site_downstream,
+    train_decoder,
+)
 from secure_fedvlp.layout import FinishedRun, RunLayout, load_run
 from secure_fedvlp.models.state import load_federated_state
 
@@ -237,9 +246,11 @@ def evaluate_run(
     run = load_run(run_dir)
     cfg, layout = run.cfg, run.layout
     tasks = list(dict.fromkeys(tasks))
-    unknown = sorted(set(tasks) - set(TASKS))
+    unknown = sorted(set(tasks) - set(TASKS) - {POOLED_TASK})
     if not tasks or unknown:
-        raise DataError(f"--tasks must list downstream tasks from {', '.join(TASKS)}. Found {tasks}.")
+        raise DataError(f"--tasks must list downstream tasks from {', '.join(TASKS + (POOLED_TASK,))}. Found {tasks}.")
+    pooled = POOLED_TASK in tasks
+    tasks = [t for t in tasks if t != POOLED_TASK]
     settings = settings or settings_from_config(cfg)
     fed = build_federation(cfg)
     chosen = [s for s in fed.all_sites() if sites is None or s.name in sites]
@@ -253,8 +264,12 @@ def evaluate_run(
     dev = torch.device(device)
     for name, builder in reference_models(run):
         model = builder().to(dev).eval()
+        decoders = pooled_decoders(cfg, model, settings, dev) if pooled else []
         for site in chosen:
-            metrics = SiteDownstream(layout, site, untrained_hash).evaluate(name, model, tasks, settings, dev)
+            runner = SiteDownstream(layout, site, untrained_hash)
+            metrics = runner.evaluate(name, model, tasks, settings, dev) if tasks else {}
+            if decoders and site.test.masks is not None:
+                metrics = {**metrics, **pooled_scores(model, decoders, site, settings, dev)}
             entry = out["sites"].setdefault(site.name, {"role": site.role, "models": {}})
             entry["models"][name] = metrics if cfg.eval.release == "clear" else KEPT_AT_SITE
             if progress is not None:
@@ -265,6 +280,35 @@ def evaluate_run(
                 )
                 progress(f"downstream {name} at {site.name}: {shown}")
     path.write_text(json.dumps(out, indent=1, sort_keys=True, allow_nan=True) + "\n", encoding="utf-8")
+    return out
+
+
+def pooled_decoders(cfg: ExperimentConfig, model, settings: ProbeSettings, device) -> list[torch.nn.Module]:
+    """The centralized segmentation reference: one decoder per seed on every training site's records pooled at one
+    party (no federation, no privacy: a yardstick, as ``federation.method = "centralized"`` is for pre-training)."""
+    from secure_fedvlp.methods.centralized import pooled_training_data
+
+    data = pooled_training_data(cfg)
+    return [
+        train_decoder(model.image_encoder, data, settings=settings, seed=s, device=device)
+        for s in range(settings.seeds)
+    ]
+
+
+def pooled_scores(model, decoders, site: SiteData, settings: ProbeSettings, device) -> dict[str, float]:
+    """Dice of the pooled decoders on ``site``'s test split (mean and spread over seeds)."""
+    runs = [
+        dice_summary(
+            evaluate_decoder(model.image_encoder, d, site.test, batch_size=settings.batch_size, device=device),
+            site.test.masks,
+        )
+        for d in decoders
+    ]
+    out = {}
+    for k in ("dice", "dice_lesion"):
+        ms = _mean_std([r[k] for r in runs])
+        out[f"{POOLED_TASK}/{k}"] = ms["mean"]
+        out[f"{POOLED_TASK}/{k}/std"] = ms["std"]
     return out
 
 

@@ -37,6 +37,18 @@ HEADLINE: tuple[tuple[str, str], ...] = (
     ("i2t_R@5", "image->text R@5"),
     ("t2i_R@5", "text->image R@5"),
 )
+#: Metrics of segmentation methods (FedSM), shown instead when the sites report them.
+SEG_HEADLINE: tuple[tuple[str, str], ...] = (
+    ("dice", "Dice (FedSM routing)"),
+    ("dice_global", "Dice (global model)"),
+    ("route_global", "routed to global"),
+)
+
+
+def _headline(rep: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The headline metrics this run's sites reported (VLP metrics, or segmentation ones)."""
+    seg = any(k in v["final"] for v in rep["sites"].values() for k, _ in SEG_HEADLINE)
+    return SEG_HEADLINE if seg else HEADLINE
 
 
 class RunRecorder(RoundRecorder):
@@ -232,7 +244,7 @@ def build_report(run_dir: str | os.PathLike | FinishedRun) -> dict[str, Any]:
     records = run.metrics()
     evals = _eval_by_round(records)
     roles = {site: next(iter(rs.values())).get("role", "train") for site, rs in evals.items() if rs}
-    keys = [k for k, _ in HEADLINE] + ["mean_R@5"]
+    keys = [k for k, _ in HEADLINE] + ["mean_R@5"] + [k for k, _ in SEG_HEADLINE]
     sites: dict[str, Any] = {}
     final_round = max((rnd for rs in evals.values() for rnd in rs), default=0)
     for site, rs in sorted(evals.items()):
@@ -314,10 +326,11 @@ def _markdown(rep: dict[str, Any]) -> str:
             f"keeps its own in `{ev['metrics_at']}`.",
             "",
         ]
-    header = "| site | role | " + " | ".join(f"{lab} (untrained -> final)" for _, lab in HEADLINE) + " |"
-    lines += [header, "|" + "---|" * (2 + len(HEADLINE))]
+    headline = _headline(rep)
+    header = "| site | role | " + " | ".join(f"{lab} (untrained -> final)" for _, lab in headline) + " |"
+    lines += [header, "|" + "---|" * (2 + len(headline))]
     for site, v in rep["sites"].items():
-        cells = [f"{_f(v['untrained'].get(k))} -> **{_f(v['final'].get(k))}**" for k, _ in HEADLINE]
+        cells = [f"{_f(v['untrained'].get(k))} -> **{_f(v['final'].get(k))}**" for k, _ in headline]
         lines.append(f"| {site} | {v['role']} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -326,7 +339,7 @@ def _markdown(rep: dict[str, Any]) -> str:
         "| metric | mean untrained | mean final | worst site (final) | lowest site untrained | worst site final |",
         "|---|---|---|---|---|---|",
     ]
-    for k, lab in HEADLINE:
+    for k, lab in headline:
         s = rep["summary_train_sites"].get(k)
         if s:
             lines.append(
@@ -338,7 +351,7 @@ def _markdown(rep: dict[str, Any]) -> str:
         for site, v in rep["heldout"].items():
             lines.append(
                 f"- **{site}**: "
-                + ", ".join(f"{lab} {_f(v['untrained'].get(k))} -> {_f(v['final'].get(k))}" for k, lab in HEADLINE)
+                + ", ".join(f"{lab} {_f(v['untrained'].get(k))} -> {_f(v['final'].get(k))}" for k, lab in headline)
             )
     lines += ["", "## Zero-shot AUROC per finding (final)", ""]
     findings = sorted({f for v in rep["sites"].values() for f in v["final_per_finding"]})

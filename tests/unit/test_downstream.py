@@ -300,3 +300,20 @@ def test_cli_evaluate_and_its_errors(tmp_path, data_cache, capsys):
     (run_dir / "model" / "global_model.ckks").write_bytes(b"x")
     assert main(["evaluate", str(tmp_path / "run"), "--tasks", "linear", "--seeds", "1", "--fractions", "0.2"]) == 2
     assert "secure-fedvlp export" in capsys.readouterr().err
+
+
+def test_pooled_segmentation_reference_is_scored_at_every_site(tmp_path, data_cache):
+    from secure_fedvlp.evaluation.downstream_run import evaluate_run
+
+    run_dir, _ = _finished_run(tmp_path, data_cache)
+    one = ProbeSettings(fractions=(1.0,), seeds=1, seg_steps=2, seg_batch_size=4, seg_width=4)
+    out = evaluate_run(run_dir, tasks=["segmentation_pooled"], settings=one)
+    for site in ("site1", "site2", "heldout"):
+        got = out["sites"][site]["models"]["final"]
+        assert set(got) == {
+            "segmentation_pooled/dice",
+            "segmentation_pooled/dice/std",
+            "segmentation_pooled/dice_lesion",
+            "segmentation_pooled/dice_lesion/std",
+        }
+        assert 0 <= got["segmentation_pooled/dice"] <= 1
