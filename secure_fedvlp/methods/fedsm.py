@@ -262,7 +262,10 @@ class FedSMTrainer(LocalTrainer):
     def make_optimizer(self, model: nn.Module, names: list[str]) -> torch.optim.Optimizer:
         params = dict(model.named_parameters())
         if self._stage != SELECT:
-            return torch.optim.Adam([params[n] for n in names], lr=self.cfg.fedsm.lr)
+            chosen = [params[n] for n in names]
+            if self.cfg.train.optimizer == "sgd":  # train.optimizer = "sgd" (parity tests); NVFlare's is Adam
+                return torch.optim.SGD(chosen, lr=self.cfg.train.lr, momentum=0.9)
+            return torch.optim.Adam(chosen, lr=self.cfg.fedsm.lr)
         sel = dict(model.selector.named_parameters())
         opt = torch.optim.Adam(list(sel.values()), lr=self.cfg.fedsm.select_lr)
         # NVFlare overwrites the local optimiser's moments with the averaged ones each round; the step count is the

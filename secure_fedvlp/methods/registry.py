@@ -10,6 +10,7 @@ naming it validates.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -22,6 +23,7 @@ from secure_fedvlp.privacy.plan import ReleasePlan
 __all__ = ["MethodSpec", "register_method", "get_method", "list_methods", "load_entry_points", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "secure_fedvlp.methods"
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,14 @@ def load_entry_points() -> None:
     """Import every method module listed in the ``secure_fedvlp.methods`` entry-point group (third-party methods)."""
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name not in _REGISTRY:
-            ep.load()
+            try:
+                ep.load()
+            except ModuleNotFoundError as exc:
+                if exc.name != ep.value:  # the method's module exists and failed on an import of its own: raise
+                    raise
+                # installed metadata naming a module this source tree lacks (an editable install built from
+                # another checkout): that method is unavailable here, the others still work
+                logger.warning("method %r: its module %s is not installed; skipped", ep.name, ep.value)
 
 
 def get_method(name: str) -> MethodSpec:

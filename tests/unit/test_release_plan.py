@@ -76,7 +76,11 @@ def test_the_server_sends_the_steps_the_plan_declares(method):
     the server's train config."""
     cfg = _cfg(method, (2, 1, 6), anchors=False)
     _, jobs = _server_schedule(cfg)
-    expected = {"feddra": [("align", 1), ("full", 6)], "fedaid": [("full", 6)]}.get(method, [("full", 2)])
+    expected = {
+        "feddra": [("align", 1), ("full", 6)],
+        "fedaid": [("full", 6)],
+        "fedsm": [("global", 2), ("person", 2), ("select", 1)],  # the selector: one step per round
+    }.get(method, [("full", 2)])
     assert all(j == expected for j in jobs.values())
     assert [(s.stage, s.steps) for s in release_plan(cfg).stages] == expected
 
