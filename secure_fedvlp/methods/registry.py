@@ -20,7 +20,15 @@ from secure_fedvlp.config import ExperimentConfig, declare_method
 from secure_fedvlp.errors import ConfigError
 from secure_fedvlp.privacy.plan import ReleasePlan
 
-__all__ = ["MethodSpec", "register_method", "get_method", "list_methods", "load_entry_points", "ENTRY_POINT_GROUP"]
+__all__ = [
+    "MethodSpec",
+    "register_method",
+    "get_method",
+    "method_model",
+    "list_methods",
+    "load_entry_points",
+    "ENTRY_POINT_GROUP",
+]
 
 ENTRY_POINT_GROUP = "secure_fedvlp.methods"
 logger = logging.getLogger(__name__)
@@ -81,6 +89,16 @@ def get_method(name: str) -> MethodSpec:
         raise ConfigError(
             f"'federation.method' = {name!r} is not a known method (known: {', '.join(sorted(_REGISTRY))})."
         ) from None
+
+
+def method_model(cfg: ExperimentConfig) -> Any:
+    """The model the configured method federates, built identically by every party (the VLP model by default)."""
+    builder = get_method(cfg.federation.method).model_builder
+    if builder is None:
+        from secure_fedvlp.build import build_model
+
+        return build_model(cfg)
+    return builder(cfg)
 
 
 def list_methods() -> list[str]:

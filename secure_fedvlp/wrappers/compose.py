@@ -22,6 +22,7 @@ from secure_fedvlp.config import ExperimentConfig
 from secure_fedvlp.data import SiteData
 from secure_fedvlp.layout import RunLayout
 from secure_fedvlp.methods import VLPStrategy, get_method
+from secure_fedvlp.methods.registry import method_model
 from secure_fedvlp.privacy.plan import ReleasePlan
 from secure_fedvlp.privacy.relation import seeded_site_key
 from secure_fedvlp.wrappers import anchors as anchors_wrapper
@@ -37,16 +38,6 @@ def release_plan(cfg: ExperimentConfig) -> ReleasePlan:
     if cfg.anchors.enabled:
         plan = anchors_wrapper.extend_plan(plan, cfg)
     return plan
-
-
-def method_model(cfg: ExperimentConfig) -> torch.nn.Module:
-    """The model the configured method federates, built identically by every party (the VLP model by default)."""
-    builder = get_method(cfg.federation.method).model_builder
-    if builder is None:
-        from secure_fedvlp.build import build_model
-
-        return build_model(cfg)
-    return builder(cfg)
 
 
 def strategy_class(cfg: ExperimentConfig) -> type[VLPStrategy]:

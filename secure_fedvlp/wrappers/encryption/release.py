@@ -77,8 +77,8 @@ def export_model(
         noise_flood_for_export,
     )
     from secure_fedvlp.encryption.aggregate import _fixed_point_bits
+    from secure_fedvlp.methods.registry import method_model
     from secure_fedvlp.models.state import federated_state
-    from secure_fedvlp.wrappers.compose import method_model
 
     run = load_run(run_dir)
     cfg, layout = run.cfg, run.layout
