@@ -336,6 +336,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         tasks=args.tasks,
         settings=settings,
         sites=args.sites,
+        models=args.models,
         device=resolve_device(args.device or run.cfg.run.device),
         progress=progress.info,
     )
@@ -450,6 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--sites",
         type=_csv_list(str, "--sites"),
         help="only these sites (deployment: a site evaluates its own records; default: every site of the run)",
+    )
+    ev.add_argument(
+        "--models",
+        type=_csv_list(str, "--models"),
+        help="only these of untrained, public_start, final (default: every one the run has)",
     )
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: run.device")
     ev.add_argument("-v", "--verbose", action="store_true")

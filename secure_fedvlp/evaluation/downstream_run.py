@@ -236,13 +236,18 @@ def evaluate_run(
     tasks: Sequence[str],
     settings: ProbeSettings | None = None,
     sites: Sequence[str] | None = None,
+    models: Sequence[str] | None = None,
     device: str | torch.device = "cpu",
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the downstream ``tasks`` at every site (or ``sites``) of a finished run; write what the sites released.
 
-    Returns the content of :attr:`RunLayout.downstream_results` (merged with what earlier calls wrote).
+    ``models``: only these of :data:`MODEL_NAMES` (default: every one the run has).  Returns the content of
+    :attr:`RunLayout.downstream_results` (merged with what earlier calls wrote).
     """
+    bad = sorted(set(models or ()) - set(MODEL_NAMES))
+    if bad:
+        raise DataError(f"unknown model(s) {bad}; known: {', '.join(MODEL_NAMES)}.")
     run = load_run(run_dir)
     cfg, layout = run.cfg, run.layout
     tasks = list(dict.fromkeys(tasks))
@@ -260,9 +265,16 @@ def evaluate_run(
     untrained_hash = encoder_hash(build_model(_untrained_config(cfg)))
     path = layout.downstream_results
     out = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"sites": {}}
-    out.update({"tasks": tasks, "settings": dataclasses.asdict(settings), "release": cfg.eval.release, "split": "test"})
+    out.update({"release": cfg.eval.release, "split": "test"})
+    if not isinstance(out.get("settings"), dict) or "fractions" in out["settings"]:
+        out["settings"] = {}  # one entry per task: the settings of the last call that ran it
+    for task in tasks + ([POOLED_TASK] if pooled else []):
+        out["settings"][task] = dataclasses.asdict(settings)
+    out["tasks"] = sorted(out["settings"])
     dev = torch.device(device)
     for name, builder in reference_models(run):
+        if models is not None and name not in models:
+            continue
         model = builder().to(dev).eval()
         decoders = pooled_decoders(cfg, model, settings, dev) if pooled else []
         for site in chosen:
@@ -271,7 +283,10 @@ def evaluate_run(
             if decoders and site.test.masks is not None:
                 metrics = {**metrics, **pooled_scores(model, decoders, site, settings, dev)}
             entry = out["sites"].setdefault(site.name, {"role": site.role, "models": {}})
-            entry["models"][name] = metrics if cfg.eval.release == "clear" else KEPT_AT_SITE
+            if cfg.eval.release == "clear":
+                entry["models"][name] = {**entry["models"].get(name, {}), **metrics}  # add to earlier tasks
+            else:
+                entry["models"][name] = KEPT_AT_SITE
             if progress is not None:
                 shown = ", ".join(
                     f"{k} {v:.3f}"

@@ -494,11 +494,19 @@ def _downstream_markdown(ds: dict[str, Any] | None) -> list[str]:
     if "error" in ds:
         return lines + [f"Unreadable: {ds['error']}"]
     res = ds["results"]
-    st = res.get("settings", {})
+    by_task = res.get("settings", {})
+    if "fractions" in by_task:  # written before settings were kept per task
+        by_task = {", ".join(res.get("tasks", [])): by_task}
+    for task, st in sorted(by_task.items()):
+        detail = (
+            f"label fractions {st.get('fractions')}, {st.get('seeds')} sub-sampling seeds"
+            if task == "linear"
+            else f"decoder {st.get('seg_steps')} steps, {st.get('seeds')} seed(s)"
+        )
+        lines.append(f"- {task}: {detail} (mean +- std over seeds)")
     lines += [
-        f"Tasks: {', '.join(res.get('tasks', []))}; label fractions {st.get('fractions')}, {st.get('seeds')} seeds "
-        f"(mean +- std over seeds), segmentation decoder {st.get('seg_steps')} steps. Test split of each site. "
-        f"Metrics released: eval.release = '{res.get('release')}' (`{ds['file']}`).",
+        "",
+        f"Test split of each site. Metrics released: eval.release = '{res.get('release')}' (`{ds['file']}`).",
         "",
     ]
     models = [m for m in ("untrained", "public_start", "final") if any(m in v for v in ds["summary"].values())]
