@@ -407,6 +407,7 @@ class CreamFLConfig:
         """The local architecture of ``site``."""
         return self.client_models.get(site) or self.client_model or default
 
+
 class FedSMConfig:
     """FedSM (CVPR 2022; NVFlare ``research/fed-sm``): federated segmentation fine-tuning on a frozen VLP encoder.
 

@@ -118,6 +118,7 @@ class RunLayout:
     def checkpoint_arrays(self) -> Path:
         """The arrays of :attr:`checkpoint` (parameters, or the ciphertext of an encrypted run)."""
         return self.model_dir / "checkpoint.npz"
+
     def downstream_results(self) -> Path:
         """The downstream-evaluation metrics the sites released (``secure-fedvlp evaluate``)."""
         return self.root / "downstream.json"

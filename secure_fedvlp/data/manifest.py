@@ -146,7 +146,9 @@ def load_manifest(
             problems.add(path, row, line, e)
         if not errs and (image_path is not None or modality == "text"):
             records.append(
-                Record(path, row, line, image_path, report, bool(report), lab, site, split, modality=modality, mask=mask)
+                Record(
+                    path, row, line, image_path, report, bool(report), lab, site, split, modality=modality, mask=mask
+                )
             )
     problems.raise_if_any(path, "Invalid manifest")
     return assemble(

@@ -15,7 +15,7 @@ from secure_fedvlp.encryption import AggregateCiphertext, EncryptedUpdate, init_
 from secure_fedvlp.encryption.keys import SERVER_FILE
 from secure_fedvlp.flower.client_app import make_client_app
 from secure_fedvlp.flower.runtime import RunSetup
-from secure_fedvlp.methods import get_method, list_methods
+from secure_fedvlp.methods import get_method
 from secure_fedvlp.models.state import federated_state
 from secure_fedvlp.wire import ARRAYS_KEY, arrays_to_numpy, numpy_to_arrays
 from secure_fedvlp.wrappers.compose import method_model, strategy_class
