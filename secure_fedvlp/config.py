@@ -408,6 +408,7 @@ class CreamFLConfig:
         return self.client_models.get(site) or self.client_model or default
 
 
+@dataclass(frozen=True)
 class FedSMConfig:
     """FedSM (CVPR 2022; NVFlare ``research/fed-sm``): federated segmentation fine-tuning on a frozen VLP encoder.
 

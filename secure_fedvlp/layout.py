@@ -119,6 +119,7 @@ class RunLayout:
         """The arrays of :attr:`checkpoint` (parameters, or the ciphertext of an encrypted run)."""
         return self.model_dir / "checkpoint.npz"
 
+    @property
     def downstream_results(self) -> Path:
         """The downstream-evaluation metrics the sites released (``secure-fedvlp evaluate``)."""
         return self.root / "downstream.json"
