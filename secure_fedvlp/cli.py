@@ -1,5 +1,5 @@
-"""Command line: ``secure-fedvlp run | sweep | pretrain | keys | deploy init | export | audit | ledger repair``
-and ``report``.
+"""Command line: ``secure-fedvlp run | sweep | pretrain | keys | deploy init | export | audit | ledger repair``,
+``report`` and ``evaluate``.
 
 ``main(argv) -> int`` so tests call it directly.  Configuration is read here, once, and
 handed to the Flower apps as typed objects; a finished run is opened with
@@ -265,6 +265,8 @@ def run_experiment(
         write_report(rdir)
     if cfg.audit.canaries:
         _empirical_after_run(FinishedRun(layout, cfg), progress)
+    if cfg.eval.downstream:
+        _downstream_after_run(FinishedRun(layout, cfg), list(cfg.eval.downstream), progress)
     progress.info("finished in %.0fs", time.perf_counter() - t0)
     return rdir
 
@@ -442,6 +444,21 @@ def _empirical_after_run(run: FinishedRun, progress: logging.Logger) -> None:
         emp["canary_site"],
         emp["verdict"],
     )
+    write_report(run)
+
+
+def _downstream_after_run(run: FinishedRun, tasks: list[str], progress: logging.Logger) -> None:
+    """``eval.downstream``: each site evaluates the final model and the references on its own records (the CLI
+    plays every site, as in simulation), then the report is rebuilt with what they released."""
+    from secure_fedvlp.build import resolve_device
+    from secure_fedvlp.evaluation.downstream_run import evaluate_run
+    from secure_fedvlp.evaluation.report import write_report
+
+    try:
+        evaluate_run(run, tasks=tasks, device=resolve_device(run.cfg.run.device), progress=progress.info)
+    except SecureFedVLPError as exc:  # e.g. an encrypted model nobody released: say so, keep the run
+        logger.warning("downstream evaluation not run: %s", exc)
+        return
     write_report(run)
 
 
@@ -772,6 +789,58 @@ def _cmd_deploy_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from secure_fedvlp.build import resolve_device
+    from secure_fedvlp.evaluation.downstream_run import evaluate_run, settings_from_config
+    from secure_fedvlp.evaluation.report import write_report
+
+    run = load_run(args.run_dir)
+    _setup_logging(args.verbose)
+    try:
+        settings = settings_from_config(run.cfg, fractions=args.fractions, seeds=args.seeds, seg_steps=args.seg_steps)
+    except ValueError as exc:
+        raise SecureFedVLPError(f"invalid downstream settings: {exc}") from None
+    progress = logging.getLogger("secure_fedvlp.progress")
+    evaluate_run(
+        run,
+        tasks=args.tasks,
+        settings=settings,
+        sites=args.sites,
+        models=args.models,
+        device=resolve_device(args.device or run.cfg.run.device),
+        progress=progress.info,
+    )
+    md = write_report(run)
+    text = md.read_text(encoding="utf-8")
+    start = text.find("## Downstream evaluation")
+    print(text[start : text.find("\n## ", start + 3)] if start >= 0 else text)
+    print(f"Report: {md} ({run.layout.relative(run.layout.downstream_results)} beside it)")
+    return 0
+
+
+def _csv_list(kind: type, what: str):
+    def parse(text: str):
+        try:
+            values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a comma-separated list. Found {text!r}.") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"{what} must not be empty.")
+        return values
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1. Found {text!r}.")
+    return n
+
+
 def _beta(text: str) -> float:
     try:
         b = float(text)
@@ -884,6 +953,38 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--key", required=True, help="this site's client key file (client-<site>.key)")
     ex.add_argument("--out", help="write the parameters here instead of RUN_DIR/model/federated_params.npz")
     ex.set_defaults(func=_cmd_export)
+    ev = sub.add_parser(
+        "evaluate",
+        help="downstream evaluation of a finished run at each site (linear probe, segmentation) beside the references",
+    )
+    ev.add_argument("run_dir")
+    ev.add_argument(
+        "--tasks",
+        type=_csv_list(str, "--tasks"),
+        default=["linear", "segmentation"],
+        help="comma-separated tasks: linear, segmentation (default: both); segmentation_pooled adds the "
+        "centralized reference (one decoder on every training site's records pooled)",
+    )
+    ev.add_argument(
+        "--fractions",
+        type=_csv_list(float, "--fractions"),
+        help="label fractions of the linear probe (default: config)",
+    )
+    ev.add_argument("--seeds", type=_positive_int, help="sub-sampling / decoder seeds (default: config)")
+    ev.add_argument("--seg-steps", type=_positive_int, help="decoder training steps (default: config)")
+    ev.add_argument(
+        "--sites",
+        type=_csv_list(str, "--sites"),
+        help="only these sites (deployment: a site evaluates its own records; default: every site of the run)",
+    )
+    ev.add_argument(
+        "--models",
+        type=_csv_list(str, "--models"),
+        help="only these of untrained, public_start, final (default: every one the run has)",
+    )
+    ev.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: run.device")
+    ev.add_argument("-v", "--verbose", action="store_true")
+    ev.set_defaults(func=_cmd_evaluate)
     rep = sub.add_parser("report", help="(re)build report.md/json and plots of a run directory")
     rep.add_argument("run_dir")
     rep.set_defaults(func=_cmd_report)
@@ -903,6 +1004,10 @@ def _register_builtin_methods() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     args = build_parser().parse_args(argv)
+    # Register the built-in methods now: a config naming one then validates even where the installed package
+    # metadata (its entry points) predates the method.
+    import secure_fedvlp.methods  # noqa: F401
+
     try:
         _register_builtin_methods()
         return int(args.func(args))

@@ -37,6 +37,7 @@ __all__ = [
     "EvalConfig",
     "FedDRAConfig",
     "CreamFLConfig",
+    "FedSMConfig",
     "PrivacyConfig",
     "EncryptionConfig",
     "AnchorConfig",
@@ -284,9 +285,25 @@ class EvalConfig:
     every_round: bool = True
     split: Literal["test", "val"] = "test"
     release: Literal["clear", "local"] = "clear"
+    # Downstream tasks run at each site after the run ("linear", "segmentation"; see docs/methods.md),
+    # on the final model and the references; the same release policy applies to their metrics.
+    downstream: tuple[str, ...] = ()
+    downstream_fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
+    downstream_seeds: int = 3
+    downstream_seg_steps: int = 150
 
     def __post_init__(self) -> None:
         check = _Checks()
+        bad = sorted(set(self.downstream) - {"linear", "segmentation"})
+        check(not bad, "eval.downstream", list(self.downstream), "lists unknown tasks; known: linear, segmentation")
+        check(
+            bool(self.downstream_fractions) and all(0 < f <= 1 for f in self.downstream_fractions),
+            "eval.downstream_fractions",
+            list(self.downstream_fractions),
+            "must be a non-empty list of label fractions in (0, 1]",
+        )
+        check(self.downstream_seeds >= 1, "eval.downstream_seeds", self.downstream_seeds, "must be >= 1")
+        check(self.downstream_seg_steps >= 1, "eval.downstream_seg_steps", self.downstream_seg_steps, "must be >= 1")
         check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
         check(
             len(self.recall_ks) > 0 and all(k >= 1 for k in self.recall_ks),
@@ -389,6 +406,38 @@ class CreamFLConfig:
     def client_model_for(self, site: str, default: str) -> str:
         """The local architecture of ``site``."""
         return self.client_models.get(site) or self.client_model or default
+
+
+@dataclass(frozen=True)
+class FedSMConfig:
+    """FedSM (CVPR 2022; NVFlare ``research/fed-sm``): federated segmentation fine-tuning on a frozen VLP encoder.
+
+    A global decoder (FedAvg), a personalised decoder per site (SoftPull with ``soft_pull_lambda``) and a site
+    selector (one full-batch Adam step per round, moments averaged); at inference an image goes to the site's
+    personalised decoder when the selector gives it that site with probability above ``threshold``, else to the
+    global decoder.  ``encoder_checkpoint`` is the parameter file of a finished VLP run whose image encoder is
+    used frozen (``""``: the seeded, untrained encoder).
+    """
+
+    encoder_checkpoint: str = ""
+    soft_pull_lambda: float = 0.7
+    threshold: float = 0.9
+    lr: float = 1e-3
+    select_lr: float = 1e-3
+    decoder_width: int = 16
+    global_steps: int = 0  # 0 = train.local_steps
+    person_steps: int = 0  # 0 = train.local_steps
+
+    def __post_init__(self) -> None:
+        check = _Checks()
+        check(0 < self.soft_pull_lambda <= 1, "fedsm.soft_pull_lambda", self.soft_pull_lambda, "must be in (0, 1]")
+        check(0 <= self.threshold <= 1, "fedsm.threshold", self.threshold, "must be in [0, 1] (1 = global model only)")
+        check(self.lr > 0, "fedsm.lr", self.lr, "must be > 0")
+        check(self.select_lr > 0, "fedsm.select_lr", self.select_lr, "must be > 0")
+        check(self.decoder_width >= 1, "fedsm.decoder_width", self.decoder_width, "must be >= 1")
+        check(self.global_steps >= 0, "fedsm.global_steps", self.global_steps, "must be >= 0 (0 = train.local_steps)")
+        check(self.person_steps >= 0, "fedsm.person_steps", self.person_steps, "must be >= 0 (0 = train.local_steps)")
+        check.done()
 
 
 @dataclass(frozen=True)
@@ -636,6 +685,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     feddra: FedDRAConfig = field(default_factory=FedDRAConfig)
     creamfl: CreamFLConfig = field(default_factory=CreamFLConfig)
+    fedsm: FedSMConfig = field(default_factory=FedSMConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
     anchors: AnchorConfig = field(default_factory=AnchorConfig)

@@ -120,6 +120,11 @@ class RunLayout:
         return self.model_dir / "checkpoint.npz"
 
     @property
+    def downstream_results(self) -> Path:
+        """The downstream-evaluation metrics the sites released (``secure-fedvlp evaluate``)."""
+        return self.root / "downstream.json"
+
+    @property
     def encryption_rounds(self) -> Path:
         """Per-round statistics of the encrypted aggregation."""
         return self.root / "encryption_rounds.json"
@@ -186,6 +191,14 @@ class RunLayout:
     def key_holder_export(self, site: str) -> Path:
         """Where the CLI, playing key holder ``site`` in simulation, writes the decrypted final model (0600)."""
         return self.client_dir(site) / "federated_params.npz"
+
+    def site_downstream(self, site: str) -> Path:
+        """Every downstream-evaluation result a site computed, with the model it evaluated (kept at the site)."""
+        return self.client_dir(site) / "downstream_metrics.jsonl"
+
+    def downstream_guard(self, site: str) -> Path:
+        """Which models a site ran downstream evaluation on (see :mod:`secure_fedvlp.evaluation.downstream_run`)."""
+        return self.client_dir(site) / "downstream_guard.json"
 
     def site_canaries(self, site: str) -> Path:
         """The canary records the auditor hands the canary site."""

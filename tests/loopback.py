@@ -68,3 +68,11 @@ class LoopbackGrid(Grid):
                 replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
         self.replies.extend(replies)
         return replies
+
+
+def private_methods() -> list[str]:
+    """Registered methods that compose with DP-SGD and CKKS (the centralized reference pools raw data and refuses
+    them; its strategy says so with ``composes_with_privacy = False``)."""
+    from secure_fedvlp.methods import get_method, list_methods
+
+    return [m for m in list_methods() if getattr(get_method(m).strategy, "composes_with_privacy", True)]

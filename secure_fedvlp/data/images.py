@@ -10,6 +10,11 @@ Conventions
   first frame is read.
 * Non-square images are zero-padded to a centred square (nothing is cropped) and resized
   (antialiased bilinear) to the requested side length.
+* Lesion masks (:func:`load_mask`) are a PNG (any non-zero pixel is lesion) or a run-length
+  encoding as SIIM-ACR distributes it (``-1`` for an empty mask, else pairs ``start length`` with
+  each start relative to the end of the previous run, pixels numbered column by column over the
+  image's original size).  They are padded like their image and shrunk by max-pooling, so a small
+  lesion stays in the mask.
 """
 
 from __future__ import annotations
@@ -22,7 +27,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["load_image", "resolve_image", "describe_missing_image", "outside_image_roots"]
+__all__ = [
+    "load_image",
+    "load_mask",
+    "decode_siim_rle",
+    "is_rle",
+    "resolve_image",
+    "describe_missing_image",
+    "outside_image_roots",
+]
 
 
 def load_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
@@ -143,3 +156,73 @@ def _square_resize(arr: np.ndarray, size: int) -> np.ndarray:
     if arr.shape[0] != size:
         arr = np.asarray(Image.fromarray(arr.astype(np.float32)).resize((size, size), Image.Resampling.BILINEAR))
     return np.clip(arr, 0.0, 1.0).astype(np.float32)
+
+
+def is_rle(value: str) -> bool:
+    """Whether a mask cell is a run-length encoding (``-1``, or integers separated by spaces) rather than a path."""
+    parts = value.split()
+    return bool(parts) and (value.strip() == "-1" or all(p.isdigit() for p in parts))
+
+
+def decode_siim_rle(rle: str, height: int, width: int) -> np.ndarray:
+    """A SIIM-ACR run-length encoding as a bool ``[height, width]`` mask (``-1``: empty).
+
+    Raises ValueError naming the problem for an odd number of values or a run past the image's end.
+    """
+    rle = rle.strip()
+    mask = np.zeros(height * width, bool)
+    if rle == "-1" or not rle:
+        return mask.reshape(height, width)
+    values = [int(v) for v in rle.split()]
+    if len(values) % 2:
+        raise ValueError(f"run-length encoding has {len(values)} numbers; expected start/length pairs")
+    pos = 0
+    for start, length in zip(values[0::2], values[1::2], strict=True):
+        pos += start
+        if pos + length > mask.size:
+            raise ValueError(
+                f"run-length encoding runs past the end of a {height}x{width} image (pixel {pos + length})"
+            )
+        mask[pos : pos + length] = True
+        pos += length
+    return mask.reshape(width, height).T  # numbered column by column
+
+
+def _square_max_resize(mask: np.ndarray, size: int) -> np.ndarray:
+    """A bool mask zero-padded to a centred square like its image, then resized (max-pool when shrinking)."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = mask.shape
+    side = max(h, w)
+    pad = np.zeros((side, side), np.float32)
+    top, left = (side - h) // 2, (side - w) // 2
+    pad[top : top + h, left : left + w] = mask
+    t = torch.from_numpy(pad)[None, None]
+    if side > size:
+        t = F.adaptive_max_pool2d(t, size)
+    elif side < size:
+        t = F.interpolate(t, size=(size, size), mode="nearest")
+    return (t[0, 0].numpy() > 0.5).astype(np.uint8)
+
+
+def load_mask(value: str, image_path: str | os.PathLike, image_size: int, roots: Sequence[Path]) -> np.ndarray:
+    """The lesion mask of one record as uint8 ``[image_size, image_size]`` (see the module docstring).
+
+    ``value`` is the manifest cell: a SIIM run-length encoding (decoded over the size of the image at
+    ``image_path``) or the path of a PNG mask (resolved against ``roots``).
+    """
+    if is_rle(value):
+        image_path = Path(image_path)
+        if image_path.suffix.lower() in (".dcm", ".dicom") or _is_dicom(image_path):
+            h, w = _read_dicom(image_path).shape[:2]
+        else:
+            with Image.open(image_path) as im:
+                w, h = im.size
+        return _square_max_resize(decode_siim_rle(value, h, w), image_size)
+    path, tried = resolve_image(value, roots)
+    if path is None:
+        raise FileNotFoundError(f"mask file {value!r} not found (tried {', '.join(str(t) for t in tried)})")
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("L")) > 0
+    return _square_max_resize(arr, image_size)

@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from secure_fedvlp.data.images import describe_missing_image, outside_image_roots, resolve_image
+from secure_fedvlp.data.images import describe_missing_image, is_rle, outside_image_roots, resolve_image
 from secure_fedvlp.data.labels import UncertainPolicy, parse_labels, resolve_label_columns
 from secure_fedvlp.data.records import Record, assemble
 from secure_fedvlp.data.spec import MODALITIES
@@ -38,6 +38,7 @@ def load_manifest(
     report_column: str = "report",
     labels_column: str = "labels",
     modality_column: str = "modality",
+    mask_column: str = "mask",
     heldout_site: str | None = None,
     public_site: str | None = None,
     default_site: str | None = None,
@@ -64,6 +65,8 @@ def load_manifest(
         absent), ``image`` (images with labels; the report may be blank and is never read) or ``text``
         (reports with labels; the image may be blank and is never read).  Every row of a site must
         declare the same modality.
+    mask_column : optional column of lesion masks: a PNG path (resolved like images) or a SIIM-ACR
+        run-length encoding (``-1`` = empty); a split's masks are used when every record of it has one.
     heldout_site : a site that never trains (``Federation.heldout``).
     public_site : a site whose records (all splits) become ``Federation.public``.
     default_site : site of every record when the manifest has no site column.
@@ -131,11 +134,21 @@ def load_manifest(
             errs.append(f"column {split_column!r} has value {raw_split!r}; expected train, val/validate or test")
         lab, lab_errs = parse_labels(rec, mapping, uncertain=uncertain, labels_column=labels_column)
         errs += lab_errs
+        mask = cell(rec, mask_column) if modality != "text" else ""  # a text-only site has no image to mask
+        if mask and not is_rle(mask) and outside_image_roots(mask, [root]):
+            errs.append(f"column {mask_column!r}: mask path {mask!r} is outside the image root {root}")
+        elif mask and not is_rle(mask):
+            mask_path, tried = resolve_image(mask, [root])
+            if mask_path is None:
+                errs.append(describe_missing_image(mask_column, mask, tried))
+            mask = str(mask_path or "")
         for e in errs:
             problems.add(path, row, line, e)
         if not errs and (image_path is not None or modality == "text"):
             records.append(
-                Record(path, row, line, image_path, report, bool(report), lab, site, split, modality=modality)
+                Record(
+                    path, row, line, image_path, report, bool(report), lab, site, split, modality=modality, mask=mask
+                )
             )
     problems.raise_if_any(path, "Invalid manifest")
     return assemble(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from secure_fedvlp.data.images import load_image
+from secure_fedvlp.data.images import load_image, load_mask
 from secure_fedvlp.data.tables import SPLITS, Problems
 from secure_fedvlp.data.types import FINDINGS, Federation, SiteData, VLPDataset
 from secure_fedvlp.errors import DataError
@@ -38,6 +38,7 @@ class Record:
     split: str
     rid: str = ""  # record id; default "<site>/<split>/row<row>"
     modality: str = "paired"  # what the record's site holds (data.spec.MODALITIES)
+    mask: str = ""  # lesion mask: a PNG path or a SIIM run-length encoding; "" = not annotated
 
     @property
     def has_image(self) -> bool:
@@ -103,17 +104,40 @@ def assemble(
         else:
             images[i] = res
     problems.raise_if_any(source, "Cannot load images listed in")
+    masks = np.zeros((len(records), image_size, image_size), np.uint8)
+    annotated = np.array([bool(r.mask) for r in records], bool)
+    for i, rec in enumerate(records):
+        if not annotated[i]:
+            continue
+        try:
+            masks[i] = load_mask(rec.mask, rec.image, image_size, [])
+        except Exception as exc:  # noqa: BLE001 - any mask failure is a data problem of this row
+            problems.add(
+                rec.source, rec.row, rec.line, f"cannot read mask {rec.mask[:60]!r} ({type(exc).__name__}: {exc})"
+            )
+    problems.raise_if_any(source, "Cannot load masks listed in")
 
     def dataset(site: str, split: str) -> VLPDataset:
         idx = [i for i, r in enumerate(records) if r.site == site and r.split == split]
         sel = [records[i] for i in idx]
         lab = np.stack([r.labels for r in sel]) if sel else np.zeros((0, len(FINDINGS)), np.float32)
+        # masks only where every record of the split is annotated (segmentation needs them all)
+        has_masks = bool(sel) and bool(annotated[idx].all())
+        if sel and annotated[idx].any() and not has_masks:
+            logger.warning(
+                "%s: site %r split %r has masks for %d of %d records; its masks are not used",
+                source,
+                site,
+                split,
+                int(annotated[idx].sum()),
+                len(sel),
+            )
         return VLPDataset(
             site,
             images[idx],
             [r.report for r in sel],
             lab,
-            None,
+            masks[idx] if has_masks else None,
             [r.rid or f"{site}/{split}/row{r.row:06d}" for r in sel],
             np.array([r.has_image for r in sel], bool),
             np.array([r.has_text for r in sel], bool),

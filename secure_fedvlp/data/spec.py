@@ -32,6 +32,9 @@ class SyntheticSpec:
     # What each training site holds, in site order: "paired", "image" (its reports are dropped) or
     # "text" (its images are dropped); sites beyond the list hold pairs.  () = every site paired.
     site_modalities: tuple[str, ...] = ()
+    # Training records of the held-out site: it never trains in the federation; downstream evaluation
+    # (linear probe, segmentation decoder) fits its heads on them at that site.
+    heldout_train_size: int = 0
 
     def site_names(self) -> tuple[str, ...]:
         """The training sites' names, in order (``site1``, ``site2``, ...); the held-out site is ``heldout``."""
@@ -70,6 +73,14 @@ class SyntheticSpec:
         if not (isinstance(self.missing_text_fraction, (int, float)) and 0 <= self.missing_text_fraction < 1):
             problems.append(
                 f"'data.synthetic.missing_text_fraction' must be in [0, 1). Found {self.missing_text_fraction!r}."
+            )
+        if (
+            isinstance(self.heldout_train_size, bool)
+            or not isinstance(self.heldout_train_size, int)
+            or (self.heldout_train_size < 0)
+        ):
+            problems.append(
+                f"'data.synthetic.heldout_train_size' must be an integer >= 0. Found {self.heldout_train_size!r}."
             )
         if problems:
             raise ConfigError(problems)

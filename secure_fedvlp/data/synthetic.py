@@ -484,7 +484,7 @@ def _generate(spec: SyntheticSpec) -> Federation:
         heldout = SiteData(
             "heldout",
             "heldout",
-            _split(spec, "heldout", i, "heldout", "train", 0),
+            _split(spec, "heldout", i, "heldout", "train", spec.heldout_train_size),
             _split(spec, "heldout", i, "heldout", "val", spec.val_per_site),
             _split(spec, "heldout", i, "heldout", "test", spec.test_per_site),
         )

@@ -40,6 +40,18 @@ HEADLINE: tuple[tuple[str, str], ...] = (
     ("i2t_R@5", "image->text R@5"),
     ("t2i_R@5", "text->image R@5"),
 )
+#: Metrics of segmentation methods (FedSM), shown instead when the sites report them.
+SEG_HEADLINE: tuple[tuple[str, str], ...] = (
+    ("dice", "Dice (FedSM routing)"),
+    ("dice_global", "Dice (global model)"),
+    ("route_global", "routed to global"),
+)
+
+
+def _headline(rep: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The headline metrics this run's sites reported (VLP metrics, or segmentation ones)."""
+    seg = any(k in v["final"] for v in rep["sites"].values() for k, _ in SEG_HEADLINE)
+    return SEG_HEADLINE if seg else HEADLINE
 
 
 class RunRecorder(RoundRecorder):
@@ -277,6 +289,29 @@ def encryption_section(layout: RunLayout, cfg: ExperimentConfig | None = None) -
     }
 
 
+#: What downstream evaluation releases under eval.release = "clear" (report and SECURITY.md).
+DOWNSTREAM_NOT_COVERED = (
+    "downstream evaluation metrics of every site (linear-probe macro AUROC per label fraction with its spread over "
+    "seeds and the number of training records used, segmentation Dice, wall times), computed at the site on its own "
+    "training and test records for the final model and the untrained and public-start references and sent in clear "
+    "(eval.release = 'clear'; not a DP release); at most one evaluation per model and site"
+)
+
+
+def downstream_section(layout: RunLayout) -> dict[str, Any] | None:
+    """The downstream metrics the sites released (``secure-fedvlp evaluate``) and their summary, or None."""
+    path = layout.downstream_results
+    if not path.exists():
+        return None
+    from secure_fedvlp.evaluation.downstream_run import downstream_summary
+
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        return {"error": f"{layout.relative(path)} is not valid JSON: {exc}"}
+    return {"results": results, "summary": downstream_summary(results), "file": layout.relative(path)}
+
+
 def empirical_section(layout: RunLayout) -> dict[str, Any] | None:
     """The run's empirical privacy audit (:attr:`RunLayout.empirical_audit`, written by the auditor's step
     after training), without the per-canary scores; None when the run had no canaries."""
@@ -304,7 +339,7 @@ def build_report(run_dir: str | os.PathLike | FinishedRun) -> dict[str, Any]:
     public = has_public_start(run.cfg)
     untrained_ref = _reference_evals(records, "untrained")
     roles = {site: next(iter(rs.values())).get("role", "train") for site, rs in evals.items() if rs}
-    keys = [k for k, _ in HEADLINE] + ["mean_R@5"]
+    keys = [k for k, _ in HEADLINE] + ["mean_R@5"] + [k for k, _ in SEG_HEADLINE]
     sites: dict[str, Any] = {}
     final_round = max((rnd for rs in evals.values() for rnd in rs), default=0)
     for site, rs in sorted(evals.items()):
@@ -353,13 +388,21 @@ def build_report(run_dir: str | os.PathLike | FinishedRun) -> dict[str, Any]:
         if r.get("status") == "budget_exhausted"
     }
     status, reason, degraded = run_status(records)
+    downstream = downstream_section(layout)
+    not_covered = releases_not_covered(run.cfg)
+    if downstream and downstream.get("results", {}).get("release") == "clear":
+        not_covered.append(DOWNSTREAM_NOT_COVERED)
+    priv = privacy_section(run)
+    if priv is not None:
+        priv["not_covered"] = not_covered
     return {
         "status": status,
         "status_reason": reason,
         "degraded_rounds": degraded,
         "public_start": public_start_section(run),
-        "privacy": privacy_section(run),
-        "not_covered": releases_not_covered(run.cfg),
+        "privacy": priv,
+        "not_covered": not_covered,
+        "downstream": downstream,
         "evaluation": evaluation_section(run.cfg, layout),
         "encryption": encryption_section(layout, run.cfg),
         "empirical_audit": empirical_section(layout),
@@ -438,10 +481,11 @@ def _markdown(rep: dict[str, Any]) -> str:
         parts = [_f(v["untrained"].get(k))] + ([_f(v.get("public_start", {}).get(k))] if ps else [])
         return " -> ".join(parts + [f"**{fin}**" if bold else fin])
 
-    header = "| site | role | " + " | ".join(f"{lab} ({refs})" for _, lab in HEADLINE) + " |"
-    lines += [header, "|" + "---|" * (2 + len(HEADLINE))]
+    headline = _headline(rep)
+    header = "| site | role | " + " | ".join(f"{lab} ({refs})" for _, lab in headline) + " |"
+    lines += [header, "|" + "---|" * (2 + len(headline))]
     for site, v in rep["sites"].items():
-        lines.append(f"| {site} | {v['role']} | " + " | ".join(chain(v, k) for k, _ in HEADLINE) + " |")
+        lines.append(f"| {site} | {v['role']} | " + " | ".join(chain(v, k) for k, _ in headline) + " |")
     lines += ["", "## Training sites: mean and worst site", ""]
     if ps:
         lines += [
@@ -454,7 +498,7 @@ def _markdown(rep: dict[str, Any]) -> str:
             "| metric | mean untrained | mean final | worst site (final) | lowest site untrained | worst site final |",
             "|---|---|---|---|---|---|",
         ]
-    for k, lab in HEADLINE:
+    for k, lab in headline:
         s = rep["summary_train_sites"].get(k)
         if not s:
             continue
@@ -472,13 +516,14 @@ def _markdown(rep: dict[str, Any]) -> str:
     if rep["heldout"]:
         lines += ["", "## Held-out site (never trains: out-of-distribution)", ""]
         for site, v in rep["heldout"].items():
-            lines.append(f"- **{site}** ({refs}): " + ", ".join(f"{lab} {chain(v, k, False)}" for k, lab in HEADLINE))
+            lines.append(f"- **{site}** ({refs}): " + ", ".join(f"{lab} {chain(v, k, False)}" for k, lab in headline))
     lines += ["", "## Zero-shot AUROC per finding (final)", ""]
     findings = sorted({f for v in rep["sites"].values() for f in v["final_per_finding"]})
     if findings:
         lines += ["| site | " + " | ".join(findings) + " |", "|---|" + "---|" * len(findings)]
         for site, v in rep["sites"].items():
             lines.append(f"| {site} | " + " | ".join(_f(v["final_per_finding"].get(f)) for f in findings) + " |")
+    lines += _downstream_markdown(rep.get("downstream"))
     priv = rep.get("privacy")
     if priv:
         lines += [
@@ -608,6 +653,53 @@ def _markdown(rep: dict[str, Any]) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _downstream_markdown(ds: dict[str, Any] | None) -> list[str]:
+    if not ds:
+        return []
+    lines = ["", "## Downstream evaluation (frozen image encoder, at each site on its own records)", ""]
+    if "error" in ds:
+        return lines + [f"Unreadable: {ds['error']}"]
+    res = ds["results"]
+    by_task = res.get("settings", {})
+    if "fractions" in by_task:  # written before settings were kept per task
+        by_task = {", ".join(res.get("tasks", [])): by_task}
+    for task, st in sorted(by_task.items()):
+        detail = (
+            f"label fractions {st.get('fractions')}, {st.get('seeds')} sub-sampling seeds"
+            if task == "linear"
+            else f"decoder {st.get('seg_steps')} steps, {st.get('seeds')} seed(s)"
+        )
+        lines.append(f"- {task}: {detail} (mean +- std over seeds)")
+    lines += [
+        "",
+        f"Test split of each site. Metrics released: eval.release = '{res.get('release')}' (`{ds['file']}`).",
+        "",
+    ]
+    models = [m for m in ("untrained", "public_start", "final") if any(m in v for v in ds["summary"].values())]
+    metrics = list(ds["summary"])
+    if not metrics:
+        return lines + ["No metrics reached the server (kept at the sites)."]
+    lines += ["| site | role | metric | " + " | ".join(models) + " |", "|---|---|---|" + "---|" * len(models)]
+    for site, v in sorted(res.get("sites", {}).items()):
+        for metric in metrics:
+            cells = []
+            for m in models:
+                got = v["models"].get(m)
+                if not isinstance(got, dict):
+                    cells.append("kept at site" if got else "n/a")
+                    continue
+                mean, sd = got.get(metric), got.get(f"{metric}/std")
+                cells.append(_f(mean) + (f" +- {sd:.3f}" if isinstance(sd, float) and sd == sd and sd > 0 else ""))
+            lines.append(f"| {site} | {v['role']} | {metric} | " + " | ".join(cells) + " |")
+    lines += ["", "| metric | model | training sites mean | worst training site | held-out |", "|---|---|---|---|---|"]
+    for metric, per_model in ds["summary"].items():
+        for m, row in per_model.items():
+            held = ", ".join(f"{s} {_f(x)}" for s, x in row["heldout"].items()) or "n/a"
+            worst = f"{row['worst_site']} {_f(row['worst'])}" if "worst_site" in row else "n/a"
+            lines.append(f"| {metric} | {m} | {_f(row.get('mean_train'))} | {worst} | {held} |")
+    return lines
 
 
 def _plots(run_dir: Path, rep: dict[str, Any], records: list[dict[str, Any]]) -> list[Path]:

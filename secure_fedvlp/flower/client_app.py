@@ -27,6 +27,7 @@ from secure_fedvlp.evaluation.metrics import evaluate_split
 from secure_fedvlp.flower.eval_guard import EvaluationGuard, model_hash
 from secure_fedvlp.flower.runtime import ConfigProvider, RunSetup, config_from_run_config, resolve_site
 from secure_fedvlp.layout import RunLayout, open_site_file
+from secure_fedvlp.methods.registry import get_method
 from secure_fedvlp.methods.trainer import TrainTask
 from secure_fedvlp.models.state import federated_state, load_federated_state
 from secure_fedvlp.privacy.ledger import repair_ledger, verify_ledger
@@ -50,7 +51,7 @@ from secure_fedvlp.wire import (
     arrays_to_numpy,
     numpy_to_arrays,
 )
-from secure_fedvlp.wrappers.compose import client_parts
+from secure_fedvlp.wrappers.compose import client_parts, method_model
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class ClientRuntime:
 
             site = insert_canaries(cfg, setup.run_dir, site, [s.name for s in federation.sites])
         device = resolve_device(cfg.run.device)
-        model = build_model(cfg).to(device)
+        model = method_model(cfg).to(device)
         initial = federated_state(model)
         parts = client_parts(cfg, setup.run_dir, site, initial, device, federation.public)
         guard = EvaluationGuard(
@@ -223,7 +224,10 @@ class ClientRuntime:
         if reference is not None:
             if self.guard is not None:
                 self.guard.evaluate_reference(reference)  # recorded before anything is evaluated
-            model = build_model(self.setup.cfg, untrained=True).to(self.device)
+            if get_method(self.setup.cfg.federation.method).model_builder is None:
+                model = build_model(self.setup.cfg, untrained=True).to(self.device)
+            else:  # a method with a model of its own (FedSM) builds its seeded one
+                model = method_model(self.setup.cfg).to(self.device)
         else:
             state = arrays_to_numpy(msg.content[ARRAYS_KEY])
             if self.guard is not None:
@@ -232,7 +236,11 @@ class ClientRuntime:
             model = self.model
         ev = self.setup.cfg.eval
         split = self.site.test if ev.split == "test" else self.site.val
-        metrics = evaluate_split(model, split, ks=ev.recall_ks, batch_size=ev.batch_size, device=self.device)
+        evaluate = getattr(self.trainer, "evaluate_model", None)  # a method with its own metrics (FedSM: Dice)
+        if evaluate is not None:
+            metrics = evaluate(model, split, ev, self.device)
+        else:
+            metrics = evaluate_split(model, split, ks=ev.recall_ks, batch_size=ev.batch_size, device=self.device)
         if ev.release == "local":
             path = RunLayout(self.setup.run_dir).local_eval_metrics(self.site.name)
             row = {"round": rnd, **({"reference": reference} if reference is not None else {}), **metrics}

@@ -20,7 +20,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from secure_fedvlp.build import build_model, expected_num_nodes
+from secure_fedvlp.build import expected_num_nodes
 from secure_fedvlp.config import config_to_dict, dump_toml
 from secure_fedvlp.errors import DataError, SecureFedVLPError
 from secure_fedvlp.evaluation.report import RunRecorder, write_report
@@ -28,7 +28,7 @@ from secure_fedvlp.flower.runtime import ConfigProvider, RunSetup, config_from_r
 from secure_fedvlp.layout import FinishedRun, RunLayout
 from secure_fedvlp.models.state import federated_state
 from secure_fedvlp.wire import arrays_to_numpy, numpy_to_arrays
-from secure_fedvlp.wrappers.compose import strategy_class
+from secure_fedvlp.wrappers.compose import method_model, strategy_class
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def make_server_app(
 def _serve(grid: Grid, setup: RunSetup, recorder: RunRecorder) -> None:
     cfg, run_dir = setup.cfg, setup.run_dir
     run = FinishedRun(RunLayout(run_dir), cfg)  # the report reads this config, not a copy on disk
-    model = build_model(cfg)
+    model = method_model(cfg)
     initial = numpy_to_arrays(federated_state(model))
     n_values = int(sum(v.size for v in arrays_to_numpy(initial).values()))
     recorder.progress(

@@ -6,7 +6,7 @@ overrides what differs (including its :meth:`~VLPStrategy.release_plan`) and cal
 in ``pyproject.toml``, which is how the config layer knows their names without importing them.
 """
 
-from secure_fedvlp.methods import creamfl, fedavg, feddra, fedprox  # noqa: F401  (register built-ins)
+from secure_fedvlp.methods import centralized, creamfl, fedavg, feddra, fedprox, fedsm  # noqa: F401  (register built-ins)
 from secure_fedvlp.methods.registry import MethodSpec, get_method, list_methods, register_method
 from secure_fedvlp.methods.strategy import RoundRecorder, SiteInfo, VLPStrategy
 from secure_fedvlp.methods.trainer import LocalTrainer, PlainSteps, StepEngine, TrainTask

@@ -122,6 +122,7 @@ class VLPStrategy(FedAvg):
         self.plan = self.release_plan(cfg)
         self.participation: list[dict[str, Any]] = []  # the current round's stages (see run_stage)
         self.site_binding: Callable[[int, str], str | None] | None = None  # see check_site_claim
+        self.last_accepted: dict[str, list[str]] = {}  # stage -> sites whose update the latest aggregate holds
 
     # -- discovery -----------------------------------------------------------------
     def discover(self, grid: Grid, expected_nodes: int, timeout: float) -> dict[int, SiteInfo]:
@@ -380,9 +381,12 @@ class VLPStrategy(FedAvg):
                 self._drop(server_round, stage, site, reason)
                 continue
             accepted.append(msg)
+        self.last_accepted[stage] = []
         if not accepted:
             return None, None
         arrays, metrics, rejected = self.combine_updates(server_round, stage, accepted)
+        if arrays is not None:  # the sites whose update is in the new model (FedSM's SoftPull needs them)
+            self.last_accepted[stage] = [self.site_name(m) for m in accepted if self.site_name(m) not in rejected]
         for msg in accepted:
             site = self.site_name(msg)
             if site in rejected:

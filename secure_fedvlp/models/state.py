@@ -52,12 +52,15 @@ def make_collate(model: nn.Module) -> Callable[[list[dict[str, Any]]], dict[str,
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         reports = [it["report"] for it in items]
         tok = model.tokenize(reports)
-        return {
+        batch = {
             "images": torch.stack([it["image"] for it in items]),
             "input_ids": tok["input_ids"],
             "attention_mask": tok["attention_mask"],
             "labels": torch.stack([it["labels"] for it in items]),
             "index": torch.as_tensor([it["index"] for it in items]),
         }
+        if items and "mask" in items[0]:  # lesion masks (segmentation methods)
+            batch["masks"] = torch.stack([it["mask"] for it in items])
+        return batch
 
     return collate

@@ -22,13 +22,14 @@ from secure_fedvlp.config import ExperimentConfig
 from secure_fedvlp.data import SiteData
 from secure_fedvlp.layout import RunLayout
 from secure_fedvlp.methods import VLPStrategy, get_method
+from secure_fedvlp.methods.registry import method_model
 from secure_fedvlp.privacy.plan import ReleasePlan
 from secure_fedvlp.privacy.relation import seeded_site_key
 from secure_fedvlp.wrappers import anchors as anchors_wrapper
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["release_plan", "strategy_class", "ClientParts", "client_parts"]
+__all__ = ["release_plan", "strategy_class", "method_model", "ClientParts", "client_parts"]
 
 
 def release_plan(cfg: ExperimentConfig) -> ReleasePlan:
@@ -72,6 +73,8 @@ def client_parts(
     """The site's trainer, encryption state and extensions, as the config asks."""
     trainer: Any = get_method(cfg.federation.method).trainer(cfg, device, public)
     trainer.bind_site(site, RunLayout(run_dir).client_dir(site.name))
+    if hasattr(trainer, "site_dir"):  # methods that keep per-site state between rounds (FedSM's v_i)
+        trainer.site_dir = RunLayout(run_dir).client_dir(site.name)
     if cfg.privacy.enabled and not cfg.privacy.seeded_randomness:
         trainer.site_key_path = RunLayout(run_dir).site_key(site.name)  # a secret in the site's own directory
     else:  # reproducible runs: a key anyone holding the config can derive

@@ -22,6 +22,8 @@ SWEEPS = [p for p in ALL if p not in CONFIGS]
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_parses(path):
+    import secure_fedvlp.methods  # noqa: F401  (the CLI registers the built-in methods before it reads a config)
+
     cfg = load_config(path)
     assert isinstance(cfg, ExperimentConfig)
 

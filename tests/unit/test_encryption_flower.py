@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, MessageType
 
-from secure_fedvlp.build import build_model, expected_num_nodes
+from secure_fedvlp.build import expected_num_nodes
 from secure_fedvlp.encryption import AggregateCiphertext, EncryptedUpdate, init_keys, load_client_context, preset
 from secure_fedvlp.encryption.keys import SERVER_FILE
 from secure_fedvlp.flower.client_app import make_client_app
 from secure_fedvlp.flower.runtime import RunSetup
-from secure_fedvlp.methods import get_method, list_methods
+from secure_fedvlp.methods import get_method
 from secure_fedvlp.models.state import federated_state
 from secure_fedvlp.wire import ARRAYS_KEY, arrays_to_numpy, numpy_to_arrays
-from secure_fedvlp.wrappers.compose import strategy_class
+from secure_fedvlp.wrappers.compose import method_model, strategy_class
 from secure_fedvlp.wrappers.encryption import (
     CIPHERTEXT_KEY,
     encryption_settings,
@@ -26,7 +26,7 @@ from secure_fedvlp.wrappers.encryption import (
     is_encrypted,
     load_server_encryption,
 )
-from tests.loopback import LoopbackGrid
+from tests.loopback import LoopbackGrid, private_methods
 from tests.unit.test_methods_contract import ListRecorder, tiny_cfg
 
 
@@ -64,7 +64,7 @@ def run(cfg, run_dir, *, encrypted, rounds=1, fail_nodes=(), tamper=None):
     )
     rec = ListRecorder()
     assert cfg.encryption.enabled == encrypted
-    init_state = federated_state(build_model(cfg))
+    init_state = federated_state(method_model(cfg))
     strategy = strategy_class(cfg)(cfg, rec)
     if encrypted:
         settings = encryption_settings(cfg, run_dir)
@@ -89,12 +89,12 @@ def decrypt_final(cfg, run_dir, arrays):
     ctx = load_client_context(settings.client_key("site1"))
     from secure_fedvlp.wrappers.encryption import ClientEncryption
 
-    sa = ClientEncryption.load(settings, "site1", federated_state(build_model(cfg)))
+    sa = ClientEncryption.load(settings, "site1", federated_state(method_model(cfg)))
     assert sa.ctx.fingerprint == ctx.fingerprint
     return sa.decrypt_global(arrays)
 
 
-@pytest.mark.parametrize("method", list_methods())
+@pytest.mark.parametrize("method", private_methods())
 def test_encrypted_run_matches_plaintext_run(method, tmp_path):
     """A full encrypted run of each method, exact codec, ends with the plaintext run's metrics and parameters.
 
@@ -120,9 +120,10 @@ def test_encrypted_run_matches_plaintext_run(method, tmp_path):
     assert final_enc.keys() == final_plain.keys()
     worst = max(float(np.max(np.abs(final_enc[k] - final_plain[k]))) for k in final_plain)
     assert worst < 2e-5, f"max parameter difference {worst}"
+    key = "dice" if "dice" in res_plain.evaluate_metrics_clientapp[1] else "zs_auroc_macro"  # FedSM: segmentation
     for rnd in (1, 2):
-        a = res_enc.evaluate_metrics_clientapp[rnd]["zs_auroc_macro"]
-        b = res_plain.evaluate_metrics_clientapp[rnd]["zs_auroc_macro"]
+        a = res_enc.evaluate_metrics_clientapp[rnd][key]
+        b = res_plain.evaluate_metrics_clientapp[rnd][key]
         assert abs(a - b) < 1e-3
     assert all(r["status"] == "ok" for r in rec_enc.rows if r.get("phase") == "train")
 
@@ -240,7 +241,7 @@ def test_plaintext_reply_is_refused_under_encryption(tmp_path):
     _keys(cfg, tmp_path / "run")
 
     def plaintext(reply):
-        reply.content[ARRAYS_KEY] = numpy_to_arrays(federated_state(build_model(cfg)))
+        reply.content[ARRAYS_KEY] = numpy_to_arrays(federated_state(method_model(cfg)))
         return reply
 
     _, result, rec, _ = run(cfg, tmp_path / "run", encrypted=True, tamper=(1, plaintext))
@@ -271,7 +272,7 @@ def test_aggregate_of_too_few_contributors_is_discarded_and_global_kept(tmp_path
     """Curious client: with one site left, the 'aggregate' would be that site's own update; it is not adopted."""
     cfg = enc_cfg(tmp_path, encryption={"min_contributors": 2})
     _keys(cfg, tmp_path / "enc")
-    init = numpy_to_arrays(federated_state(build_model(cfg)))
+    init = numpy_to_arrays(federated_state(method_model(cfg)))
     strategy, result, rec, grid = run(cfg, tmp_path / "enc", encrypted=True, fail_nodes=[1])
     stats = strategy.encryption_stats[-1]
     assert stats["accepted"] == [] and any("min_contributors" in why for why in stats["rejected"].values())

@@ -8,12 +8,12 @@ tests would fail on a calibration that re-derives a method's schedule by name.
 import pytest
 
 from secure_fedvlp.config import parse_config
-from secure_fedvlp.methods import list_methods
 from secure_fedvlp.privacy import epsilon_from_events
 from secure_fedvlp.privacy.events import DPSGDEvent, GaussianEvent
 from secure_fedvlp.wire import LOCAL_STEPS
 from secure_fedvlp.wrappers.compose import release_plan, strategy_class
 from secure_fedvlp.wrappers.dpsgd import client_noise_multiplier
+from tests.loopback import private_methods
 
 TARGET = 8.0
 TOLERANCE = 0.01  # calibrate_noise_multiplier's default epsilon_tolerance
@@ -51,7 +51,7 @@ def _server_schedule(cfg):
 
 @pytest.mark.parametrize("anchors", [False, True], ids=["plain", "anchors"])
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: "local{}-s1_{}-s2_{}".format(*s))
-@pytest.mark.parametrize("method", list_methods())
+@pytest.mark.parametrize("method", private_methods())
 def test_calibration_spends_the_target_over_the_planned_rounds(method, schedule, anchors):
     cfg = _cfg(method, schedule, anchors)
     plan = release_plan(cfg)
@@ -70,13 +70,17 @@ def test_calibration_spends_the_target_over_the_planned_rounds(method, schedule,
     assert eps >= TARGET - TOLERANCE, f"{method}: over-noised, spends {eps:.4f} of {TARGET}"
 
 
-@pytest.mark.parametrize("method", list_methods())
+@pytest.mark.parametrize("method", private_methods())
 def test_the_server_sends_the_steps_the_plan_declares(method):
     """FedAID trains feddra.stage2_steps per round (not train.local_steps): the plan says so, and so does
     the server's train config."""
     cfg = _cfg(method, (2, 1, 6), anchors=False)
     _, jobs = _server_schedule(cfg)
-    expected = {"feddra": [("align", 1), ("full", 6)], "fedaid": [("full", 6)]}.get(method, [("full", 2)])
+    expected = {
+        "feddra": [("align", 1), ("full", 6)],
+        "fedaid": [("full", 6)],
+        "fedsm": [("global", 2), ("person", 2), ("select", 1)],  # the selector: one step per round
+    }.get(method, [("full", 2)])
     assert all(j == expected for j in jobs.values())
     assert [(s.stage, s.steps) for s in release_plan(cfg).stages] == expected
 

@@ -78,13 +78,13 @@ def export_model(
     :attr:`~secure_fedvlp.layout.RunLayout.export_info`.  A missing encrypted model or output directory
     is refused before anything is decrypted.
     """
-    from secure_fedvlp.build import build_model
     from secure_fedvlp.encryption import (
         exact_error_bound,
         flooding_sigma,
         noise_flood_for_export,
     )
     from secure_fedvlp.encryption.aggregate import _fixed_point_bits
+    from secure_fedvlp.methods.registry import method_model
     from secure_fedvlp.models.state import federated_state
 
     run = load_run(run_dir)
@@ -105,7 +105,7 @@ def export_model(
     if is_chain(blob_path.read_bytes()):
         return _export_delta_model(cfg, layout, settings, ctx, blob_path, out)
     agg = AggregateCiphertext.from_bytes(blob_path.read_bytes(), ctx)
-    model_layout = layout_of(federated_state(build_model(cfg)))
+    model_layout = layout_of(federated_state(method_model(cfg)))
     if agg.layout_hash != model_layout.layout_hash():
         raise CiphertextError(f"{blob_path}: layout {agg.layout_hash!r} does not match model {cfg.model.name!r}.")
     bits = _fixed_point_bits(agg.codec)
