@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from secure_fedvlp.data.images import load_image, load_mask
+from secure_fedvlp.data.images import is_rle, load_image, load_mask
 from secure_fedvlp.data.tables import SPLITS, Problems
 from secure_fedvlp.data.types import FINDINGS, Federation, SiteData, VLPDataset
 from secure_fedvlp.errors import DataError
@@ -110,7 +110,9 @@ def assemble(
         if not annotated[i]:
             continue
         try:
-            masks[i] = load_mask(rec.mask, rec.image, image_size, [])
+            # a PNG mask's path was resolved, and checked to lie under the image root, by the manifest reader
+            roots = [] if is_rle(rec.mask) else [Path(rec.mask).parent]
+            masks[i] = load_mask(rec.mask, rec.image, image_size, roots)
         except Exception as exc:  # noqa: BLE001 - any mask failure is a data problem of this row
             problems.add(
                 rec.source, rec.row, rec.line, f"cannot read mask {rec.mask[:60]!r} ({type(exc).__name__}: {exc})"
