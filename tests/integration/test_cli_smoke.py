@@ -182,7 +182,7 @@ def test_encrypted_run_end_to_end_server_keeps_only_ciphertexts(tiny_encrypted_r
 def _cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """``python -m secure_fedvlp.cli ...`` in a fresh process: what a user types, registry and all."""
     root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, PYTHONPATH=str(root))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p))
     return subprocess.run(
         [sys.executable, "-m", "secure_fedvlp.cli", *args],
         cwd=root,
