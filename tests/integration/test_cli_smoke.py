@@ -233,7 +233,7 @@ def test_a_dp_run_from_a_public_start_end_to_end(tmp_path, capsys):
 def _cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """``python -m secure_fedvlp.cli ...`` in a fresh process: what a user types, registry and all."""
     root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, PYTHONPATH=str(root))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p))
     return subprocess.run(
         [sys.executable, "-m", "secure_fedvlp.cli", *args],
         cwd=root,
