@@ -232,7 +232,7 @@ def test_the_summary_lists_the_public_start_beside_the_untrained_reference(tmp_p
         (run_dir / "report.json").write_text(json.dumps(rep))
         return 0
 
-    monkeypatch.setattr(runner.subprocess, "call", fake_call)
+    monkeypatch.setattr(runner, "_run_cell", lambda cmd, log: fake_call(cmd))
     run_sweep(spec)
     summary = json.loads((spec.root / "summary.json").read_text())
     refs = summary["references"]
