@@ -727,7 +727,7 @@ def _plots(run_dir: Path, rep: dict[str, Any], records: list[dict[str, Any]]) ->
     xlabel = "round (0 = public start)" if public else "round (0 = untrained)"
 
     def untrained_ref(key: str) -> tuple[RefLine, ...]:
-        s = rep["summary_train_sites"].get(key) or {}
+        s = (rep.get("summary_train_sites") or {}).get(key) or {}
         if not public or s.get("mean_untrained") is None:
             return ()
         return (RefLine(float(s["mean_untrained"]), "untrained (mean of training sites)", linestyle="--"),)
