@@ -159,7 +159,10 @@ def test_dp_replies_carry_no_unnoised_loss(dp_run):
     for site in ("site1", "site2"):
         path = dp_run.tmp_path / "run" / "clients" / site / "local_train_metrics.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines()]
-        assert rows and all("train_loss" in r for r in rows)  # the losses exist, at the client
+        # The losses exist, at the client, for every job that drew a record (Poisson sampling may leave all
+        # of a short job's batches empty: such a job has no loss to keep, and its reply still carries none).
+        assert any("train_loss" in r for r in rows)
+        assert all("train_loss" in r for r in rows if r["train_records_seen"] > 0)
         local[site] = [v for r in rows for k, v in r.items() if "loss" in k]
     train_replies = [m for m in dp_run.grid.replies if m.metadata.message_type == MessageType.TRAIN]
     assert train_replies
