@@ -183,6 +183,10 @@ class PretrainConfig:
     synthetic public corpus (its own style, wording and prevalences); ``"manifest"`` reads
     ``manifest_path`` (every record, whatever its site or split; images under ``image_root``).
     ``log_every`` prints a progress line every that many steps (0 = none).
+    ``seed`` seeds the model it starts from, its batch order and dropout; ``-1`` (the default)
+    means ``run.seed``.  Fix it to hold one public start across runs of different ``run.seed``
+    (a sweep over seeds then varies the federated training and the DP noise, not the start,
+    as in a deployment where the public checkpoint is given).
     """
 
     enabled: bool = False
@@ -195,9 +199,11 @@ class PretrainConfig:
     text_lr: float = 1e-4
     weight_decay: float = 0.05
     log_every: int = 50
+    seed: int = -1
 
     def __post_init__(self) -> None:
         check = _Checks()
+        check(self.seed >= -1, "pretrain.seed", self.seed, "must be >= 0, or -1 for run.seed")
         check(self.steps >= 1, "pretrain.steps", self.steps, "must be >= 1")
         check(self.batch_size >= 2, "pretrain.batch_size", self.batch_size, "must be >= 2 (in-batch negatives)")
         check(self.lr > 0, "pretrain.lr", self.lr, "must be > 0")

@@ -15,7 +15,7 @@ operator names), so nothing it releases depends on private data, and no ledger r
 
 **Cache.** The checkpoint is content-addressed under ``<data.cache_dir>/public_start/`` by
 :func:`public_start_key`, a hash of everything that determines it (the architecture, the
-``[pretrain]`` settings, the public corpus' specification, ``run.seed``), so the cells of a sweep
+``[pretrain]`` settings, the public corpus' specification, its seed), so the cells of a sweep
 that share a public start train it once.  A ``.json`` sidecar beside every copy says what it is
 (:func:`describe`): public, epsilon spent 0, the source, steps, corpus size, hash, wall time.
 """
@@ -181,13 +181,20 @@ def public_corpus(cfg: ExperimentConfig) -> VLPDataset:
 # ----------------------------------------------------------------------------- what is trained, and its address
 
 
+def pretrain_seed(cfg: ExperimentConfig) -> int:
+    """The seed of the public start: ``pretrain.seed``, or ``run.seed`` when it is -1."""
+    return cfg.run.seed if cfg.pretrain.seed < 0 else cfg.pretrain.seed
+
+
 def pretrain_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The configuration the pre-training runs under: ``cfg`` with the ``[pretrain]`` settings as the local
     training (in-batch InfoNCE, AdamW, no gradient clipping), every parameter the architecture leaves trainable,
-    no checkpoint, and no privacy, anchors, encryption or canaries (none applies to public data)."""
+    no checkpoint, ``run.seed`` = :func:`pretrain_seed` (the seeded model it starts from), and no privacy,
+    anchors, encryption or canaries (none applies to public data)."""
     p = cfg.pretrain
     return dataclasses.replace(
         cfg,
+        run=dataclasses.replace(cfg.run, seed=pretrain_seed(cfg)),
         model=dataclasses.replace(cfg.model, trainable="all", init_checkpoint=""),
         pretrain=dataclasses.replace(p, enabled=False),
         train=TrainConfig(
@@ -210,7 +217,7 @@ def pretrain_config(cfg: ExperimentConfig) -> ExperimentConfig:
 def public_start_key(cfg: ExperimentConfig) -> str:
     """Content address of ``cfg``'s public start: a hash of the architecture (its model config and text
     weights), the ``[pretrain]`` settings that shape training, the public corpus' specification
-    (:func:`corpus_spec`) and ``run.seed`` (the seeded model it starts from and its batch order).
+    (:func:`corpus_spec`) and :func:`pretrain_seed` (the seeded model it starts from and its batch order).
 
     ``model.trainable`` and ``model.init_checkpoint`` are not part of it: the public stage always trains
     every parameter the architecture leaves trainable, from the seeded model.
@@ -222,9 +229,11 @@ def public_start_key(cfg: ExperimentConfig) -> str:
         "v": PUBLIC_START_VERSION,
         "model": dataclasses.asdict(get_model_spec(cfg.model.name)),
         "text_weights_dir": cfg.model.text_weights_dir,
-        "pretrain": {k: v for k, v in p.items() if k not in ("enabled", "log_every", "manifest_path", "image_root")},
+        "pretrain": {
+            k: v for k, v in p.items() if k not in ("enabled", "log_every", "manifest_path", "image_root", "seed")
+        },
         "corpus": corpus_spec(cfg),
-        "seed": cfg.run.seed,
+        "seed": pretrain_seed(cfg),
     }
     text = json.dumps(blob, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
@@ -288,7 +297,7 @@ def pretrain_public(
 
     The loop is :meth:`LocalTrainer.fit` with plain steps under :func:`pretrain_config`: shuffled
     batches of ``pretrain.batch_size`` public records, in-batch InfoNCE, ``pretrain.steps`` AdamW steps;
-    the batch order and dropout are seeded from ``run.seed``.
+    the model, the batch order and dropout are seeded from :func:`pretrain_seed`.
     """
     pcfg = pretrain_config(cfg)
     log = log or progress_logger.info
@@ -303,7 +312,7 @@ def pretrain_public(
         holder["e"] = _ProgressSteps(PlainSteps(trainer, m, opt, data, gen), cfg.pretrain.log_every, steps, log)
         return holder["e"]
 
-    seed = _job_seed(cfg.run.seed)
+    seed = _job_seed(pretrain_seed(cfg))
     log(
         f"public start: pre-training model {cfg.model.name!r} on {len(corpus)} public records "
         f"({cfg.pretrain.source}), {steps} steps of {min(cfg.pretrain.batch_size, len(corpus))}, "
@@ -346,7 +355,7 @@ def describe(cfg: ExperimentConfig, key: str, digest: str, stats: Mapping[str, A
         "weight_decay": p.weight_decay,
         "objective": "infonce",
         "model": cfg.model.name,
-        "seed": cfg.run.seed,
+        "seed": pretrain_seed(cfg),
         "key": key,
         "state_hash": digest,
         **{k: stats[k] for k in ("wall_seconds", "cpu_seconds", "train_loss_mean", "train_loss_last", "records_seen")},

@@ -260,6 +260,22 @@ def test_the_cache_is_reused_and_keyed_by_what_determines_the_start(start, tmp_p
     assert ps.public_start_key(dataclasses.replace(cfg, data=bigger)) != key
 
 
+def test_a_fixed_pretrain_seed_holds_one_public_start_across_run_seeds(tmp_path):
+    """pretrain.seed = k: runs of different run.seed share the start (key, seeded model, description); -1 follows
+    run.seed, and the start of run.seed k is the start of pretrain.seed k."""
+    runs = [tiny(tmp_path, run={"seed": s}, pretrain={"seed": 5}) for s in (0, 1)]
+    assert ps.public_start_key(runs[0]) == ps.public_start_key(runs[1])
+    assert ps.public_start_key(tiny(tmp_path, pretrain={"seed": 6})) != ps.public_start_key(runs[0])
+    assert ps.public_start_key(tiny(tmp_path, run={"seed": 5})) == ps.public_start_key(runs[0])
+    assert ps.public_start_key(tiny(tmp_path, run={"seed": 1})) != ps.public_start_key(tiny(tmp_path))
+    pcfg = [ps.pretrain_config(c) for c in runs]
+    assert pcfg[0].run.seed == pcfg[1].run.seed == 5
+    a, b = (federated_state(build_model(c)) for c in pcfg)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="pretrain.seed"):
+        tiny(tmp_path, pretrain={"seed": -2})
+
+
 def test_a_sweeps_cells_share_one_public_start(tmp_path):
     """Two runs (two sweep cells) of one config: the public start is trained once, and each run holds the same
     file as its model.init_checkpoint, with the description beside it."""
