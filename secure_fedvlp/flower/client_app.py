@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from secure_fedvlp.build import build_federation, build_model, configure_threads, resolve_device
-from secure_fedvlp.config import config_hash
+from secure_fedvlp.config import config_hash, config_to_dict
 from secure_fedvlp.data import SiteData
 from secure_fedvlp.errors import PrivacyBudgetExhausted, ProtocolError
 from secure_fedvlp.evaluation.metrics import evaluate_split
@@ -29,6 +29,7 @@ from secure_fedvlp.flower.runtime import ConfigProvider, RunSetup, config_from_r
 from secure_fedvlp.layout import RunLayout, open_site_file
 from secure_fedvlp.methods.registry import get_method
 from secure_fedvlp.methods.trainer import TrainTask
+from secure_fedvlp.models.feature_cache import PersistentFeatures
 from secure_fedvlp.models.state import federated_state, load_federated_state
 from secure_fedvlp.privacy.ledger import repair_ledger, verify_ledger
 from secure_fedvlp.wire import (
@@ -82,6 +83,7 @@ class ClientRuntime:
     extensions: list[Any] = field(default_factory=list)  # answer extra queries, extend train tasks
     guard: EvaluationGuard | None = None  # which rounds and models the site evaluated
     ledger_path: Path | None = None  # the site's privacy ledger (DP on, training site)
+    features: PersistentFeatures | None = None  # locked-tower features kept on disk (data.cache_features)
 
     @classmethod
     def create(cls, setup: RunSetup, context: Context) -> ClientRuntime:
@@ -104,6 +106,11 @@ class ClientRuntime:
             model_hash(initial),  # with model.init_checkpoint: the public start's hash
             references=(UNTRAINED_REFERENCE,) if cfg.model.init_checkpoint else (),
         )
+        features = None
+        if cfg.data.cache_features:
+            stem = feature_file_stem(cfg, site.name)
+            features = PersistentFeatures(model, Path(cfg.data.cache_dir) / "features", stem)
+            features.load()
         logger.info(
             "Client for site %s (%s) ready on %s%s",
             site.name,
@@ -112,7 +119,16 @@ class ClientRuntime:
             " (CKKS encryption on)" if parts.encryption is not None else "",
         )
         return cls(
-            setup, site, model, parts.trainer, device, parts.encryption, parts.extensions, guard, parts.ledger_path
+            setup,
+            site,
+            model,
+            parts.trainer,
+            device,
+            parts.encryption,
+            parts.extensions,
+            guard,
+            parts.ledger_path,
+            features,
         )
 
     # -- handlers ------------------------------------------------------------------
@@ -150,7 +166,17 @@ class ClientRuntime:
             content = self._train(msg)
         except PrivacyBudgetExhausted as exc:
             content = self._exhausted(exc)
+        self.keep_features()
         return self.with_ledger_head(content)
+
+    def keep_features(self) -> None:
+        """Write the locked towers' outputs computed so far to the site's cache, if they grew (never fails a reply)."""
+        if self.features is None:
+            return
+        try:
+            self.features.sync()
+        except OSError as e:
+            logger.warning("site %s: locked-tower features not written to the cache (%s)", self.site.name, e)
 
     def _train(self, msg: Message) -> RecordDict:
         if self.site.role != "train":
@@ -241,6 +267,8 @@ class ClientRuntime:
             metrics = evaluate(model, split, ev, self.device)
         else:
             metrics = evaluate_split(model, split, ks=ev.recall_ks, batch_size=ev.batch_size, device=self.device)
+        if model is self.model:
+            self.keep_features()
         if ev.release == "local":
             path = RunLayout(self.setup.run_dir).local_eval_metrics(self.site.name)
             row = {"round": rnd, **({"reference": reference} if reference is not None else {}), **metrics}
@@ -249,6 +277,12 @@ class ClientRuntime:
             logger.info("site %s round %d: evaluation kept at the site (%s)", self.site.name, rnd, path)
             return self.with_ledger_head(RecordDict({INFO_KEY: self.info()}))
         return self.with_ledger_head(RecordDict({METRICS_KEY: MetricRecord(metrics), INFO_KEY: self.info()}))
+
+
+def feature_file_stem(cfg, site: str) -> str:
+    """Name of a site's locked-tower feature file (the towers' digest is appended): the site and its data config."""
+    data = json.dumps(config_to_dict(cfg.data), sort_keys=True, default=str)
+    return f"{site}-{hashlib.sha256(data.encode()).hexdigest()[:12]}"
 
 
 def _job_seed(seed: int, site: str, task: TrainTask) -> int:

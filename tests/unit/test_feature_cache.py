@@ -1,0 +1,106 @@
+"""Locked-tower features on disk: the same towers read them back exactly; other towers or a bad file never use them."""
+
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+
+from secure_fedvlp.models import create_model
+from secure_fedvlp.models.feature_cache import (
+    PersistentFeatures,
+    load_features,
+    locked_towers_digest,
+    save_features,
+)
+
+
+def _heads_only(seed: int = 0):
+    torch.manual_seed(seed)
+    m = create_model("tiny")
+    m.restrict_trainable("heads")
+    return m.eval()
+
+
+def _inputs(m):
+    x = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    tok = m.tokenize(["no acute findings", "small right pleural effusion", "cardiomegaly", "a longer report " * 3])
+    return x, tok
+
+
+def test_a_second_model_with_the_same_towers_reads_the_features_back_exactly(tmp_path):
+    a = _heads_only()
+    x, tok = _inputs(a)
+    img, txt = a.image_features(x), a.text_features(tok["input_ids"], tok["attention_mask"])
+    path = tmp_path / "f.npz"
+    assert save_features(a, path) == 8
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600  # functions of a site's records: owner only
+    b = _heads_only()
+    with torch.no_grad():  # b's heads move; its towers do not: the file is still b's
+        b.image_head.weight.mul_(-1.0)
+    assert locked_towers_digest(b) == locked_towers_digest(a)
+    assert load_features(b, path) == 8
+    # served from the file: the tower is not run (a tower that fails if called proves it)
+    b.image_encoder.forward = lambda *_: (_ for _ in ()).throw(AssertionError("the tower ran"))
+    torch.testing.assert_close(b.image_features(x), img)
+    torch.testing.assert_close(b.text_features(tok["input_ids"], tok["attention_mask"]), txt)
+
+
+def test_features_of_other_towers_are_ignored(tmp_path):
+    a = _heads_only(seed=0)
+    x, tok = _inputs(a)
+    a.image_features(x)
+    a.text_features(tok["input_ids"], tok["attention_mask"])
+    path = tmp_path / "f.npz"
+    save_features(a, path)
+    other = _heads_only(seed=0)
+    with torch.no_grad():
+        next(other.image_encoder.parameters()).add_(1e-3)  # one changed tower weight
+    assert locked_towers_digest(other) != locked_towers_digest(a)
+    assert load_features(other, path) == 0
+    assert not other._image_cache and not other.text_encoder._pooled
+    # a tower that trains keeps no cache and has nothing to share
+    full = create_model("tiny")
+    assert locked_towers_digest(full) is None and save_features(full, tmp_path / "g.npz") == 0
+    assert not (tmp_path / "g.npz").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-npz", "pickle"])
+def test_an_unreadable_or_hostile_file_is_ignored_and_the_features_recomputed(tmp_path, damage):
+    a = _heads_only()
+    x, _ = _inputs(a)
+    direct = a.image_features(x).clone()
+    path = tmp_path / "f.npz"
+    save_features(a, path)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "not-npz":
+        path.write_text("hello")
+    else:  # an object array needs pickle to load: refused, never executed
+        np.savez(
+            path, digest=np.frombuffer(locked_towers_digest(a).encode(), np.uint8), image_keys=np.array([object()])
+        )
+    b = _heads_only()
+    assert load_features(b, path) == 0
+    torch.testing.assert_close(b.image_features(x), direct)
+
+
+def test_persistent_features_write_only_when_the_caches_grew(tmp_path):
+    a = _heads_only()
+    x, tok = _inputs(a)
+    keep = PersistentFeatures(a, tmp_path / "features", "site1")
+    assert keep.load() == 0
+    keep.sync()
+    assert not keep.path.exists()  # nothing computed yet: nothing written
+    a.image_features(x)
+    keep.sync()
+    first = keep.path.stat().st_mtime_ns
+    a.image_features(x)  # nothing new
+    keep.sync()
+    assert keep.path.stat().st_mtime_ns == first
+    a.text_features(tok["input_ids"], tok["attention_mask"])
+    keep.sync()
+    b = _heads_only()
+    again = PersistentFeatures(b, tmp_path / "features", "site1")
+    assert again.path == keep.path and again.load() == 8
