@@ -90,6 +90,10 @@ class DataConfig:
 
     source: Literal["synthetic", "manifest", "mimic_cxr_jpg", "chexpert"] = "synthetic"
     cache_dir: str = ".cache/secure_fedvlp"
+    # Keep the locked towers' outputs for the site's records in cache_dir/features (model.trainable =
+    # "heads"): another process with the same towers (a sweep's next cell, a deployment's next message)
+    # reads them instead of recomputing them (secure_fedvlp.models.feature_cache).
+    cache_features: bool = True
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
     manifest_path: str = ""
     image_root: str = ""
@@ -237,6 +241,10 @@ class TrainConfig:
     #   bank once per job; "current": the model being trained embeds both, the bank re-embedded at
     #   every step (cheap when the towers are locked and cached, e.g. model.trainable = "heads").
     bank: Literal["global", "current"] = "global"
+    # > 0 (with bank = "current"): the image-to-report term of the decomposable objective contrasts a
+    # record's image with its own report against this many variants of that same report, each with one
+    # sentence left out, instead of public reports (secure_fedvlp.objectives.report_variants). 0 = off.
+    report_negatives: int = 0
     grad_clip: float = 0.0  # plain gradient-norm clipping without DP; 0 = off
 
     def __post_init__(self) -> None:
@@ -247,6 +255,7 @@ class TrainConfig:
         check(self.text_lr >= 0, "train.text_lr", self.text_lr, "must be >= 0")
         check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
         check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0")
+        check(self.report_negatives >= 0, "train.report_negatives", self.report_negatives, "must be >= 0 (0 = off)")
         check.done()
 
 
@@ -719,6 +728,21 @@ class ExperimentConfig:
             "depend on every other record of its batch (they are its negatives), so per-sample clipping does not "
             "bound one record's influence and the DP-SGD guarantee would not hold. Set train.objective = "
             "'decomposable' (negatives from the public reference set)",
+        )
+        check(
+            not (
+                self.train.report_negatives and (self.train.objective, self.train.bank) != ("decomposable", "current")
+            ),
+            "train.report_negatives",
+            self.train.report_negatives,
+            "applies to the decomposable objective with the current model's bank; set train.objective = "
+            "'decomposable' and train.bank = 'current', or train.report_negatives = 0",
+        )
+        check(
+            not (self.train.report_negatives and self.model.trainable != "heads"),
+            "train.report_negatives",
+            self.train.report_negatives,
+            "needs locked towers (its variants are embedded once per job); set model.trainable = 'heads'",
         )
         check(
             not (self.train.bank == "current" and self.train.objective != "decomposable"),

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from secure_fedvlp.config import ExperimentConfig
 from secure_fedvlp.models.embed import embed_images, embed_texts
 from secure_fedvlp.models.state import federated_state, make_collate
-from secure_fedvlp.objectives import DecomposableContrastiveLoss, InfoNCELoss
+from secure_fedvlp.objectives import DecomposableContrastiveLoss, InfoNCELoss, report_variants
 from secure_fedvlp.privacy.relation import load_or_create_site_key, seeded_site_key
 from secure_fedvlp.wire import ARRAYS_KEY, NUM_EXAMPLES
 
@@ -220,8 +220,19 @@ class LocalTrainer:
             return self.objective(out["image_emb"], out["text_emb"], model.logit_scale, reduction=reduction)
         if "bank" in state:
             neg_image, neg_text = state["bank"].embed(model)
+            own = None
+            if "own_negatives" in state:
+                if batch is None:
+                    raise ValueError("train.report_negatives needs the batch (its records' positions).")
+                own = state["own_negatives"].embed(model, batch["index"])
             return self.objective(
-                out["image_emb"], out["text_emb"], model.logit_scale, neg_image, neg_text, reduction=reduction
+                out["image_emb"],
+                out["text_emb"],
+                model.logit_scale,
+                neg_image,
+                neg_text,
+                reduction=reduction,
+                own_text_negatives=own,
             )
         if "pos_image" not in state or batch is None:
             raise ValueError(
@@ -292,6 +303,12 @@ class LocalTrainer:
             if self.public is None or len(self.public) == 0:
                 raise ValueError("the decomposable objective needs a public reference set; none was given.")
             state["bank"] = CurrentBank(model, self.public, self.cfg.eval.batch_size, self.device)
+            if self.cfg.train.report_negatives:
+                if dataset is None:
+                    raise ValueError("train.report_negatives needs the job's training records: pass dataset.")
+                state["own_negatives"] = OwnReportNegatives(
+                    model, dataset, self.cfg.train.report_negatives, self.cfg.eval.batch_size, self.device
+                )
         elif not self.objective.couples_samples:
             state["neg_image"], state["neg_text"] = self.negative_banks(model)
             bank = task.anchors
@@ -459,6 +476,45 @@ class CurrentBank:
         image = self._image_feats if self._image_feats is not None else self._image_features(model)
         text = self._text_feats if self._text_feats is not None else self._text_features(model)
         return model.project_image(image), model.project_text(text)
+
+
+class OwnReportNegatives:
+    """Each training record's own-report negatives (``train.report_negatives = K``), embedded by the current model.
+
+    Every record's report gives ``K`` variants with one sentence left out
+    (:func:`~secure_fedvlp.objectives.report_variants`); the locked text tower embeds them once,
+    at the start of the job (cached per distinct text, like the reports themselves), and each step
+    projects a batch's ``[B, K, H]`` features with the current text head, without gradient.  Each
+    record's negatives are a function of that record alone, so the objective stays per-sample
+    decomposable.  The text tower must be locked (``model.trainable = "heads"``): a tower that
+    trains would leave these features behind the model.
+    """
+
+    def __init__(self, model: nn.Module, dataset, k: int, batch_size: int, device: torch.device) -> None:
+        model = getattr(model, "_module", model)
+        if any(p.requires_grad for p in model.text_encoder.parameters()):
+            raise ValueError("train.report_negatives needs a locked text tower (model.trainable = 'heads').")
+        self.k = int(k)
+        reports = [r or "" for r in dataset.reports]
+        variants = [v for r in reports for v in report_variants(r, self.k)]
+        distinct = list(dict.fromkeys(variants))
+        where = {v: i for i, v in enumerate(distinct)}
+        feats = []
+        with torch.no_grad():
+            for i in range(0, len(distinct), batch_size):
+                tok = model.tokenize(distinct[i : i + batch_size])
+                feats.append(
+                    model.text_features(tok["input_ids"].to(device), tok["attention_mask"].to(device)).detach()
+                )
+        rows = torch.tensor([where[v] for v in variants], dtype=torch.long)
+        self.features = torch.cat(feats)[rows.to(device)].view(len(reports), self.k, -1)
+
+    @torch.no_grad()
+    def embed(self, model: nn.Module, index: torch.Tensor) -> torch.Tensor:
+        """``[B, K, D]``: the variants of the records at positions ``index``, projected by ``model`` as it is now."""
+        model = getattr(model, "_module", model)
+        f = self.features[index.to(self.features.device)]
+        return model.project_text(f.reshape(-1, f.shape[-1])).view(f.shape[0], f.shape[1], -1)
 
 
 class StepEngine(Protocol):

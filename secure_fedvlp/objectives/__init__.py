@@ -1,6 +1,11 @@
 """Objectives: contrastive (in-batch and per-sample decomposable) and anchor guidance."""
 
 from secure_fedvlp.objectives.anchor import AnchorGuidanceLoss
-from secure_fedvlp.objectives.contrastive import DecomposableContrastiveLoss, InfoNCELoss
+from secure_fedvlp.objectives.contrastive import (
+    DecomposableContrastiveLoss,
+    InfoNCELoss,
+    report_variants,
+    split_sentences,
+)
 
-__all__ = ["AnchorGuidanceLoss", "DecomposableContrastiveLoss", "InfoNCELoss"]
+__all__ = ["AnchorGuidanceLoss", "DecomposableContrastiveLoss", "InfoNCELoss", "report_variants", "split_sentences"]

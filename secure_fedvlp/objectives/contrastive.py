@@ -16,11 +16,36 @@ the similarity logits, so the temperature's per-sample gradient flows through Op
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["InfoNCELoss", "DecomposableContrastiveLoss"]
+__all__ = ["DecomposableContrastiveLoss", "InfoNCELoss", "report_variants", "split_sentences"]
+
+_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|\n+")
+
+
+def split_sentences(report: str) -> list[str]:
+    """A report's sentences: split after ``.``, ``!``, ``?`` or ``;`` followed by white space, or at a line
+    break; empty pieces dropped."""
+    return [p.strip() for p in _SENTENCE_END.split(report.strip()) if p.strip()]
+
+
+def report_variants(report: str, k: int) -> list[str]:
+    """``k`` negatives made from ``report`` itself: the report with sentence ``j`` left out, for each ``j``.
+
+    A report of ``n`` sentences gives ``n`` distinct variants; fewer than ``k`` are repeated in
+    turn to make ``k`` (a repeated variant counts more in the softmax, as a harder negative would),
+    more than ``k`` keep the first ``k`` sentences' variants.  A one-sentence report's only variant
+    is the empty report (what the text tower makes of no text).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1; found {k}.")
+    sentences = split_sentences(report)
+    out = [" ".join(sentences[:j] + sentences[j + 1 :]) for j in range(len(sentences))] or [""]
+    return [out[j % len(out)] for j in range(k)]
 
 
 class InfoNCELoss(nn.Module):
@@ -66,6 +91,17 @@ class DecomposableContrastiveLoss(nn.Module):
     3 clipped steps took the loss from 5.9 to 0.4 while the mean cosine between different
     records' image embeddings reached 0.99).  With global positives, lowering ``loss_i2t``
     means putting ``v_i`` nearer its own report than other reports *in one fixed space*.
+
+    **Negatives from the record's own report** (``own_text_negatives``, ``train.report_negatives``).
+    Public reports make weak image-to-report negatives: they differ from a site's reports in
+    which findings they name but also in wording and layout, and a thousand of them, mostly easy,
+    swamp the few that are hard.  A record's own report with one sentence left out
+    (:func:`report_variants`) differs from it in exactly one statement, in the site's own words:
+    preferring the full report to each variant asks ``v_i`` to carry every statement of the
+    report.  The variants are a function of record ``i`` alone (embedded by the current model,
+    detached), so the loss stays per-sample decomposable.  Measured on the synthetic federation
+    at 2,000 records per site (docs/results.md, "Privacy-utility at scale"): without noise it
+    roughly doubles what the public-negative objective gains over a public start.
     """
 
     couples_samples = False
@@ -80,7 +116,11 @@ class DecomposableContrastiveLoss(nn.Module):
         reduction: str = "mean",
         pos_image: torch.Tensor | None = None,
         pos_text: torch.Tensor | None = None,
+        own_text_negatives: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """``own_text_negatives`` (``[B, K, D]``, optional): negatives made from each record's own report
+        (:func:`report_variants`); when given, the image-to-report term contrasts ``v_i`` with its report
+        against those ``K`` only, not against ``neg_text_bank``."""
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none'; found {reduction!r}.")
         if neg_image_bank.ndim != 2 or neg_text_bank.ndim != 2 or neg_text_bank.shape[0] == 0:
@@ -93,7 +133,16 @@ class DecomposableContrastiveLoss(nn.Module):
                 raise ValueError(f"{name} must be [B, D] = {tuple(image_emb.shape)}; found {tuple(pos_.shape)}.")
         partner_t = text_emb if pos_text is None else pos_text.detach()
         partner_v = image_emb if pos_image is None else pos_image.detach()
-        i2t = torch.cat([(image_emb * partner_t).sum(-1, keepdim=True), image_emb @ neg_text_bank.detach().T], dim=1)
+        if own_text_negatives is not None:
+            if own_text_negatives.ndim != 3 or own_text_negatives.shape[::2] != image_emb.shape:
+                raise ValueError(
+                    f"own_text_negatives must be [B, K, D] with [B, D] = {tuple(image_emb.shape)}; "
+                    f"found {tuple(own_text_negatives.shape)}."
+                )
+            text_negs = torch.einsum("bd,bkd->bk", image_emb, own_text_negatives.detach())
+        else:
+            text_negs = image_emb @ neg_text_bank.detach().T
+        i2t = torch.cat([(image_emb * partner_t).sum(-1, keepdim=True), text_negs], dim=1)
         t2i = torch.cat([(text_emb * partner_v).sum(-1, keepdim=True), text_emb @ neg_image_bank.detach().T], dim=1)
         k1 = i2t.shape[1]
         scaled = logit_scale(torch.cat([i2t, t2i], dim=1))  # one call: one per-sample activation

@@ -131,7 +131,8 @@ def test_config_refuses_a_current_bank_without_the_decomposable_objective():
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
-def test_dp_sgd_on_the_heads_with_the_current_bank_trains_only_the_heads(tmp_path, mode):
+@pytest.mark.parametrize("report_negatives", [0, 3])
+def test_dp_sgd_on_the_heads_with_the_current_bank_trains_only_the_heads(tmp_path, mode, report_negatives):
     """Through the real Opacus engine: only head coordinates move, the ledger records the job first."""
     from secure_fedvlp.build import build_federation, build_model
     from secure_fedvlp.methods.trainer import TrainTask
@@ -144,7 +145,7 @@ def test_dp_sgd_on_the_heads_with_the_current_bank_trains_only_the_heads(tmp_pat
         tmp_path,
         "fedavg",
         privacy={"enabled": True, "noise_multiplier": 2.0, "grad_sample_mode": mode},
-        train={"objective": "decomposable", "bank": "current", "batch_size": 8},
+        train={"objective": "decomposable", "bank": "current", "batch_size": 8, "report_negatives": report_negatives},
         model={"name": "tiny", "trainable": "heads"},
     )
     fed = build_federation(cfg)
@@ -162,3 +163,91 @@ def test_dp_sgd_on_the_heads_with_the_current_bank_trains_only_the_heads(tmp_pat
     assert all(not np.array_equal(before[k], after[k]) for k in before)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     assert len(dp.ledger.events()) == 1 and dp.ledger.events()[0].steps == 3
+
+
+# --------------------------------------------------------------------------- negatives from the record's own report
+
+
+def test_report_variants_leave_out_one_sentence_each():
+    from secure_fedvlp.objectives import report_variants, split_sentences
+
+    r = "Frontal view of the chest. There is left lung nodule. No pleural effusion."
+    assert split_sentences(r) == ["Frontal view of the chest.", "There is left lung nodule.", "No pleural effusion."]
+    assert report_variants(r, 3) == [
+        "There is left lung nodule. No pleural effusion.",
+        "Frontal view of the chest. No pleural effusion.",
+        "Frontal view of the chest. There is left lung nodule.",
+    ]
+    two = report_variants("Cardiomegaly. No effusion", 3)  # repeated in turn to make k
+    assert two == ["No effusion", "Cardiomegaly.", "No effusion"]
+    assert report_variants("Nodular opacity in the left lung", 2) == ["", ""]
+    assert report_variants("", 1) == [""]
+    assert report_variants("a. b; c\nd", 5)[:4] == ["b; c d", "a. c d", "a. b; d", "a. b; c"]
+    with pytest.raises(ValueError, match="k must be"):
+        report_variants(r, 0)
+
+
+class _Site:
+    def __init__(self, reports, size: int = 32, seed: int = 2) -> None:
+        rng = np.random.default_rng(seed)
+        self.reports = list(reports)
+        self.images = rng.random((len(reports), size, size), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.reports)
+
+
+def test_own_report_negatives_keep_the_objective_per_sample_decomposable_and_change_it():
+    """Record 0's loss depends on its own report's variants, not on the other records of the batch; and
+    with the variants the loss is not the public-negative loss."""
+    cfg = parse_config(
+        {
+            "model": {"name": "tiny", "trainable": "heads"},
+            "train": {"objective": "decomposable", "bank": "current", "report_negatives": 2},
+        }
+    )
+    plain_cfg = parse_config(
+        {"model": {"name": "tiny", "trainable": "heads"}, "train": {"objective": "decomposable", "bank": "current"}}
+    )
+    m = _heads_only()
+    site = _Site(["Cardiomegaly. No effusion.", "Left nodule. Right effusion. Normal heart.", "Clear lungs.", "x. y."])
+    trainer = LocalTrainer(cfg, torch.device("cpu"), public=_Public(16, seed=1))
+    state = trainer.begin(m, _task(), {}, dataset=site)
+    assert state["own_negatives"].features.shape[:2] == (4, 2)
+    x = torch.from_numpy(site.images).unsqueeze(1)
+
+    def per_record(tr, st, images, texts, index):
+        tok = m.tokenize(texts)
+        batch = {"images": images, "input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
+        batch["index"] = torch.tensor(index)
+        return tr.compute_loss(m, batch, st, reduction="none")["loss"]
+
+    base = per_record(trainer, state, x, site.reports, [0, 1, 2, 3])
+    # record 0 with other batch-mates (other images, other reports, other positions): the same loss
+    other = per_record(
+        trainer, state, torch.cat([x[:1], torch.rand(2, 1, 32, 32)]), [site.reports[0], "q", "r"], [0, 3, 2]
+    )
+    torch.testing.assert_close(other[0], base[0])
+    # its gradient is also the same: one record's influence is its own per-sample gradient
+    grads = []
+    for images, texts, index in ((x[:2], site.reports[:2], [0, 1]), (x[[0, 3]], [site.reports[0], "z"], [0, 3])):
+        m.zero_grad()
+        per_record(trainer, state, images, texts, index)[0].backward()
+        grads.append(m.image_head.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+    # the variants are what record 0 is contrasted with: a different own report, a different loss
+    plain = LocalTrainer(plain_cfg, torch.device("cpu"), public=_Public(16, seed=1))
+    plain_state = plain.begin(m, _task(), {}, dataset=site)
+    assert not torch.allclose(per_record(plain, plain_state, x, site.reports, [0, 1, 2, 3]), base)
+    other_site = _Site(["Cardiomegaly. Left effusion.", *site.reports[1:]])
+    state2 = trainer.begin(m, _task(), {}, dataset=other_site)
+    assert not torch.allclose(per_record(trainer, state2, x, site.reports, [0, 1, 2, 3])[0], base[0])
+
+
+def test_own_report_negatives_are_refused_where_they_do_not_apply():
+    with pytest.raises(ConfigError, match="train.report_negatives"):
+        parse_config({"model": {"trainable": "heads"}, "train": {"objective": "decomposable", "report_negatives": 2}})
+    with pytest.raises(ConfigError, match="model.trainable = 'heads'"):
+        parse_config({"train": {"objective": "decomposable", "bank": "current", "report_negatives": 2}})
+    with pytest.raises(ConfigError, match="train.report_negatives"):
+        parse_config({"train": {"report_negatives": -1}})
