@@ -9,7 +9,7 @@ Opacus' ``hooks`` mode (per-layer per-sample gradient rules), ``functorch`` mode
 ``ghost`` mode (fast gradient clipping: per-sample gradient norms, ghost norms for the Linear
 layers, then a second backward of the clipped loss), each followed by noise and the step.
 
-    python benchmarks/bench_dp.py [--config configs/demo_dp.toml] [--set key=value ...] [--steps 8] [--threads N]
+    python benchmarks/bench_dp.py [--config configs/demo_dp_scratch.toml] [--set key=value ...] [--steps 8] [--threads N]
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def one_mode(mode: str, config: str, steps: int, threads: int, overrides: list[s
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/demo_dp.toml")
+    ap.add_argument("--config", default="configs/demo_dp_scratch.toml")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")

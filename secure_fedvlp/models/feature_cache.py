@@ -152,11 +152,12 @@ class PersistentFeatures:
         self.digest = locked_towers_digest(model)
         self.path = Path(directory) / f"{name}-{self.digest}.npz" if self.digest else None
         self._saved = 0
+        self.loaded = 0  # entries read by the last load()
 
     def load(self) -> int:
         if self.path is None:
             return 0
-        n = load_features(self.model, self.path, self.digest)
+        n = self.loaded = load_features(self.model, self.path, self.digest)
         self._saved = _entries(getattr(self.model, "_module", self.model))
         if n:
             logger.info("locked-tower features: %d loaded from %s", n, self.path)

@@ -20,7 +20,7 @@ def test_import_linter_contracts_hold():
 
 def test_reading_a_config_imports_no_torch():
     code = (
-        "import sys; from secure_fedvlp.config import load_config; load_config('configs/demo_dp.toml'); "
+        "import sys; from secure_fedvlp.config import load_config; load_config('configs/demo_dp_scratch.toml'); "
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -104,3 +104,32 @@ def test_persistent_features_write_only_when_the_caches_grew(tmp_path):
     b = _heads_only()
     again = PersistentFeatures(b, tmp_path / "features", "site1")
     assert again.path == keep.path and again.load() == 8
+
+
+def test_a_second_run_reads_the_sites_features_and_trains_the_same_model(tmp_path):
+    """Two runs of one config through the real ClientApp: the first writes each site's locked-tower features,
+    the second reads them (its towers run on nothing it already had) and ends at the same model."""
+    from secure_fedvlp.flower import client_app
+    from secure_fedvlp.wire import arrays_to_numpy
+    from tests.unit.test_methods_contract import run_method, tiny_cfg
+
+    cfg = tiny_cfg(tmp_path, "fedavg", model={"name": "tiny", "trainable": "heads"})
+    finals, loaded = [], []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        _, result, _, _, _ = run_method(cfg, tmp_path / run)
+        finals.append(arrays_to_numpy(result.arrays))
+        runtimes = [r for k, r in client_app._RUNTIMES.items() if k[1] == str(tmp_path / run / "run")]
+        assert runtimes and all(r.features is not None for r in runtimes)
+        loaded.append({r.site.name: r.features.loaded for r in runtimes})
+    files = sorted(p.name for p in (tmp_path / "cache" / "features").iterdir())
+    assert {f.split("-")[0] for f in files} == {"site1", "site2", "heldout"}
+    assert all(n == 0 for n in loaded[0].values())  # the first run computed everything
+    assert all(n > 0 for n in loaded[1].values())  # the second read it
+    assert all(np.array_equal(finals[0][k], finals[1][k]) for k in finals[0])
+    off = tiny_cfg(
+        tmp_path / "off", "fedavg", model={"name": "tiny", "trainable": "heads"}, data={"cache_features": False}
+    )
+    (tmp_path / "off").mkdir(exist_ok=True)
+    run_method(off, tmp_path / "off")
+    assert not (tmp_path / "off" / "cache" / "features").exists()
