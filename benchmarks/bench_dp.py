@@ -9,7 +9,8 @@ Opacus' ``hooks`` mode (per-layer per-sample gradient rules), ``functorch`` mode
 ``ghost`` mode (fast gradient clipping: per-sample gradient norms, ghost norms for the Linear
 layers, then a second backward of the clipped loss), each followed by noise and the step.
 
-    python benchmarks/bench_dp.py [--config configs/demo_dp_scratch.toml] [--set key=value ...] [--steps 8] [--threads N]
+    python benchmarks/bench_dp.py [--config configs/demo_dp_scratch.toml] [--set key=value ...]
+                                  [--steps 8] [--threads N]
 """
 
 from __future__ import annotations
