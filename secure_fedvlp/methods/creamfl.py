@@ -520,6 +520,8 @@ class CreamFLStrategy(VLPStrategy):
         server_loss = self.train_server(server_round)
         row: dict[str, Any] = {"round": server_round, "phase": "creamfl", "server_public_loss": server_loss}
         if not self.c.use_clients:
+            # The server model trained on the public set: the round adopted it, and no site was asked.
+            self.participation.append({"stage": "full", "sampled": 0, "accepted": 0, "adopted": True})
             self.recorder.record(row)
             return self.server_arrays()
         bank = public_views(self.server_model, self.public, self.device, self.cfg.eval.batch_size)
@@ -557,6 +559,10 @@ class CreamFLStrategy(VLPStrategy):
             self.recorder.record(
                 {"round": server_round, "stage": "full", "phase": "train", "site": site, "status": "ok", **values}
             )
+        # The round always adopts the server model (trained on the public set, distilled when an ensemble
+        # exists); it is degraded when fewer sites contributed than were asked.
+        contributed = sum(1 for msg in accepted if self.site_name(msg) not in rejected)
+        self.participation.append({"stage": "full", "sampled": len(messages), "accepted": contributed, "adopted": True})
         counts = modality_type_counts([s.modality for s in self.sites.values() if s.role == "train"])
         self.ensembles = ens
         row.update({f"contributors_{m}": who.get(m, []) for m in ("image", "text")})

@@ -70,6 +70,12 @@ def test_heterogeneous_sites_teach_the_server_model(plain_run):
     assert [r["contributors_image"] for r in rounds] == [["site1", "site2"]] * 2
     assert [r["contributors_text"] for r in rounds] == [["site1", "site3"]] * 2
     assert all(np.isfinite(r["distill_loss"]) for r in rounds)
+    # every round adopted the server model with all three sites' contributions: the run is OK, not FAILED
+    from secure_fedvlp.evaluation.report import run_status
+
+    done = [r for r in rec.rows if r["phase"] == "round"]
+    assert [(r["adopted"], r["sampled"], r["accepted"], r["degraded"]) for r in done] == [(True, 3, 3, False)] * 2
+    assert run_status(rec.rows) == ("OK", None, [])
     final, start = arrays_to_numpy(result.arrays), arrays_to_numpy(init)
     assert final.keys() == start.keys() and any(not np.array_equal(final[k], start[k]) for k in start)
     # the image-only site is evaluated on zero-shot AUROC only; the text-only site holds no image to score
@@ -281,6 +287,9 @@ def test_batch_norm_is_refused_under_dp(tmp_path, monkeypatch):
     strategy, result, rec, grid, init = run_method(cfg, tmp_path)
     dropped = {r["site"] for r in rec.rows if r.get("status") == "dropped"}
     assert {"site1", "site2"} <= dropped  # both sites that train an image tower refuse
+    from secure_fedvlp.evaluation.report import run_status
+
+    assert run_status(rec.rows)[2] == [1]  # the round went on without them, and is marked degraded
     log = "\n".join(str(r) for r in rec.rows)
     assert "dropped" in log
 
