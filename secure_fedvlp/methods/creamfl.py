@@ -546,11 +546,13 @@ class CreamFLStrategy(VLPStrategy):
                 continue
             accepted.append(msg)
         ens, who, rejected = self.combine_representations(server_round, accepted, bank) if accepted else ({}, {}, {})
+        contributed = 0
         for msg in accepted:
             site = self.site_name(msg)
             if site in rejected:
                 self._drop(server_round, "full", site, rejected[site])
                 continue
+            contributed += 1
             values = (
                 {k: float(v) for k, v in msg.content[METRICS_KEY].items()}
                 if METRICS_KEY in msg.content.metric_records
@@ -561,7 +563,6 @@ class CreamFLStrategy(VLPStrategy):
             )
         # The round always adopts the server model (trained on the public set, distilled when an ensemble
         # exists); it is degraded when fewer sites contributed than were asked.
-        contributed = sum(1 for msg in accepted if self.site_name(msg) not in rejected)
         self.participation.append({"stage": "full", "sampled": len(messages), "accepted": contributed, "adopted": True})
         counts = modality_type_counts([s.modality for s in self.sites.values() if s.role == "train"])
         self.ensembles = ens
