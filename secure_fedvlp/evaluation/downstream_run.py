@@ -84,13 +84,6 @@ def settings_from_config(cfg: ExperimentConfig, **overrides: Any) -> ProbeSettin
     return ProbeSettings(**base)
 
 
-def _untrained_config(cfg: ExperimentConfig) -> ExperimentConfig:
-    """``cfg`` without an initial checkpoint (the seeded model, whatever the run started from)."""
-    if getattr(cfg.model, "init_checkpoint", ""):
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_checkpoint=""))
-    return cfg
-
-
 def encoder_hash(model: torch.nn.Module) -> str:
     """SHA-256 over the image encoder's parameters and buffers (names, shapes, float32 values)."""
     h = hashlib.sha256(b"secure_fedvlp/image-encoder/v1\x00")
@@ -130,13 +123,13 @@ def cfg_shape(params: dict[str, torch.nn.Parameter], name: str) -> str:
 def reference_models(run: FinishedRun) -> list[tuple[str, Callable[[], torch.nn.Module]]]:
     """``(name, builder)`` of each model to evaluate: untrained, public start (if the run has one), final."""
     cfg, layout = run.cfg, run.layout
-    out: list[tuple[str, Callable[[], torch.nn.Module]]] = [("untrained", lambda: build_model(_untrained_config(cfg)))]
+    out: list[tuple[str, Callable[[], torch.nn.Module]]] = [("untrained", lambda: build_model(cfg, untrained=True))]
     report = run.report() or {}
     public = layout.model_dir / PUBLIC_START_FILE
     if report.get("public_start") and public.exists():
 
         def public_start() -> torch.nn.Module:
-            m = build_model(_untrained_config(cfg))
+            m = build_model(cfg, untrained=True)
             _load_partial(m, _load_arrays(public), public)
             return m
 
@@ -262,7 +255,7 @@ def evaluate_run(
     missing = sorted(set(sites or ()) - {s.name for s in fed.all_sites()})
     if missing:
         raise DataError(f"unknown site(s) {missing}; this run has: {', '.join(s.name for s in fed.all_sites())}.")
-    untrained_hash = encoder_hash(build_model(_untrained_config(cfg)))
+    untrained_hash = encoder_hash(build_model(cfg, untrained=True))
     path = layout.downstream_results
     out = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"sites": {}}
     out.update({"release": cfg.eval.release, "split": "test"})

@@ -28,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -325,6 +326,17 @@ def pretrain_public(
         metrics = trainer.fit(model, corpus, task, torch.Generator().manual_seed(seed), {}, engine=engine)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     TRAINING_RUNS[0] += 1
+    batch = min(cfg.pretrain.batch_size, len(corpus))
+    last = float(metrics.get("train_loss_last", float("nan")))
+    if at_chance(last, batch):
+        logger.warning(
+            "public start: the InfoNCE loss of the last steps (%.3f) is at chance level (log %d = %.3f): the model "
+            "has not learned to pair images with reports (often the text tower collapsing to one embedding); "
+            "try a lower pretrain.text_lr or more pretrain.steps",
+            last,
+            batch,
+            math.log(batch),
+        )
     model = model.cpu().eval()
     return model, {
         "wall_seconds": round(wall, 2),
@@ -334,6 +346,12 @@ def pretrain_public(
         "records_seen": int(metrics.get("train_records_seen", 0)),
         "corpus_size": int(metrics.get("num-examples", len(corpus))),
     }
+
+
+def at_chance(loss: float, batch: int, tol: float = 0.01) -> bool:
+    """Whether an in-batch InfoNCE loss over ``batch`` pairs is no better than matching at random (``log batch``,
+    within ``tol``): what a collapsed model (every embedding the same) scores."""
+    return batch >= 2 and math.isfinite(loss) and loss >= math.log(batch) - tol
 
 
 def describe(cfg: ExperimentConfig, key: str, digest: str, stats: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Downstream evaluation: label fractions, the linear probe, Dice (MONAI), the decoder, and masks in manifests."""
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -240,6 +241,39 @@ def test_evaluate_run_releases_site_metrics_into_the_report(tmp_path, data_cache
     again = evaluate_run(run_dir, tasks=["linear", "segmentation"], settings=FAST)
     assert again["sites"] == out["sites"]
     assert len(layout.site_downstream("site1").read_text().splitlines()) == 2
+
+
+def test_a_run_from_a_public_start_reports_it_beside_the_untrained_model(tmp_path, data_cache):
+    """A run with ``pretrain.enabled`` (its config names the run's own public start as ``model.init_checkpoint``)
+    is evaluated downstream for three models: the seeded untrained one, the public start and the final one."""
+    from secure_fedvlp.build import build_model
+    from secure_fedvlp.config import config_to_dict, dump_toml
+    from secure_fedvlp.evaluation.downstream_run import encoder_hash, evaluate_run, reference_models
+    from secure_fedvlp.layout import RunLayout, load_run
+    from secure_fedvlp.models.checkpoint import full_state, save_checkpoint
+
+    run_dir, cfg = _finished_run(tmp_path, data_cache)
+    layout = RunLayout(run_dir)
+    rng = np.random.default_rng(1)
+    public = {
+        k: v + 0.1 * rng.standard_normal(v.shape).astype(v.dtype) for k, v in full_state(build_model(cfg)).items()
+    }
+    save_checkpoint(public, layout.public_start)
+    with_start = dataclasses.replace(
+        cfg,
+        pretrain=dataclasses.replace(cfg.pretrain, enabled=True),
+        model=dataclasses.replace(cfg.model, init_checkpoint=str(layout.public_start)),
+    )
+    (run_dir / "config.toml").write_text(dump_toml(config_to_dict(with_start)))
+    layout.report_json.write_text(json.dumps({"public_start": {"source": "synthetic", "epsilon": 0.0}}))
+    models = dict(reference_models(load_run(run_dir)))
+    assert list(models) == ["untrained", "public_start", "final"]
+    digests = {name: encoder_hash(build()) for name, build in models.items()}
+    assert len(set(digests.values())) == 3
+    assert digests["untrained"] == encoder_hash(build_model(cfg))  # the seeded model, not the public start
+    out = evaluate_run(run_dir, tasks=["linear"], settings=FAST)
+    for site in out["sites"].values():
+        assert set(site["models"]) == {"untrained", "public_start", "final"}
 
 
 def test_local_release_keeps_downstream_metrics_at_the_site(tmp_path, data_cache):

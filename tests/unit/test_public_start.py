@@ -527,3 +527,14 @@ def test_a_manifest_is_a_public_corpus_too(tmp_path):
     missing = tiny(tmp_path, pretrain={"source": "manifest", "manifest_path": str(tmp_path / "none.csv")})
     with pytest.raises(Exception, match="pretrain.manifest_path"):
         ps.public_corpus(missing)
+
+
+def test_a_public_start_at_chance_level_is_recognised():
+    """In-batch InfoNCE over B pairs scores log B when every embedding is the same (a collapsed model); the run
+    warns then instead of starting every site from a model that learned nothing."""
+    import math
+
+    from secure_fedvlp.methods.public_start import at_chance
+
+    assert at_chance(math.log(64), 64) and at_chance(4.159, 64) and at_chance(4.2, 64)
+    assert not at_chance(3.2, 64) and not at_chance(float("nan"), 64) and not at_chance(0.7, 1)
