@@ -169,6 +169,15 @@ class ClientRuntime:
         self.keep_features()
         return self.with_ledger_head(content)
 
+    def fresh_features(self) -> None:
+        """Read what other processes of this site added to the features file since (never fails a reply)."""
+        if self.features is None:
+            return
+        try:
+            self.features.refresh()
+        except OSError as e:
+            logger.warning("site %s: locked-tower features not read from the cache (%s)", self.site.name, e)
+
     def keep_features(self) -> None:
         """Write the locked towers' outputs computed so far to the site's cache, if they grew (never fails a reply)."""
         if self.features is None:
@@ -197,6 +206,7 @@ class ClientRuntime:
         for ext in self.extensions:
             task = ext.extend_task(self, msg, task)
         load_federated_state(self.model, global_state)
+        self.fresh_features()
         seed = _job_seed(self.setup.cfg.run.seed, self.site.name, task)
         gen = torch.Generator().manual_seed(seed)
         # Dropout and other layers draw from torch's global generator: seed it per job too, so a
@@ -260,6 +270,7 @@ class ClientRuntime:
                 self.guard.evaluate(rnd, model_hash(state))  # recorded before anything is evaluated
             load_federated_state(self.model, state)
             model = self.model
+            self.fresh_features()
         ev = self.setup.cfg.eval
         split = self.site.test if ev.split == "test" else self.site.val
         evaluate = getattr(self.trainer, "evaluate_model", None)  # a method with its own metrics (FedSM: Dice)

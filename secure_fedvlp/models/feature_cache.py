@@ -143,31 +143,60 @@ def load_features(model: nn.Module, path: str | os.PathLike, digest: str | None 
 class PersistentFeatures:
     """One model's locked-tower features kept in a file under ``directory`` named by the towers' digest.
 
-    :meth:`load` once after the model is built; :meth:`sync` after work that may have added
-    features (it writes only when the in-memory caches grew).
+    :meth:`load` once after the model is built; :meth:`refresh` before work that needs features
+    (it reads what other processes added to the file since); :meth:`sync` after work that may have
+    added features.  Several processes may serve one site (the simulation's actors take any site's
+    message; a deployment starts a process per message): each one merges the file's entries into
+    its own before writing, so one process's write never drops what another computed, and a
+    process that built its caches early (say, for an evaluation) still finds the features another
+    computed later (say, the variants of every report that training needs).
     """
 
     def __init__(self, model: nn.Module, directory: str | os.PathLike, name: str) -> None:
         self.model = model
         self.digest = locked_towers_digest(model)
         self.path = Path(directory) / f"{name}-{self.digest}.npz" if self.digest else None
-        self._saved = 0
+        self._saved = 0  # entries the file held when this process last read or wrote it
+        self._stamp: tuple[int, int] | None = None  # (mtime_ns, size) of the file then
         self.loaded = 0  # entries read by the last load()
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()  # type: ignore[union-attr]
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
 
     def load(self) -> int:
         if self.path is None:
             return 0
+        stamp = self._file_stamp()
         n = self.loaded = load_features(self.model, self.path, self.digest)
-        self._saved = _entries(getattr(self.model, "_module", self.model))
+        self._stamp, self._saved = stamp, n
         if n:
             logger.info("locked-tower features: %d loaded from %s", n, self.path)
+        return n
+
+    def refresh(self) -> int:
+        """Merge what the file holds if it changed since this process last read or wrote it; return the entries read."""
+        if self.path is None:
+            return 0
+        stamp = self._file_stamp()
+        if stamp is None or stamp == self._stamp:
+            return 0
+        if locked_towers_digest(self.model) != self.digest:  # the towers changed (a checkpoint was loaded)
+            return 0
+        n = load_features(self.model, self.path, self.digest)
+        self._stamp, self._saved = stamp, n
         return n
 
     def sync(self) -> None:
         if self.path is None:
             return
         model = getattr(self.model, "_module", self.model)
+        self.refresh()  # another process's entries first: the file written below holds them too
         if _entries(model) > self._saved:
             if locked_towers_digest(model) != self.digest:  # the towers changed (a checkpoint was loaded)
                 return
             self._saved = save_features(model, self.path, self.digest)
+            self._stamp = self._file_stamp()

@@ -106,6 +106,28 @@ def test_persistent_features_write_only_when_the_caches_grew(tmp_path):
     assert again.path == keep.path and again.load() == 8
 
 
+def test_two_processes_of_one_site_merge_their_features_and_read_each_others(tmp_path):
+    """Two holders of one site's features (two simulation actors, or two deployment processes): the one that
+    built its caches first (for an evaluation) reads what the other computed later (for training) before it
+    works, and neither one's write drops the other's entries."""
+    a, b = _heads_only(), _heads_only()
+    x, tok = _inputs(a)
+    keep_a = PersistentFeatures(a, tmp_path / "features", "site1")
+    keep_b = PersistentFeatures(b, tmp_path / "features", "site1")
+    assert keep_a.load() == 0 and keep_b.load() == 0  # both start before anything is on disk
+    b.image_features(x)  # b evaluates: the images
+    keep_b.sync()
+    a.text_features(tok["input_ids"], tok["attention_mask"])  # a trains: the reports
+    keep_a.sync()  # a merges b's images before writing: the file holds both
+    assert load_features(_heads_only(), keep_a.path) == 8
+    assert keep_b.refresh() == 8  # b reads a's reports before its next job, without a tower run
+    b.text_encoder._locked_states = lambda *_: (_ for _ in ()).throw(AssertionError("the tower ran"))
+    b.text_features(tok["input_ids"], tok["attention_mask"])
+    assert keep_b.refresh() == 0  # the file has not changed since: nothing is read again
+    keep_b.sync()
+    assert load_features(_heads_only(), keep_b.path) == 8
+
+
 def test_a_second_run_reads_the_sites_features_and_trains_the_same_model(tmp_path):
     """Two runs of one config through the real ClientApp: the first writes each site's locked-tower features,
     the second reads them (its towers run on nothing it already had) and ends at the same model."""
