@@ -114,7 +114,7 @@ def test_encrypted_run_matches_plaintext_run(method, tmp_path):
     plain_cfg = tiny_cfg(tmp_path / "e", method, train=sgd, federation=two)  # same data and seeds, encryption off
     _keys(cfg, tmp_path / "enc")
     _, res_enc, rec_enc, grid = run(cfg, tmp_path / "enc", encrypted=True, rounds=2)
-    _, res_plain, _, _ = run(plain_cfg, tmp_path / "plain", encrypted=False, rounds=2)
+    _, res_plain, rec_plain, _ = run(plain_cfg, tmp_path / "plain", encrypted=False, rounds=2)
     assert is_encrypted(res_enc.arrays) and not is_encrypted(res_plain.arrays)
     final_enc = decrypt_final(cfg, tmp_path / "enc", res_enc.arrays)
     final_plain = arrays_to_numpy(res_plain.arrays)
@@ -137,6 +137,14 @@ def test_encrypted_run_matches_plaintext_run(method, tmp_path):
         b = res_plain.evaluate_metrics_clientapp[rnd][key]
         assert abs(a - b) < metric_bound, f"round {rnd}: {key} {a} vs {b} (bound {metric_bound})"
     assert all(r["status"] == "ok" for r in rec_enc.rows if r.get("phase") == "train")
+    if carried:  # the looser parameter bound must not hide a wrong weight: each round's encrypted aggregation
+        # weights are the plaintext run's DRO weights of the round before, to the precision of the losses
+        dro = {r["round"]: r["weights"] for r in rec_plain.rows if r.get("phase") == "dro"}
+        for rnd in (1, 2):
+            rows = [r for r in rec_enc.rows if r.get("phase") == "train" and r["round"] == rnd]
+            total = sum(r["encryption-weight"] for r in rows if r["stage"] == "full")
+            for r in (r for r in rows if r["stage"] == "full"):
+                assert r["encryption-weight"] / total == pytest.approx(dro[rnd - 1][r["site"]], abs=1e-4)
 
 
 def test_packed_delta_run_matches_plaintext_run_within_the_quantisation_bound(tmp_path):
