@@ -171,21 +171,19 @@ class ClientRuntime:
 
     def fresh_features(self) -> None:
         """Read what other processes of this site added to the features file since (never fails a reply)."""
-        if self.features is None:
-            return
-        try:
-            self.features.refresh()
-        except OSError as e:
-            logger.warning("site %s: locked-tower features not read from the cache (%s)", self.site.name, e)
+        self._features_io("refresh", "read from")
 
     def keep_features(self) -> None:
         """Write the locked towers' outputs computed so far to the site's cache, if they grew (never fails a reply)."""
+        self._features_io("sync", "written to")
+
+    def _features_io(self, action: str, what: str) -> None:
         if self.features is None:
             return
         try:
-            self.features.sync()
+            getattr(self.features, action)()
         except OSError as e:
-            logger.warning("site %s: locked-tower features not written to the cache (%s)", self.site.name, e)
+            logger.warning("site %s: locked-tower features not %s the cache (%s)", self.site.name, what, e)
 
     def _train(self, msg: Message) -> RecordDict:
         if self.site.role != "train":
