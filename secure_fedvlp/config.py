@@ -235,7 +235,10 @@ class TrainConfig:
     optimizer: Literal["adamw", "sgd"] = "adamw"
     # "infonce": in-batch negatives (couples records; refused under DP-SGD).
     # "decomposable": negatives from the public reference set embedded by the global model.
-    objective: Literal["infonce", "decomposable"] = "infonce"
+    # "report_variants": per record, its image against its own report and train.report_negatives variants of
+    #   that report (one sentence left out each), all embedded by the model being trained; image to report
+    #   only, no public bank (secure_fedvlp.objectives.ReportVariantsLoss). Needs model.trainable = "heads".
+    objective: Literal["infonce", "decomposable", "report_variants"] = "infonce"
     # Where the decomposable objective's positives and public negatives come from:
     # "global": the global model of the round embeds each record's pair (positive) and the public
     #   bank once per job; "current": the model being trained embeds both, the bank re-embedded at
@@ -244,6 +247,7 @@ class TrainConfig:
     # > 0 (with bank = "current"): the image-to-report term of the decomposable objective contrasts a
     # record's image with its own report against this many variants of that same report, each with one
     # sentence left out, instead of public reports (secure_fedvlp.objectives.report_variants). 0 = off.
+    # With objective = "report_variants": the number of variants K (>= 1).
     report_negatives: int = 0
     grad_clip: float = 0.0  # plain gradient-norm clipping without DP; 0 = off
 
@@ -727,16 +731,34 @@ class ExperimentConfig:
             "= 'infonce' cannot be used with 'privacy.enabled' = true: in-batch InfoNCE makes each record's loss "
             "depend on every other record of its batch (they are its negatives), so per-sample clipping does not "
             "bound one record's influence and the DP-SGD guarantee would not hold. Set train.objective = "
-            "'decomposable' (negatives from the public reference set)",
+            "'decomposable' (negatives from the public reference set) or 'report_variants' (the record's own "
+            "report variants)",
         )
         check(
             not (
-                self.train.report_negatives and (self.train.objective, self.train.bank) != ("decomposable", "current")
+                self.train.report_negatives
+                and self.train.objective != "report_variants"
+                and (self.train.objective, self.train.bank) != ("decomposable", "current")
             ),
             "train.report_negatives",
             self.train.report_negatives,
-            "applies to the decomposable objective with the current model's bank; set train.objective = "
-            "'decomposable' and train.bank = 'current', or train.report_negatives = 0",
+            "applies to the decomposable objective with the current model's bank, or to train.objective = "
+            "'report_variants'; set train.objective = 'decomposable' and train.bank = 'current', or "
+            "train.report_negatives = 0",
+        )
+        check(
+            not (self.train.objective == "report_variants" and self.train.report_negatives < 1),
+            "train.report_negatives",
+            self.train.report_negatives,
+            "must be >= 1 with train.objective = 'report_variants': it is the number of variants of each "
+            "record's report that its image is contrasted with",
+        )
+        check(
+            not (self.train.objective == "report_variants" and self.model.trainable != "heads"),
+            "model.trainable",
+            self.model.trainable,
+            "must be 'heads' with train.objective = 'report_variants' (the variants are embedded once per job by "
+            "the locked text tower)",
         )
         check(
             not (self.train.report_negatives and self.model.trainable != "heads"),

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from secure_fedvlp.config import ExperimentConfig
 from secure_fedvlp.models.embed import embed_images, embed_texts
 from secure_fedvlp.models.state import federated_state, make_collate
-from secure_fedvlp.objectives import DecomposableContrastiveLoss, InfoNCELoss, report_variants
+from secure_fedvlp.objectives import DecomposableContrastiveLoss, InfoNCELoss, ReportVariantsLoss, report_variants
 from secure_fedvlp.privacy.relation import load_or_create_site_key, seeded_site_key
 from secure_fedvlp.wire import ARRAYS_KEY, NUM_EXAMPLES
 
@@ -126,9 +126,12 @@ class LocalTrainer:
 
     # -- hooks ---------------------------------------------------------------------
     def make_objective(self) -> nn.Module:
-        """In-batch InfoNCE, or the per-sample decomposable loss with public negatives."""
+        """In-batch InfoNCE, the per-sample decomposable loss with public negatives, or the per-record
+        image-to-report loss against the record's own report variants."""
         if self.cfg.train.objective == "decomposable":
             return DecomposableContrastiveLoss()
+        if self.cfg.train.objective == "report_variants":
+            return ReportVariantsLoss()
         return InfoNCELoss()
 
     @torch.no_grad()
@@ -195,7 +198,10 @@ class LocalTrainer:
         (DP-SGD's ghost clipping rescales each record's loss; the coupled objective has no
         per-record loss and refuses it).  Data-independent terms belong in :meth:`regularizer`.
         """
-        out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
+        if isinstance(self.objective, ReportVariantsLoss):
+            out = self._report_variants_forward(model, batch, state)
+        else:
+            out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
         terms = dict(self.objective_terms(model, out, state, reduction=reduction, batch=batch))
         for name, value in self.extra_terms(model, batch, out, state, reduction=reduction).items():
             terms[name] = value
@@ -218,6 +224,8 @@ class LocalTrainer:
         """
         if self.objective.couples_samples:
             return self.objective(out["image_emb"], out["text_emb"], model.logit_scale, reduction=reduction)
+        if isinstance(self.objective, ReportVariantsLoss):
+            return self.objective(out["image_emb"], out["text_candidates"], model.logit_scale, reduction=reduction)
         if "bank" in state:
             neg_image, neg_text = state["bank"].embed(model)
             own = None
@@ -251,6 +259,29 @@ class LocalTrainer:
             pos_image=state["pos_image"][idx],
             pos_text=state["pos_text"][idx],
         )
+
+    @staticmethod
+    def _report_variants_forward(model: nn.Module, batch: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+        """The forward pass of the report-variants objective: each trained module runs once.
+
+        The image head embeds the batch's images; the text head embeds each record's report and its
+        ``K`` variants in one call on ``[B, 1 + K, H]`` locked-tower features (Opacus' per-sample
+        gradients and ghost-clipping norms take dimension 0 as the record, and a module called twice
+        in one step would have its ghost norm overwritten by the second call's).  ``model`` may be
+        Opacus' ``GradSampleModule``: the wrapped model's methods run the same hooked modules.
+        """
+        if "own_negatives" not in state or "index" not in batch:
+            raise ValueError(
+                "train.objective = 'report_variants' needs each record's report variants: call "
+                "begin(model, task, global_state, dataset=<the training records>) and pass the batch."
+            )
+        inner = getattr(model, "_module", model)
+        images, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"]
+        image_emb = inner.encode_image(images)
+        report = inner.text_features(ids, mask)
+        variants = state["own_negatives"].features_of(batch["index"]).to(report.device)
+        candidates = inner.project_text(torch.cat([report.unsqueeze(1), variants], dim=1))
+        return {"image_emb": image_emb, "text_emb": candidates[:, 0], "text_candidates": candidates}
 
     def extra_terms(
         self,
@@ -299,7 +330,13 @@ class LocalTrainer:
         the decomposable objective needs it.
         """
         state: dict[str, Any] = {}
-        if not self.objective.couples_samples and self.cfg.train.bank == "current":
+        if isinstance(self.objective, ReportVariantsLoss):
+            if dataset is None:
+                raise ValueError("train.objective = 'report_variants' needs the job's training records: pass dataset.")
+            state["own_negatives"] = OwnReportNegatives(
+                model, dataset, self.cfg.train.report_negatives, self.cfg.eval.batch_size, self.device
+            )
+        elif not self.objective.couples_samples and self.cfg.train.bank == "current":
             if self.public is None or len(self.public) == 0:
                 raise ValueError("the decomposable objective needs a public reference set; none was given.")
             state["bank"] = CurrentBank(model, self.public, self.cfg.eval.batch_size, self.device)
@@ -508,6 +545,10 @@ class OwnReportNegatives:
                 )
         rows = torch.tensor([where[v] for v in variants], dtype=torch.long)
         self.features = torch.cat(feats)[rows.to(device)].view(len(reports), self.k, -1)
+
+    def features_of(self, index: torch.Tensor) -> torch.Tensor:
+        """``[B, K, H]``: the locked text tower's outputs for the variants of the records at positions ``index``."""
+        return self.features[index.to(self.features.device)]
 
     @torch.no_grad()
     def embed(self, model: nn.Module, index: torch.Tensor) -> torch.Tensor:

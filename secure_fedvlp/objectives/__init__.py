@@ -4,8 +4,16 @@ from secure_fedvlp.objectives.anchor import AnchorGuidanceLoss
 from secure_fedvlp.objectives.contrastive import (
     DecomposableContrastiveLoss,
     InfoNCELoss,
+    ReportVariantsLoss,
     report_variants,
     split_sentences,
 )
 
-__all__ = ["AnchorGuidanceLoss", "DecomposableContrastiveLoss", "InfoNCELoss", "report_variants", "split_sentences"]
+__all__ = [
+    "AnchorGuidanceLoss",
+    "DecomposableContrastiveLoss",
+    "InfoNCELoss",
+    "ReportVariantsLoss",
+    "report_variants",
+    "split_sentences",
+]

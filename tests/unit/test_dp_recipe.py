@@ -251,3 +251,126 @@ def test_own_report_negatives_are_refused_where_they_do_not_apply():
         parse_config({"train": {"objective": "decomposable", "bank": "current", "report_negatives": 2}})
     with pytest.raises(ConfigError, match="train.report_negatives"):
         parse_config({"train": {"report_negatives": -1}})
+
+
+# --------------------------------------------------------------------------- the report-variants objective
+
+
+def _variants_setup(k: int = 2):
+    cfg = parse_config(
+        {
+            "model": {"name": "tiny", "trainable": "heads"},
+            "train": {"objective": "report_variants", "report_negatives": k},
+        }
+    )
+    m = _heads_only()
+    site = _Site(["Cardiomegaly. No effusion.", "Left nodule. Right effusion. Normal heart.", "Clear lungs.", "x. y."])
+    trainer = LocalTrainer(cfg, torch.device("cpu"), public=None)  # no public set: the objective needs none
+    state = trainer.begin(m, _task(), {}, dataset=site)
+    return m, site, trainer, state
+
+
+def _batch(m, images, texts, index):
+    tok = m.tokenize(texts)
+    return {
+        "images": images,
+        "input_ids": tok["input_ids"],
+        "attention_mask": tok["attention_mask"],
+        "index": torch.tensor(index),
+    }
+
+
+def test_the_report_variants_objective_is_the_record_against_its_own_variants_with_gradient_through_them():
+    """Record i's loss is -log softmax over <v_i, report_i> and <v_i, variant_ij>, every text embedded by the
+    current text head with gradient (checked against a reference written out by hand); it depends on no other
+    record of the batch, in value or gradient."""
+    from secure_fedvlp.objectives import report_variants
+
+    m, site, trainer, state = _variants_setup(k=2)
+    assert state["own_negatives"].features.shape[:2] == (4, 2)
+    x = torch.from_numpy(site.images).unsqueeze(1)
+    m.zero_grad()
+    per = trainer.compute_loss(m, _batch(m, x, site.reports, [0, 1, 2, 3]), state, reduction="none")["loss"]
+    assert per.shape == (4,)
+    per[1].backward()
+    got = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    m.zero_grad()
+    texts = [site.reports[1], *report_variants(site.reports[1], 2)]
+    tok = m.tokenize(texts)
+    t = m.encode_text(tok["input_ids"], tok["attention_mask"])  # report and its variants, with gradient
+    v = m.encode_image(x[1:2])
+    ref = -torch.log_softmax(m.logit_scale(v @ t.T), dim=-1)[0, 0]
+    torch.testing.assert_close(per[1], ref)
+    ref.backward()
+    for n, g in got.items():
+        torch.testing.assert_close(g, m.get_parameter(n).grad, msg=lambda s, n=n: f"{n}: {s}")
+    # the variants carry gradient into the text head: without their path the text head's gradient differs
+    m.zero_grad()
+    t_report = m.encode_text(tok["input_ids"][:1], tok["attention_mask"][:1])
+    v = m.encode_image(x[1:2])
+    logits = m.logit_scale(torch.cat([v @ t_report.T, v @ t[1:].detach().T], dim=1))
+    (-torch.log_softmax(logits, dim=-1)[0, 0]).backward()
+    assert not torch.allclose(m.text_head.weight.grad, got["text_head.weight"])
+
+    # record 0 with other batch-mates (other images, reports, positions): the same loss and gradient
+    def grad0(images, texts, index):
+        m.zero_grad()
+        out = trainer.compute_loss(m, _batch(m, images, texts, index), state, reduction="none")["loss"]
+        out[0].backward()
+        return out[0].detach(), m.text_head.weight.grad.clone()
+
+    a = grad0(x[:2], site.reports[:2], [0, 1])
+    b = grad0(torch.cat([x[:1], torch.rand(2, 1, 32, 32)]), [site.reports[0], "q", "r"], [0, 3, 2])
+    torch.testing.assert_close(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1])
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_report_variants_per_sample_norms_are_each_records_true_gradient_norm(mode):
+    """What DP-SGD clips must be each record's whole gradient.  The text head runs on the report and on its
+    variants; were it called once for each, ghost clipping would keep only the last call's norm (Opacus
+    overwrites it) and under-clip.  Here the norms Opacus computes equal the norms of each record's gradient
+    taken alone by autograd, and the clipped sum equals the sum of those gradients clipped by hand."""
+    from tests.unit.test_dpsgd import _private_grad
+
+    m, site, trainer, state = _variants_setup(k=2)
+    x = torch.from_numpy(site.images).unsqueeze(1)
+    batch = _batch(m, x, site.reports, [0, 1, 2, 3])
+    names = [n for n, p in m.named_parameters() if p.requires_grad]
+    per_record = []
+    for i in range(4):
+        m.zero_grad()
+        trainer.compute_loss(m, batch, state, reduction="none")["loss"][i].backward()
+        per_record.append({n: m.get_parameter(n).grad.clone() for n in names})
+    true_norms = torch.stack([torch.sqrt(sum((g[n] ** 2).sum() for n in names)) for g in per_record])
+    clip = float(true_norms.median())
+    assert float(true_norms.min()) < clip < float(true_norms.max())
+    expected = {n: sum(g[n] * min(1.0, clip / float(true_norms[i])) for i, g in enumerate(per_record)) for n in names}
+
+    def loss_fn(module):
+        return trainer.compute_loss(module, batch, state, reduction="none")["loss"]
+
+    grads, norms = _private_grad(m, loss_fn, mode, clip, 4)
+    if mode == "ghost":
+        torch.testing.assert_close(norms, true_norms, rtol=1e-4, atol=1e-6)
+    for n in names:
+        # PrivateGradient leaves the clipped sum divided by the expected batch size
+        torch.testing.assert_close(grads[n] * 4, expected[n], rtol=1e-4, atol=1e-6, msg=lambda s, n=n: f"{n}: {s}")
+
+
+def test_the_report_variants_objective_is_refused_where_it_does_not_apply():
+    with pytest.raises(ConfigError, match="train.report_negatives"):
+        parse_config({"model": {"trainable": "heads"}, "train": {"objective": "report_variants"}})
+    with pytest.raises(ConfigError, match="model.trainable"):
+        parse_config({"train": {"objective": "report_variants", "report_negatives": 3}})
+    cfg = parse_config(
+        {
+            "model": {"trainable": "heads"},
+            "train": {"objective": "report_variants", "report_negatives": 3},
+            "privacy": {"enabled": True},
+        }
+    )
+    assert cfg.train.objective == "report_variants"
+    with pytest.raises(ValueError, match="training records"):
+        LocalTrainer(cfg, torch.device("cpu"), public=None).begin(_heads_only(), _task(), {}, dataset=None)
