@@ -754,13 +754,6 @@ class ExperimentConfig:
             "record's report that its image is contrasted with",
         )
         check(
-            not (self.train.objective == "report_variants" and self.model.trainable != "heads"),
-            "model.trainable",
-            self.model.trainable,
-            "must be 'heads' with train.objective = 'report_variants' (the variants are embedded once per job by "
-            "the locked text tower)",
-        )
-        check(
             not (self.train.report_negatives and self.model.trainable != "heads"),
             "train.report_negatives",
             self.train.report_negatives,

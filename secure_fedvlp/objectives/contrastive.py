@@ -173,9 +173,8 @@ class ReportVariantsLoss(nn.Module):
     decomposable: per-sample clipping bounds each record's contribution.
 
     Unlike :class:`DecomposableContrastiveLoss` there is no report-to-image term against public
-    images and no public bank: measured on the synthetic federation (docs/results.md, "Privacy-utility
-    at scale"), contrasting reports with public images pulled the heads towards the public set's
-    style and cost more than it gave.
+    images and no public bank: on the synthetic federation the same objective with that term gained
+    less without noise (docs/results.md, "Privacy-utility at scale").
 
     ``candidates`` is ``[B, 1 + K, D]``: each record's report first, then its variants.  The
     trainer projects the report and its variants in *one* call of the text head, so that every
