@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,6 +160,7 @@ class TextTower(nn.Module):
         self.cache_size = cache_size
         self._cache: dict[bytes, torch.Tensor] = {}
         self._pooled: dict[bytes, torch.Tensor] = {}
+        self.locked_chunk = 64
 
     def _locked_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Hidden states after the locked prefix, computed (eval mode, no gradient), ``[B, L, H]``."""
@@ -178,17 +180,43 @@ class TextTower(nn.Module):
                 m.train(w)
         return h
 
+    @staticmethod
+    def _missing(keys: list[bytes], cache: dict[bytes, torch.Tensor]) -> list[int]:
+        """Rows whose sequence is not cached yet, one row per distinct sequence."""
+        seen: set[bytes] = set()
+        todo = []
+        for i, k in enumerate(keys):
+            if k not in cache and k not in seen:
+                seen.add(k)
+                todo.append(i)
+        return todo
+
+    def _locked_by_length(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: list[int], lengths: list[int]
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(row, states [L_chunk, H])`` for ``rows``, run shortest first in chunks cut to their longest row.
+
+        Non-padding token states do not depend on padding, so cutting a chunk to its own longest
+        sequence changes no state (up to float rounding) and skips the attention and feed-forward
+        work on padding a batch of mixed lengths would otherwise do.
+        """
+        order = sorted(rows, key=lambda i: int(lengths[i]))
+        for c in range(0, len(order), self.locked_chunk):
+            chunk = order[c : c + self.locked_chunk]
+            width = max(int(lengths[i]) for i in chunk)
+            h = self._locked_states(input_ids[chunk, :width], attention_mask[chunk, :width])
+            yield from zip(chunk, h, strict=True)
+
     def _prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Hidden states after the locked prefix, ``[B, L, H]`` (cached per sequence)."""
         lengths = attention_mask.sum(1).tolist()
         keys = [input_ids[i, : int(n)].cpu().numpy().tobytes() for i, n in enumerate(lengths)]
-        todo = [i for i, k in enumerate(keys) if k not in self._cache]
+        todo = self._missing(keys, self._cache)
         if todo:
-            h = self._locked_states(input_ids[todo], attention_mask[todo])
             if len(self._cache) + len(todo) > self.cache_size:
                 self._cache.clear()
-            for j, i in enumerate(todo):
-                self._cache[keys[i]] = h[j, : int(lengths[i])].detach()
+            for i, h in self._locked_by_length(input_ids, attention_mask, todo, lengths):
+                self._cache[keys[i]] = h[: int(lengths[i])].detach()
         out = input_ids.new_zeros((input_ids.shape[0], input_ids.shape[1], self.out_dim), dtype=torch.float32)
         for i, k in enumerate(keys):
             v = self._cache[k]
@@ -199,14 +227,13 @@ class TextTower(nn.Module):
         """Pooled output of a wholly locked tower, ``[B, H]``, cached per sequence (``H`` floats each)."""
         lengths = attention_mask.sum(1).tolist()
         keys = [input_ids[i, : int(n)].cpu().numpy().tobytes() for i, n in enumerate(lengths)]
-        todo = [i for i, k in enumerate(keys) if k not in self._pooled]
+        todo = self._missing(keys, self._pooled)
         if todo:
-            states = self._locked_states(input_ids[todo], attention_mask[todo])
-            pooled = self._pool(states, attention_mask[todo])
             if len(self._pooled) + len(todo) > self.cache_size:
                 self._pooled.clear()
-            for j, i in enumerate(todo):
-                self._pooled[keys[i]] = pooled[j].detach()
+            for i, h in self._locked_by_length(input_ids, attention_mask, todo, lengths):
+                n = int(lengths[i])
+                self._pooled[keys[i]] = self._pool(h[None, :n], attention_mask[i : i + 1, :n])[0].detach()
         return torch.stack([self._pooled[k] for k in keys]).to(input_ids.device)
 
     def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,46 @@ def test_cached_prefix_equals_the_full_forward_and_is_padding_invariant(demo):
         demo.train()
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["locked-prefix", "wholly-locked"])
+def test_locked_pass_runs_each_distinct_text_once_in_length_chunks_and_matches_one_padded_batch(whole):
+    torch.manual_seed(0)
+    m = create_model("demo")
+    if whole:
+        m.restrict_trainable("heads")
+    tower = m.text_encoder
+    tower.locked_chunk = 2
+    texts = [
+        "the heart is enlarged with a large right pleural effusion and no pneumothorax",
+        "no acute findings",
+        "small left effusion. no pneumothorax",
+        "no acute findings",  # a duplicate in the same batch
+        "cardiomegaly",
+        "small left effusion. no pneumothorax",
+    ]
+    tok = m.tokenize(texts)
+    ids, mask = tok["input_ids"], tok["attention_mask"]
+    calls = []
+    run = tower._locked_states
+
+    def counted(i, a):
+        calls.append((i.shape[0], i.shape[1], int(a.sum(1).max())))
+        return run(i, a)
+
+    tower._locked_states = counted
+    m.eval()
+    with torch.no_grad():
+        got = m.encode_text(ids, mask)
+        # reference: one padded batch through the whole encoder, no cache
+        hidden = tower.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        w = mask.unsqueeze(-1).float()
+        ref = nn.functional.normalize(m.text_head((hidden * w).sum(1) / w.sum(1)), dim=-1)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert sum(n for n, _, _ in calls) == 4  # four distinct texts, each run once
+    assert all(width == longest for _, width, longest in calls)  # each chunk cut to its longest text
+    assert [width for _, width, _ in calls] == sorted(width for _, width, _ in calls)  # shortest first
+    assert max(width for _, width, _ in calls) == ids.shape[1] and min(w for _, w, _ in calls) < ids.shape[1]
+
+
 def test_semantic_sanity_of_pretrained_text_tower(demo):
     # Mean-pooled MiniLM states put a paraphrase nearer than an unrelated finding (before any training).
     demo.eval()
