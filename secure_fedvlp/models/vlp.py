@@ -183,18 +183,16 @@ class TextTower(nn.Module):
     @staticmethod
     def _missing(keys: list[bytes], cache: dict[bytes, torch.Tensor]) -> list[int]:
         """Rows whose sequence is not cached yet, one row per distinct sequence."""
-        seen: set[bytes] = set()
-        todo = []
+        first: dict[bytes, int] = {}
         for i, k in enumerate(keys):
-            if k not in cache and k not in seen:
-                seen.add(k)
-                todo.append(i)
-        return todo
+            if k not in cache:
+                first.setdefault(k, i)
+        return list(first.values())
 
     def _locked_by_length(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: list[int], lengths: list[int]
-    ) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(row, states [L_chunk, H])`` for ``rows``, run shortest first in chunks cut to their longest row.
+    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """``(chunk rows, states [C, L, H], mask [C, L])`` for ``rows``, shortest first, ``L`` the chunk's longest row.
 
         Non-padding token states do not depend on padding, so cutting a chunk to its own longest
         sequence changes no state (up to float rounding) and skips the attention and feed-forward
@@ -204,8 +202,8 @@ class TextTower(nn.Module):
         for c in range(0, len(order), self.locked_chunk):
             chunk = order[c : c + self.locked_chunk]
             width = max(int(lengths[i]) for i in chunk)
-            h = self._locked_states(input_ids[chunk, :width], attention_mask[chunk, :width])
-            yield from zip(chunk, h, strict=True)
+            mask = attention_mask[chunk, :width]
+            yield chunk, self._locked_states(input_ids[chunk, :width], mask), mask
 
     def _prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Hidden states after the locked prefix, ``[B, L, H]`` (cached per sequence)."""
@@ -215,8 +213,9 @@ class TextTower(nn.Module):
         if todo:
             if len(self._cache) + len(todo) > self.cache_size:
                 self._cache.clear()
-            for i, h in self._locked_by_length(input_ids, attention_mask, todo, lengths):
-                self._cache[keys[i]] = h[: int(lengths[i])].detach()
+            for chunk, h, _ in self._locked_by_length(input_ids, attention_mask, todo, lengths):
+                for i, hi in zip(chunk, h, strict=True):
+                    self._cache[keys[i]] = hi[: int(lengths[i])].detach()
         out = input_ids.new_zeros((input_ids.shape[0], input_ids.shape[1], self.out_dim), dtype=torch.float32)
         for i, k in enumerate(keys):
             v = self._cache[k]
@@ -231,9 +230,9 @@ class TextTower(nn.Module):
         if todo:
             if len(self._pooled) + len(todo) > self.cache_size:
                 self._pooled.clear()
-            for i, h in self._locked_by_length(input_ids, attention_mask, todo, lengths):
-                n = int(lengths[i])
-                self._pooled[keys[i]] = self._pool(h[None, :n], attention_mask[i : i + 1, :n])[0].detach()
+            for chunk, h, mask in self._locked_by_length(input_ids, attention_mask, todo, lengths):
+                for i, pooled in zip(chunk, self._pool(h, mask), strict=True):
+                    self._pooled[keys[i]] = pooled.detach()
         return torch.stack([self._pooled[k] for k in keys]).to(input_ids.device)
 
     def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
