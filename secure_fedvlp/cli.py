@@ -187,7 +187,7 @@ def run_experiment(
     from flwr.simulation import run_simulation
 
     from secure_fedvlp.build import build_federation, expected_num_nodes
-    from secure_fedvlp.flower.client_app import make_client_app
+    from secure_fedvlp.flower.client_app import make_client_app, prepare_public_features
     from secure_fedvlp.flower.runtime import RunSetup
     from secure_fedvlp.flower.server_app import make_server_app
 
@@ -200,6 +200,14 @@ def run_experiment(
         1 if fed.heldout else 0,
         ", ".join(f"{s.name}: {len(s.train)} train / {len(s.test)} test" for s in fed.all_sites()),
     )
+    t0 = time.perf_counter()
+    n_public = prepare_public_features(cfg, fed.public)  # the operator's: public data, locked public towers
+    if n_public:
+        progress.info(
+            "public set's locked-tower features ready in %.1fs (%d entries, read by every site)",
+            time.perf_counter() - t0,
+            n_public,
+        )
     if cfg.audit.canaries and not (resume and layout.canary_coins.exists()):
         # the CLI plays the auditor: coins drawn and kept before anything trains
         from secure_fedvlp.evaluation.canary_files import prepare_canaries

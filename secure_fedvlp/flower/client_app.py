@@ -84,6 +84,7 @@ class ClientRuntime:
     guard: EvaluationGuard | None = None  # which rounds and models the site evaluated
     ledger_path: Path | None = None  # the site's privacy ledger (DP on, training site)
     features: PersistentFeatures | None = None  # locked-tower features kept on disk (data.cache_features)
+    public_loaded: int = 0  # entries read from the public set's features file (prepare_public_features)
 
     @classmethod
     def create(cls, setup: RunSetup, context: Context) -> ClientRuntime:
@@ -106,11 +107,14 @@ class ClientRuntime:
             model_hash(initial),  # with model.init_checkpoint: the public start's hash
             references=(UNTRAINED_REFERENCE,) if cfg.model.init_checkpoint else (),
         )
-        features = None
+        features, public_loaded = None, 0
         if cfg.data.cache_features:
             stem = feature_file_stem(cfg, site.name)
             features = PersistentFeatures(model, Path(cfg.data.cache_dir) / "features", stem)
             features.load()
+            if uses_public_features(cfg):
+                # the public set's features, computed once by the operator (prepare_public_features); read only
+                public_loaded = PersistentFeatures(model, *public_features_file(cfg)).load()
         logger.info(
             "Client for site %s (%s) ready on %s%s",
             site.name,
@@ -129,6 +133,7 @@ class ClientRuntime:
             guard,
             parts.ledger_path,
             features,
+            public_loaded,
         )
 
     # -- handlers ------------------------------------------------------------------
@@ -286,6 +291,47 @@ class ClientRuntime:
             logger.info("site %s round %d: evaluation kept at the site (%s)", self.site.name, rnd, path)
             return self.with_ledger_head(RecordDict({INFO_KEY: self.info()}))
         return self.with_ledger_head(RecordDict({METRICS_KEY: MetricRecord(metrics), INFO_KEY: self.info()}))
+
+
+def public_features_file(cfg) -> tuple[Path, str]:  # noqa: ANN001 - ExperimentConfig
+    """(directory, stem) of the public set's features file: beside the sites' ``features/``, never one of its files."""
+    return Path(cfg.data.cache_dir) / "public_features", feature_file_stem(cfg, "public")
+
+
+def uses_public_features(cfg) -> bool:  # noqa: ANN001 - ExperimentConfig
+    """Whether local training embeds the public set through the locked towers at the start of every site's job.
+
+    That is the decomposable objective with ``train.bank = "current"``
+    (:class:`~secure_fedvlp.methods.trainer.CurrentBank`), when the towers are locked (``model.trainable = "heads"``).
+    """
+    return cfg.model.trainable == "heads" and cfg.train.objective == "decomposable" and cfg.train.bank == "current"
+
+
+def prepare_public_features(cfg, public) -> int:  # noqa: ANN001 - ExperimentConfig, VLPDataset
+    """Compute the locked towers' outputs for the public set once, before any site trains; return the entries.
+
+    Every training site embeds the same public reference set with the same locked towers at the start
+    of its first job (:class:`~secure_fedvlp.methods.trainer.CurrentBank`): on the DP demo that is
+    1,024 reports through MiniLM, about 14 s of a core per site.  The operator, who holds the public
+    set and the public start, computes them here into ``<data.cache_dir>/public_features/public-<data
+    config>-<towers digest>.npz`` and each client reads that file when it starts (a site whose towers differ, or that
+    finds no file, computes them itself: the file is only a cache, and holds public data only).
+    Returns 0 when there is nothing to do (features not cached, the public set unused or empty, the
+    towers not locked), or the number of entries the file held or now holds.
+    """
+    if not (cfg.data.cache_features and uses_public_features(cfg)) or public is None or len(public) == 0:
+        return 0
+    from secure_fedvlp.methods.trainer import CurrentBank
+
+    model = method_model(cfg)
+    store = PersistentFeatures(model, *public_features_file(cfg))
+    if store.path is None:
+        return 0
+    if store.load():
+        return store.loaded
+    CurrentBank(model, public, cfg.eval.batch_size, torch.device("cpu"))  # fills the towers' caches
+    store.sync()
+    return store.held
 
 
 def feature_file_stem(cfg, site: str) -> str:

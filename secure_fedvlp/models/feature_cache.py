@@ -160,6 +160,11 @@ class PersistentFeatures:
         self._stamp: tuple[int, int] | None = None  # (mtime_ns, size) of the file then
         self.loaded = 0  # entries read by the last load()
 
+    @property
+    def held(self) -> int:
+        """Entries the file held when this process last read or wrote it."""
+        return self._saved
+
     def _file_stamp(self) -> tuple[int, int] | None:
         try:
             st = self.path.stat()  # type: ignore[union-attr]

@@ -155,3 +155,56 @@ def test_a_second_run_reads_the_sites_features_and_trains_the_same_model(tmp_pat
     (tmp_path / "off").mkdir(exist_ok=True)
     run_method(off, tmp_path / "off")
     assert not (tmp_path / "off" / "cache" / "features").exists()
+
+
+def test_the_operator_computes_the_public_sets_features_once_and_every_site_reads_them(tmp_path):
+    """The public bank's locked-tower features, computed once before any site trains: a site's model with the same
+    towers builds its bank from the file without running a tower, the file is never rewritten by a site, and a
+    run that finds it ends at the same model as one that computed everything itself."""
+    from secure_fedvlp.build import build_federation
+    from secure_fedvlp.flower import client_app
+    from secure_fedvlp.methods.trainer import CurrentBank
+    from secure_fedvlp.wire import arrays_to_numpy
+    from secure_fedvlp.wrappers.compose import method_model
+    from tests.unit.test_methods_contract import run_method, tiny_cfg
+
+    def cfg_at(root, **train):
+        train = {"objective": "decomposable", "bank": "current", **train}
+        return tiny_cfg(root, "fedavg", model={"name": "tiny", "trainable": "heads"}, train=train)
+
+    cfg = cfg_at(tmp_path / "a")
+    public = build_federation(cfg).public
+    n = client_app.prepare_public_features(cfg, public)
+    directory, stem = client_app.public_features_file(cfg)
+    [path] = list(directory.iterdir())
+    assert path.name.startswith(stem + "-") and directory.name != "features"  # never one of the sites' files
+    assert 0 < n <= 2 * len(public)
+    written = path.read_bytes()
+    assert client_app.prepare_public_features(cfg, public) == n and path.read_bytes() == written  # read, not redone
+
+    site_model = method_model(cfg)
+    assert PersistentFeatures(site_model, directory, stem).load() == n
+    boom = AssertionError("a tower ran on the public set")
+    site_model.image_encoder.forward = lambda *_, **__: (_ for _ in ()).throw(boom)
+    site_model.text_encoder.encoder.forward = lambda *_, **__: (_ for _ in ()).throw(boom)
+    served = CurrentBank(site_model, public, 4, torch.device("cpu")).embed(site_model)
+    computed = CurrentBank(method_model(cfg), public, 4, torch.device("cpu")).embed(method_model(cfg))
+    for a, b in zip(served, computed, strict=True):
+        torch.testing.assert_close(a, b)
+
+    finals = []
+    for root, prepared in ((tmp_path / "a", True), (tmp_path / "b", False)):
+        run_cfg = cfg_at(root)
+        (root / "out").mkdir(parents=True)
+        _, result, _, _, _ = run_method(run_cfg, root / "out")
+        finals.append(arrays_to_numpy(result.arrays))
+        assert (client_app.public_features_file(run_cfg)[0].exists()) is prepared
+        runtimes = [r for k, r in client_app._RUNTIMES.items() if k[1] == str(root / "out" / "run")]
+        assert runtimes and all(r.public_loaded == (n if prepared else 0) for r in runtimes)
+    assert path.read_bytes() == written  # sites read the file; none writes to it
+    assert all(np.array_equal(finals[0][k], finals[1][k]) for k in finals[0])
+
+    # nothing to do where the public set is not embedded by locked towers at every job
+    for other in (cfg_at(tmp_path / "c", objective="decomposable", bank="global"), tiny_cfg(tmp_path / "d", "fedavg")):
+        assert client_app.prepare_public_features(other, public) == 0
+        assert not client_app.public_features_file(other)[0].exists()
