@@ -118,6 +118,8 @@ def build_model(cfg: ExperimentConfig, *, untrained: bool = False) -> torch.nn.M
         )
     with seeded(cfg.run.seed):
         model = create_model(cfg.model.name, text_weights_dir=cfg.model.text_weights_dir or None)
+    if cfg.model.image_whitening:
+        model.add_image_whitening()  # identity until the public start (or the checkpoint) sets it
     path = None if untrained else checkpoint_path(cfg)
     if path is not None:
         try:

@@ -161,6 +161,12 @@ class ModelConfig:
     text_weights_dir: str = ""
     trainable: Literal["all", "alignment", "heads"] = "all"
     init_checkpoint: str = ""
+    # true: the image head's input is whitened by the mean and covariance of the public corpus' image-tower
+    # outputs, set once at the end of the public start (public data: no privacy cost) with the head re-expressed
+    # so that the public start computes the same embeddings; training then takes steps preconditioned by that
+    # covariance (docs/design.md, "Public whitening"). Needs a linear image head and a public start
+    # (pretrain.enabled, or a model.init_checkpoint made with it).
+    image_whitening: bool = False
 
     def __post_init__(self) -> None:
         check = _Checks()
@@ -813,6 +819,13 @@ class ExperimentConfig:
             f"must be >= pretrain.batch_size = {self.pretrain.batch_size} with pretrain.enabled = true and "
             "pretrain.source = 'synthetic' (the public start trains on that many synthetic public records; "
             "e.g. 4096)",
+        )
+        check(
+            not (self.model.image_whitening and not (self.pretrain.enabled or self.model.init_checkpoint)),
+            "model.image_whitening",
+            self.model.image_whitening,
+            "needs a public start to take the whitening from: set pretrain.enabled = true (or a "
+            "model.init_checkpoint made with model.image_whitening = true)",
         )
         if self.privacy.enabled:
             self._check_declared_sizes(check)

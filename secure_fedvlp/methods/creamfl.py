@@ -287,9 +287,11 @@ class CreamFLTrainer(LocalTrainer):
         """Paired: the VLP objective.  Single modality: per-record BCE over the findings (mean over findings)."""
         if self.modality == "paired":
             return super().compute_loss(model, batch, state, reduction=reduction)
-        # Submodules, not VLPModel methods: under DP ``model`` is Opacus' wrapper, which forwards submodules only.
+        # Under DP ``model`` is Opacus' wrapper, which forwards submodules only: the wrapped model's methods
+        # (``inner``) run the same hooked submodules.
         if self.modality == "image":
-            z = F.normalize(model.image_head(model.image_encoder(batch["images"])), dim=-1)
+            inner = getattr(model, "_module", model)
+            z = inner.project_image(inner.image_encoder(batch["images"]))
             logits = model.image_classifier(z)
         else:
             z = F.normalize(model.text_head(model.text_encoder(batch["input_ids"], batch["attention_mask"])), dim=-1)

@@ -196,7 +196,8 @@ def pretrain_config(cfg: ExperimentConfig) -> ExperimentConfig:
     return dataclasses.replace(
         cfg,
         run=dataclasses.replace(cfg.run, seed=pretrain_seed(cfg)),
-        model=dataclasses.replace(cfg.model, trainable="all", init_checkpoint=""),
+        # the image whitening, if asked for, is set at the end (pretrain_public): none while pre-training
+        model=dataclasses.replace(cfg.model, trainable="all", init_checkpoint="", image_whitening=False),
         pretrain=dataclasses.replace(p, enabled=False),
         train=TrainConfig(
             local_steps=p.steps,
@@ -236,6 +237,8 @@ def public_start_key(cfg: ExperimentConfig) -> str:
         "corpus": corpus_spec(cfg),
         "seed": pretrain_seed(cfg),
     }
+    if cfg.model.image_whitening:  # only then: the keys of every start without it stay what they were
+        blob["image_whitening"] = True
     text = json.dumps(blob, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
@@ -338,7 +341,9 @@ def pretrain_public(
             math.log(batch),
         )
     model = model.cpu().eval()
+    whitening = _whiten(model, corpus, cfg.eval.batch_size) if cfg.model.image_whitening else None
     return model, {
+        **({"image_whitening": whitening} if whitening else {}),
         "wall_seconds": round(wall, 2),
         "cpu_seconds": round(cpu, 2),
         "train_loss_mean": float(metrics.get("train_loss", float("nan"))),
@@ -377,6 +382,7 @@ def describe(cfg: ExperimentConfig, key: str, digest: str, stats: Mapping[str, A
         "key": key,
         "state_hash": digest,
         **{k: stats[k] for k in ("wall_seconds", "cpu_seconds", "train_loss_mean", "train_loss_last", "records_seen")},
+        **({"image_whitening": stats["image_whitening"]} if "image_whitening" in stats else {}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -414,6 +420,16 @@ def read_info(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError) as exc:
         logger.warning("%s is unreadable (%s); ignored.", path, exc)
         return None
+
+
+@torch.no_grad()
+def _whiten(model: nn.Module, corpus: VLPDataset, batch_size: int) -> dict[str, float]:
+    """Set ``model``'s image whitening from the public corpus' image-tower outputs (``model.image_whitening``)."""
+    images = torch.from_numpy(np.ascontiguousarray(corpus.images[np.asarray(corpus.has_image, dtype=bool)]))
+    feats = torch.cat(
+        [model.image_encoder(images[i : i + batch_size].unsqueeze(1)) for i in range(0, len(images), batch_size)]
+    )
+    return model.whiten_image_head(feats)
 
 
 def compute_public_start(

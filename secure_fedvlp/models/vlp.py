@@ -26,7 +26,17 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageSpec", "TextSpec", "AlignmentSpec", "ModelSpec", "ResNetGN", "TextTower", "LogitScale", "VLPModel"]
+__all__ = [
+    "ImageSpec",
+    "TextSpec",
+    "AlignmentSpec",
+    "ModelSpec",
+    "ResNetGN",
+    "TextTower",
+    "LogitScale",
+    "FeatureWhitening",
+    "VLPModel",
+]
 
 
 @dataclass(frozen=True)
@@ -287,6 +297,23 @@ class LogitScale(nn.Module):
         return logits * self.value()
 
 
+class FeatureWhitening(nn.Module):
+    """``x -> (x - mean) @ matrix.T``: a fixed affine map on a tower's output, held in buffers.
+
+    Identity until set (:meth:`VLPModel.whiten_image_head`).  Its buffers are part of the model's
+    state (a checkpoint carries them) but never trained and never federated: every party loads the
+    same values from the public start.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("matrix", torch.eye(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) @ self.matrix.T
+
+
 class VLPModel(nn.Module):
     """Image tower + text tower + projection heads into a shared, L2-normalised embedding."""
 
@@ -301,6 +328,7 @@ class VLPModel(nn.Module):
         self.tokenizer = tokenizer
         self.feature_cache_size = 200_000
         self._image_cache: dict[bytes, torch.Tensor] = {}
+        self.image_whitening: FeatureWhitening | None = None  # add_image_whitening()
         self._freeze_text(spec.text.frozen_layers)
 
     @staticmethod
@@ -358,8 +386,63 @@ class VLPModel(nn.Module):
         """The text tower's pooled output ``[B, H]`` (a wholly locked tower is cached, see :class:`TextTower`)."""
         return self.text_encoder(input_ids, attention_mask)
 
+    def add_image_whitening(self) -> None:
+        """Give the image head a fixed whitening of its input (:class:`FeatureWhitening`, identity until set).
+
+        Adds the buffers ``image_whitening.mean`` and ``image_whitening.matrix`` to the state, so
+        a checkpoint of a model with it must be loaded into a model with it.
+        """
+        if self.image_whitening is None:
+            self.image_whitening = FeatureWhitening(self.image_encoder.out_dim)
+
+    @torch.no_grad()
+    def whiten_image_head(self, features: torch.Tensor, shrinkage: float = 1e-3) -> dict[str, float]:
+        """Whiten the image head's input by the mean and covariance of ``features`` ``[N, F]``, without changing
+        what the model computes.
+
+        The whitening becomes ``A (x - mu)`` with ``A = (Sigma + lambda I)^(-1/2)`` (``lambda`` is
+        ``shrinkage`` times the mean variance), and the linear image head is re-expressed on the
+        whitened input (``W' = W M A^(-1)``, ``b' = b + W M (mu - m)`` for the previous whitening
+        ``M (x - m)``), so every embedding is the same as before, up to rounding.  What changes is
+        the geometry that training sees: gradient steps on ``W'`` are steps preconditioned by the
+        covariance of ``features``.  Returns the extreme eigenvalues of ``Sigma``.
+        """
+        head = self.image_head
+        if not isinstance(head, nn.Linear):
+            raise ValueError(
+                f"image whitening needs a linear image head (model config head = 'linear'); found {type(head).__name__}."
+            )
+        if features.ndim != 2 or features.shape[1] != head.in_features or features.shape[0] < 2:
+            raise ValueError(
+                f"image whitening needs features [N >= 2, {head.in_features}]; found {tuple(features.shape)}."
+            )
+        self.add_image_whitening()
+        white = self.image_whitening
+        f = features.detach().to("cpu", torch.float64)
+        mu = f.mean(0)
+        cov = torch.cov(f.T)
+        eye = torch.eye(cov.shape[0], dtype=torch.float64)
+        lam = float(shrinkage) * float(cov.trace()) / cov.shape[0]
+        ev, vecs = torch.linalg.eigh(cov + lam * eye)
+        a = vecs @ torch.diag(ev.rsqrt()) @ vecs.T
+        a_inv = vecs @ torch.diag(ev.sqrt()) @ vecs.T
+        w = head.weight.detach().to("cpu", torch.float64)
+        old_m = white.matrix.detach().to("cpu", torch.float64)
+        old_mu = white.mean.detach().to("cpu", torch.float64)
+        new_w = w @ old_m @ a_inv
+        new_b = head.bias.detach().to("cpu", torch.float64) + w @ old_m @ (mu - old_mu)
+        dev, dt = head.weight.device, head.weight.dtype
+        head.weight.copy_(new_w.to(dev, dt))
+        head.bias.copy_(new_b.to(dev, dt))
+        white.mean.copy_(mu.to(white.mean.device, white.mean.dtype))
+        white.matrix.copy_(a.to(white.matrix.device, white.matrix.dtype))
+        raw = torch.linalg.eigvalsh(cov)
+        return {"eigenvalue_min": float(raw[0]), "eigenvalue_max": float(raw[-1]), "records": int(f.shape[0])}
+
     def project_image(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Image head on tower features."""
+        """Image head on tower features (whitened first, when the model has :meth:`add_image_whitening`)."""
+        if self.image_whitening is not None:
+            features = self.image_whitening(features)
         z = self.image_head(features)
         return F.normalize(z, dim=-1) if normalize else z
 

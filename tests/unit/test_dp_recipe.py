@@ -326,15 +326,22 @@ def test_the_report_variants_objective_is_the_record_against_its_own_variants_wi
     torch.testing.assert_close(a[1], b[1])
 
 
+@pytest.mark.parametrize("whitened", [False, True])
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
-def test_report_variants_per_sample_norms_are_each_records_true_gradient_norm(mode):
+def test_report_variants_per_sample_norms_are_each_records_true_gradient_norm(mode, whitened):
     """What DP-SGD clips must be each record's whole gradient.  The text head runs on the report and on its
     variants; were it called once for each, ghost clipping would keep only the last call's norm (Opacus
     overwrites it) and under-clip.  Here the norms Opacus computes equal the norms of each record's gradient
-    taken alone by autograd, and the clipped sum equals the sum of those gradients clipped by hand."""
+    taken alone by autograd, and the clipped sum equals the sum of those gradients clipped by hand.  With
+    ``model.image_whitening`` the image head runs on the whitened features: the same holds."""
     from tests.unit.test_dpsgd import _private_grad
 
     m, site, trainer, state = _variants_setup(k=2)
+    if whitened:
+        g = torch.Generator().manual_seed(5)
+        d = m.image_head.in_features
+        m.whiten_image_head(torch.randn(64, d, generator=g) @ torch.randn(d, d, generator=g) + 1.0)
+        assert not torch.allclose(m.image_whitening.matrix, torch.eye(d))
     x = torch.from_numpy(site.images).unsqueeze(1)
     batch = _batch(m, x, site.reports, [0, 1, 2, 3])
     names = [n for n, p in m.named_parameters() if p.requires_grad]
