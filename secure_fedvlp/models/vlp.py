@@ -410,7 +410,8 @@ class VLPModel(nn.Module):
         head = self.image_head
         if not isinstance(head, nn.Linear):
             raise ValueError(
-                f"image whitening needs a linear image head (model config head = 'linear'); found {type(head).__name__}."
+                "image whitening needs a linear image head (model config head = 'linear'); "
+                f"found {type(head).__name__}."
             )
         if features.ndim != 2 or features.shape[1] != head.in_features or features.shape[0] < 2:
             raise ValueError(
