@@ -330,7 +330,11 @@ def prepare_public_features(cfg, public) -> int:  # noqa: ANN001 - ExperimentCon
     if store.load():
         return store.loaded
     CurrentBank(model, public, cfg.eval.batch_size, torch.device("cpu"))  # fills the towers' caches
-    store.sync()
+    try:
+        store.sync()
+    except OSError as e:  # only a cache: each site then computes the features itself
+        logger.warning("the public set's locked-tower features could not be written to %s (%s)", store.path, e)
+        return 0
     return store.held
 
 

@@ -204,6 +204,13 @@ def test_the_operator_computes_the_public_sets_features_once_and_every_site_read
     assert path.read_bytes() == written  # sites read the file; none writes to it
     assert all(np.array_equal(finals[0][k], finals[1][k]) for k in finals[0])
 
+    # a cache that cannot be written fails nothing: the sites compute the features themselves
+    ro = cfg_at(tmp_path / "e")
+    blocked = client_app.public_features_file(ro)[0]
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("a file where the directory should be")
+    assert client_app.prepare_public_features(ro, public) == 0
+
     # nothing to do where the public set is not embedded by locked towers at every job
     for other in (cfg_at(tmp_path / "c", objective="decomposable", bank="global"), tiny_cfg(tmp_path / "d", "fedavg")):
         assert client_app.prepare_public_features(other, public) == 0
