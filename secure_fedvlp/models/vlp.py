@@ -437,7 +437,7 @@ class VLPModel(nn.Module):
         head.bias.copy_(new_b.to(dev, dt))
         white.mean.copy_(mu.to(white.mean.device, white.mean.dtype))
         white.matrix.copy_(a.to(white.matrix.device, white.matrix.dtype))
-        raw = torch.linalg.eigvalsh(cov)
+        raw = ev - lam  # the eigenvalues of Sigma itself (the shift leaves the eigenvectors)
         return {"eigenvalue_min": float(raw[0]), "eigenvalue_max": float(raw[-1]), "records": int(f.shape[0])}
 
     def project_image(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
