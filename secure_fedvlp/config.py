@@ -143,10 +143,12 @@ class ModelConfig:
 
     ``trainable`` chooses which parameters are federated and trained: ``"all"`` (every
     parameter the architecture leaves trainable), ``"alignment"`` (the alignment layers and
-    heads, FedDRA's stage-1 set) or ``"heads"`` (projection heads and temperature only; the
-    whole text tower is then locked and cached).  Everything else stays at its seeded or
-    pretrained value, identical at every party, and never travels.  Under DP-SGD fewer
-    trained parameters means less total noise for the same privacy.
+    heads, FedDRA's stage-1 set), ``"heads"`` (projection heads and temperature only; the
+    whole text tower is then locked and cached) or ``"image_head"`` (the image head and the
+    temperature only: the text side, head included, stays the public start's, so the prompts and
+    reports keep the public start's embedding space and every step moves images within it).
+    Everything else stays at its seeded or pretrained value, identical at every party, and never
+    travels.  Under DP-SGD fewer trained parameters means less total noise for the same privacy.
 
     ``init_checkpoint`` (a ``.npz`` or ``.pt`` file of every parameter and buffer, e.g. a public
     start written by ``secure-fedvlp pretrain``) is loaded by every party right after it builds the
@@ -159,7 +161,7 @@ class ModelConfig:
     name: str = "demo"
     # Optional directory of a transformers text encoder; "" = the model config's default.
     text_weights_dir: str = ""
-    trainable: Literal["all", "alignment", "heads"] = "all"
+    trainable: Literal["all", "alignment", "heads", "image_head"] = "all"
     init_checkpoint: str = ""
     # true: the image head's input is whitened by the mean and covariance of the public corpus' image-tower
     # outputs, set once at the end of the public start (public data: no privacy cost) with the head re-expressed
@@ -244,7 +246,11 @@ class TrainConfig:
     # "report_variants": per record, its image against its own report and train.report_negatives variants of
     #   that report (one sentence left out each), all embedded by the model being trained; image to report
     #   only, no public bank (secure_fedvlp.objectives.ReportVariantsLoss). Needs model.trainable = "heads".
-    objective: Literal["infonce", "decomposable", "report_variants"] = "infonce"
+    # "site_centroids": per record, its image against its own report and the site's report centroids: the
+    #   site's report embeddings summed per public bin, released once per run with Gaussian noise (accounted
+    #   in the ledger; secure_fedvlp.privacy.site_centroids). Image to report only. Needs
+    #   model.trainable = "image_head" (the report embeddings stay the public start's for the whole run).
+    objective: Literal["infonce", "decomposable", "report_variants", "site_centroids"] = "infonce"
     # Where the decomposable objective's positives and public negatives come from:
     # "global": the global model of the round embeds each record's pair (positive) and the public
     #   bank once per job; "current": the model being trained embeds both, the bank re-embedded at
@@ -255,6 +261,11 @@ class TrainConfig:
     # sentence left out, instead of public reports (secure_fedvlp.objectives.report_variants). 0 = off.
     # With objective = "report_variants": the number of variants K (>= 1).
     report_negatives: int = 0
+    # With objective = "site_centroids": the number of public bins (k-means of the public reports' embeddings)
+    # the site's report embeddings are summed in, and the noise multiplier of that release (its L2 sensitivity
+    # is 1: one record adds one unit vector to one bin). The noise is used only under privacy.enabled.
+    site_centroids: int = 16
+    site_centroids_noise: float = 10.0
     grad_clip: float = 0.0  # plain gradient-norm clipping without DP; 0 = off
 
     def __post_init__(self) -> None:
@@ -266,6 +277,13 @@ class TrainConfig:
         check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
         check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0")
         check(self.report_negatives >= 0, "train.report_negatives", self.report_negatives, "must be >= 0 (0 = off)")
+        check(self.site_centroids >= 1, "train.site_centroids", self.site_centroids, "must be >= 1 (public bins)")
+        check(
+            math.isfinite(self.site_centroids_noise) and self.site_centroids_noise >= 0,
+            "train.site_centroids_noise",
+            self.site_centroids_noise,
+            "must be a finite number >= 0",
+        )
         check.done()
 
 
@@ -759,11 +777,39 @@ class ExperimentConfig:
             "must be >= 1 with train.objective = 'report_variants': it is the number of variants of each "
             "record's report that its image is contrasted with",
         )
+        if self.train.objective == "site_centroids":
+            check(
+                self.model.trainable == "image_head",
+                "model.trainable",
+                self.model.trainable,
+                "must be 'image_head' with train.objective = 'site_centroids': the site's report centroids are "
+                "released once per run, so the report embeddings must stay the public start's (a trained text head "
+                "would leave them behind)",
+            )
+            check(
+                not (self.privacy.enabled and self.train.site_centroids_noise <= 0),
+                "train.site_centroids_noise",
+                self.train.site_centroids_noise,
+                "must be > 0 under privacy.enabled: the site's report centroids are a release of its records",
+            )
+            check(
+                self.train.report_negatives == 0,
+                "train.report_negatives",
+                self.train.report_negatives,
+                "must be 0 with train.objective = 'site_centroids' (its negatives are the site's report centroids)",
+            )
+            check(
+                not (self.data.source == "synthetic" and self.data.synthetic.public_size < 1),
+                "data.synthetic.public_size",
+                self.data.synthetic.public_size,
+                "must be >= 1 with train.objective = 'site_centroids', whose bins are the public reports' clusters",
+            )
         check(
-            not (self.train.report_negatives and self.model.trainable != "heads"),
+            not (self.train.report_negatives and self.model.trainable not in ("heads", "image_head")),
             "train.report_negatives",
             self.train.report_negatives,
-            "needs locked towers (its variants are embedded once per job); set model.trainable = 'heads'",
+            "needs locked towers (its variants are embedded once per job); set model.trainable = 'heads' or "
+            "'image_head'",
         )
         check(
             not (self.train.bank == "current" and self.train.objective != "decomposable"),

@@ -302,9 +302,14 @@ def uses_public_features(cfg) -> bool:  # noqa: ANN001 - ExperimentConfig
     """Whether local training embeds the public set through the locked towers at the start of every site's job.
 
     That is the decomposable objective with ``train.bank = "current"``
-    (:class:`~secure_fedvlp.methods.trainer.CurrentBank`), when the towers are locked (``model.trainable = "heads"``).
+    (:class:`~secure_fedvlp.methods.trainer.CurrentBank`), when the towers are locked
+    (``model.trainable = "heads"`` or ``"image_head"``).
     """
-    return cfg.model.trainable == "heads" and cfg.train.objective == "decomposable" and cfg.train.bank == "current"
+    return (
+        cfg.model.trainable in ("heads", "image_head")
+        and cfg.train.objective == "decomposable"
+        and cfg.train.bank == "current"
+    )
 
 
 def prepare_public_features(cfg, public) -> int:  # noqa: ANN001 - ExperimentConfig, VLPDataset

@@ -15,9 +15,11 @@ noised gradient.  Nothing here knows about privacy.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -28,7 +30,14 @@ from torch.utils.data import DataLoader
 from secure_fedvlp.config import ExperimentConfig
 from secure_fedvlp.models.embed import embed_images, embed_texts
 from secure_fedvlp.models.state import federated_state, make_collate
-from secure_fedvlp.objectives import DecomposableContrastiveLoss, InfoNCELoss, ReportVariantsLoss, report_variants
+from secure_fedvlp.objectives import (
+    DecomposableContrastiveLoss,
+    InfoNCELoss,
+    ReportVariantsLoss,
+    SiteCentroidLoss,
+    report_variants,
+)
+from secure_fedvlp.privacy import site_centroids as centroid_release
 from secure_fedvlp.privacy.relation import load_or_create_site_key, seeded_site_key
 from secure_fedvlp.wire import ARRAYS_KEY, NUM_EXAMPLES
 
@@ -75,6 +84,11 @@ class LocalTrainer:
         # Where the site keeps its secret selection key (set by the client runtime; see site_key()).
         self.site_key_path = None
         self._site_key: bytes | None = None
+        # The site's own directory (set by the client runtime): where released report centroids are kept.
+        self.release_dir = None
+        # Under DP-SGD, set by the DP wrapper for each job: records the centroid release in the ledger and
+        # returns (sigma, noise generator). None: no DP, the centroids are computed without noise.
+        self.centroid_release = None
 
     # -- the site's selection key and its public sizes ---------------------------------
     def set_site_key(self, key: bytes) -> None:
@@ -132,6 +146,8 @@ class LocalTrainer:
             return DecomposableContrastiveLoss()
         if self.cfg.train.objective == "report_variants":
             return ReportVariantsLoss()
+        if self.cfg.train.objective == "site_centroids":
+            return SiteCentroidLoss()
         return InfoNCELoss()
 
     @torch.no_grad()
@@ -226,6 +242,10 @@ class LocalTrainer:
             return self.objective(out["image_emb"], out["text_emb"], model.logit_scale, reduction=reduction)
         if isinstance(self.objective, ReportVariantsLoss):
             return self.objective(out["image_emb"], out["text_candidates"], model.logit_scale, reduction=reduction)
+        if isinstance(self.objective, SiteCentroidLoss):
+            return self.objective(
+                out["image_emb"], out["text_emb"], model.logit_scale, state["site_centroids"], reduction=reduction
+            )
         if "bank" in state:
             neg_image, neg_text = state["bank"].embed(model)
             own = None
@@ -306,6 +326,45 @@ class LocalTrainer:
         return {}
 
     @torch.no_grad()
+    def site_centroids(self, model: nn.Module, task: TrainTask, dataset) -> torch.Tensor:
+        """The site's report centroids (:mod:`secure_fedvlp.privacy.site_centroids`), released once per run.
+
+        Under DP (:attr:`centroid_release` set) a release kept in :attr:`release_dir` is reused (post-processing:
+        nothing new is released); otherwise the release is recorded in the ledger first, then computed, noised
+        and kept.  Without DP they are computed without noise at every job (nothing is claimed).
+        """
+        inner = getattr(model, "_module", model)
+        if any(p.requires_grad for p in inner.text_head.parameters()) or not inner.towers_locked():
+            raise ValueError(
+                "train.objective = 'site_centroids' needs the text side locked (model.trainable = 'image_head')."
+            )
+        kept = None if self.release_dir is None else Path(self.release_dir) / centroid_release.FILE
+        if self.centroid_release is not None and kept is not None and kept.exists():
+            return torch.load(kept, map_location="cpu", weights_only=True)
+        if self.public is None or len(self.public) == 0:
+            raise ValueError("train.objective = 'site_centroids' needs a public reference set; none was given.")
+        bs = self.cfg.eval.batch_size
+        was = inner.training
+        inner.eval()
+        try:
+            public_emb = embed_texts(inner, [r for r in self.public.reports if r], bs, self.device).cpu()
+            bins = centroid_release.public_bins(public_emb, self.cfg.train.site_centroids)
+            site_emb = embed_texts(inner, list(dataset.reports), bs, self.device).cpu()  # the job's training records
+        finally:
+            inner.train(was)
+        sigma, generator = 0.0, None
+        if self.centroid_release is not None:
+            sigma, generator = self.centroid_release(task.server_round)  # the ledger records it before S exists
+        sums = centroid_release.bin_sums(site_emb, bins)
+        centroids = centroid_release.centroids_of(centroid_release.release(sums, sigma, generator))
+        if self.centroid_release is not None and kept is not None:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            tmp = kept.with_suffix(".tmp")
+            torch.save(centroids, tmp)
+            os.replace(tmp, kept)
+        return centroids
+
+    @torch.no_grad()
     def global_views(self, model: nn.Module, dataset) -> tuple[torch.Tensor, torch.Tensor]:
         """The (global) model's image and report embeddings of every record of ``dataset``, by position.
 
@@ -330,7 +389,11 @@ class LocalTrainer:
         the decomposable objective needs it.
         """
         state: dict[str, Any] = {}
-        if isinstance(self.objective, ReportVariantsLoss):
+        if isinstance(self.objective, SiteCentroidLoss):
+            if dataset is None:
+                raise ValueError("train.objective = 'site_centroids' needs the job's training records: pass dataset.")
+            state["site_centroids"] = self.site_centroids(model, task, dataset).to(self.device)
+        elif isinstance(self.objective, ReportVariantsLoss):
             if dataset is None:
                 raise ValueError("train.objective = 'report_variants' needs the job's training records: pass dataset.")
             state["own_negatives"] = OwnReportNegatives(
@@ -530,7 +593,9 @@ class OwnReportNegatives:
     def __init__(self, model: nn.Module, dataset, k: int, batch_size: int, device: torch.device) -> None:
         model = getattr(model, "_module", model)
         if any(p.requires_grad for p in model.text_encoder.parameters()):
-            raise ValueError("train.report_negatives needs a locked text tower (model.trainable = 'heads').")
+            raise ValueError(
+                "train.report_negatives needs a locked text tower (model.trainable = 'heads' or 'image_head')."
+            )
         self.k = int(k)
         reports = [r or "" for r in dataset.reports]
         variants = [v for r in reports for v in report_variants(r, self.k)]

@@ -499,7 +499,8 @@ class VLPModel(nn.Module):
         return {"alignment": align, "backbone": [n for n in names if n not in aset]}
 
     def restrict_trainable(self, kind: str) -> None:
-        """Freeze every parameter outside ``kind``: ``"all"`` (no change), ``"alignment"`` or ``"heads"``.
+        """Freeze every parameter outside ``kind``: ``"all"`` (no change), ``"alignment"``, ``"heads"`` or
+        ``"image_head"`` (the image head and the temperature; the text head is locked with its tower).
 
         Leading text layers left with nothing to train join the locked, cached prefix of the
         text tower (with ``"heads"``, the whole tower), so a step no longer runs them.
@@ -511,8 +512,10 @@ class VLPModel(nn.Module):
             keep = set(self.parameter_groups()["alignment"])
         elif kind == "heads":
             keep = {n for n in names if n.startswith(("image_head.", "text_head.", "logit_scale."))}
+        elif kind == "image_head":
+            keep = {n for n in names if n.startswith(("image_head.", "logit_scale."))}
         else:
-            raise ValueError(f"trainable must be 'all', 'alignment' or 'heads'; found {kind!r}.")
+            raise ValueError(f"trainable must be 'all', 'alignment', 'heads' or 'image_head'; found {kind!r}.")
         for n, p in self.named_parameters():
             if n not in keep:
                 p.requires_grad_(False)

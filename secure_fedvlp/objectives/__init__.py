@@ -5,6 +5,7 @@ from secure_fedvlp.objectives.contrastive import (
     DecomposableContrastiveLoss,
     InfoNCELoss,
     ReportVariantsLoss,
+    SiteCentroidLoss,
     report_variants,
     split_sentences,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "DecomposableContrastiveLoss",
     "InfoNCELoss",
     "ReportVariantsLoss",
+    "SiteCentroidLoss",
     "report_variants",
     "split_sentences",
 ]

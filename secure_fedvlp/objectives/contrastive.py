@@ -22,7 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DecomposableContrastiveLoss", "InfoNCELoss", "ReportVariantsLoss", "report_variants", "split_sentences"]
+__all__ = [
+    "DecomposableContrastiveLoss",
+    "InfoNCELoss",
+    "ReportVariantsLoss",
+    "SiteCentroidLoss",
+    "report_variants",
+    "split_sentences",
+]
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|\n+")
 
@@ -196,6 +203,55 @@ class ReportVariantsLoss(nn.Module):
         logits = logit_scale(torch.einsum("bd,bkd->bk", image_emb, candidates))
         zeros = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         per = F.cross_entropy(logits, zeros, reduction="none")
+        if reduction == "none":
+            return {"loss": per, "loss_i2t": per}
+        return {"loss": per.mean(), "loss_i2t": per.mean()}
+
+
+class SiteCentroidLoss(nn.Module):
+    """Per-record image-to-report objective against the site's released report centroids (``train.objective =
+    "site_centroids"``).
+
+    For record ``i`` with image embedding ``v_i``, report embedding ``t_i`` and the site's report
+    centroids ``c_1 .. c_k`` (:mod:`secure_fedvlp.privacy.site_centroids`: released once per run
+    with Gaussian noise, then fixed)::
+
+        loss_i = -log softmax([<v_i,t_i>, <v_i,c_1>, ..., <v_i,c_k>])[0]
+
+    scaled by the logit scale.  The centroids summarise the site's reports in the site's own
+    wording, so the image is asked to match its own report better than "a typical report of this
+    site": what sets it apart is its findings, not the site's style (public reports as negatives
+    teach much of the style difference instead).  Record ``i``'s loss is a function of its own
+    image and report and of the released centroids (post-processing of a DP release, accounted
+    in the ledger), so per-sample clipping bounds each record's contribution.  The report
+    embeddings are the locked text side's (``model.trainable = "image_head"``): only the image
+    head and the temperature train.
+    """
+
+    couples_samples = False
+
+    def forward(
+        self,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        logit_scale: nn.Module,
+        centroids: torch.Tensor,
+        reduction: str = "mean",
+    ) -> dict[str, torch.Tensor]:
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none'; found {reduction!r}.")
+        if centroids.ndim != 2 or centroids.shape[0] < 1 or centroids.shape[1] != image_emb.shape[1]:
+            raise ValueError(
+                f"centroids must be [k, {image_emb.shape[1]}] with k >= 1; found {tuple(centroids.shape)}."
+            )
+        if text_emb.shape != image_emb.shape:
+            raise ValueError(f"text_emb must be [B, D] = {tuple(image_emb.shape)}; found {tuple(text_emb.shape)}.")
+        logits = torch.cat(
+            [(image_emb * text_emb.detach()).sum(-1, keepdim=True), image_emb @ centroids.detach().T], dim=1
+        )
+        scaled = logit_scale(logits)
+        zeros = torch.zeros(scaled.shape[0], dtype=torch.long, device=scaled.device)
+        per = F.cross_entropy(scaled, zeros, reduction="none")
         if reduction == "none":
             return {"loss": per, "loss_i2t": per}
         return {"loss": per.mean(), "loss_i2t": per.mean()}

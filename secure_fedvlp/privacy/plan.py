@@ -41,11 +41,14 @@ class ReleasePlan:
     method asks for (each one Gaussian release of a per-record clipped mean, with the privacy
     config's ``report_clip`` and ``report_noise_multiplier``).  ``releases``: other Gaussian
     releases per round added by wrappers (their ``round`` field is replaced by each round's).
+    ``once``: Gaussian releases made once per run, in round 1 (the site's report centroids, which
+    later rounds reuse as post-processing).
     """
 
     stages: tuple[StagePlan, ...]
     reports: tuple[str, ...] = ()
     releases: tuple[GaussianEvent, ...] = ()
+    once: tuple[GaussianEvent, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -70,6 +73,10 @@ class ReleasePlan:
         """This plan plus one more Gaussian release per round."""
         return dataclasses.replace(self, releases=self.releases + (event,))
 
+    def with_release_once(self, event: GaussianEvent) -> ReleasePlan:
+        """This plan plus one Gaussian release made once per run, in round 1."""
+        return dataclasses.replace(self, once=self.once + (event,))
+
     def gaussian_events(
         self, num_rounds: int, *, report_clip: float, report_noise_multiplier: float
     ) -> list[GaussianEvent]:
@@ -86,6 +93,8 @@ class ReleasePlan:
                 for kind in self.reports
             ]
             out += [dataclasses.replace(ev, round=r) for ev in self.releases]
+            if r == 1:
+                out += [dataclasses.replace(ev, round=1) for ev in self.once]
         return out
 
     def events(

@@ -25,6 +25,7 @@ from secure_fedvlp.methods import VLPStrategy, get_method
 from secure_fedvlp.methods.registry import method_model
 from secure_fedvlp.privacy.plan import ReleasePlan
 from secure_fedvlp.privacy.relation import seeded_site_key
+from secure_fedvlp.privacy.site_centroids import site_centroids_event
 from secure_fedvlp.wrappers import anchors as anchors_wrapper
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ def release_plan(cfg: ExperimentConfig) -> ReleasePlan:
     plan = get_method(cfg.federation.method).plan(cfg)
     if cfg.anchors.enabled:
         plan = anchors_wrapper.extend_plan(plan, cfg)
+    if cfg.train.objective == "site_centroids":
+        plan = plan.with_release_once(site_centroids_event(cfg))  # the site's report centroids, once per run
     return plan
 
 
@@ -73,6 +76,7 @@ def client_parts(
     """The site's trainer, encryption state and extensions, as the config asks."""
     trainer: Any = get_method(cfg.federation.method).trainer(cfg, device, public)
     trainer.bind_site(site, RunLayout(run_dir).client_dir(site.name))
+    trainer.release_dir = RunLayout(run_dir).client_dir(site.name)  # site-local releases kept between rounds
     if hasattr(trainer, "site_dir"):  # methods that keep per-site state between rounds (FedSM's v_i)
         trainer.site_dir = RunLayout(run_dir).client_dir(site.name)
     if cfg.privacy.enabled and not cfg.privacy.seeded_randomness:

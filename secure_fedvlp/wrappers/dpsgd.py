@@ -87,6 +87,7 @@ from secure_fedvlp.privacy.events import DPSGDEvent, PostProcessingEvent
 from secure_fedvlp.privacy.ledger import PrivacyLedger
 from secure_fedvlp.privacy.mechanisms import mean_release_event, noised_clipped_mean
 from secure_fedvlp.privacy.plan import ReleasePlan
+from secure_fedvlp.privacy.site_centroids import site_centroids_event
 from secure_fedvlp.wire import BUDGET_EXHAUSTED, EPSILON, EPSILON_BUDGET, NUM_EXAMPLES
 
 logger = logging.getLogger(__name__)
@@ -566,6 +567,19 @@ class DPTrainer:
         ledger = self.ledger
         ledger.record(event)  # before any step: raises PrivacyBudgetExhausted and trains nothing
         sampling_gen, noise_gen = self.private_generators(generator)
+
+        def centroid_release(server_round: int) -> tuple[float, torch.Generator]:
+            """The site's report-centroid release (train.objective = 'site_centroids'): ledger first, then noise."""
+            release = site_centroids_event(inner.cfg, server_round)
+            ledger.record(release)  # before the sums exist: a budget that cannot afford it releases nothing
+            seed = (
+                int(torch.randint(0, 2**62, (1,), generator=generator))
+                if self.privacy.seeded_randomness
+                else secrets.randbits(63)
+            )
+            return release.sigma, torch.Generator().manual_seed(seed)
+
+        inner.centroid_release = centroid_release
 
         def engine(model_: nn.Module, optimizer: torch.optim.Optimizer, data, _generator) -> PrivateSteps:
             return PrivateSteps(

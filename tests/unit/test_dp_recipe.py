@@ -130,10 +130,19 @@ def test_config_refuses_a_current_bank_without_the_decomposable_objective():
         parse_config({"train": {"objective": "infonce", "bank": "current"}})
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
-@pytest.mark.parametrize("report_negatives", [0, 3])
-def test_dp_sgd_on_the_heads_with_the_current_bank_trains_only_the_heads(tmp_path, mode, report_negatives):
-    """Through the real Opacus engine: only head coordinates move, the ledger records the job first."""
+@pytest.mark.parametrize(
+    ("mode", "report_negatives", "trainable"),
+    [
+        ("hooks", 0, "heads"),
+        ("ghost", 0, "heads"),
+        ("hooks", 3, "heads"),
+        ("ghost", 3, "heads"),
+        ("ghost", 0, "image_head"),
+    ],
+)
+def test_dp_sgd_on_the_heads_with_the_current_bank_trains_only_the_heads(tmp_path, mode, report_negatives, trainable):
+    """Through the real Opacus engine: only head coordinates move (with ``image_head``, only the image head's and
+    the temperature's: the text head stays the public start's), the ledger records the job first."""
     from secure_fedvlp.build import build_federation, build_model
     from secure_fedvlp.methods.trainer import TrainTask
     from secure_fedvlp.models.state import federated_state
@@ -146,7 +155,7 @@ def test_dp_sgd_on_the_heads_with_the_current_bank_trains_only_the_heads(tmp_pat
         "fedavg",
         privacy={"enabled": True, "noise_multiplier": 2.0, "grad_sample_mode": mode},
         train={"objective": "decomposable", "bank": "current", "batch_size": 8, "report_negatives": report_negatives},
-        model={"name": "tiny", "trainable": "heads"},
+        model={"name": "tiny", "trainable": trainable},
     )
     fed = build_federation(cfg)
     model = build_model(cfg)
@@ -157,7 +166,8 @@ def test_dp_sgd_on_the_heads_with_the_current_bank_trains_only_the_heads(tmp_pat
     dp = DPTrainer(inner, tmp_path / "ledger.jsonl", "site1", z, q, cfg.privacy, declared_size=declared)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     before = federated_state(model)
-    assert set(before) == {n for n in before if n.startswith(("image_head.", "text_head.", "logit_scale."))}
+    moving = ("image_head.", "logit_scale.") + (("text_head.",) if trainable == "heads" else ())
+    assert before and set(before) == {n for n in before if n.startswith(moving)}
     dp.fit(model, fed.sites[0].train, TrainTask(1, "full", 3), torch.Generator().manual_seed(0), before)
     after = federated_state(model)
     assert all(not np.array_equal(before[k], after[k]) for k in before)
@@ -381,3 +391,51 @@ def test_the_report_variants_objective_is_refused_where_it_does_not_apply():
     assert cfg.train.objective == "report_variants"
     with pytest.raises(ValueError, match="training records"):
         LocalTrainer(cfg, torch.device("cpu"), public=None).begin(_heads_only(), _task(), {}, dataset=None)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_image_head_only_per_sample_norms_are_each_records_true_gradient_norm(mode):
+    """With ``model.trainable = "image_head"`` the text head runs (on the report, the public bank and the report's
+    variants) but trains nothing.  What DP-SGD clips is still each record's whole gradient: the norms Opacus computes
+    equal the norms of each record's gradient taken alone by autograd, the clipped sum equals the sum of those
+    gradients clipped by hand, and no text-head coordinate receives any gradient."""
+    from tests.unit.test_dpsgd import _private_grad
+
+    cfg = parse_config(
+        {
+            "model": {"name": "tiny", "trainable": "image_head"},
+            "train": {"objective": "decomposable", "bank": "current", "report_negatives": 2},
+        }
+    )
+    torch.manual_seed(0)
+    m = create_model("tiny")
+    m.restrict_trainable("image_head")
+    g = torch.Generator().manual_seed(5)
+    d = m.image_head.in_features
+    m.whiten_image_head(torch.randn(64, d, generator=g) @ torch.randn(d, d, generator=g) + 1.0)
+    site = _Site(["Cardiomegaly. No effusion.", "Left nodule. Right effusion. Normal heart.", "Clear lungs.", "x. y."])
+    trainer = LocalTrainer(cfg, torch.device("cpu"), public=_Public(16, seed=1))
+    state = trainer.begin(m, _task(), {}, dataset=site)
+    batch = _batch(m, torch.from_numpy(site.images).unsqueeze(1), site.reports, [0, 1, 2, 3])
+    names = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert names and all(n.startswith(("image_head.", "logit_scale.")) for n in names)
+    per_record = []
+    for i in range(4):
+        m.zero_grad()
+        trainer.compute_loss(m, batch, state, reduction="none")["loss"][i].backward()
+        per_record.append({n: m.get_parameter(n).grad.clone() for n in names})
+        assert all(p.grad is None for p in m.text_head.parameters())
+    true_norms = torch.stack([torch.sqrt(sum((g[n] ** 2).sum() for n in names)) for g in per_record])
+    clip = float(true_norms.median())
+    assert float(true_norms.min()) < clip < float(true_norms.max())
+    expected = {n: sum(g[n] * min(1.0, clip / float(true_norms[i])) for i, g in enumerate(per_record)) for n in names}
+
+    def loss_fn(module):
+        return trainer.compute_loss(module, batch, state, reduction="none")["loss"]
+
+    grads, norms = _private_grad(m, loss_fn, mode, clip, 4)
+    if mode == "ghost":
+        torch.testing.assert_close(norms, true_norms, rtol=1e-4, atol=1e-6)
+    assert set(grads) == set(names)
+    for n in names:
+        torch.testing.assert_close(grads[n] * 4, expected[n], rtol=1e-4, atol=1e-6, msg=lambda s, n=n: f"{n}: {s}")

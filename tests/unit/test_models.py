@@ -134,7 +134,7 @@ def test_semantic_sanity_of_pretrained_text_tower(demo):
         demo.train()
 
 
-@pytest.mark.parametrize("kind", ["alignment", "heads"])
+@pytest.mark.parametrize("kind", ["alignment", "heads", "image_head"])
 def test_restrict_trainable_freezes_the_rest_and_locks_text_layers(kind):
     torch.manual_seed(0)
     m = create_model("tiny")
@@ -148,6 +148,10 @@ def test_restrict_trainable_freezes_the_rest_and_locks_text_layers(kind):
     if kind == "heads":
         assert trained and all(n.startswith(("image_head.", "text_head.", "logit_scale.")) for n in trained)
         assert m.text_encoder.frozen_layers == layers  # the whole tower is locked and cached
+    elif kind == "image_head":
+        assert trained == {n for n, _ in m.named_parameters() if n.startswith(("image_head.", "logit_scale."))}
+        assert not any(p.requires_grad for p in m.text_head.parameters())
+        assert m.text_encoder.frozen_layers == layers
     else:
         assert trained == set(m.parameter_groups()["alignment"])
         assert 0 < m.text_encoder.frozen_layers < layers
