@@ -262,10 +262,12 @@ class TrainConfig:
     # With objective = "report_variants": the number of variants K (>= 1).
     report_negatives: int = 0
     # With objective = "site_centroids": the number of public bins (k-means of the public reports' embeddings)
-    # the site's report embeddings are summed in, and the noise multiplier of that release (its L2 sensitivity
-    # is 1: one record adds one unit vector to one bin). The noise is used only under privacy.enabled.
+    # the site's report embeddings are summed in, and, under privacy.enabled, the share of the epsilon budget
+    # that release spends on its own: its noise is calibrated so that the release alone spends
+    # site_centroids_budget_share x privacy.target_epsilon at privacy.delta (its L2 sensitivity is 1: one
+    # record adds one unit vector to one bin), and DP-SGD's noise is calibrated to what the two spend together.
     site_centroids: int = 16
-    site_centroids_noise: float = 10.0
+    site_centroids_budget_share: float = 0.25
     grad_clip: float = 0.0  # plain gradient-norm clipping without DP; 0 = off
 
     def __post_init__(self) -> None:
@@ -279,10 +281,10 @@ class TrainConfig:
         check(self.report_negatives >= 0, "train.report_negatives", self.report_negatives, "must be >= 0 (0 = off)")
         check(self.site_centroids >= 1, "train.site_centroids", self.site_centroids, "must be >= 1 (public bins)")
         check(
-            math.isfinite(self.site_centroids_noise) and self.site_centroids_noise >= 0,
-            "train.site_centroids_noise",
-            self.site_centroids_noise,
-            "must be a finite number >= 0",
+            0.0 < self.site_centroids_budget_share < 1.0,
+            "train.site_centroids_budget_share",
+            self.site_centroids_budget_share,
+            "must be in (0, 1): the share of the epsilon budget the site's centroid release spends on its own",
         )
         check.done()
 
@@ -785,12 +787,6 @@ class ExperimentConfig:
                 "must be 'image_head' with train.objective = 'site_centroids': the site's report centroids are "
                 "released once per run, so the report embeddings must stay the public start's (a trained text head "
                 "would leave them behind)",
-            )
-            check(
-                not (self.privacy.enabled and self.train.site_centroids_noise <= 0),
-                "train.site_centroids_noise",
-                self.train.site_centroids_noise,
-                "must be > 0 under privacy.enabled: the site's report centroids are a release of its records",
             )
             check(
                 self.train.report_negatives == 0,

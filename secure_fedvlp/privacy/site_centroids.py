@@ -23,9 +23,10 @@ adds its unit-norm report embedding ``t_r`` to the row of its nearest bin::
 
 Adding or removing one record changes ``S`` by one unit vector in one row, so the L2
 sensitivity of ``S`` is exactly 1 (:func:`bin_sums` checks that every ``t_r`` has norm 1).  The
-release is ``S + N(0, sigma^2 I)`` with ``sigma = train.site_centroids_noise``; the centroids are
-its rows normalised (post-processing; an all-zero row, an empty bin of a noise-free run, is
-dropped).
+release is ``S + N(0, sigma^2 I)``, ``sigma`` calibrated so that the release alone spends
+``train.site_centroids_budget_share`` of the site's epsilon budget (:func:`site_centroids_sigma`);
+the centroids are its rows normalised (post-processing; an all-zero row, an empty bin of a
+noise-free run, is dropped).  Without DP (nothing claimed) the sums are used without noise.
 
 Accounting
 ----------
@@ -33,7 +34,8 @@ The site records one :class:`~secure_fedvlp.privacy.events.GaussianEvent` (sensi
 ``sigma``, ``what = "site_centroids"``) in its ledger before it computes ``S``, and keeps the
 released centroids in its own directory: later rounds reuse them and release nothing new.  The
 release plan counts it once (:meth:`~secure_fedvlp.privacy.plan.ReleasePlan.with_release_once`),
-so DP-SGD's noise is calibrated to the budget left after it.  The centroids never leave the site.
+so DP-SGD's noise is calibrated to what the two spend together (RDP composition: the release
+costs the total less than its share alone).  The centroids never leave the site.
 """
 
 from __future__ import annotations
@@ -41,9 +43,19 @@ from __future__ import annotations
 import torch
 
 from secure_fedvlp.config import ExperimentConfig
+from secure_fedvlp.privacy.calibration import calibrate_gaussian_sigma
 from secure_fedvlp.privacy.events import GaussianEvent
 
-__all__ = ["WHAT", "FILE", "site_centroids_event", "public_bins", "bin_sums", "release", "centroids_of"]
+__all__ = [
+    "WHAT",
+    "FILE",
+    "site_centroids_sigma",
+    "site_centroids_event",
+    "public_bins",
+    "bin_sums",
+    "release",
+    "centroids_of",
+]
 
 #: ``what`` of the ledger event.
 WHAT = "site_centroids"
@@ -53,11 +65,20 @@ FILE = "site_centroids.pt"
 _UNIT_TOL = 1e-4
 
 
+def site_centroids_sigma(cfg: ExperimentConfig) -> float:
+    """The release's noise std: the smallest (within the calibration's tolerance, never overshooting) with which
+    the release alone spends ``train.site_centroids_budget_share x privacy.target_epsilon`` at ``privacy.delta``."""
+    p = cfg.privacy
+    if not p.enabled:
+        raise ValueError("the site's centroid release is noised only under privacy.enabled.")
+    return calibrate_gaussian_sigma(
+        cfg.train.site_centroids_budget_share * p.target_epsilon, p.delta, 1.0, accountant=p.accountant
+    )
+
+
 def site_centroids_event(cfg: ExperimentConfig, server_round: int = 1) -> GaussianEvent:
     """The release a site records before it computes its centroid sums."""
-    return GaussianEvent(
-        sensitivity=1.0, sigma=float(cfg.train.site_centroids_noise), what=WHAT, round=int(server_round)
-    )
+    return GaussianEvent(sensitivity=1.0, sigma=site_centroids_sigma(cfg), what=WHAT, round=int(server_round))
 
 
 @torch.no_grad()

@@ -38,7 +38,7 @@ def release_plan(cfg: ExperimentConfig) -> ReleasePlan:
     plan = get_method(cfg.federation.method).plan(cfg)
     if cfg.anchors.enabled:
         plan = anchors_wrapper.extend_plan(plan, cfg)
-    if cfg.train.objective == "site_centroids":
+    if cfg.train.objective == "site_centroids" and cfg.privacy.enabled:
         plan = plan.with_release_once(site_centroids_event(cfg))  # the site's report centroids, once per run
     return plan
 

@@ -229,6 +229,42 @@ def test_a_dp_run_from_a_public_start_end_to_end(tmp_path, capsys):
     assert json.loads((again / "model" / "public_start.json").read_text())["from_cache"] is True
 
 
+def test_a_dp_run_with_the_sites_report_centroids_end_to_end(tmp_path, capsys):
+    """`secure-fedvlp run` with train.objective = "site_centroids" under DP on the real Simulation Engine: each
+    training site's ledger records the centroid release once (round 1, before its sums exist), its released
+    centroids stay in its own directory, later rounds release nothing new, and the audit (every ledger's epsilon
+    within the budget, every release the server logged in a ledger) passes."""
+    from secure_fedvlp.layout import RunLayout
+    from secure_fedvlp.privacy import site_centroids as sc
+    from secure_fedvlp.privacy.ledger import read_ledger
+
+    sets = [
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "model.trainable=image_head",
+        "train.objective=site_centroids",
+        "train.site_centroids=4",
+        "privacy.enabled=true",
+        "privacy.target_epsilon=4.0",
+        "privacy.grad_sample_mode=ghost",
+    ]
+    args = [a for s in sets for a in ("--set", s)]
+    run_dir = tmp_path / "run"
+    assert main(["run", "configs/tiny.toml", "--run-dir", str(run_dir), *args]) == 0
+    layout = RunLayout(run_dir)
+    for site in ("site1", "site2"):
+        entries = read_ledger(layout.ledger(site), client_id=site)
+        kinds = [(type(e.event).__name__, getattr(e.event, "what", None), e.event.round) for e in entries]
+        assert kinds.count(("GaussianEvent", sc.WHAT, 1)) == 1 and [k for k in kinds if k[1] == sc.WHAT] == [
+            ("GaussianEvent", sc.WHAT, 1)
+        ]
+        assert sum(k[0] == "DPSGDEvent" for k in kinds) == 2
+        assert (layout.client_dir(site) / sc.FILE).exists()
+    # the released centroids exist only in the two training sites' own directories
+    assert sorted(run_dir.rglob(sc.FILE)) == sorted(layout.client_dir(s) / sc.FILE for s in ("site1", "site2"))
+    capsys.readouterr()
+    assert main(["audit", str(run_dir)]) == 0
+
+
 # --------------------------------------------------------------------------------------------- CreamFL
 def _cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """``python -m secure_fedvlp.cli ...`` in a fresh process: what a user types, registry and all."""

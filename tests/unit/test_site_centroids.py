@@ -193,15 +193,19 @@ def test_under_dp_the_release_is_recorded_before_it_is_made_and_made_once_per_ru
     assert len(made) == 1 and made[0].count(sc.WHAT) == 1  # recorded before the sums existed, and made once
     releases = [e for e in dp.ledger.events() if getattr(e, "what", None) == sc.WHAT]
     assert len(releases) == 1 and releases[0].round == 1
-    assert releases[0].sigma == cfg.train.site_centroids_noise and releases[0].sensitivity == 1.0
+    assert releases[0].sigma == sc.site_centroids_sigma(cfg) and releases[0].sensitivity == 1.0
     kept = torch.load(tmp_path / "site1" / sc.FILE, weights_only=True)
     assert kept.ndim == 2 and 1 <= kept.shape[0] <= 3
     assert dp.ledger.epsilon() <= cfg.privacy.target_epsilon + 1e-9  # the calibration left room for it
 
 
 def test_a_budget_that_cannot_afford_the_release_makes_none(tmp_path):
-    """The ledger refuses the event and nothing is computed, noised or kept."""
-    cfg, m, site, dp = _dp_job(tmp_path, site_centroids_noise=0.05, privacy={"noise_multiplier": 50.0})
+    """A ledger that already holds another release: the DP-SGD job still fits, the centroid release does not; the
+    ledger refuses it and nothing is computed, noised or kept."""
+    from secure_fedvlp.privacy.events import GaussianEvent
+
+    cfg, m, site, dp = _dp_job(tmp_path, site_centroids_budget_share=0.9, privacy={"noise_multiplier": 50.0})
+    dp.ledger.record(GaussianEvent(sensitivity=1.0, sigma=1.0, what="an earlier release", round=0))
     with pytest.raises(PrivacyBudgetExhausted):
         dp.fit(m, site, TrainTask(1, "full", 1), torch.Generator().manual_seed(0), {})
     assert not (tmp_path / "site1" / sc.FILE).exists()
@@ -218,17 +222,23 @@ def test_the_calibrated_dp_sgd_noise_pays_for_the_release():
     z_with, _ = client_noise_multiplier(with_release, plan, 400)
     z_without, _ = client_noise_multiplier(with_release, plan.__class__(stages=plan.stages), 400)
     assert z_with > z_without
-    assert plan.once[0].sigma == with_release.train.site_centroids_noise and plan.once[0].sensitivity == 1.0
+    assert plan.once[0].sigma == sc.site_centroids_sigma(with_release) and plan.once[0].sensitivity == 1.0
+    # the release alone spends its share of the budget (the calibration never overshoots)
+    from secure_fedvlp.privacy.accountant import epsilon_from_events
+
+    alone = epsilon_from_events([plan.once[0]], 1e-5, "rdp")
+    assert 0.24 <= alone <= 0.25 + 1e-9
+    assert release_plan(_cfg()).once == ()  # without DP nothing is released, so nothing is planned
 
 
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
         ({"model": {"trainable": "heads"}}, "model.trainable"),
-        ({"privacy": {"enabled": True}, "train": {"site_centroids_noise": 0.0}}, "train.site_centroids_noise"),
+        ({"train": {"site_centroids_budget_share": 1.0}}, "train.site_centroids_budget_share"),
         ({"train": {"report_negatives": 2}}, "train.report_negatives"),
         ({"train": {"site_centroids": 0}}, "train.site_centroids"),
-        ({"train": {"site_centroids_noise": float("nan")}}, "train.site_centroids_noise"),
+        ({"train": {"site_centroids_budget_share": float("nan")}}, "train.site_centroids_budget_share"),
     ],
 )
 def test_configs_where_the_objective_does_not_apply_are_refused_with_the_key_named(overrides, key):
