@@ -361,6 +361,7 @@ class LocalTrainer:
             kept.parent.mkdir(parents=True, exist_ok=True)
             tmp = kept.with_suffix(".tmp")
             torch.save(centroids, tmp)
+            os.chmod(tmp, 0o600)  # site-local, like the ledger beside it
             os.replace(tmp, kept)
         return centroids
 
