@@ -336,30 +336,21 @@ def test_the_report_variants_objective_is_the_record_against_its_own_variants_wi
     torch.testing.assert_close(a[1], b[1])
 
 
-@pytest.mark.parametrize("whitened", [False, True])
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
-def test_report_variants_per_sample_norms_are_each_records_true_gradient_norm(mode, whitened):
-    """What DP-SGD clips must be each record's whole gradient.  The text head runs on the report and on its
-    variants; were it called once for each, ghost clipping would keep only the last call's norm (Opacus
-    overwrites it) and under-clip.  Here the norms Opacus computes equal the norms of each record's gradient
-    taken alone by autograd, and the clipped sum equals the sum of those gradients clipped by hand.  With
-    ``model.image_whitening`` the image head runs on the whitened features: the same holds."""
+def assert_opacus_clips_each_records_true_gradient(m, trainer, state, batch, mode, after_each=None):
+    """The norms Opacus computes (ghost mode) equal the norms of each record's gradient taken alone by autograd, and
+    the clipped sum (either mode) equals the sum of those gradients clipped by hand at their median norm.
+    ``after_each()`` runs after each record's own backward (extra checks on its gradients)."""
     from tests.unit.test_dpsgd import _private_grad
 
-    m, site, trainer, state = _variants_setup(k=2)
-    if whitened:
-        g = torch.Generator().manual_seed(5)
-        d = m.image_head.in_features
-        m.whiten_image_head(torch.randn(64, d, generator=g) @ torch.randn(d, d, generator=g) + 1.0)
-        assert not torch.allclose(m.image_whitening.matrix, torch.eye(d))
-    x = torch.from_numpy(site.images).unsqueeze(1)
-    batch = _batch(m, x, site.reports, [0, 1, 2, 3])
+    n_records = len(batch["index"])
     names = [n for n, p in m.named_parameters() if p.requires_grad]
     per_record = []
-    for i in range(4):
+    for i in range(n_records):
         m.zero_grad()
         trainer.compute_loss(m, batch, state, reduction="none")["loss"][i].backward()
         per_record.append({n: m.get_parameter(n).grad.clone() for n in names})
+        if after_each is not None:
+            after_each()
     true_norms = torch.stack([torch.sqrt(sum((g[n] ** 2).sum() for n in names)) for g in per_record])
     clip = float(true_norms.median())
     assert float(true_norms.min()) < clip < float(true_norms.max())
@@ -368,12 +359,34 @@ def test_report_variants_per_sample_norms_are_each_records_true_gradient_norm(mo
     def loss_fn(module):
         return trainer.compute_loss(module, batch, state, reduction="none")["loss"]
 
-    grads, norms = _private_grad(m, loss_fn, mode, clip, 4)
+    grads, norms = _private_grad(m, loss_fn, mode, clip, n_records)
     if mode == "ghost":
         torch.testing.assert_close(norms, true_norms, rtol=1e-4, atol=1e-6)
+    assert set(grads) == set(names)
     for n in names:
         # PrivateGradient leaves the clipped sum divided by the expected batch size
-        torch.testing.assert_close(grads[n] * 4, expected[n], rtol=1e-4, atol=1e-6, msg=lambda s, n=n: f"{n}: {s}")
+        torch.testing.assert_close(
+            grads[n] * n_records, expected[n], rtol=1e-4, atol=1e-6, msg=lambda s, n=n: f"{n}: {s}"
+        )
+
+
+@pytest.mark.parametrize("whitened", [False, True])
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_report_variants_per_sample_norms_are_each_records_true_gradient_norm(mode, whitened):
+    """What DP-SGD clips must be each record's whole gradient.  The text head runs on the report and on its
+    variants; were it called once for each, ghost clipping would keep only the last call's norm (Opacus
+    overwrites it) and under-clip.  Here the norms Opacus computes equal the norms of each record's gradient
+    taken alone by autograd, and the clipped sum equals the sum of those gradients clipped by hand.  With
+    ``model.image_whitening`` the image head runs on the whitened features: the same holds."""
+    m, site, trainer, state = _variants_setup(k=2)
+    if whitened:
+        g = torch.Generator().manual_seed(5)
+        d = m.image_head.in_features
+        m.whiten_image_head(torch.randn(64, d, generator=g) @ torch.randn(d, d, generator=g) + 1.0)
+        assert not torch.allclose(m.image_whitening.matrix, torch.eye(d))
+    x = torch.from_numpy(site.images).unsqueeze(1)
+    batch = _batch(m, x, site.reports, [0, 1, 2, 3])
+    assert_opacus_clips_each_records_true_gradient(m, trainer, state, batch, mode)
 
 
 def test_the_report_variants_objective_is_refused_where_it_does_not_apply():
@@ -399,8 +412,6 @@ def test_image_head_only_per_sample_norms_are_each_records_true_gradient_norm(mo
     variants) but trains nothing.  What DP-SGD clips is still each record's whole gradient: the norms Opacus computes
     equal the norms of each record's gradient taken alone by autograd, the clipped sum equals the sum of those
     gradients clipped by hand, and no text-head coordinate receives any gradient."""
-    from tests.unit.test_dpsgd import _private_grad
-
     cfg = parse_config(
         {
             "model": {"name": "tiny", "trainable": "image_head"},
@@ -419,23 +430,8 @@ def test_image_head_only_per_sample_norms_are_each_records_true_gradient_norm(mo
     batch = _batch(m, torch.from_numpy(site.images).unsqueeze(1), site.reports, [0, 1, 2, 3])
     names = [n for n, p in m.named_parameters() if p.requires_grad]
     assert names and all(n.startswith(("image_head.", "logit_scale.")) for n in names)
-    per_record = []
-    for i in range(4):
-        m.zero_grad()
-        trainer.compute_loss(m, batch, state, reduction="none")["loss"][i].backward()
-        per_record.append({n: m.get_parameter(n).grad.clone() for n in names})
+
+    def no_text_head_gradient():
         assert all(p.grad is None for p in m.text_head.parameters())
-    true_norms = torch.stack([torch.sqrt(sum((g[n] ** 2).sum() for n in names)) for g in per_record])
-    clip = float(true_norms.median())
-    assert float(true_norms.min()) < clip < float(true_norms.max())
-    expected = {n: sum(g[n] * min(1.0, clip / float(true_norms[i])) for i, g in enumerate(per_record)) for n in names}
 
-    def loss_fn(module):
-        return trainer.compute_loss(module, batch, state, reduction="none")["loss"]
-
-    grads, norms = _private_grad(m, loss_fn, mode, clip, 4)
-    if mode == "ghost":
-        torch.testing.assert_close(norms, true_norms, rtol=1e-4, atol=1e-6)
-    assert set(grads) == set(names)
-    for n in names:
-        torch.testing.assert_close(grads[n] * 4, expected[n], rtol=1e-4, atol=1e-6, msg=lambda s, n=n: f"{n}: {s}")
+    assert_opacus_clips_each_records_true_gradient(m, trainer, state, batch, mode, after_each=no_text_head_gradient)

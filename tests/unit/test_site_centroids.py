@@ -10,7 +10,7 @@ from secure_fedvlp.errors import ConfigError, PrivacyBudgetExhausted
 from secure_fedvlp.methods.trainer import LocalTrainer, TrainTask
 from secure_fedvlp.models import create_model
 from secure_fedvlp.privacy import site_centroids as sc
-from tests.unit.test_dp_recipe import _batch, _Public, _Site
+from tests.unit.test_dp_recipe import _batch, _Public, _Site, assert_opacus_clips_each_records_true_gradient
 
 
 def _unit(n, d=8, seed=0):
@@ -109,27 +109,10 @@ def test_a_records_loss_and_gradient_do_not_depend_on_its_batch_mates():
 def test_opacus_clips_each_records_true_gradient(mode):
     """The norms Opacus computes equal each record's gradient norm taken alone; the clipped sum equals the hand-made
     one."""
-    from tests.unit.test_dpsgd import _private_grad
-
     m, site, trainer = _setup(_cfg())
     state = trainer.begin(m, TrainTask(1, "full", 1), {}, dataset=site)
     batch = _batch(m, torch.from_numpy(site.images).unsqueeze(1), site.reports, [0, 1, 2, 3])
-    names = [n for n, p in m.named_parameters() if p.requires_grad]
-    per_record = []
-    for i in range(4):
-        m.zero_grad()
-        trainer.compute_loss(m, batch, state, reduction="none")["loss"][i].backward()
-        per_record.append({n: m.get_parameter(n).grad.clone() for n in names})
-    true_norms = torch.stack([torch.sqrt(sum((g[n] ** 2).sum() for n in names)) for g in per_record])
-    clip = float(true_norms.median())
-    expected = {n: sum(g[n] * min(1.0, clip / float(true_norms[i])) for i, g in enumerate(per_record)) for n in names}
-    grads, norms = _private_grad(
-        m, lambda module: trainer.compute_loss(module, batch, state, reduction="none")["loss"], mode, clip, 4
-    )
-    if mode == "ghost":
-        torch.testing.assert_close(norms, true_norms, rtol=1e-4, atol=1e-6)
-    for n in names:
-        torch.testing.assert_close(grads[n] * 4, expected[n], rtol=1e-4, atol=1e-6)
+    assert_opacus_clips_each_records_true_gradient(m, trainer, state, batch, mode)
 
 
 def test_the_centroids_are_the_sites_reports_not_the_public_ones():
